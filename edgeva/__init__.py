@@ -1,0 +1,3 @@
+"""edgeva: an edge video-analytics pipeline daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from edgeva.cli import main
+
+raise SystemExit(main())

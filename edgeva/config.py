@@ -1,0 +1,408 @@
+"""Typed schema of the YAML config and its validation.
+
+Every section is a dataclass; `load_config` converts the parsed YAML into them
+field by field and raises `ConfigError` naming the key path (``queries[2].task.type``)
+and the reason. Cross-references (a query's camera, a tier name) are checked after
+the structural pass, so the first error reported is the most local one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, located by its dotted key path."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path or "<root>"
+        self.reason = reason
+        super().__init__(f"config error at {self.path}: {reason}")
+
+
+# --------------------------------------------------------------------- schema
+
+@dataclass
+class Backoff:
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.1
+
+    def validate(self, path: str) -> None:
+        _positive(self.initial_s, f"{path}.initial_s")
+        _positive(self.max_s, f"{path}.max_s")
+        if self.multiplier < 1.0:
+            raise ConfigError(f"{path}.multiplier", "must be >= 1")
+        if not 0.0 <= self.jitter <= 1.0:
+            raise ConfigError(f"{path}.jitter", "must be within [0, 1]")
+
+
+@dataclass
+class CameraConfig:
+    id: str
+    source: str
+    # realtime: paced to the file's fps; fast: as fast as the pipeline takes frames.
+    replay: Literal["realtime", "fast"] = "realtime"
+    loop: bool = False
+    fps: Optional[float] = None          # override when the container lies
+    buffer: int = 8                      # frames held between reader and pipeline
+    resize: Optional[list[int]] = None   # [width, height] applied at capture
+    reconnect: Backoff = field(default_factory=Backoff)
+    open_timeout_s: float = 10.0
+    read_timeout_s: float = 5.0
+    enabled: bool = True
+
+    def validate(self, path: str) -> None:
+        _identifier(self.id, f"{path}.id")
+        if not self.source:
+            raise ConfigError(f"{path}.source", "must not be empty")
+        if self.fps is not None:
+            _positive(self.fps, f"{path}.fps")
+        if self.buffer < 1:
+            raise ConfigError(f"{path}.buffer", "must be >= 1")
+        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 8):
+            raise ConfigError(f"{path}.resize", "must be [width, height], each >= 8")
+        _positive(self.open_timeout_s, f"{path}.open_timeout_s")
+        _positive(self.read_timeout_s, f"{path}.read_timeout_s")
+        self.reconnect.validate(f"{path}.reconnect")
+
+
+TASK_TYPES = ("passthrough", "count", "detect", "classify", "presence")
+
+
+@dataclass
+class TaskConfig:
+    type: Literal["passthrough", "count", "detect", "classify", "presence"] = "passthrough"
+    classes: list[Union[str, int]] = field(default_factory=list)
+    confidence: float = 0.25
+
+    def validate(self, path: str) -> None:
+        if not 0.0 <= self.confidence <= 1.0:
+            raise ConfigError(f"{path}.confidence", "must be within [0, 1]")
+        if self.type in ("count", "presence") and not self.classes:
+            raise ConfigError(f"{path}.classes", f"a {self.type} task needs at least one class")
+
+
+@dataclass
+class FilterConfig:
+    enabled: bool = True
+    feature: Literal["pixel", "area", "edge"] = "area"
+    threshold: Optional[float] = None    # None: infer every frame until tuned
+    max_skip: int = 30                   # staleness bound: infer after this many reuses
+    width: int = 160                     # downscaled width the features use
+    audit_fraction: float = 0.02
+
+    def validate(self, path: str) -> None:
+        if self.threshold is not None and self.threshold < 0:
+            raise ConfigError(f"{path}.threshold", "must be >= 0")
+        if self.max_skip < 0:
+            raise ConfigError(f"{path}.max_skip", "must be >= 0")
+        if self.width < 16:
+            raise ConfigError(f"{path}.width", "must be >= 16")
+        if not 0.0 <= self.audit_fraction <= 1.0:
+            raise ConfigError(f"{path}.audit_fraction", "must be within [0, 1]")
+
+
+@dataclass
+class SLAConfig:
+    fps: Optional[float] = None
+    latency_ms: float = 1000.0
+
+    def validate(self, path: str) -> None:
+        if self.fps is not None:
+            _positive(self.fps, f"{path}.fps")
+        _positive(self.latency_ms, f"{path}.latency_ms")
+
+
+@dataclass
+class QueryConfig:
+    id: str
+    camera: str
+    model: Optional[str] = None          # zoo name; None only for passthrough
+    weights: Optional[str] = None        # checkpoint path (or library name with download: true)
+    download: bool = False               # allow the library's own name-based download
+    task: TaskConfig = field(default_factory=TaskConfig)
+    accuracy_target: float = 0.9
+    sla: SLAConfig = field(default_factory=SLAConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    placement: Optional[str] = None      # pin to a tier; None: follow the plan
+    queue: int = 16                      # frames waiting for the executor
+
+    def validate(self, path: str) -> None:
+        _identifier(self.id, f"{path}.id")
+        if not 0.0 < self.accuracy_target <= 1.0:
+            raise ConfigError(f"{path}.accuracy_target", "must be within (0, 1]")
+        if self.task.type != "passthrough" and not self.model:
+            raise ConfigError(f"{path}.model", f"a {self.task.type} task needs a model")
+        if self.queue < 1:
+            raise ConfigError(f"{path}.queue", "must be >= 1")
+        self.task.validate(f"{path}.task")
+        self.sla.validate(f"{path}.sla")
+        self.filter.validate(f"{path}.filter")
+
+
+@dataclass
+class GPUConfig:
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    memory_budget_mb: Optional[float] = None
+    max_batch: int = 8
+
+    def validate(self, path: str) -> None:
+        d = self.device
+        ok = d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())
+        if not ok:
+            raise ConfigError(f"{path}.device", f"must be auto, cpu, cuda or cuda:N, not {d!r}")
+        if self.memory_budget_mb is not None:
+            _positive(self.memory_budget_mb, f"{path}.memory_budget_mb")
+        if self.max_batch < 1:
+            raise ConfigError(f"{path}.max_batch", "must be >= 1")
+
+
+@dataclass
+class TierConfig:
+    name: str
+    endpoint: str
+    server_public_key: Optional[str] = None   # CurveZMQ: the worker's public key file
+    timeout_ms: int = 2000
+    retries: int = 1
+    credit: int = 8
+
+    def validate(self, path: str) -> None:
+        _identifier(self.name, f"{path}.name")
+        _zmq_endpoint(self.endpoint, f"{path}.endpoint")
+        _positive(self.timeout_ms, f"{path}.timeout_ms")
+
+
+@dataclass
+class PlacementConfig:
+    hierarchy: Optional[str] = None
+    plan: str = "local"                  # local | auto | path to a plan file
+    fallback: Literal["local", "drop"] = "local"
+
+
+@dataclass
+class StatsConfig:
+    endpoint: str = "ipc://{runtime_dir}/control.sock"
+    log_interval_s: float = 60.0
+    max_request_bytes: int = 64 * 1024
+
+    def validate(self, path: str) -> None:
+        _zmq_endpoint(self.endpoint, f"{path}.endpoint")
+        _positive(self.log_interval_s, f"{path}.log_interval_s")
+
+
+@dataclass
+class SinksConfig:
+    sqlite: Optional[str] = None
+    zmq_pub: Optional[str] = None
+    batch: int = 64
+    flush_s: float = 1.0
+
+    def validate(self, path: str) -> None:
+        if self.zmq_pub is not None:
+            _zmq_endpoint(self.zmq_pub, f"{path}.zmq_pub")
+        if self.batch < 1:
+            raise ConfigError(f"{path}.batch", "must be >= 1")
+
+
+@dataclass
+class Config:
+    cameras: list[CameraConfig] = field(default_factory=list)
+    queries: list[QueryConfig] = field(default_factory=list)
+    gpu: GPUConfig = field(default_factory=GPUConfig)
+    tiers: list[TierConfig] = field(default_factory=list)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    sinks: SinksConfig = field(default_factory=SinksConfig)
+    source_path: Optional[str] = None    # set by load_config, not read from YAML
+
+    def camera(self, camera_id: str) -> CameraConfig:
+        for cam in self.cameras:
+            if cam.id == camera_id:
+                return cam
+        raise KeyError(camera_id)
+
+    def queries_for(self, camera_id: str) -> list[QueryConfig]:
+        return [q for q in self.queries if q.camera == camera_id]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------- loading
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, convert and validate a YAML config file; raise ConfigError on any problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("<file>", f"cannot read {p}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError("<file>", f"{p} is not valid YAML{where}") from None
+    cfg = parse_config(raw if raw is not None else {}, base_dir=p.parent)
+    cfg.source_path = str(p.resolve())
+    return cfg
+
+
+def parse_config(raw: Any, base_dir: Path | None = None) -> Config:
+    """Convert an already-parsed mapping into a validated Config."""
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"expected a mapping at the top level, got {_kind(raw)}")
+    if "source_path" in raw:
+        raise ConfigError("source_path", "unknown key")
+    cfg = _convert(raw, Config, "")
+    _validate(cfg, base_dir)
+    return cfg
+
+
+def resolve_path(cfg: Config, value: str) -> str:
+    """A relative file path in the config is relative to the config file's folder."""
+    if cfg.source_path is None or os.path.isabs(value) or "://" in value:
+        return value
+    return str(Path(cfg.source_path).parent / value)
+
+
+def _validate(cfg: Config, base_dir: Path | None) -> None:
+    _unique([c.id for c in cfg.cameras], "cameras", "id")
+    _unique([q.id for q in cfg.queries], "queries", "id")
+    _unique([t.name for t in cfg.tiers], "tiers", "name")
+    for i, cam in enumerate(cfg.cameras):
+        cam.validate(f"cameras[{i}]")
+    camera_ids = {c.id for c in cfg.cameras}
+    tier_names = {t.name for t in cfg.tiers} | {"local"}
+    for i, q in enumerate(cfg.queries):
+        q.validate(f"queries[{i}]")
+        if q.camera not in camera_ids:
+            known = ", ".join(sorted(camera_ids)) or "none defined"
+            raise ConfigError(f"queries[{i}].camera", f"unknown camera {q.camera!r} (cameras: {known})")
+        if q.placement is not None and q.placement not in tier_names:
+            raise ConfigError(f"queries[{i}].placement", f"unknown tier {q.placement!r}")
+        if q.weights and not q.download and base_dir is not None:
+            wp = Path(q.weights) if os.path.isabs(q.weights) else base_dir / q.weights
+            if not wp.exists():
+                raise ConfigError(f"queries[{i}].weights", f"file not found: {wp}")
+    cfg.gpu.validate("gpu")
+    for i, t in enumerate(cfg.tiers):
+        t.validate(f"tiers[{i}]")
+    cfg.stats.validate("stats")
+    cfg.sinks.validate("sinks")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        names = " or ".join(_type_name(a) for a in args if a is not type(None))
+        raise ConfigError(path, f"expected {names}, got {_kind(value)}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(path, f"must be one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected a list, got {_kind(value)}")
+        return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {_kind(value)}")
+        return {str(k): _convert(v, args[1], _join(path, str(k))) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {_kind(value)}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.name != "source_path"}
+        for key in value:
+            if key not in fields:
+                close = [n for n in fields if n.startswith(str(key)[:3])]
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(_join(path, str(key)), f"unknown key{hint}")
+        kwargs = {}
+        for name, f in fields.items():
+            if name in value:
+                kwargs[name] = _convert(value[name], hints[name], _join(path, name))
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(_join(path, name), "missing required key")
+        return tp(**kwargs)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {_kind(value)}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {_kind(value)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {_kind(value)}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {_kind(value)}")
+        return value
+    raise TypeError(f"unsupported schema type {tp!r} at {path}")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict:
+        return "a mapping"
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}.get(tp, str(tp))
+
+
+def _unique(values: list[str], section: str, key: str) -> None:
+    seen: set[str] = set()
+    for i, v in enumerate(values):
+        if v in seen:
+            raise ConfigError(f"{section}[{i}].{key}", f"duplicate {key} {v!r}")
+        seen.add(v)
+
+
+def _identifier(value: str, path: str) -> None:
+    if not value or not all(ch.isalnum() or ch in "-_." for ch in value):
+        raise ConfigError(path, f"{value!r} must be non-empty letters, digits, '-', '_' or '.'")
+
+
+def _positive(value: float, path: str) -> None:
+    if value <= 0:
+        raise ConfigError(path, "must be > 0")
+
+
+def _zmq_endpoint(value: str, path: str) -> None:
+    if not value.startswith(("tcp://", "ipc://", "inproc://")):
+        raise ConfigError(path, f"{value!r} is not a ZeroMQ endpoint (tcp://, ipc:// or inproc://)")

@@ -1,0 +1,65 @@
+"""The records that flow between pipeline steps: source → filter → router → executor → tasks → sinks."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded picture from a camera, stamped at capture."""
+
+    camera: str
+    seq: int                 # per-camera, increasing from 0, gaps mean drops upstream of the reader
+    t_capture: float         # wall clock (time.time()) at capture, for records
+    t_mono: float            # time.monotonic() at capture, for latency and deadlines
+    image: np.ndarray        # BGR, HxWx3, uint8
+
+    @property
+    def frame_id(self) -> str:
+        return f"{self.camera}:{self.seq}"
+
+
+class Outcome(str, enum.Enum):
+    """The bucket a delivered frame ends in, per query. Exactly one per frame and query."""
+
+    INFERRED = "inferred"
+    REUSED = "reused"
+    OFFLOADED = "offloaded"
+    DROPPED = "dropped"
+
+
+class DropReason(str, enum.Enum):
+    BUFFER_FULL = "buffer-full"      # camera buffer overflowed; the oldest frame went
+    QUEUE_FULL = "queue-full"        # the query's executor queue was full
+    DEADLINE = "deadline"            # it could not be processed before its SLA deadline
+    TIER_DOWN = "tier-down"          # offload target unreachable and fallback is drop
+    SHUTDOWN = "shutdown"            # still queued when the daemon stopped
+    ERROR = "error"                  # the model or task raised on it
+
+
+@dataclass(slots=True)
+class QueryResult:
+    """One record per query per frame that reached a result (inferred, reused or offloaded)."""
+
+    query: str
+    camera: str
+    seq: int
+    t_capture: float
+    outcome: Outcome
+    value: Any                       # task output: a count dict, boxes, a label...
+    latency_s: float                 # capture to result
+    age_frames: int = 0              # for reused results: frames since the inferred one
+    source_seq: int | None = None    # seq of the frame whose inference produced `value`
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "query": self.query, "camera": self.camera, "seq": self.seq,
+            "t_capture": self.t_capture, "outcome": self.outcome.value, "value": self.value,
+            "latency_ms": round(self.latency_s * 1000.0, 3), "age_frames": self.age_frames,
+            "source_seq": self.source_seq, **self.extra,
+        }

@@ -1,0 +1,317 @@
+"""The metrics registry: per-camera and per-query counters, rates and latency histograms.
+
+Accounting invariant, per query: every frame its camera delivered while the query was
+attached is counted in `frames_in` and ends in exactly one bucket (inferred, reused,
+offloaded, dropped[reason]); until then it is `in_flight`.
+    frames_in == inferred + reused + offloaded + sum(dropped) + in_flight
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from edgeva.messages import DropReason, Outcome
+
+
+class LatencyHistogram:
+    """Log-bucketed histogram (about 5% relative error) from 0.1 ms to ~20 min; fixed memory."""
+
+    _MIN_S = 1e-4
+    _RATIO = 1.05
+    _BOUNDS = [_MIN_S * _RATIO ** i for i in range(340)]
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self._BOUNDS) + 1)
+        self.total = 0
+        self.sum_s = 0.0
+        self.max_s = 0.0
+
+    def record(self, seconds: float) -> None:
+        i = bisect.bisect_left(self._BOUNDS, seconds)
+        self.counts[i] += 1
+        self.total += 1
+        self.sum_s += seconds
+        self.max_s = max(self.max_s, seconds)
+
+    def percentile(self, p: float) -> float | None:
+        if self.total == 0:
+            return None
+        rank = max(1, math.ceil(self.total * p / 100.0))
+        seen = 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= rank:
+                return min(self._BOUNDS[min(i, len(self._BOUNDS) - 1)], self.max_s)
+        return self.max_s
+
+    def summary_ms(self) -> dict[str, float | int | None]:
+        def ms(v: float | None) -> float | None:
+            return None if v is None else round(v * 1000.0, 2)
+        return {
+            "count": self.total,
+            "mean": ms(self.sum_s / self.total) if self.total else None,
+            "p50": ms(self.percentile(50)), "p95": ms(self.percentile(95)),
+            "p99": ms(self.percentile(99)), "max": ms(self.max_s) if self.total else None,
+        }
+
+
+class RateMeter:
+    """Events per second over a sliding window."""
+
+    def __init__(self, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.window_s = window_s
+        self._clock = clock
+        self._times: deque[float] = deque()
+
+    def mark(self) -> None:
+        now = self._clock()
+        self._times.append(now)
+        self._trim(now)
+
+    def rate(self) -> float:
+        now = self._clock()
+        self._trim(now)
+        if len(self._times) < 2:
+            return 0.0
+        span = max(now - self._times[0], 1e-9)
+        return len(self._times) / max(span, min(self.window_s, span))
+
+    def _trim(self, now: float) -> None:
+        while self._times and now - self._times[0] > self.window_s:
+            self._times.popleft()
+
+
+@dataclass
+class CameraStats:
+    camera: str
+    source: str
+    state: str = "starting"          # starting | streaming | reconnecting | ended | stopped | failed
+    frames_delivered: int = 0
+    frames_dropped_buffer: int = 0
+    reconnects: int = 0
+    last_error: str | None = None
+    last_frame_at: float | None = None
+    fps_in: RateMeter = field(default_factory=RateMeter)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "state": self.state, "fps_in": round(self.fps_in.rate(), 2),
+            "frames_delivered": self.frames_delivered,
+            "frames_dropped_buffer": self.frames_dropped_buffer,
+            "reconnects": self.reconnects, "last_error": self.last_error,
+            "last_frame_age_s": None if self.last_frame_at is None
+            else round(time.time() - self.last_frame_at, 3),
+        }
+
+
+@dataclass
+class QueryStats:
+    query: str
+    camera: str
+    frames_in: int = 0
+    inferred: int = 0
+    reused: int = 0
+    offloaded: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    fps_out: RateMeter = field(default_factory=RateMeter)
+    gauges: dict[str, Any] = field(default_factory=dict)   # filled by later steps (threshold, audit...)
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    @property
+    def in_flight(self) -> int:
+        return self.frames_in - self.inferred - self.reused - self.offloaded - self.dropped_total
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "camera": self.camera, "frames_in": self.frames_in,
+            "inferred": self.inferred, "reused": self.reused, "offloaded": self.offloaded,
+            "dropped": dict(sorted(self.dropped.items())), "dropped_total": self.dropped_total,
+            "in_flight": self.in_flight, "fps_out": round(self.fps_out.rate(), 2),
+            "filtered_fraction": round(self.reused / max(1, self.frames_in - self.in_flight), 4),
+            "latency_ms": self.latency.summary_ms(), **self.gauges,
+        }
+
+
+class StatsRegistry:
+    """All counters of one daemon. Every pipeline step counts here; the control socket reads it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started_at = time.time()
+        self.cameras: dict[str, CameraStats] = {}
+        self.queries: dict[str, QueryStats] = {}
+        self._queries_by_camera: dict[str, list[QueryStats]] = {}
+        self.sections: dict[str, Callable[[], dict[str, Any]]] = {}   # extra sections (gpu, memory...)
+
+    # -- topology
+    def add_camera(self, camera: str, source: str) -> CameraStats:
+        with self._lock:
+            cs = self.cameras.get(camera)
+            if cs is None or cs.source != source:
+                cs = self.cameras[camera] = CameraStats(camera, source)
+            self._queries_by_camera.setdefault(camera, [])
+            return cs
+
+    def add_query(self, query: str, camera: str) -> QueryStats:
+        with self._lock:
+            qs = self.queries.get(query)
+            if qs is None or qs.camera != camera:
+                if qs is not None:
+                    self._queries_by_camera[qs.camera].remove(qs)
+                qs = self.queries[query] = QueryStats(query, camera)
+                self._queries_by_camera.setdefault(camera, []).append(qs)
+            return qs
+
+    def remove_query(self, query: str) -> None:
+        with self._lock:
+            qs = self.queries.pop(query, None)
+            if qs is not None:
+                self._queries_by_camera[qs.camera].remove(qs)
+
+    def remove_camera(self, camera: str) -> None:
+        with self._lock:
+            self.cameras.pop(camera, None)
+            for qs in self._queries_by_camera.pop(camera, []):
+                self.queries.pop(qs.query, None)
+
+    # -- camera events
+    def camera_state(self, camera: str, state: str, error: str | None = None) -> None:
+        with self._lock:
+            cs = self.cameras.get(camera)
+            if cs is not None:
+                cs.state = state
+                if error is not None:
+                    cs.last_error = error
+                if state == "reconnecting":
+                    cs.reconnects += 1
+
+    def frame_delivered(self, camera: str) -> None:
+        """A source produced a frame: it now belongs to every query of its camera."""
+        with self._lock:
+            cs = self.cameras.get(camera)
+            if cs is not None:
+                cs.frames_delivered += 1
+                cs.last_frame_at = time.time()
+                cs.fps_in.mark()
+            for qs in self._queries_by_camera.get(camera, ()):
+                qs.frames_in += 1
+
+    def frame_dropped_at_camera(self, camera: str, reason: DropReason) -> None:
+        """A delivered frame left before reaching any query (buffer overflow, shutdown)."""
+        with self._lock:
+            cs = self.cameras.get(camera)
+            if cs is not None and reason is DropReason.BUFFER_FULL:
+                cs.frames_dropped_buffer += 1
+            for qs in self._queries_by_camera.get(camera, ()):
+                qs.dropped[reason.value] = qs.dropped.get(reason.value, 0) + 1
+
+    # -- query outcomes
+    def outcome(self, query: str, outcome: Outcome, latency_s: float | None = None,
+                reason: DropReason | None = None) -> None:
+        with self._lock:
+            qs = self.queries.get(query)
+            if qs is None:
+                return
+            if outcome is Outcome.DROPPED:
+                key = (reason or DropReason.ERROR).value
+                qs.dropped[key] = qs.dropped.get(key, 0) + 1
+                return
+            if outcome is Outcome.INFERRED:
+                qs.inferred += 1
+            elif outcome is Outcome.REUSED:
+                qs.reused += 1
+            elif outcome is Outcome.OFFLOADED:
+                qs.offloaded += 1
+            qs.fps_out.mark()
+            if latency_s is not None:
+                qs.latency.record(latency_s)
+
+    def set_gauges(self, query: str, **values: Any) -> None:
+        with self._lock:
+            qs = self.queries.get(query)
+            if qs is not None:
+                qs.gauges.update(values)
+
+    # -- reading
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            snap: dict[str, Any] = {
+                "time": time.time(), "uptime_s": round(time.time() - self.started_at, 3),
+                "cameras": {k: v.snapshot() for k, v in sorted(self.cameras.items())},
+                "queries": {k: v.snapshot() for k, v in sorted(self.queries.items())},
+            }
+            sections = list(self.sections.items())
+        for name, provider in sections:
+            try:
+                snap[name] = provider()
+            except Exception as exc:  # a broken section must not take the others down
+                snap[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        return snap
+
+    def accounting_errors(self) -> list[str]:
+        """Queries whose buckets exceed what came in (a double count); empty when consistent."""
+        with self._lock:
+            return [f"{q.query}: in_flight={q.in_flight}" for q in self.queries.values() if q.in_flight < 0]
+
+
+def format_table(snapshot: dict[str, Any]) -> str:
+    """The human-readable view `edgeva stats` prints."""
+    lines: list[str] = []
+    up = snapshot.get("uptime_s", 0.0)
+    lines.append(f"edgeva  uptime {_duration(up)}")
+    cams = snapshot.get("cameras", {})
+    lines.append("")
+    lines.append(_row(["camera", "state", "fps in", "delivered", "buf drops", "reconnects", "last error"],
+                      [14, 12, 7, 10, 9, 10, 0]))
+    for name, c in cams.items():
+        lines.append(_row([name, c["state"], f"{c['fps_in']:.1f}", c["frames_delivered"],
+                           c["frames_dropped_buffer"], c["reconnects"], (c.get("last_error") or "")[:40]],
+                          [14, 12, 7, 10, 9, 10, 0]))
+    lines.append("")
+    widths = [16, 12, 7, 8, 8, 8, 9, 8, 8, 8, 8]
+    lines.append(_row(["query", "camera", "fps out", "in", "inferred", "reused", "offloaded",
+                       "dropped", "p50 ms", "p95 ms", "p99 ms"], widths))
+    for name, q in snapshot.get("queries", {}).items():
+        lat = q["latency_ms"]
+        lines.append(_row([name, q["camera"], f"{q['fps_out']:.1f}", q["frames_in"], q["inferred"],
+                           q["reused"], q["offloaded"], q["dropped_total"], _num(lat["p50"]),
+                           _num(lat["p95"]), _num(lat["p99"])], widths))
+        if q["dropped"]:
+            reasons = ", ".join(f"{k}={v}" for k, v in q["dropped"].items())
+            lines.append(f"  dropped: {reasons}")
+    for section in sorted(set(snapshot) - {"time", "uptime_s", "cameras", "queries"}):
+        lines.append("")
+        lines.append(f"{section}: {_flat(snapshot[section])}")
+    return "\n".join(lines)
+
+
+def _row(cells: Iterable[Any], widths: list[int]) -> str:
+    out = []
+    for cell, w in zip(cells, widths):
+        s = str(cell)
+        out.append(s if w == 0 else s[:w].ljust(w))
+    return " ".join(out).rstrip()
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"
+
+
+def _flat(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_flat(v)}" for k, v in value.items())
+    return str(value)
