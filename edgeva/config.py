@@ -251,7 +251,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError("<file>", f"{p} is not valid YAML{where}") from None
+        problem = getattr(exc, "problem", None)
+        raise ConfigError("<file>", f"{p} is not valid YAML{where}" + (f": {problem}" if problem else "")) from None
     cfg = parse_config(raw if raw is not None else {}, base_dir=p.parent)
     cfg.source_path = str(p.resolve())
     return cfg
@@ -268,19 +269,14 @@ def parse_config(raw: Any, base_dir: Path | None = None) -> Config:
     return cfg
 
 
-def resolve_path(cfg: Config, value: str) -> str:
-    """A relative file path in the config is relative to the config file's folder."""
-    if cfg.source_path is None or os.path.isabs(value) or "://" in value:
-        return value
-    return str(Path(cfg.source_path).parent / value)
-
-
 def _validate(cfg: Config, base_dir: Path | None) -> None:
     _unique([c.id for c in cfg.cameras], "cameras", "id")
     _unique([q.id for q in cfg.queries], "queries", "id")
     _unique([t.name for t in cfg.tiers], "tiers", "name")
     for i, cam in enumerate(cfg.cameras):
         cam.validate(f"cameras[{i}]")
+        if is_file_source(cam.source) and base_dir is not None:
+            cam.source = _readable_file(cam.source, base_dir, f"cameras[{i}].source")
     camera_ids = {c.id for c in cfg.cameras}
     tier_names = {t.name for t in cfg.tiers} | {"local"}
     for i, q in enumerate(cfg.queries):
@@ -291,14 +287,30 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
         if q.placement is not None and q.placement not in tier_names:
             raise ConfigError(f"queries[{i}].placement", f"unknown tier {q.placement!r}")
         if q.weights and not q.download and base_dir is not None:
-            wp = Path(q.weights) if os.path.isabs(q.weights) else base_dir / q.weights
-            if not wp.exists():
-                raise ConfigError(f"queries[{i}].weights", f"file not found: {wp}")
+            q.weights = _readable_file(q.weights, base_dir, f"queries[{i}].weights", allow_dir=True)
     cfg.gpu.validate("gpu")
     for i, t in enumerate(cfg.tiers):
         t.validate(f"tiers[{i}]")
     cfg.stats.validate("stats")
     cfg.sinks.validate("sinks")
+
+
+def is_file_source(source: str) -> bool:
+    """A camera source that names a video file (not a stream URL or a capture device)."""
+    return "://" not in source and not source.startswith(("/dev/", "usb:")) and not source.isdigit()
+
+
+def _readable_file(value: str, base_dir: Path, path: str, allow_dir: bool = False) -> str:
+    """Resolve a path relative to the config file's folder and check it can be read."""
+    p = Path(value) if os.path.isabs(value) else (base_dir / value)
+    p = p.resolve()
+    if not p.exists():
+        raise ConfigError(path, f"file not found: {p}")
+    if p.is_dir() and not allow_dir:
+        raise ConfigError(path, f"{p} is a folder, not a file")
+    if not os.access(p, os.R_OK):
+        raise ConfigError(path, f"{p} is not readable")
+    return str(p)
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:

@@ -18,12 +18,15 @@ from typing import Any, Callable, Iterable
 from edgeva.messages import DropReason, Outcome
 
 
+_HIST_MIN_S = 1e-4
+_HIST_RATIO = 1.05
+_HIST_BOUNDS = [_HIST_MIN_S * _HIST_RATIO ** i for i in range(340)]
+
+
 class LatencyHistogram:
     """Log-bucketed histogram (about 5% relative error) from 0.1 ms to ~20 min; fixed memory."""
 
-    _MIN_S = 1e-4
-    _RATIO = 1.05
-    _BOUNDS = [_MIN_S * _RATIO ** i for i in range(340)]
+    _BOUNDS = _HIST_BOUNDS
 
     def __init__(self) -> None:
         self.counts = [0] * (len(self._BOUNDS) + 1)
