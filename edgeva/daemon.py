@@ -1,0 +1,196 @@
+"""The daemon: wiring, lifecycle, signals (SIGTERM/SIGINT stop, SIGHUP reload), systemd notify."""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import asdict
+from typing import Any, Callable
+
+from edgeva import __version__
+from edgeva.config import CameraConfig, Config, ConfigError, QueryConfig, load_config
+from edgeva.control import ControlServer
+from edgeva.pipeline import CameraPipeline, QueryRuntime
+from edgeva.query import PassthroughQuery
+from edgeva.results import ResultHub
+from edgeva.stats import StatsRegistry
+from edgeva.systemd import Notifier
+
+log = logging.getLogger("edgeva.daemon")
+
+
+class Daemon:
+    """Owns every running part. The only long-lived state in the process lives here."""
+
+    def __init__(self, cfg: Config, notifier: Notifier | None = None,
+                 config_loader: Callable[[str], Config] = load_config):
+        self.cfg = cfg
+        self.notifier = notifier or Notifier()
+        self.stats = StatsRegistry()
+        self.hub = ResultHub()
+        self.cameras: dict[str, CameraPipeline] = {}
+        self.control: ControlServer | None = None
+        self._config_loader = config_loader
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._lock = threading.Lock()
+        self.reloads = 0
+        self.reload_errors = 0
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Bind the control socket and start every camera; raises before anything runs on a bad setup."""
+        self.control = ControlServer(self.cfg.stats.endpoint, {
+            "stats": lambda _r: self.stats.snapshot(),
+            "health": lambda _r: self.health(),
+            "config": lambda _r: self.cfg.to_dict(),
+        }, max_request_bytes=self.cfg.stats.max_request_bytes)
+        self.stats.sections["daemon"] = self._daemon_section
+        self.control.start()
+        for cam in self.cfg.cameras:
+            if cam.enabled:
+                self._start_camera(cam, self.cfg.queries_for(cam.id))
+        status = f"{len(self.cameras)} cameras, {len(self.cfg.queries)} queries"
+        self.notifier.ready(status)
+        log.info("edgeva %s running: %s; control on %s", __version__, status, self.control.bound_endpoint)
+
+    def serve(self, max_runtime_s: float | None = None, exit_when_sources_end: bool = False) -> int:
+        """Run until stopped (signal, max_runtime_s, or every source ended when asked to)."""
+        started = time.monotonic()
+        next_log = started + self.cfg.stats.log_interval_s
+        while not self._stop.wait(timeout=0.25):
+            now = time.monotonic()
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            if self.notifier.watchdog_due(now) and self._healthy():
+                self.notifier.watchdog()
+            if now >= next_log:
+                next_log = now + self.cfg.stats.log_interval_s
+                log.info("stats %s", json.dumps(self._brief()))
+            if max_runtime_s is not None and now - started >= max_runtime_s:
+                break
+            if exit_when_sources_end and self.cameras and all(c.finished() for c in self.cameras.values()):
+                log.info("every source ended")
+                break
+        self.shutdown()
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+
+    def shutdown(self) -> None:
+        self.notifier.stopping()
+        log.info("stopping %d cameras", len(self.cameras))
+        with self._lock:
+            pipelines = list(self.cameras.values())
+            self.cameras.clear()
+        stoppers = [threading.Thread(target=p.stop, daemon=True) for p in pipelines]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(timeout=4.5)
+        for q in self._all_queries(pipelines):
+            close = getattr(q, "close", None)
+            if close is not None:
+                close()
+        self.hub.close()
+        if self.control is not None:
+            self.control.stop()
+        errors = self.stats.accounting_errors()
+        if errors:
+            log.error("accounting inconsistent: %s", "; ".join(errors))
+        log.info("final stats %s", json.dumps(self.stats.snapshot(), default=str))
+        self.notifier.close()
+
+    # ------------------------------------------------------------ reload
+    def reload(self) -> bool:
+        """Re-read the config file; restart only cameras whose config or queries changed."""
+        if self.cfg.source_path is None:
+            log.warning("SIGHUP ignored: the config did not come from a file")
+            return False
+        self.notifier.reloading()
+        try:
+            new = self._config_loader(self.cfg.source_path)
+        except ConfigError as exc:
+            self.reload_errors += 1
+            log.error("reload rejected, keeping the running config: %s", exc)
+            self.notifier.ready("reload rejected")
+            return False
+        with self._lock:
+            old_by_id = {c.id: c for c in self.cfg.cameras if c.enabled}
+            new_by_id = {c.id: c for c in new.cameras if c.enabled}
+            changed = [cid for cid in old_by_id.keys() & new_by_id.keys()
+                       if asdict(old_by_id[cid]) != asdict(new_by_id[cid])
+                       or _queries_dicts(self.cfg, cid) != _queries_dicts(new, cid)]
+            removed = [cid for cid in old_by_id if cid not in new_by_id]
+            added = [cid for cid in new_by_id if cid not in old_by_id]
+            for cid in removed + changed:
+                pipeline = self.cameras.pop(cid, None)
+                if pipeline is not None:
+                    pipeline.stop()
+                if cid in removed:
+                    self.stats.remove_camera(cid)
+            for q in self.cfg.queries:
+                if q.camera in new_by_id and q.id not in {n.id for n in new.queries_for(q.camera)}:
+                    self.stats.remove_query(q.id)
+            self.cfg = new
+            for cid in changed + added:
+                self._start_camera(new_by_id[cid], new.queries_for(cid))
+            self.reloads += 1
+        log.info("reloaded: added %s, removed %s, restarted %s", added, removed, changed)
+        self.notifier.ready(f"reloaded: +{len(added)} -{len(removed)} ~{len(changed)}")
+        return True
+
+    # ------------------------------------------------------------ parts
+    def _start_camera(self, cam: CameraConfig, queries: list[QueryConfig]) -> None:
+        runtimes = [self._build_query(q) for q in queries]
+        pipeline = CameraPipeline(cam, runtimes, self.stats)
+        self.cameras[cam.id] = pipeline
+        pipeline.start()
+
+    def _build_query(self, q: QueryConfig) -> QueryRuntime:
+        if q.task.type == "passthrough":
+            return PassthroughQuery(q, self.stats, self.hub)
+        raise ConfigError(f"queries[{q.id}].task.type", f"{q.task.type!r} is not available in this build")
+
+    @staticmethod
+    def _all_queries(pipelines: list[CameraPipeline]) -> list[QueryRuntime]:
+        return [q for p in pipelines for q in p.queries]
+
+    # ------------------------------------------------------------ views
+    def _healthy(self) -> bool:
+        control_ok = self.control is not None and self.control._thread is not None and self.control._thread.is_alive()
+        return control_ok and all(p.alive() for p in self.cameras.values())
+
+    def health(self) -> dict[str, Any]:
+        cams = {cid: self.stats.cameras[cid].state for cid in self.cameras if cid in self.stats.cameras}
+        streaming = sum(1 for s in cams.values() if s == "streaming")
+        status = "ok" if self._healthy() and streaming == len(cams) else "degraded"
+        return {"status": status, "version": __version__, "cameras": cams,
+                "threads_ok": self._healthy(), "accounting_errors": self.stats.accounting_errors()}
+
+    def _daemon_section(self) -> dict[str, Any]:
+        return {"version": __version__, "config": self.cfg.source_path, "reloads": self.reloads,
+                "reload_errors": self.reload_errors, "sink_errors": self.hub.sink_errors,
+                "control_requests": self.control.requests_served if self.control else 0,
+                "control_rejected": self.control.requests_rejected if self.control else 0}
+
+    def _brief(self) -> dict[str, Any]:
+        snap = self.stats.snapshot()
+        return {q: {k: v[k] for k in ("frames_in", "inferred", "reused", "offloaded", "dropped_total")}
+                for q, v in snap["queries"].items()}
+
+
+def _queries_dicts(cfg: Config, camera_id: str) -> list[dict[str, Any]]:
+    return [asdict(q) for q in cfg.queries_for(camera_id)]
