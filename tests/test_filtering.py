@@ -1,0 +1,319 @@
+"""Frame-difference filter: features, decisions, audits and the threshold tuner."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pytest
+
+from edgeva.config import FilterConfig
+from edgeva.filtering import (
+    AuditTracker, Differencer, QueryFilter, default_feature, simulate_filter, tune_features,
+    tune_threshold, wilson_lower_bound,
+)
+
+W, H = 320, 180
+
+
+def background(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(60, 190, size=(H // 10, W // 10, 3), dtype=np.uint8)
+    img = cv2.resize(base, (W, H), interpolation=cv2.INTER_CUBIC)
+    cv2.line(img, (0, H // 2), (W, H // 2), (200, 200, 200), 2)        # some edges: a road mark
+    return img
+
+
+def noisy(img: np.ndarray, rng: np.random.Generator, sigma: float = 4.0, shift: float = 0.0) -> np.ndarray:
+    out = img.astype(np.float32) + shift + rng.normal(0.0, sigma, img.shape).astype(np.float32)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def draw_car(img: np.ndarray, x: int, y: int, w: int = 36, h: int = 20, colour=(30, 30, 220)) -> None:
+    cv2.rectangle(img, (x, y), (x + w, y + h), colour, -1)
+    cv2.rectangle(img, (x + 6, y + 4), (x + w - 6, y + h - 8), (240, 240, 240), -1)
+
+
+@dataclass
+class Car:
+    first: int        # first frame it exists
+    last: int         # last frame it exists
+    x0: float
+    y: int
+    speed: float      # px per frame; 0 = parked
+
+    def x(self, t: int) -> int:
+        return int(round(self.x0 + self.speed * (t - self.first)))
+
+
+def street(n: int = 400, seed: int = 1) -> tuple[list[np.ndarray], list[int]]:
+    """Empty 0-99; one car crossing 100-199; that car parked 200-299; two cars crossing 300-399.
+    The count is the number of cars whose centre is inside the frame."""
+    rng = np.random.default_rng(seed)
+    bg = background(seed)
+    cars = [
+        Car(100, 199, -36, 40, 3.8),
+        Car(200, 399, 150, 40, 0.0),
+        Car(300, 399, W, 110, -4.0),
+        Car(330, 399, -36, 130, 3.0),
+    ]
+    frames, counts = [], []
+    for t in range(n):
+        img = bg.copy()
+        count = 0
+        for car in cars:
+            if car.first <= t <= car.last:
+                x = car.x(t)
+                draw_car(img, x, car.y)
+                count += 0 <= x + 18 < W
+        frames.append(noisy(img, rng, shift=0.02 * t))      # slow brightness drift too
+        counts.append(count)
+    return frames, counts
+
+
+def count_agreement(a: int, b: int) -> float:
+    """Reducto's counting agreement."""
+    if a == b:
+        return 1.0
+    return 1.0 - abs(a - b) / max(a, b)
+
+
+@pytest.fixture(scope="module")
+def street_prepared():
+    frames, counts = street()
+    d = Differencer()
+    return [d.prepare(f) for f in frames], counts
+
+
+# ------------------------------------------------------------------ features
+
+def test_features_zero_for_identical_and_grow_with_motion():
+    d = Differencer()
+    bg = background()
+    ref = d.prepare(bg)
+    same = d.features(ref, d.prepare(bg.copy()))
+    assert same.pixel == 0.0 and same.area == 0.0 and same.edge == 0.0
+    values = []
+    for dx in (0, 4, 16, 48):
+        img = bg.copy()
+        draw_car(img, 100 + dx, 60)
+        values.append(d.features(d.prepare(_with_car(bg, 100)), d.prepare(img)))
+    areas = [v.area for v in values]
+    pixels = [v.pixel for v in values]
+    edges = [v.edge for v in values]
+    assert areas[0] == 0.0 and pixels[0] == 0.0
+    assert areas == sorted(areas) and areas[-1] > 0.01
+    assert pixels == sorted(pixels) and pixels[-1] > 0.01
+    assert edges[-1] > edges[1] > 0.0
+
+
+def _with_car(bg: np.ndarray, x: int) -> np.ndarray:
+    img = bg.copy()
+    draw_car(img, x, 60)
+    return img
+
+
+def test_prepare_downscales_to_width_and_rejects_mismatched_sizes():
+    d = Differencer(width=160)
+    p = d.prepare(np.zeros((720, 1280, 3), np.uint8))
+    assert p.gray.shape == (90, 160) and p.edges.shape == (90, 160)
+    other = Differencer(width=80).prepare(np.zeros((720, 1280, 3), np.uint8))
+    with pytest.raises(ValueError):
+        d.features(p, other)
+
+
+def _quiet_scene_keeps(d: Differencer) -> tuple[list[tuple[int, str]], QueryFilter, np.random.Generator]:
+    rng = np.random.default_rng(3)
+    bg = background(3)
+    filt = QueryFilter(FilterConfig(threshold=0.005, max_skip=10_000, audit_fraction=0.0), differencer=d)
+    kept = []
+    for t in range(300):
+        # sensor noise sigma 6 and a 45-level brightness ramp (auto-exposure, a cloud)
+        p = d.prepare(noisy(bg, rng, sigma=6.0, shift=0.15 * t))
+        dec = filt.decide(p)
+        if dec.keep:
+            kept.append((t, dec.reason))
+            filt.mark_inferred(p)
+        else:
+            assert dec.value is not None and dec.value < 0.005
+    assert kept == [(0, "first")]                          # negative control
+    img = bg.copy()
+    draw_car(img, 140, 70)
+    dec = filt.decide(d.prepare(noisy(img, rng, sigma=6.0, shift=45.0)))
+    assert dec.keep and dec.reason == "threshold" and dec.value > 0.02   # positive control
+
+
+# ------------------------------------------------------------------ decisions
+
+def test_staleness_bound_forces_inference_after_max_skip():
+    d = Differencer()
+    p = d.prepare(background())
+    filt = QueryFilter(FilterConfig(threshold=0.5, max_skip=5, audit_fraction=0.0), differencer=d)
+    pattern = []
+    for _ in range(14):
+        dec = filt.decide(p)
+        pattern.append((dec.keep, dec.reason, dec.skipped_since_inferred))
+        if dec.keep:
+            filt.mark_inferred(p)
+    assert [k for k, _, _ in pattern] == [True] + [False] * 5 + [True] + [False] * 5 + [True, False]
+    assert pattern[6] == (True, "stale", 5)
+    assert [age for _, _, age in pattern[1:6]] == [1, 2, 3, 4, 5]
+    assert filt.stats()["max_age_frames"] == 5
+
+
+def test_untuned_and_disabled_keep_every_frame():
+    d = Differencer()
+    p = d.prepare(background())
+    for cfg, reason in ((FilterConfig(threshold=None), "untuned"),
+                        (FilterConfig(enabled=False, threshold=0.5), "disabled")):
+        filt = QueryFilter(cfg, differencer=d)
+        reasons = []
+        for _ in range(20):
+            dec = filt.decide(p)
+            assert dec.keep
+            reasons.append(dec.reason)
+            filt.mark_inferred(p)
+        assert reasons[1:] == [reason] * 19
+        assert filt.stats()["reused"] == 0
+
+
+def test_kept_but_not_inferred_frame_does_not_move_the_reference():
+    d = Differencer()
+    bg = background()
+    filt = QueryFilter(FilterConfig(threshold=0.005, max_skip=100, audit_fraction=0.0), differencer=d)
+    filt.mark_inferred(d.prepare(bg))
+    moved = d.prepare(_with_car(bg, 50))
+    assert filt.decide(moved).keep          # e.g. dropped on a full queue: no mark_inferred
+    assert filt.decide(moved).keep          # still differs from the last *inferred* frame
+
+
+def test_audit_fraction_is_honoured():
+    d = Differencer()
+    p = d.prepare(background())
+    filt = QueryFilter(FilterConfig(threshold=0.5, max_skip=10**9, audit_fraction=0.1), rng_seed=7,
+                       differencer=d)
+    filt.mark_inferred(p)
+    decisions = [filt.decide(p) for _ in range(5000)]
+    audited = sum(dec.audit for dec in decisions)
+    assert not any(dec.keep for dec in decisions)             # audited frames still count as reused
+    assert all(dec.reason == "audit" for dec in decisions if dec.audit)
+    assert 5000 * 0.1 - 4 * 21.2 < audited < 5000 * 0.1 + 4 * 21.2   # 4 sigma of Binomial(5000, 0.1)
+    assert filt.stats()["reused_by_reason"]["audit"] == audited
+    again = QueryFilter(FilterConfig(threshold=0.5, max_skip=10**9, audit_fraction=0.1), rng_seed=7,
+                        differencer=d)
+    again.mark_inferred(p)
+    assert [again.decide(p).audit for _ in range(5000)] == [dec.audit for dec in decisions]
+
+
+def test_wilson_bound_and_retune_signal():
+    assert wilson_lower_bound(95, 100) == pytest.approx(0.8883, abs=1e-3)
+    assert wilson_lower_bound(0, 0) == 0.0
+    assert wilson_lower_bound(10, 10) == pytest.approx(0.7225, abs=1e-3)
+    t = AuditTracker(window=100, min_samples=30)
+    for _ in range(20):
+        t.record(0.0)
+    assert not t.needs_retune(0.9)                 # too few samples to act on
+    t = AuditTracker(window=100, min_samples=30)
+    for _ in range(100):
+        t.record(0.9995)                           # counts as agree
+    assert t.wilson_low() == pytest.approx(0.963, abs=1e-3)
+    assert not t.needs_retune(0.95)
+    for _ in range(10):
+        t.record(0.5)
+    assert t.wilson_low() == pytest.approx(wilson_lower_bound(90, 100), abs=1e-9)
+    assert t.needs_retune(0.9) and not t.needs_retune(0.8)
+    assert t.mean_agreement == pytest.approx((100 * 0.9995 + 10 * 0.5) / 110)
+    t.reset_window()
+    assert not t.needs_retune(0.99) and t.total == 110
+
+
+def test_filter_stats_report_audits_and_reset_on_new_threshold():
+    d = Differencer()
+    p = d.prepare(background())
+    filt = QueryFilter(FilterConfig(threshold=0.5, max_skip=10**9, audit_fraction=1.0), differencer=d)
+    filt.mark_inferred(p)
+    for _ in range(40):
+        assert filt.decide(p).audit
+        filt.record_audit(0.0)
+    s = filt.stats()
+    assert s["audited"] == 40 and s["audited_agreement"] == 0.0 and s["wilson_low"] == 0.0
+    assert filt.needs_retune(0.9)
+    filt.set_threshold(0.1)
+    assert not filt.needs_retune(0.9) and filt.stats()["threshold"] == 0.1
+
+
+# ------------------------------------------------------------------ tuner
+
+def test_tuner_meets_target_and_skips_quiet_stretches(street_prepared):
+    prepared, counts = street_prepared
+    res = tune_threshold(prepared, counts, count_agreement, 0.95, feature="area", max_skip=30)
+    assert res.met_target and res.threshold > 0.0
+    assert res.agreement >= 0.95
+    assert res.skip_fraction > 0.5
+    strict = tune_threshold(prepared, counts, count_agreement, 0.98, feature="area", max_skip=30)
+    assert strict.skip_fraction > 0.5
+    # Beats every-k sampling that infers as many frames (at 0.95 it is only level with it).
+    assert strict.agreement > strict.uniform_agreement + 0.01
+    assert len(res.curve) == 31 and res.curve[0].threshold == 0.0
+
+    # The online filter with the tuned threshold makes exactly the simulated decisions.
+    filt = QueryFilter(FilterConfig(feature="area", threshold=res.threshold, max_skip=30,
+                                    audit_fraction=0.0))
+    source, last = [], None
+    for i, p in enumerate(prepared):
+        if filt.decide(p).keep:
+            filt.mark_inferred(p)
+            last = i
+        source.append(last)
+    assert source == simulate_filter(lambda i, j: Differencer().area(prepared[i], prepared[j]),
+                                     len(prepared), res.threshold, 30)
+    agreement = np.mean([count_agreement(counts[i], counts[s]) for i, s in enumerate(source)])
+    assert agreement == pytest.approx(res.agreement)
+
+    quiet = [i for i in list(range(1, 100)) + list(range(205, 300))]
+    skipped_quiet = np.mean([source[i] != i for i in quiet])
+    assert skipped_quiet >= 0.9                    # at most the staleness-bound frames inferred
+    moving = range(300, 400)
+    assert np.mean([source[i] != i for i in moving]) < skipped_quiet
+
+
+def test_stricter_target_never_gives_a_larger_threshold(street_prepared):
+    prepared, counts = street_prepared
+    cands = [0.0, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256]
+    thresholds, skips = [], []
+    for target in (0.5, 0.8, 0.9, 0.95, 0.99, 1.0):
+        res = tune_threshold(prepared, counts, count_agreement, target, feature="area",
+                             max_skip=30, candidates=cands)
+        thresholds.append(-1.0 if res.threshold is None else res.threshold)
+        skips.append(res.skip_fraction)
+    assert thresholds == sorted(thresholds, reverse=True)
+    assert thresholds[0] > thresholds[-1]
+    assert skips == sorted(skips, reverse=True)
+
+
+def test_tuner_flags_unreachable_target():
+    frames, _ = street(n=60)
+    d = Differencer()
+    prepared = [d.prepare(f) for f in frames]
+    flicker = [i % 2 for i in range(60)]              # a reference the frames cannot predict
+    res = tune_threshold(prepared, flicker, lambda a, b: float(a == b), 0.99, feature="area")
+    assert not res.met_target and res.threshold is None          # infer every frame
+    assert res.skip_fraction == 0.0 and res.agreement == 1.0
+    assert res.curve[0].threshold == 0.0 and res.curve[0].agreement < 0.99
+
+
+def test_safety_margin_is_more_conservative(street_prepared):
+    prepared, counts = street_prepared
+    plain = tune_threshold(prepared, counts, count_agreement, 0.9, feature="area")
+    safe = tune_threshold(prepared, counts, count_agreement, 0.9, feature="area", safety_margin=0.05)
+    assert safe.threshold <= plain.threshold and safe.agreement >= 0.95
+
+
+def test_tune_features_ranks_results(street_prepared):
+    prepared, counts = street_prepared
+    results = tune_features(prepared, counts, count_agreement, 0.95, preferred="area")
+    assert {r.feature for r in results} == {"pixel", "area", "edge"}
+    best = results[0]
+    assert best.met_target
+    assert all(best.skip_fraction >= r.skip_fraction for r in results if r.met_target)
+    assert default_feature("detect") == "edge" and default_feature("count") == "area"
