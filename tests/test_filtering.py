@@ -317,3 +317,19 @@ def test_tune_features_ranks_results(street_prepared):
     assert best.met_target
     assert all(best.skip_fraction >= r.skip_fraction for r in results if r.met_target)
     assert default_feature("detect") == "edge" and default_feature("count") == "area"
+
+
+def test_tuner_on_the_shared_synthetic_street():
+    synthetic = pytest.importorskip("edgeva.synthetic")
+    import dataclasses
+    spec = dataclasses.replace(synthetic.PRESETS["demo"], seconds=40.0)     # 600 frames at 15 fps
+    d = Differencer()
+    prepared, cars = [], []
+    for image, truth in synthetic.render_scene(spec):
+        prepared.append(d.prepare(image))
+        cars.append(truth.counts(("car",))["car"])
+    res = tune_threshold(prepared, cars, count_agreement, 0.95, feature="area", max_skip=30)
+    assert res.met_target and res.agreement >= 0.95 and res.skip_fraction > 0.5
+    source = simulate_filter(lambda i, j: d.area(prepared[i], prepared[j]), len(prepared), res.threshold, 30)
+    empty_start = range(1, 90)                                              # phase 0: 6 s, no traffic
+    assert np.mean([source[i] != i for i in empty_start]) >= 0.9
