@@ -1,0 +1,394 @@
+"""Swap-aware time sharing of one executor thread across models under a memory budget.
+
+Per-model queues; each turn picks the model to run next by deadline urgency and swap cost
+(frames served per second of load + run, among models that would not make the most urgent
+one miss its deadline), sizes its batch from the profiled latency under the batch's
+earliest deadline, tells the memory manager the expected order of upcoming models (Belady
+eviction keeps what is needed soonest, e.g. layers shared with the next model) and runs the
+batch while the model's missing blocks stream in. Frames that can no longer meet their
+deadline are dropped with DropReason.DEADLINE; every submitted item gets exactly one
+callback: `owner.complete` or `owner.dropped`.
+
+`port(key)` offers the surface ModelQuery uses on a ModelWorker (`key`, `model`, `submit`).
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from edgeva.executor import LatencyProfile, WorkItem
+from edgeva.memory import (DEFAULT_BANDWIDTH_BYTES_PER_S, DEFAULT_GROUP_MIN_BYTES, EvictionPolicy,
+                           Granularity, MemoryEvent, MemoryManager)
+from edgeva.messages import DropReason
+from edgeva.models.base import ZooModel
+
+log = logging.getLogger("edgeva.scheduler")
+
+_MIN_COST_S = 1e-4
+# A model whose profile has kept it from running this long gets its profile ignored for one
+# turn, so a latency measured in a slow moment cannot starve it for good.
+_REPROBE_AFTER_S = 2.0
+
+
+class ExecutionOrder(str, enum.Enum):
+    SWAP_AWARE = "swap-aware"
+    ROUND_ROBIN = "round-robin"
+
+
+@dataclass(frozen=True)
+class SwapOptions:
+    bandwidth_bytes_per_s: float = DEFAULT_BANDWIDTH_BYTES_PER_S   # simulated on the CPU
+    simulate_transfer: bool = True
+    granularity: Granularity = Granularity.BLOCK
+    eviction: EvictionPolicy = EvictionPolicy.BELADY
+    pipelined: bool = True
+    order: ExecutionOrder = ExecutionOrder.SWAP_AWARE
+    max_batch: int = 8
+    capacity: int = 64                       # per model queue
+    group_min_bytes: int = DEFAULT_GROUP_MIN_BYTES
+
+    @classmethod
+    def whole_model_round_robin(cls, **overrides: Any) -> "SwapOptions":
+        """The classic time-sharing baseline: whole-model LRU swaps, load then run, fixed order."""
+        return cls(**{"granularity": Granularity.MODEL, "eviction": EvictionPolicy.LRU,
+                      "pipelined": False, "order": ExecutionOrder.ROUND_ROBIN, **overrides})
+
+
+@dataclass
+class _SLACounts:
+    submitted: int = 0
+    within_sla: int = 0
+    late: int = 0                                 # completed after its deadline
+    dropped: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        done = self.within_sla + self.late + sum(self.dropped.values())
+        return {"submitted": self.submitted, "within_sla": self.within_sla, "late": self.late,
+                "dropped": dict(self.dropped),
+                "within_sla_fraction": round(self.within_sla / done, 4) if done else None}
+
+
+@dataclass(eq=False)
+class _ModelState:
+    key: str
+    model: ZooModel
+    queue: deque = field(default_factory=deque)
+    profile: LatencyProfile = field(default_factory=LatencyProfile)
+    counts: _SLACounts = field(default_factory=_SLACounts)
+    batches: int = 0
+    frames: int = 0
+    batch_sizes: deque = field(default_factory=lambda: deque(maxlen=200))
+    last_run: Optional[float] = None
+    last_arrival: Optional[float] = None
+    interarrival_s: Optional[float] = None        # EMA
+    slack_s: float = 0.0                          # EMA of deadline - arrival
+
+    def note_arrival(self, item: WorkItem) -> None:
+        now = item.enqueued_mono
+        if self.last_arrival is not None:
+            gap = max(0.0, now - self.last_arrival)
+            self.interarrival_s = gap if self.interarrival_s is None else 0.8 * self.interarrival_s + 0.2 * gap
+        self.last_arrival = now
+        self.slack_s = 0.8 * self.slack_s + 0.2 * (item.deadline_mono - now) if self.counts.submitted \
+            else item.deadline_mono - now
+
+
+class ModelPort:
+    """What a query holds instead of a ModelWorker when models share the memory budget."""
+
+    def __init__(self, scheduler: "SwapScheduler", key: str, model: ZooModel):
+        self._scheduler = scheduler
+        self.key = key
+        self.model = model
+
+    def submit(self, item: WorkItem) -> bool:
+        """Queue an item; False when the model's queue is full or the scheduler stopped."""
+        return self._scheduler.submit(self.key, item)
+
+    def stats(self) -> dict[str, Any]:
+        return self._scheduler.model_stats(self.key)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    state: _ModelState
+    batch: list[WorkItem]
+    late: list[WorkItem]
+    cost_s: float
+
+
+class SwapScheduler:
+    """One executor thread time-shared by `models`, whose weights share `budget_bytes`.
+
+    Raises ModelTooLargeError at construction when a model alone exceeds the budget."""
+
+    def __init__(self, models: dict[str, ZooModel], budget_bytes: int, *,
+                 device: Optional[torch.device | str] = None, options: SwapOptions = SwapOptions(),
+                 listeners: Sequence[Callable[[MemoryEvent], None]] = (),
+                 clock: Callable[[], float] = time.monotonic):
+        if not models:
+            raise ValueError("SwapScheduler needs at least one model")
+        for key, model in models.items():
+            if model.module is None:
+                raise ValueError(f"model {key!r} ({model.name}) is not a torch module; "
+                                 f"gpu.memory_budget_mb needs torch models it can swap layer by layer")
+        self.options = options
+        self.clock = clock
+        self.device = torch.device(device) if device is not None else next(iter(models.values())).device
+        self.memory = MemoryManager(budget_bytes, self.device,
+                                    bandwidth_bytes_per_s=options.bandwidth_bytes_per_s,
+                                    simulate_transfer=options.simulate_transfer,
+                                    granularity=options.granularity, eviction=options.eviction,
+                                    pipelined=options.pipelined, group_min_bytes=options.group_min_bytes,
+                                    listeners=listeners, clock=clock)
+        try:
+            for key, model in models.items():
+                self.memory.register(key, model.module)
+        except Exception:
+            self.memory.close()
+            raise
+        self._states = {key: _ModelState(key, model) for key, model in models.items()}
+        self._ports = {key: ModelPort(self, key, model) for key, model in models.items()}
+        self._per_query: dict[str, _SLACounts] = {}
+        self._round_robin_next = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="swap-scheduler", daemon=True)
+
+    # ------------------------------------------------------------------ public surface
+    def port(self, key: str) -> ModelPort:
+        return self._ports[key]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, key: str, item: WorkItem) -> bool:
+        state = self._states[key]
+        with self._cond:
+            if self._stopping or len(state.queue) >= self.options.capacity:
+                return False
+            state.note_arrival(item)
+            state.counts.submitted += 1
+            self._query_counts(item).submitted += 1
+            state.queue.append(item)
+            self._cond.notify()
+            return True
+
+    def stop(self, timeout_s: float = 4.0) -> None:
+        """Finish the running batch, then drop everything still queued with `shutdown`."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout_s)
+        with self._cond:
+            left: list[tuple[_ModelState, WorkItem]] = []
+            for state in self._states.values():
+                left.extend((state, item) for item in state.queue)
+                state.queue.clear()
+        for state, item in left:
+            self._drop(state, item, DropReason.SHUTDOWN)
+        if not self._thread.is_alive():
+            self.memory.close()
+
+    def pending(self) -> int:
+        with self._cond:
+            return sum(len(s.queue) for s in self._states.values())
+
+    def model_stats(self, key: str) -> dict[str, Any]:
+        state = self._states[key]
+        with self._cond:
+            sizes = list(state.batch_sizes)
+            out = {"queued": len(state.queue), "batches": state.batches, "frames": state.frames,
+                   "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None,
+                   "per_frame_ms": None if state.profile.per_item_s is None
+                   else round(state.profile.per_item_s * 1e3, 2),
+                   "fixed_ms": round(state.profile.fixed_s * 1e3, 2),
+                   **state.counts.as_dict()}
+        memory = self.memory.stats()["models"][key]
+        out.update({"weights_bytes": memory["bytes"], "resident_bytes": memory["resident_bytes"],
+                    "loads": memory["loads"], "bytes_loaded": memory["bytes_loaded"]})
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        memory = self.memory.stats()
+        memory.pop("models")
+        with self._cond:
+            queries = {q: c.as_dict() for q, c in self._per_query.items()}
+        return {"order": self.options.order.value, "max_batch": self.options.max_batch,
+                "memory": memory, "models": {k: self.model_stats(k) for k in self._states},
+                "queries": queries}
+
+    # ------------------------------------------------------------------ executor loop
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not any(s.queue for s in self._states.values()):
+                    self._cond.wait(timeout=0.5)
+                if self._stopping:
+                    return
+                now = self.clock()
+                late = self._take_hopeless(now)
+                plan = self._choose(now)
+                if plan is not None:
+                    late.extend((plan.state, item) for item in plan.late)
+                    late.extend(self._take_all_late(now) if not plan.batch else [])
+                upcoming = self._upcoming(now)
+            for state, item in late:
+                self._drop(state, item, DropReason.DEADLINE)
+            if plan is not None and plan.batch:
+                self.memory.set_upcoming(upcoming)
+                self._execute(plan.state, plan.batch)
+
+    def _take_hopeless(self, now: float) -> list[tuple[_ModelState, WorkItem]]:
+        """Items that would miss their deadline even with their model already resident."""
+        out = []
+        for state in self._states.values():
+            alone = self._predict_run(state, 1, now)
+            if any(now + alone > item.deadline_mono for item in state.queue):
+                keep = deque()
+                for item in state.queue:
+                    (out.append((state, item)) if now + alone > item.deadline_mono else keep.append(item))
+                state.queue = keep
+        return out
+
+    def _choose(self, now: float) -> Optional[_Plan]:
+        candidates = [s for s in self._states.values() if s.queue]
+        if not candidates:
+            return None
+        if self.options.order is ExecutionOrder.ROUND_ROBIN:
+            keys = list(self._states)
+            for step in range(len(keys)):
+                index = (self._round_robin_next + step) % len(keys)
+                state = self._states[keys[index]]
+                if state.queue:
+                    self._round_robin_next = index + 1
+                    return self._take_batch(state, now)
+            return None
+        plans = [self._plan_batch(s, now) for s in candidates]
+        with_batch = [p for p in plans if p.batch]
+        if not with_batch:          # everything queued is late (the loop drops it)
+            return _Plan(candidates[0], [], [], 0.0)
+        # The most urgent model: least slack between its earliest deadline and its cost.
+        urgent = min(with_batch, key=lambda p: p.batch[0].deadline_mono - now - p.cost_s)
+        urgent_alone = self._cost(urgent.state, 1)
+        feasible = [p for p in with_batch
+                    if p is urgent or now + p.cost_s + urgent_alone <= urgent.batch[0].deadline_mono]
+        best = max(feasible, key=lambda p: (len(p.batch) / max(p.cost_s, _MIN_COST_S),
+                                            -p.batch[0].deadline_mono))
+        return self._take_batch(best.state, now)
+
+    def _cost(self, state: _ModelState, batch: int) -> float:
+        run_s = state.profile.predict(batch)
+        return self.memory.predicted_exposed_load_s(state.key, run_s) + run_s
+
+    def _predict_run(self, state: _ModelState, batch: int, now: float) -> float:
+        if state.last_run is not None and now - state.last_run > _REPROBE_AFTER_S:
+            return 0.0
+        return state.profile.predict(batch)
+
+    def _plan_batch(self, state: _ModelState, now: float) -> _Plan:
+        """The batch this model would run now: earliest deadlines first, growing while the
+        earliest one can still be met; items that cannot be met even alone are late."""
+        def run_s(n: int) -> float:
+            return self._predict_run(state, n, now)
+
+        exposed = self.memory.predicted_exposed_load_s(state.key, run_s(1))
+        batch: list[WorkItem] = []
+        late: list[WorkItem] = []
+        for item in sorted(state.queue, key=lambda i: i.deadline_mono):
+            if now + exposed + run_s(1) > item.deadline_mono:
+                late.append(item)
+                continue
+            if len(batch) >= self.options.max_batch:
+                break
+            if batch and now + exposed + run_s(len(batch) + 1) > batch[0].deadline_mono:
+                break
+            batch.append(item)
+        cost = exposed + run_s(max(1, len(batch)))
+        return _Plan(state, batch, late, cost)
+
+    def _take_batch(self, state: _ModelState, now: float) -> _Plan:
+        plan = self._plan_batch(state, now)
+        taken = {id(i) for i in plan.batch} | {id(i) for i in plan.late}
+        state.queue = deque(i for i in state.queue if id(i) not in taken)
+        return plan
+
+    def _take_all_late(self, now: float) -> list[tuple[_ModelState, WorkItem]]:
+        late = []
+        for state in self._states.values():
+            plan = self._take_batch(state, now) if state.queue else None
+            if plan is not None:
+                late.extend((state, item) for item in plan.late)
+                state.queue.extendleft(reversed(plan.batch))
+        return late
+
+    def _upcoming(self, now: float) -> list[str]:
+        """Expected order of the next runs, soonest first, for Belady eviction."""
+        if self.options.order is ExecutionOrder.ROUND_ROBIN:
+            keys = list(self._states)
+            start = self._round_robin_next % len(keys)
+            return keys[start:] + keys[:start]
+
+        def next_need(state: _ModelState) -> float:
+            if state.queue:
+                return min(i.deadline_mono for i in state.queue) - self._cost(state, 1)
+            if state.last_arrival is None:
+                return float("inf")
+            gap = state.interarrival_s or 0.0
+            return max(now, state.last_arrival + gap) + state.slack_s - self._cost(state, 1)
+
+        return sorted(self._states, key=lambda k: (next_need(self._states[k]), k))
+
+    def _execute(self, state: _ModelState, batch: list[WorkItem]) -> None:
+        images = [item.frame.image for item in batch]
+        try:
+            outputs, timing = self.memory.run(state.key, lambda: state.model.predict(images))
+        except Exception:
+            log.exception("model %s failed on a batch of %d", state.key, len(batch))
+            for item in batch:
+                self._drop(state, item, DropReason.ERROR)
+            return
+        finished = self.clock()
+        with self._cond:
+            if state.last_run is not None:     # the first run pays one-time initialisation
+                state.profile.observe(len(batch), max(timing.run_s, 1e-6))
+            state.last_run = finished
+            state.batches += 1
+            state.frames += len(batch)
+            state.batch_sizes.append(len(batch))
+            for item in batch:
+                within = finished <= item.deadline_mono
+                for counts in (state.counts, self._query_counts(item)):
+                    if within:
+                        counts.within_sla += 1
+                    else:
+                        counts.late += 1
+        for item, output in zip(batch, outputs):
+            try:
+                item.owner.complete(item, output, finished)
+            except Exception:    # the owner got its one callback; its failure is its own
+                log.exception("query %s failed on its result", getattr(item.owner, "query_id", "?"))
+
+    def _drop(self, state: _ModelState, item: WorkItem, reason: DropReason) -> None:
+        with self._cond:
+            state.counts.dropped[reason.value] += 1
+            self._query_counts(item).dropped[reason.value] += 1
+        try:
+            item.owner.dropped(item, reason)
+        except Exception:
+            log.exception("query %s failed on a dropped item", getattr(item.owner, "query_id", "?"))
+
+    def _query_counts(self, item: WorkItem) -> _SLACounts:
+        query = getattr(item.owner, "query_id", "?")
+        counts = self._per_query.get(query)
+        if counts is None:
+            counts = self._per_query[query] = _SLACounts()
+        return counts
