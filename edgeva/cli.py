@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import time
-from typing import Callable
 
 from edgeva import __version__
 from edgeva.config import Config, ConfigError, StatsConfig, load_config
@@ -23,6 +22,14 @@ def _default_config() -> str:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # FFmpeg/OpenCV print a warning on every failed reconnect attempt; edgeva logs those itself.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    import cv2
+
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:  # builds without the logging utilities
+        pass
 
 
 def _load(path: str) -> Config:
@@ -128,13 +135,77 @@ def build_parser() -> argparse.ArgumentParser:
                            help="refresh every SECONDS (default 2)")
         p.set_defaults(func=func)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    tune = sub.add_parser("tune", help="pick each query's filter threshold from a profiling segment")
+    tune.add_argument("--config", "-c", default=_default_config())
+    tune.add_argument("--seconds", type=float, default=60.0, help="length of the profiling segment")
+    tune.add_argument("--start", type=float, default=0.0, help="where the segment starts in a file (s)")
+    tune.add_argument("--query", action="append", help="tune only these queries (repeatable)")
+    tune.add_argument("--write", action="store_true", help="write the thresholds into the config file")
+    tune.add_argument("--plot", help="save the skip%%-vs-agreement curves to this PNG")
+    tune.add_argument("--json", action="store_true")
+    tune.add_argument("--log-level", default="warning")
+    tune.set_defaults(func=cmd_tune)
+
+    results = sub.add_parser("results", help="show recent results from the SQLite sink")
+    results.add_argument("--config", "-c", default=_default_config(), help="read sinks.sqlite from this config")
+    results.add_argument("--db", help="the SQLite file (overrides --config)")
+    results.add_argument("--query", help="only this query")
+    results.add_argument("--limit", type=int, default=20)
+    results.add_argument("--json", action="store_true")
+    results.set_defaults(func=cmd_results)
+
+    models = sub.add_parser("models", help="list the model zoo")
+    models.set_defaults(func=cmd_models)
     return parser
 
 
-# Later capabilities (tune, merge, plan, worker, ...) add themselves here.
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+def cmd_tune(args: argparse.Namespace) -> int:
+    from edgeva.tuning import format_tunings, plot_curves, tune_config, write_thresholds
+
+    _setup_logging(args.log_level)
+    cfg = _load(args.config)
+    tunings = list(tune_config(cfg, args.seconds, args.start, set(args.query) if args.query else None))
+    if not tunings:
+        print("edgeva tune: no query with a model to tune", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([{"query": t.query, "frames": t.frames, "feature": t.best.feature,
+                           "threshold": t.best.threshold, "skip_fraction": t.best.skip_fraction,
+                           "agreement": t.best.agreement, "met_target": t.best.met_target} for t in tunings], indent=2))
+    else:
+        print(format_tunings(tunings))
+    if args.plot:
+        plot_curves(tunings, args.plot)
+        print(f"curves: {args.plot}")
+    if args.write:
+        print(f"thresholds written to {write_thresholds(args.config, tunings)} (previous file kept as .bak)")
+    return 0 if all(t.best.met_target for t in tunings) else 3
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from edgeva.sinks import read_results
+
+    db = args.db or _load(args.config).sinks.sqlite
+    if not db or not os.path.exists(db):
+        print(f"edgeva results: no results database ({db or 'sinks.sqlite is not set'})", file=sys.stderr)
+        return 1
+    rows = list(read_results(db, args.query, args.limit))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'query':<18} {'camera':<10} {'seq':>7} {'outcome':<9} {'age':>4} {'ms':>8}  value")
+    for r in rows:
+        print(f"{r['query']:<18} {r['camera']:<10} {r['seq']:>7} {r['outcome']:<9} {r['age_frames']:>4} "
+              f"{r['latency_ms']:>8.1f}  {json.dumps(r['value'])[:60]}")
+    return 0
+
+
+def cmd_models(_args: argparse.Namespace) -> int:
+    from edgeva.models.zoo import ZOO_KINDS
+
+    for name, kind in ZOO_KINDS.items():
+        print(f"{name:<28} {kind}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `edgeva models | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

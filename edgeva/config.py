@@ -293,6 +293,8 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
         t.validate(f"tiers[{i}]")
     cfg.stats.validate("stats")
     cfg.sinks.validate("sinks")
+    if cfg.sinks.sqlite and base_dir is not None and not os.path.isabs(cfg.sinks.sqlite):
+        cfg.sinks.sqlite = str((base_dir / cfg.sinks.sqlite).resolve())
 
 
 def is_file_source(source: str) -> bool:

@@ -13,7 +13,8 @@ from edgeva import __version__
 from edgeva.config import CameraConfig, Config, ConfigError, QueryConfig, load_config
 from edgeva.control import ControlServer
 from edgeva.pipeline import CameraPipeline, QueryRuntime
-from edgeva.query import PassthroughQuery
+from edgeva.executor import ModelWorker
+from edgeva.query import ModelQuery, PassthroughQuery
 from edgeva.results import ResultHub
 from edgeva.stats import StatsRegistry
 from edgeva.systemd import Notifier
@@ -31,6 +32,7 @@ class Daemon:
         self.stats = StatsRegistry()
         self.hub = ResultHub()
         self.cameras: dict[str, CameraPipeline] = {}
+        self.workers: dict[str, ModelWorker] = {}
         self.control: ControlServer | None = None
         self._config_loader = config_loader
         self._stop = threading.Event()
@@ -48,6 +50,9 @@ class Daemon:
             "config": lambda _r: self.cfg.to_dict(),
         }, max_request_bytes=self.cfg.stats.max_request_bytes)
         self.stats.sections["daemon"] = self._daemon_section
+        self.stats.sections["models"] = lambda: {k: w.stats() for k, w in self.workers.items()}
+        self._ensure_workers(self.cfg)      # a bad model or weights file fails here, before any camera
+        self._open_sinks()
         self.control.start()
         for cam in self.cfg.cameras:
             if cam.enabled:
@@ -72,7 +77,8 @@ class Daemon:
                 log.info("stats %s", json.dumps(self._brief()))
             if max_runtime_s is not None and now - started >= max_runtime_s:
                 break
-            if exit_when_sources_end and self.cameras and all(c.finished() for c in self.cameras.values()):
+            if exit_when_sources_end and self.cameras and all(c.finished() for c in self.cameras.values()) \
+                    and self._drained():
                 log.info("every source ended")
                 break
         self.shutdown()
@@ -100,6 +106,8 @@ class Daemon:
             t.start()
         for t in stoppers:
             t.join(timeout=4.5)
+        for worker in self.workers.values():
+            worker.stop()
         for q in self._all_queries(pipelines):
             close = getattr(q, "close", None)
             if close is not None:
@@ -145,6 +153,7 @@ class Daemon:
                 if q.camera in new_by_id and q.id not in {n.id for n in new.queries_for(q.camera)}:
                     self.stats.remove_query(q.id)
             self.cfg = new
+            self._ensure_workers(new)
             for cid in changed + added:
                 self._start_camera(new_by_id[cid], new.queries_for(cid))
             self.reloads += 1
@@ -154,21 +163,74 @@ class Daemon:
 
     # ------------------------------------------------------------ parts
     def _start_camera(self, cam: CameraConfig, queries: list[QueryConfig]) -> None:
-        runtimes = [self._build_query(q) for q in queries]
+        runtimes = [self._build_query(q, backpressure=cam.replay == "fast") for q in queries]
         pipeline = CameraPipeline(cam, runtimes, self.stats)
         self.cameras[cam.id] = pipeline
         pipeline.start()
 
-    def _build_query(self, q: QueryConfig) -> QueryRuntime:
+    def _build_query(self, q: QueryConfig, backpressure: bool = False) -> QueryRuntime:
         if q.task.type == "passthrough":
             return PassthroughQuery(q, self.stats, self.hub)
-        raise ConfigError(f"queries[{q.id}].task.type", f"{q.task.type!r} is not available in this build")
+        from edgeva.filtering import QueryFilter
+        from edgeva.models.tasks import build_task
+
+        worker = self.workers[model_key(q)]
+        task = build_task(q.task, worker.model, q.id)
+        query_filter = QueryFilter(q.filter, rng_seed=hash(q.id) & 0xFFFF) if q.filter.enabled else None
+        return ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
+
+    def _ensure_workers(self, cfg: Config) -> None:
+        """One worker per distinct (model, weights); build what is new, stop what is unused."""
+        wanted: dict[str, QueryConfig] = {}
+        for q in cfg.queries:
+            if q.task.type != "passthrough":
+                wanted.setdefault(model_key(q), q)
+        for key in [k for k in self.workers if k not in wanted]:
+            self.workers.pop(key).stop()
+        if not wanted:
+            return  # torch and the zoo are imported only when a query needs a model
+        from edgeva.models import build_model
+        from edgeva.models.errors import ModelLoadError, TaskError
+        from edgeva.models.tasks import build_task
+
+        for key, q in wanted.items():
+            if key in self.workers:
+                continue
+            index = cfg.queries.index(q)
+            try:
+                model = build_model(q.model, q.weights, q.download, cfg.gpu.device)
+            except ModelLoadError as exc:
+                raise ConfigError(f"queries[{index}].weights" if q.weights else f"queries[{index}].model",
+                                  f"query {q.id!r}: {exc}") from None
+            capacity = sum(x.queue for x in cfg.queries if model_key(x) == key)
+            worker = ModelWorker(key, model, max_batch=cfg.gpu.max_batch, capacity=capacity)
+            worker.start()
+            self.workers[key] = worker
+        for i, q in enumerate(cfg.queries):
+            if q.task.type != "passthrough":
+                try:
+                    build_task(q.task, self.workers[model_key(q)].model, q.id)
+                except TaskError as exc:
+                    raise ConfigError(f"queries[{i}].task", str(exc)) from None
+
+    def _open_sinks(self) -> None:
+        from edgeva.sinks import SQLiteSink, ZmqPubSink
+
+        sinks = self.cfg.sinks
+        if sinks.sqlite:
+            self.hub.add_sink(SQLiteSink(sinks.sqlite, batch=sinks.batch, flush_s=sinks.flush_s))
+        if sinks.zmq_pub:
+            self.hub.add_sink(ZmqPubSink(sinks.zmq_pub))
 
     @staticmethod
     def _all_queries(pipelines: list[CameraPipeline]) -> list[QueryRuntime]:
         return [q for p in pipelines for q in p.queries]
 
     # ------------------------------------------------------------ views
+    def _drained(self) -> bool:
+        """No frame is still on its way through a query (so stopping now drops nothing)."""
+        return all(q.in_flight == 0 for q in list(self.stats.queries.values()))
+
     def _healthy(self) -> bool:
         control_ok = self.control is not None and self.control._thread is not None and self.control._thread.is_alive()
         return control_ok and all(p.alive() for p in self.cameras.values())
@@ -190,6 +252,11 @@ class Daemon:
         snap = self.stats.snapshot()
         return {q: {k: v[k] for k in ("frames_in", "inferred", "reused", "offloaded", "dropped_total")}
                 for q, v in snap["queries"].items()}
+
+
+def model_key(q: QueryConfig) -> str:
+    """Queries with the same model and weights share one loaded model and one worker."""
+    return f"{q.model}@{q.weights or 'init'}"
 
 
 def _queries_dicts(cfg: Config, camera_id: str) -> list[dict[str, Any]]:

@@ -278,6 +278,11 @@ class QueryFilter:
         self._reference = prepared
         self._skipped = 0
 
+    def forget_reference(self) -> None:
+        """The kept frame never got a result (dropped): the next frame is inferred."""
+        self._reference = None
+        self._skipped = 0
+
     def record_audit(self, agreed: float) -> None:
         self.audits.record(agreed)
 

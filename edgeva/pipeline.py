@@ -13,6 +13,7 @@ from typing import Protocol
 
 from edgeva.config import CameraConfig
 from edgeva.messages import DropReason, Frame, Outcome
+from edgeva.query import FrameView
 from edgeva.sources import CameraReader, FrameBuffer
 from edgeva.stats import StatsRegistry
 
@@ -20,11 +21,15 @@ log = logging.getLogger("edgeva.pipeline")
 
 
 class QueryRuntime(Protocol):
-    """What a camera pipeline needs of a query: take a frame and bucket it exactly once."""
+    """What a camera pipeline needs of a query: take a frame and bucket it exactly once.
+
+    `submit` raises only when it has not bucketed the frame; the pipeline then counts it
+    as dropped with reason `error`.
+    """
 
     query_id: str
 
-    def submit(self, frame: Frame) -> None: ...
+    def submit(self, view: FrameView) -> None: ...
 
 
 class CameraPipeline:
@@ -54,8 +59,7 @@ class CameraPipeline:
         return not self.reader.is_alive() and len(self.buffer) == 0
 
     def stop(self, timeout_s: float = 4.0) -> None:
-        self.reader.stop()
-        self.reader.join(timeout=timeout_s)
+        self.reader.stop(timeout_s)
         self._stop.set()
         self.buffer.close()
         self._dispatcher.join(timeout=timeout_s)
@@ -73,9 +77,10 @@ class CameraPipeline:
             frame = self.buffer.get(timeout=0.2)
             if frame is None:
                 continue
+            view = FrameView(frame)
             for query in self.queries:
                 try:
-                    query.submit(frame)
+                    query.submit(view)
                 except Exception:  # one query's bug must not starve the others, nor lose the frame
                     log.exception("query %s failed on %s", query.query_id, frame.frame_id)
                     self.stats.outcome(query.query_id, Outcome.DROPPED, reason=DropReason.ERROR)

@@ -5,12 +5,38 @@ dropped with a reason) in the stats registry and emits a result record for the f
 """
 from __future__ import annotations
 
+import logging
+import random
+import threading
 import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from edgeva.config import QueryConfig
-from edgeva.messages import Frame, Outcome, QueryResult
+from edgeva.executor import ModelWorker, WorkItem
+from edgeva.filtering import Decision, QueryFilter
+from edgeva.messages import DropReason, Frame, Outcome, QueryResult
 from edgeva.results import ResultHub
 from edgeva.stats import StatsRegistry
+
+log = logging.getLogger("edgeva.query")
+
+
+class FrameView:
+    """One delivered frame plus what its camera's queries derive from it, computed once."""
+
+    __slots__ = ("frame", "_prepared")
+
+    def __init__(self, frame: Frame):
+        self.frame = frame
+        self._prepared: dict[Any, Any] = {}
+
+    def prepared(self, differencer: Any) -> Any:
+        """The filter's downscaled frame for this differencer (shared by queries using the same one)."""
+        p = self._prepared.get(differencer)
+        if p is None:
+            p = self._prepared[differencer] = differencer.prepare(self.frame.image)
+        return p
 
 
 class PassthroughQuery:
@@ -23,12 +49,181 @@ class PassthroughQuery:
         self.hub = hub
         stats.add_query(cfg.id, cfg.camera)
 
-    def submit(self, frame: Frame) -> None:
+    def submit(self, view: FrameView) -> None:
+        frame = view.frame
         value = {"mean": round(float(frame.image.mean()), 2), "shape": list(frame.image.shape)}
         latency = time.monotonic() - frame.t_mono
         self.stats.outcome(self.query_id, Outcome.INFERRED, latency)
         self.hub.emit(QueryResult(self.query_id, frame.camera, frame.seq, frame.t_capture,
                                   Outcome.INFERRED, value, latency, source_seq=frame.seq))
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Inference:
+    """A kept frame on its way through the model, and the skipped frames that will reuse its result."""
+
+    seq: int
+    waiting: list[tuple[Frame, Decision]] = field(default_factory=list)
+    value: Any = None
+    done: bool = False
+    failed: bool = False
+
+
+@dataclass
+class _Audit:
+    reference: _Inference
+
+
+class ModelQuery:
+    """filter → (keep) model worker → task → result; (skip) reuse the last inferred result.
+
+    A skipped frame reuses the result of the last *kept* frame; if that frame is still in
+    the model, the skipped frame waits for it so results never go backwards in time.
+    """
+
+    RETUNE_FACTOR = 0.7   # audit says agreement < target: tighten the threshold by this much
+
+    def __init__(self, cfg: QueryConfig, stats: StatsRegistry, hub: ResultHub, worker: ModelWorker,
+                 task: Any, query_filter: Optional[QueryFilter] = None, backpressure: bool = False):
+        self.cfg = cfg
+        # Offline replay ('fast'): wait for the model instead of dropping when its queue is full.
+        self._submit_wait_s = 3600.0 if backpressure else 0.0
+        self.query_id = cfg.id
+        self.stats = stats
+        self.hub = hub
+        self.worker = worker
+        self.task = task
+        self.filter = query_filter
+        self.retunes = 0
+        self._lock = threading.Lock()
+        self._latest: Optional[_Inference] = None      # newest kept frame (maybe still running)
+        self._last_done: Optional[_Inference] = None   # newest kept frame with a result
+        self._min_interval = 1.0 / cfg.sla.fps if cfg.sla.fps else 0.0
+        self._last_considered_t: Optional[float] = None
+        self._rng = random.Random(cfg.id)
+        stats.add_query(cfg.id, cfg.camera)
+        stats.set_gauges(cfg.id, model=worker.key, task=cfg.task.type,
+                         accuracy_target=cfg.accuracy_target, filter=self._filter_stats)
+
+    # ------------------------------------------------------------- intake
+    def submit(self, view: FrameView) -> None:
+        frame = view.frame
+        with self._lock:
+            decision = self._decide(view)
+            if decision.keep:
+                item: Optional[WorkItem] = self._keep(frame, view)
+            else:
+                self._reuse(frame, decision)
+                item = None
+                if decision.audit and self._latest is not None:
+                    item = WorkItem(self, frame, self._deadline(frame), audit=True, context=_Audit(self._latest))
+        if item is None:
+            return
+        # Outside the lock: the worker's callbacks take it, and a blocking submit waits on the worker.
+        if not self.worker.submit(item, wait_s=0.0 if item.audit else self._submit_wait_s) and not item.audit:
+            self.dropped(item, DropReason.QUEUE_FULL)
+
+    def _decide(self, view: FrameView) -> Decision:
+        frame = view.frame
+        if self._min_interval and self._last_considered_t is not None and self._latest is not None \
+                and frame.t_capture - self._last_considered_t < self._min_interval * 0.999:
+            return Decision(False, "rate", None, 0)
+        self._last_considered_t = frame.t_capture
+        if self.filter is None:
+            return Decision(True, "disabled", None, 0)
+        return self.filter.decide(view.prepared(self.filter.differencer))
+
+    def _keep(self, frame: Frame, view: FrameView) -> WorkItem:
+        """The frame becomes the reference that following skipped frames reuse (and wait for)."""
+        inference = _Inference(frame.seq)
+        if self.filter is not None:
+            self.filter.mark_inferred(view.prepared(self.filter.differencer))
+        self._latest = inference
+        return WorkItem(self, frame, self._deadline(frame), context=inference)
+
+    def _reuse(self, frame: Frame, decision: Decision) -> None:
+        latest = self._latest
+        if latest is not None and not latest.done and not latest.failed:
+            latest.waiting.append((frame, decision))
+            return
+        source = self._last_done
+        if source is None:  # nothing inferred yet (the first kept frame was dropped)
+            self.stats.outcome(self.query_id, Outcome.DROPPED, reason=DropReason.QUEUE_FULL)
+            return
+        self._emit_reused(frame, source)
+
+    def _deadline(self, frame: Frame) -> float:
+        return frame.t_mono + self.cfg.sla.latency_ms / 1000.0
+
+    # ------------------------------------------------------------- worker callbacks
+    def complete(self, item: WorkItem, output: Any, finished_mono: float) -> None:
+        try:
+            value = self.task.value(output)
+        except Exception:
+            log.exception("query %s: task failed on %s", self.query_id, item.frame.frame_id)
+            self.dropped(item, DropReason.ERROR)
+            return
+        if item.audit:
+            self._audited(item.context, value)
+            return
+        inference: _Inference = item.context
+        frame = item.frame
+        with self._lock:
+            inference.value, inference.done = value, True
+            if self._last_done is None or inference.seq > self._last_done.seq:
+                self._last_done = inference
+            latency = finished_mono - frame.t_mono
+            self.stats.outcome(self.query_id, Outcome.INFERRED, latency)
+            self.hub.emit(QueryResult(self.query_id, frame.camera, frame.seq, frame.t_capture,
+                                      Outcome.INFERRED, value, latency, 0, frame.seq))
+            waiting, inference.waiting = inference.waiting, []
+            for waiting_frame, _ in waiting:
+                self._emit_reused(waiting_frame, inference)
+
+    def dropped(self, item: WorkItem, reason: DropReason) -> None:
+        if item.audit:
+            return
+        inference: _Inference = item.context
+        with self._lock:
+            inference.failed = True
+            self.stats.outcome(self.query_id, Outcome.DROPPED, reason=reason)
+            waiting, inference.waiting = inference.waiting, []
+            for frame, _ in waiting:
+                if self._last_done is not None:
+                    self._emit_reused(frame, self._last_done)
+                else:
+                    self.stats.outcome(self.query_id, Outcome.DROPPED, reason=reason)
+            if self.filter is not None and self._latest is inference:
+                self.filter.forget_reference()   # compare the next frame with something we have a result for
+
+    def _emit_reused(self, frame: Frame, source: _Inference) -> None:
+        latency = time.monotonic() - frame.t_mono
+        self.stats.outcome(self.query_id, Outcome.REUSED, latency)
+        self.hub.emit(QueryResult(self.query_id, frame.camera, frame.seq, frame.t_capture, Outcome.REUSED,
+                                  source.value, latency, frame.seq - source.seq, source.seq))
+
+    def _audited(self, audit: _Audit, value: Any) -> None:
+        if self.filter is None or not audit.reference.done:
+            return
+        with self._lock:
+            self.filter.record_audit(self.task.agreement(value, audit.reference.value))
+            if self.filter.needs_retune(self.cfg.accuracy_target) and self.filter.threshold:
+                new = self.filter.threshold * self.RETUNE_FACTOR
+                log.warning("query %s: audited agreement below %.3f; threshold %.4f -> %.4f",
+                            self.query_id, self.cfg.accuracy_target, self.filter.threshold, new)
+                self.filter.set_threshold(new)
+                self.retunes += 1
+
+    # ------------------------------------------------------------- views
+    def _filter_stats(self) -> dict[str, Any]:
+        if self.filter is None:
+            return {"enabled": False}
+        s = self.filter.stats()
+        s["retunes"] = self.retunes
+        return s
 
     def close(self) -> None:
         pass

@@ -123,7 +123,8 @@ class QueryStats:
     dropped: dict[str, int] = field(default_factory=dict)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     fps_out: RateMeter = field(default_factory=RateMeter)
-    gauges: dict[str, Any] = field(default_factory=dict)   # filled by later steps (threshold, audit...)
+    # Filled by later steps (model, filter state...); a callable is evaluated at snapshot time.
+    gauges: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dropped_total(self) -> int:
@@ -140,7 +141,8 @@ class QueryStats:
             "dropped": dict(sorted(self.dropped.items())), "dropped_total": self.dropped_total,
             "in_flight": self.in_flight, "fps_out": round(self.fps_out.rate(), 2),
             "filtered_fraction": round(self.reused / max(1, self.frames_in - self.in_flight), 4),
-            "latency_ms": self.latency.summary_ms(), **self.gauges,
+            "latency_ms": self.latency.summary_ms(),
+            **{k: (v() if callable(v) else v) for k, v in self.gauges.items()},
         }
 
 

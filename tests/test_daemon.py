@@ -131,7 +131,8 @@ class _SlowQuery:
         self.delay_s = delay_s
         stats.add_query(query_id, "cam")
 
-    def submit(self, frame: Frame) -> None:
+    def submit(self, view) -> None:
+        frame = view.frame
         time.sleep(self.delay_s)
         self.stats.outcome(self.query_id, Outcome.INFERRED, time.monotonic() - frame.t_mono)
 
@@ -141,7 +142,7 @@ def test_accounting_adds_up_with_buffer_drops(tmp_path):
     cfg = load_config(_config(tmp_path, [{"id": "cam", "source": str(clip), "buffer": 2}],
                               [{"id": "q1", "camera": "cam"}, {"id": "q2", "camera": "cam"}]))
     daemon = Daemon(cfg, notifier=Notifier({}))
-    daemon._build_query = lambda q: _SlowQuery(q.id, daemon.stats, 0.01)  # type: ignore[method-assign]
+    daemon._build_query = lambda q, **_: _SlowQuery(q.id, daemon.stats, 0.01)  # type: ignore[method-assign]
     daemon.start()
     daemon.serve(max_runtime_s=30, exit_when_sources_end=True)
     snap = daemon.stats.snapshot()

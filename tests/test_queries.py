@@ -1,0 +1,207 @@
+"""Queries end to end: executor batching and deadlines, filter + reuse through the daemon,
+judged against the every-frame reference of a model whose output follows the scene."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from edgeva.config import ConfigError, TaskConfig, load_config
+from edgeva.daemon import Daemon
+from edgeva.executor import LatencyProfile, ModelWorker, WorkItem
+from edgeva.messages import DropReason, Frame
+from edgeva.models.tasks import build_task
+from edgeva.sinks import read_results
+from edgeva.synthetic import PRESETS, render_background, write_clip
+from edgeva.systemd import Notifier
+from edgeva.tuning import read_segment, reference_values, tune_query
+from tests.blob_model import BlobDetector
+
+
+class _Owner:
+    def __init__(self, name: str):
+        self.query_id = name
+        self.done: list[int] = []
+        self.dropped_reasons: list[DropReason] = []
+        self.lock = threading.Lock()
+
+    def complete(self, item, output, finished_mono):
+        with self.lock:
+            self.done.append(item.frame.seq)
+
+    def dropped(self, item, reason):
+        with self.lock:
+            self.dropped_reasons.append(reason)
+
+
+class _SleepModel:
+    name = "sleep"
+
+    def __init__(self, fixed_s: float, per_item_s: float):
+        self.fixed_s, self.per_item_s = fixed_s, per_item_s
+        self.batches: list[int] = []
+
+    def predict(self, images):
+        self.batches.append(len(images))
+        time.sleep(self.fixed_s + self.per_item_s * len(images))
+        return [None] * len(images)
+
+
+def _frame(camera: str, seq: int, image=None) -> Frame:
+    return Frame(camera, seq, time.time(), time.monotonic(), image if image is not None else np.zeros((8, 8, 3), np.uint8))
+
+
+def test_latency_profile_learns_fixed_and_per_item_cost():
+    p = LatencyProfile(alpha=0.5)
+    for _ in range(30):
+        p.observe(1, 0.030)
+        p.observe(8, 0.100)
+    assert p.predict(1) == pytest.approx(0.030, rel=0.15)
+    assert p.predict(8) == pytest.approx(0.100, rel=0.15)
+
+
+def test_worker_batches_across_queries_and_drops_late_frames():
+    model = _SleepModel(0.02, 0.002)
+    worker = ModelWorker("sleep", model, max_batch=8, capacity=64)
+    a, b = _Owner("a"), _Owner("b")
+    # Already past its deadline: dropped with reason deadline, never run.
+    late = _frame("cam1", 0)
+    assert worker.submit(WorkItem(a, late, deadline_mono=time.monotonic() - 1))
+    for i in range(1, 25):
+        owner = a if i % 2 else b
+        worker.submit(WorkItem(owner, _frame("cam1" if i % 2 else "cam2", i), time.monotonic() + 5))
+    worker.start()
+    deadline = time.monotonic() + 10
+    while len(a.done) + len(b.done) < 24 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.stop()
+    assert sorted(a.done + b.done) == list(range(1, 25))
+    assert a.dropped_reasons == [DropReason.DEADLINE]
+    assert max(model.batches) > 1          # frames of both queries/cameras shared batches
+    assert sum(model.batches) == 24
+
+
+def test_worker_stop_hands_back_queued_items_as_shutdown():
+    worker = ModelWorker("sleep", _SleepModel(0.0, 0.0), capacity=4)
+    owner = _Owner("q")
+    for i in range(4):
+        assert worker.submit(WorkItem(owner, _frame("c", i), time.monotonic() + 5))
+    assert not worker.submit(WorkItem(owner, _frame("c", 9), time.monotonic() + 5))  # full
+    worker.stop()
+    assert owner.dropped_reasons == [DropReason.SHUTDOWN] * 4
+
+
+@pytest.fixture(scope="module")
+def street(tmp_path_factory):
+    """The 'small' synthetic street (quiet, busy, quiet) and a blob detector fitted to its background."""
+    spec = PRESETS["small"]
+    folder = tmp_path_factory.mktemp("street")
+    clip = write_clip(spec, folder / "street.mp4")
+    return clip, BlobDetector(render_background(spec))
+
+
+def test_blob_model_follows_ground_truth(street):
+    """The stand-in model really sees the cars: its counts track the generated truth."""
+    from edgeva.synthetic import load_truth
+
+    clip, model = street
+    frames = read_segment(str(clip), seconds=100)
+    truth = load_truth(clip)
+    counted = [len(d) for d in model.predict(frames)]
+    objects = [len(ft.objects) for ft in truth.frames][: len(counted)]
+    assert sum(objects) > 50
+    empty = [c for c, o in zip(counted, objects) if o == 0]
+    busy = [c for c, o in zip(counted, objects) if o > 0]
+    assert np.mean(empty) < 0.2 and np.mean(busy) > 0.8
+
+
+def _run_daemon(tmp_path: Path, clip: Path, model, monkeypatch, threshold, target=0.9, max_skip=30):
+    monkeypatch.setattr("edgeva.models.build_model", lambda *a, **k: model)
+    db = tmp_path / "results.db"
+    cfg_path = tmp_path / "edgeva.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "cameras": [{"id": "street", "source": str(clip), "replay": "fast"}],
+        "queries": [{"id": "cars", "camera": "street", "model": "yolov8n", "accuracy_target": target,
+                     "task": {"type": "count", "classes": ["car"]},
+                     "filter": {"threshold": threshold, "feature": "area", "max_skip": max_skip,
+                                "audit_fraction": 0.05},
+                     "sla": {"latency_ms": 30000}}],
+        "stats": {"endpoint": f"ipc://{tmp_path}/ctl.sock"},
+        "sinks": {"sqlite": str(db), "batch": 16, "flush_s": 0.1}}))
+    daemon = Daemon(load_config(cfg_path), notifier=Notifier({}))
+    daemon.start()
+    daemon.serve(max_runtime_s=60, exit_when_sources_end=True)
+    return daemon.stats.snapshot(), db
+
+
+def test_filtered_pipeline_keeps_the_accuracy_target(street, tmp_path, monkeypatch):
+    clip, model = street
+    frames = read_segment(str(clip), seconds=100)
+    task = build_task(TaskConfig(type="count", classes=["car"]), model, "cars")
+    reference = reference_values(model, task, frames)
+    q = load_config_query(target=0.9)
+    tuned = tune_query(q, frames, reference, task.agreement, features=["area"])
+    assert tuned.best.met_target and tuned.best.skip_fraction > 0.25
+
+    snap, db = _run_daemon(tmp_path, clip, model, monkeypatch, tuned.best.threshold)
+    s = snap["queries"]["cars"]
+    n = len(frames)
+    assert s["frames_in"] == n and s["in_flight"] == 0 and s["dropped_total"] == 0
+    assert s["inferred"] + s["reused"] == n
+    assert s["reused"] >= 0.5 * tuned.best.skip_fraction * n
+    assert s["filter"]["audited"] > 0 and s["filter"]["threshold"] is not None
+
+    rows = {r["seq"]: r for r in read_results(db, "cars", limit=10 * n)}
+    assert sorted(rows) == list(range(n))          # one record per frame
+    agreement = np.mean([task.agreement(rows[i]["value"], reference[i]) for i in range(n)])
+    assert agreement >= 0.9
+    for r in rows.values():
+        if r["outcome"] == "reused":
+            assert 0 < r["age_frames"] <= 30 and r["source_seq"] == r["seq"] - r["age_frames"]
+            assert rows[r["source_seq"]]["outcome"] == "inferred"
+
+
+def test_without_a_threshold_every_frame_is_inferred(street, tmp_path, monkeypatch):
+    clip, model = street
+    snap, db = _run_daemon(tmp_path, clip, model, monkeypatch, threshold=None)
+    s = snap["queries"]["cars"]
+    assert s["inferred"] == s["frames_in"] > 0 and s["reused"] == 0
+
+
+def test_staleness_bound_forces_inference(street, tmp_path, monkeypatch):
+    clip, model = street
+    snap, db = _run_daemon(tmp_path, clip, model, monkeypatch, threshold=10.0, max_skip=4)
+    rows = list(read_results(db, "cars", limit=10_000))
+    assert max(r["age_frames"] for r in rows) <= 4
+    s = snap["queries"]["cars"]
+    assert s["inferred"] >= s["frames_in"] // 5
+
+
+def load_config_query(target: float):
+    from edgeva.config import parse_config
+
+    cfg = parse_config({"cameras": [{"id": "street", "source": "rtsp://x/y"}],
+                        "queries": [{"id": "cars", "camera": "street", "model": "yolov8n",
+                                     "task": {"type": "count", "classes": ["car"]}, "accuracy_target": target}]})
+    return cfg.queries[0]
+
+
+def test_bad_weights_name_the_query_before_any_camera_starts(tmp_path, small_clip):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    cfg_path = tmp_path / "edgeva.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "cameras": [{"id": "c", "source": str(small_clip)}],
+        "queries": [{"id": "people", "camera": "c", "model": "resnet18", "weights": str(bad),
+                     "task": {"type": "classify"}}],
+        "stats": {"endpoint": f"ipc://{tmp_path}/ctl.sock"}}))
+    daemon = Daemon(load_config(cfg_path), notifier=Notifier({}))
+    with pytest.raises(ConfigError) as err:
+        daemon.start()
+    assert err.value.path == "queries[0].weights" and "people" in err.value.reason and "bad.pt" in err.value.reason
+    assert not daemon.cameras
