@@ -152,8 +152,11 @@ class QueryConfig:
 @dataclass
 class GPUConfig:
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    memory_budget_mb: Optional[float] = None
+    memory_budget_mb: Optional[float] = None   # set: models time-share this much device memory
     max_batch: int = 8
+    # Without CUDA the budget is enforced by edgeva's own accounting and host-to-device
+    # copies are simulated at this bandwidth, so swapping behaves (and is testable) as on a GPU.
+    simulated_bandwidth_gbps: float = 12.0
 
     def validate(self, path: str) -> None:
         d = self.device
@@ -164,6 +167,7 @@ class GPUConfig:
             _positive(self.memory_budget_mb, f"{path}.memory_budget_mb")
         if self.max_batch < 1:
             raise ConfigError(f"{path}.max_batch", "must be >= 1")
+        _positive(self.simulated_bandwidth_gbps, f"{path}.simulated_bandwidth_gbps")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from edgeva import __version__
 from edgeva.config import CameraConfig, Config, ConfigError, QueryConfig, load_config
 from edgeva.control import ControlServer
 from edgeva.pipeline import CameraPipeline, QueryRuntime
-from edgeva.executor import ModelWorker
+from edgeva.executor import ModelPool, model_key
 from edgeva.query import ModelQuery, PassthroughQuery
 from edgeva.results import ResultHub
 from edgeva.stats import StatsRegistry
@@ -32,7 +32,7 @@ class Daemon:
         self.stats = StatsRegistry()
         self.hub = ResultHub()
         self.cameras: dict[str, CameraPipeline] = {}
-        self.workers: dict[str, ModelWorker] = {}
+        self.models = ModelPool()
         self.control: ControlServer | None = None
         self._config_loader = config_loader
         self._stop = threading.Event()
@@ -50,8 +50,9 @@ class Daemon:
             "config": lambda _r: self.cfg.to_dict(),
         }, max_request_bytes=self.cfg.stats.max_request_bytes)
         self.stats.sections["daemon"] = self._daemon_section
-        self.stats.sections["models"] = lambda: {k: w.stats() for k, w in self.workers.items()}
-        self._ensure_workers(self.cfg)      # a bad model or weights file fails here, before any camera
+        self.stats.sections["models"] = self.models.stats
+        self.stats.sections["memory"] = self.models.memory_stats
+        self.models.sync(self.cfg)      # a bad model or weights file fails here, before any camera
         self._open_sinks()
         self.control.start()
         for cam in self.cfg.cameras:
@@ -106,8 +107,7 @@ class Daemon:
             t.start()
         for t in stoppers:
             t.join(timeout=4.5)
-        for worker in self.workers.values():
-            worker.stop()
+        self.models.stop()
         for q in self._all_queries(pipelines):
             close = getattr(q, "close", None)
             if close is not None:
@@ -130,6 +130,8 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = self._config_loader(self.cfg.source_path)
+            self.models.build(new, {model_key(q): (i, q) for i, q in enumerate(new.queries)
+                                     if q.task.type != "passthrough"})
         except ConfigError as exc:
             self.reload_errors += 1
             log.error("reload rejected, keeping the running config: %s", exc)
@@ -152,8 +154,15 @@ class Daemon:
             for q in self.cfg.queries:
                 if q.camera in new_by_id and q.id not in {n.id for n in new.queries_for(q.camera)}:
                     self.stats.remove_query(q.id)
+            replaced = self.models.sync(new)
             self.cfg = new
-            self._ensure_workers(new)
+            for cid in new_by_id:   # cameras whose model executor was replaced restart too
+                if cid not in changed and cid not in added and any(
+                        model_key(q) in replaced for q in new.queries_for(cid) if q.task.type != "passthrough"):
+                    pipeline = self.cameras.pop(cid, None)
+                    if pipeline is not None:
+                        pipeline.stop()
+                    changed.append(cid)
             for cid in changed + added:
                 self._start_camera(new_by_id[cid], new.queries_for(cid))
             self.reloads += 1
@@ -174,44 +183,10 @@ class Daemon:
         from edgeva.filtering import QueryFilter
         from edgeva.models.tasks import build_task
 
-        worker = self.workers[model_key(q)]
+        worker = self.models.port(model_key(q))
         task = build_task(q.task, worker.model, q.id)
         query_filter = QueryFilter(q.filter, rng_seed=hash(q.id) & 0xFFFF) if q.filter.enabled else None
         return ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
-
-    def _ensure_workers(self, cfg: Config) -> None:
-        """One worker per distinct (model, weights); build what is new, stop what is unused."""
-        wanted: dict[str, QueryConfig] = {}
-        for q in cfg.queries:
-            if q.task.type != "passthrough":
-                wanted.setdefault(model_key(q), q)
-        for key in [k for k in self.workers if k not in wanted]:
-            self.workers.pop(key).stop()
-        if not wanted:
-            return  # torch and the zoo are imported only when a query needs a model
-        from edgeva.models import build_model
-        from edgeva.models.errors import ModelLoadError, TaskError
-        from edgeva.models.tasks import build_task
-
-        for key, q in wanted.items():
-            if key in self.workers:
-                continue
-            index = cfg.queries.index(q)
-            try:
-                model = build_model(q.model, q.weights, q.download, cfg.gpu.device)
-            except ModelLoadError as exc:
-                raise ConfigError(f"queries[{index}].weights" if q.weights else f"queries[{index}].model",
-                                  f"query {q.id!r}: {exc}") from None
-            capacity = sum(x.queue for x in cfg.queries if model_key(x) == key)
-            worker = ModelWorker(key, model, max_batch=cfg.gpu.max_batch, capacity=capacity)
-            worker.start()
-            self.workers[key] = worker
-        for i, q in enumerate(cfg.queries):
-            if q.task.type != "passthrough":
-                try:
-                    build_task(q.task, self.workers[model_key(q)].model, q.id)
-                except TaskError as exc:
-                    raise ConfigError(f"queries[{i}].task", str(exc)) from None
 
     def _open_sinks(self) -> None:
         from edgeva.sinks import SQLiteSink, ZmqPubSink
@@ -252,11 +227,6 @@ class Daemon:
         snap = self.stats.snapshot()
         return {q: {k: v[k] for k in ("frames_in", "inferred", "reused", "offloaded", "dropped_total")}
                 for q, v in snap["queries"].items()}
-
-
-def model_key(q: QueryConfig) -> str:
-    """Queries with the same model and weights share one loaded model and one worker."""
-    return f"{q.model}@{q.weights or 'init'}"
 
 
 def _queries_dicts(cfg: Config, camera_id: str) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 from edgeva.messages import DropReason, Frame
 
@@ -193,3 +193,134 @@ class ModelWorker:
                     item.owner.complete(item, output, finished)
                 except Exception:  # the owner buckets its own failures; a second callback would double-count
                     log.exception("query %s failed on its result", item.owner.query_id)
+
+
+class ModelPool:
+    """The workload's loaded models and how they execute.
+
+    Without a memory budget each distinct (model, weights) gets its own ModelWorker. With
+    `gpu.memory_budget_mb` they all time-share one SwapScheduler whose memory manager keeps
+    resident weights under the budget. Either way a query holds a `port(key)` with the same
+    `submit(item, wait_s)` surface.
+    """
+
+    def __init__(self) -> None:
+        self.models: dict[str, Any] = {}      # key -> ZooModel, kept across reloads
+        self.workers: dict[str, ModelWorker] = {}
+        self.scheduler: Any = None             # SwapScheduler when a budget is set
+        self._budget_signature: Any = None
+        self._last_memory_stats: Optional[dict[str, Any]] = None
+        self._stopped = False
+
+    def sync(self, cfg: Any) -> set[str]:
+        """Build what the config needs and stop what it no longer uses. Returns the keys whose
+        executor was replaced (their queries must be rebuilt). Raises ConfigError on a bad model
+        before stopping anything."""
+        wanted = {}
+        for i, q in enumerate(cfg.queries):
+            if q.task.type != "passthrough":
+                wanted.setdefault(model_key(q), (i, q))
+        if wanted:
+            self.build(cfg, wanted)
+        for key in [k for k in self.models if k not in wanted]:
+            self.models.pop(key)
+            worker = self.workers.pop(key, None)
+            if worker is not None:
+                worker.stop()
+        if not wanted:
+            self._stop_scheduler()
+            return set()
+        if cfg.gpu.memory_budget_mb is not None:
+            return self._sync_scheduler(cfg, set(wanted))
+        self._stop_scheduler()
+        replaced = set()
+        for key in wanted:
+            if key not in self.workers:
+                capacity = sum(x.queue for x in cfg.queries if model_key(x) == key)
+                worker = ModelWorker(key, self.models[key], max_batch=cfg.gpu.max_batch, capacity=capacity)
+                worker.start()
+                self.workers[key] = worker
+                replaced.add(key)
+        return replaced
+
+    def build(self, cfg: Any, wanted: dict[str, Any]) -> None:
+        """Load every model not loaded yet and check each task fits its model; nothing is stopped."""
+        from edgeva.config import ConfigError
+        from edgeva.models import build_model
+        from edgeva.models.errors import ModelLoadError, TaskError
+        from edgeva.models.tasks import build_task
+
+        for key, (i, q) in wanted.items():
+            if key not in self.models:
+                try:
+                    self.models[key] = build_model(q.model, q.weights, q.download, cfg.gpu.device)
+                except ModelLoadError as exc:
+                    raise ConfigError(f"queries[{i}].weights" if q.weights else f"queries[{i}].model",
+                                      f"query {q.id!r}: {exc}") from None
+        for i, q in enumerate(cfg.queries):
+            if q.task.type != "passthrough":
+                try:
+                    build_task(q.task, self.models[model_key(q)], q.id)
+                except TaskError as exc:
+                    raise ConfigError(f"queries[{i}].task", str(exc)) from None
+
+    def _sync_scheduler(self, cfg: Any, keys: set[str]) -> set[str]:
+        from edgeva.config import ConfigError
+        from edgeva.memory import ModelTooLargeError
+        from edgeva.scheduler import SwapOptions, SwapScheduler
+
+        signature = (frozenset(keys), cfg.gpu.memory_budget_mb, cfg.gpu.max_batch, cfg.gpu.simulated_bandwidth_gbps)
+        if self.scheduler is not None and signature == self._budget_signature:
+            return set()
+        for worker in self.workers.values():
+            worker.stop()
+        self.workers.clear()
+        self._stop_scheduler()
+        options = SwapOptions(max_batch=cfg.gpu.max_batch,
+                              bandwidth_bytes_per_s=cfg.gpu.simulated_bandwidth_gbps * 1e9,
+                              capacity=max(q.queue for q in cfg.queries if model_key(q) in keys))
+        try:
+            self.scheduler = SwapScheduler({k: self.models[k] for k in sorted(keys)},
+                                           int(cfg.gpu.memory_budget_mb * 2**20), options=options)
+        except (ModelTooLargeError, ValueError) as exc:
+            raise ConfigError("gpu.memory_budget_mb", str(exc)) from None
+        self.scheduler.start()
+        self._budget_signature = signature
+        return set(keys)
+
+    def _stop_scheduler(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self._last_memory_stats = self.scheduler.stats()   # for the final stats after a stop
+            self.scheduler = None
+            self._budget_signature = None
+
+    def port(self, key: str) -> Any:
+        return self.scheduler.port(key) if self.scheduler is not None else self.workers[key]
+
+    def stats(self) -> dict[str, Any]:
+        if self.scheduler is not None:
+            return {k: self.scheduler.port(k).stats() for k in self.models}
+        return {k: w.stats() for k, w in self.workers.items()}
+
+    def memory_stats(self) -> dict[str, Any]:
+        if self.scheduler is not None:
+            return self.scheduler.stats()
+        if self._stopped and self._last_memory_stats is not None:
+            return self._last_memory_stats
+        from edgeva.memory import unique_bytes
+
+        return {"budget_bytes": None, "resident_bytes": unique_bytes(
+            [m.module for m in self.models.values() if getattr(m, "module", None) is not None])}
+
+    def stop(self) -> None:
+        for worker in self.workers.values():
+            worker.stop()
+        self.workers.clear()
+        self._stop_scheduler()
+        self._stopped = True
+
+
+def model_key(q: Any) -> str:
+    """Queries with the same model and weights share one loaded model."""
+    return f"{q.model}@{q.weights or 'init'}"

@@ -108,9 +108,15 @@ class ModelPort:
         self.key = key
         self.model = model
 
-    def submit(self, item: WorkItem) -> bool:
-        """Queue an item; False when the model's queue is full or the scheduler stopped."""
-        return self._scheduler.submit(self.key, item)
+    def submit(self, item: WorkItem, wait_s: float = 0.0) -> bool:
+        """Queue an item, retrying up to `wait_s` while the queue is full; False when it stayed
+        full or the scheduler stopped."""
+        give_up = time.monotonic() + wait_s
+        while not self._scheduler.submit(self.key, item):
+            if self._scheduler.stopping or time.monotonic() >= give_up:
+                return False
+            time.sleep(0.005)
+        return True
 
     def stats(self) -> dict[str, Any]:
         return self._scheduler.model_stats(self.key)
@@ -163,6 +169,10 @@ class SwapScheduler:
         self._thread = threading.Thread(target=self._loop, name="swap-scheduler", daemon=True)
 
     # ------------------------------------------------------------------ public surface
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def port(self, key: str) -> ModelPort:
         return self._ports[key]
 

@@ -205,3 +205,28 @@ def test_bad_weights_name_the_query_before_any_camera_starts(tmp_path, small_cli
         daemon.start()
     assert err.value.path == "queries[0].weights" and "people" in err.value.reason and "bad.pt" in err.value.reason
     assert not daemon.cameras
+
+
+def test_tune_command_writes_thresholds_and_plots(street, tmp_path, monkeypatch):
+    from edgeva.tuning import format_tunings, plot_curves, tune_config, write_thresholds
+
+    clip, model = street
+    monkeypatch.setattr("edgeva.models.build_model", lambda *a, **k: model)
+    cfg_path = tmp_path / "edgeva.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "cameras": [{"id": "street", "source": str(clip)}],
+        "queries": [{"id": "cars", "camera": "street", "model": "yolov8n", "accuracy_target": 0.9,
+                     "task": {"type": "count", "classes": ["car"]}},
+                    {"id": "any-car", "camera": "street", "model": "yolov8n", "accuracy_target": 0.95,
+                     "task": {"type": "presence", "classes": ["car"]}}]}))
+    tunings = list(tune_config(load_config(cfg_path), seconds=100))
+    assert [t.query for t in tunings] == ["cars", "any-car"]
+    assert all(t.best.met_target and t.best.agreement >= t.best.target for t in tunings)
+    assert "cars" in format_tunings(tunings)
+    plot_curves(tunings, str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    write_thresholds(str(cfg_path), tunings)
+    cfg = load_config(cfg_path)
+    assert cfg.queries[0].filter.threshold == pytest.approx(tunings[0].best.threshold, rel=1e-4)
+    assert cfg.queries[1].filter.feature == tunings[1].best.feature
+    assert (tmp_path / "edgeva.yaml.bak").exists()
