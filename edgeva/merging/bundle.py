@@ -1,0 +1,155 @@
+"""The merged bundle: every model's tensors with each shared group stored once, plus the
+merge report. Loading rebuilds each model from its architecture (and its original weights file
+for class names and head size, when present), loads the merged tensors and re-shares the groups,
+so shared layers are the same nn.Parameter objects in every module that uses them.
+
+Daemon use: `bundle = load_bundle(path, device)`, then for a model key either take
+`bundle.models[key]` (a ready ZooModel) or `apply_bundle(built_zoo_model, bundle.modules[key])`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..models.base import ZooModel
+from .analysis import LayerRef, SharingGroup
+from .memory import resident_weight_bytes
+from .workload import ModelBuilder, default_builder
+
+BUNDLE_FORMAT = "edgeva-merged-bundle"
+BUNDLE_VERSION = 1
+
+
+class BundleError(RuntimeError):
+    pass
+
+
+@dataclass
+class ModelMeta:
+    architecture: str
+    weights: Optional[str]
+    kind: str
+
+
+@dataclass
+class SharedTensors:
+    """One shared group as stored: parameter names, the tensors, and who uses them."""
+
+    params: list[str]
+    members: list[LayerRef]
+    layer: str = ""
+
+
+@dataclass
+class MergedBundle:
+    models: dict[str, ZooModel]
+    shared: list[SharedTensors]
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        return {k: m.module for k, m in self.models.items()}
+
+    def resident_bytes(self) -> int:
+        return resident_weight_bytes(self.modules.values())
+
+
+def save_bundle(path: str | os.PathLike[str], modules: Mapping[str, nn.Module], groups: list[SharingGroup],
+                meta: Mapping[str, ModelMeta], report: Optional[dict[str, Any]] = None) -> Path:
+    shared_names: dict[str, set[str]] = {k: set() for k in modules}
+    shared_records = []
+    for g in groups:
+        names = [p.name for p in g.signature.params]
+        for ref in g.members:
+            shared_names[ref.model].update(_full(ref.path, n) for n in names)
+        anchor = modules[g.members[0].model].get_submodule(g.members[0].path)
+        shared_records.append({"params": names, "members": [[r.model, r.path] for r in g.members],
+                               "layer": g.signature.describe(),
+                               "tensors": {n: getattr(anchor, n).detach() for n in names}})
+    private = {k: {n: t for n, t in m.state_dict().items() if n not in shared_names[k]} for k, m in modules.items()}
+    data = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
+            "models": {k: asdict(meta[k]) for k in modules}, "private": private, "shared": shared_records,
+            "report": json.dumps(report or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise BundleError(f"cannot read merged bundle {path}: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path} is not an edgeva merged bundle")
+    if data.get("version") != BUNDLE_VERSION:
+        raise BundleError(f"{path}: bundle version {data.get('version')} (this edgeva reads {BUNDLE_VERSION})")
+    return data
+
+
+def install_state(modules: Mapping[str, nn.Module], data: dict[str, Any]) -> list[SharedTensors]:
+    """Load a bundle's tensors into already built modules and share its groups among them."""
+    missing = [k for k in data["models"] if k not in modules]
+    if missing:
+        raise BundleError(f"bundle models not built: {', '.join(missing)}")
+    states = {k: dict(data["private"][k]) for k in data["models"]}
+    records = []
+    for rec in data["shared"]:
+        members = [LayerRef(k, p) for k, p in rec["members"]]
+        for ref in members:
+            for name in rec["params"]:
+                states[ref.model][_full(ref.path, name)] = rec["tensors"][name]
+        records.append(SharedTensors(list(rec["params"]), members, rec.get("layer", "")))
+    for key, state in states.items():
+        try:
+            modules[key].load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise BundleError(f"bundle tensors do not fit model {key}: {str(exc).splitlines()[0]}") from None
+    for rec in records:
+        _share_record(modules, rec)
+    return records
+
+
+def load_bundle(path: str | os.PathLike[str], device: str = "cpu",
+                builder: ModelBuilder = default_builder) -> MergedBundle:
+    data = read_bundle(path)
+    models: dict[str, ZooModel] = {}
+    for key, meta in data["models"].items():
+        weights = meta["weights"]
+        if weights is not None and not Path(weights).exists():
+            raise BundleError(f"model {key}: its original weights file {weights} (needed for the architecture "
+                              f"and class names) is missing")
+        models[key] = builder(meta["architecture"], weights, False, "cpu")
+    records = install_state({k: m.module for k, m in models.items()}, data)
+    for m in models.values():
+        m.to(device)  # Module.to keeps Parameter objects, so sharing survives the move
+    return MergedBundle(models, records, json.loads(data.get("report") or "{}"))
+
+
+def apply_bundle(model: ZooModel, module: nn.Module) -> ZooModel:
+    """Make a built ZooModel run the bundle's merged module (torch wrappers keep it in `_module`)."""
+    if not model.is_torch or not hasattr(model, "_module"):
+        raise BundleError(f"{model.name}: not a torch model, a merged module cannot replace its weights")
+    model._module = module.eval().to(model.device)
+    return model
+
+
+def _share_record(modules: Mapping[str, nn.Module], rec: SharedTensors) -> None:
+    anchor = modules[rec.members[0].model].get_submodule(rec.members[0].path)
+    for ref in rec.members[1:]:
+        layer = modules[ref.model].get_submodule(ref.path)
+        for name in rec.params:
+            setattr(layer, name, getattr(anchor, name))
+
+
+def _full(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name

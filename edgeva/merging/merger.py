@@ -1,0 +1,269 @@
+"""Incremental merging (Gemel's heuristic) with label-free retraining by distillation.
+
+Each trial shares one candidate's layers, checks every affected query's agreement with its
+original on held-out frames, retrains the affected models jointly (distilling from the
+originals' cached outputs, loss weighted toward lagging queries) until all targets hold or the
+step budget ends, then accepts the trial or undoes it and backs off.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from ..models.tasks import Task, build_task
+from .analysis import Analysis, SharingGroup, analyse_modules
+from .bundle import ModelMeta, install_state, read_bundle, save_bundle
+from .distill import DistillAdapter, TeacherCache, adapter_for
+from .memory import MemoryMeasurement, cuda_loaded_bytes, resident_weight_bytes
+from .planner import Candidate, back_off, plan_candidates
+from .sharing import Snapshot, share_group, sharing_closure
+from .workload import Workload
+
+CHECKPOINT_BUNDLE = "checkpoint.pt"
+PROGRESS_FILE = "progress.json"
+Progress = Callable[[str], None]
+
+
+@dataclass
+class MergeSettings:
+    train_steps: int = 60            # most optimiser steps per trial
+    eval_every: int = 10             # steps between agreement checks (training stops once all targets hold)
+    batch_size: int = 16
+    lr: float = 3e-4
+    lag_floor: float = 0.05          # epsilon in the loss weight max(0, target - agreement) + epsilon
+    max_layers_per_step: int = 8
+    time_budget_s: Optional[float] = None
+    max_trials: Optional[int] = None
+    seed: int = 0
+
+
+@dataclass
+class Attempt:
+    index: int
+    origin: str
+    layer: str
+    models: list[str]
+    group_ids: list[str]
+    bytes_saved: int
+    agreement_shared: dict[str, float]      # right after sharing, before retraining
+    agreement_final: dict[str, float]
+    train_steps: int
+    seconds: float
+    outcome: str                            # accepted | backed off: ... | skipped | aborted (time budget)
+    failing_queries: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MergeState:
+    accepted: list[SharingGroup]
+    queue: deque
+    attempts: list[Attempt]
+    agreement: dict[str, float]
+    elapsed_s: float = 0.0
+
+
+class IncrementalMerger:
+    def __init__(self, workload: Workload, settings: MergeSettings, out_dir: Optional[Path] = None,
+                 progress: Optional[Progress] = None) -> None:
+        self.workload = workload
+        self.settings = settings
+        self.out_dir = out_dir
+        self.progress = progress or (lambda _msg: None)
+        self.modules = workload.modules
+        self.device = next(iter(workload.models.values())).device
+        self.original_bytes = resident_weight_bytes(self.modules.values())
+        self.analysis: Analysis = analyse_modules(self.modules, workload.architectures)
+        self.tasks: dict[str, Task] = {q.query_id: build_task(q.task, workload.models[q.model_key], q.query_id)
+                                       for q in workload.queries}
+        self.targets = {q.query_id: q.target for q in workload.queries}
+        self.references = {q.query_id: self._values(q.model_key, q.camera, q.query_id) for q in workload.queries}
+        self.adapters: dict[str, Optional[DistillAdapter]] = {k: adapter_for(m) for k, m in workload.models.items()}
+        self.teachers: dict[str, TeacherCache] = {}
+        for key, adapter in self.adapters.items():
+            frames = workload.train_frames_of(key)
+            if adapter is not None and frames:
+                self.teachers[key] = TeacherCache.build(adapter, self.modules[key], frames, self.device)
+
+    # ------------------------------------------------------------------ run
+    def initial_state(self) -> MergeState:
+        plan = plan_candidates(self.analysis.groups, self.settings.max_layers_per_step)
+        return MergeState([], deque(plan), [], {q: 1.0 for q in self.targets})
+
+    def run(self, state: Optional[MergeState] = None) -> MergeState:
+        state = state or self.initial_state()
+        started = time.monotonic() - state.elapsed_s
+        deadline = None if self.settings.time_budget_s is None else started + self.settings.time_budget_s
+        self.stopped_reason = "plan exhausted"
+        trials = 0
+        while state.queue:
+            if deadline is not None and time.monotonic() >= deadline:
+                self.stopped_reason = "time budget reached"
+                break
+            if self.settings.max_trials is not None and trials >= self.settings.max_trials:
+                self.stopped_reason = "trial limit reached"
+                break
+            candidate = state.queue.popleft()
+            trials += 1
+            attempt = self._try(candidate, state, len(state.attempts), deadline)
+            state.attempts.append(attempt)
+            if attempt.outcome == "accepted":
+                state.accepted.extend(candidate.groups)
+                state.agreement.update(attempt.agreement_final)
+            elif attempt.outcome.startswith("aborted"):
+                state.queue.appendleft(candidate)
+                self.stopped_reason = "time budget reached"
+            else:
+                failing_models = {self._query(q).model_key for q in attempt.failing_queries}
+                follow_ups = back_off(candidate, failing_models)
+                attempt.outcome = ("backed off: " + ", ".join(c.origin for c in follow_ups)) if follow_ups else "skipped"
+                state.queue.extendleft(reversed(follow_ups))
+            state.elapsed_s = time.monotonic() - started
+            self.progress(self._progress_line(attempt, state))
+            self._checkpoint(state, bundle=attempt.outcome == "accepted")
+            if self.stopped_reason == "time budget reached":
+                break
+        state.elapsed_s = time.monotonic() - started
+        return state
+
+    # --------------------------------------------------------------- trial
+    def _try(self, candidate: Candidate, state: MergeState, index: int, deadline: Optional[float]) -> Attempt:
+        t0 = time.monotonic()
+        affected = sharing_closure([*state.accepted, *candidate.groups], candidate.models)
+        snapshot = Snapshot.take(self.modules, affected)
+        for g in candidate.groups:
+            share_group(self.modules, g)
+        shared = self._agreements(affected)
+        final, steps, aborted = dict(shared), 0, False
+        if not self._all_met(final):
+            if all(k in self.teachers for k in affected):
+                final, steps, aborted = self._retrain(affected, final, deadline, seed=self.settings.seed + index)
+        failing = [q for q, a in final.items() if a < self.targets[q]]
+        if aborted or failing:
+            snapshot.restore(self.modules, candidate.groups)
+        outcome = "aborted (time budget)" if aborted else ("accepted" if not failing else "failed")
+        return Attempt(index, candidate.origin, candidate.describe(), list(candidate.models),
+                       [g.group_id for g in candidate.groups], candidate.bytes_saved, shared, final, steps,
+                       round(time.monotonic() - t0, 2), outcome, failing)
+
+    def _retrain(self, affected: set[str], agreement: dict[str, float], deadline: Optional[float], seed: int
+                 ) -> tuple[dict[str, float], int, bool]:
+        s = self.settings
+        keys = sorted(affected)
+        params = {id(p): p for k in keys for p in self.modules[k].parameters() if p.requires_grad}
+        optimiser = torch.optim.Adam(params.values(), lr=s.lr)
+        generator = torch.Generator().manual_seed(seed)
+        weights = self._lag_weights(keys, agreement)
+        for step in range(1, s.train_steps + 1):
+            if deadline is not None and time.monotonic() >= deadline:
+                return agreement, step - 1, True
+            optimiser.zero_grad(set_to_none=True)
+            for key in keys:
+                cache, adapter = self.teachers[key], self.adapters[key]
+                idx = torch.randint(len(cache.inputs), (min(s.batch_size, len(cache.inputs)),), generator=generator)
+                out = adapter.outputs(self.modules[key], cache.inputs[idx].to(self.device))
+                (weights[key] * adapter.loss(out, cache.targets[idx].to(self.device))).backward()
+            optimiser.step()
+            if step % s.eval_every == 0 or step == s.train_steps:
+                agreement = self._agreements(affected)
+                if self._all_met(agreement):
+                    return agreement, step, False
+                weights = self._lag_weights(keys, agreement)
+        return agreement, s.train_steps, False
+
+    def _lag_weights(self, keys: list[str], agreement: dict[str, float]) -> dict[str, float]:
+        raw = {k: sum(max(0.0, self.targets[q.query_id] - agreement.get(q.query_id, 1.0)) + self.settings.lag_floor
+                      for q in self.workload.queries_of(k)) for k in keys}
+        mean = sum(raw.values()) / max(1, len(raw))
+        return {k: v / mean for k, v in raw.items()}
+
+    # ----------------------------------------------------------- measuring
+    def _values(self, key: str, camera: str, query_id: str) -> list[Any]:
+        frames = self.workload.frames[camera].heldout
+        task = self.tasks[query_id]
+        values: list[Any] = []
+        for i in range(0, len(frames), 16):
+            values.extend(task.value(o) for o in self.workload.models[key].predict(frames[i:i + 16]))
+        return values
+
+    def _agreements(self, models: set[str]) -> dict[str, float]:
+        out = {}
+        for q in self.workload.queries:
+            if q.model_key in models:
+                values = self._values(q.model_key, q.camera, q.query_id)
+                task = self.tasks[q.query_id]
+                out[q.query_id] = float(np.mean([task.agreement(a, b) for a, b in zip(values, self.references[q.query_id])]))
+        return out
+
+    def agreements(self) -> dict[str, float]:
+        return self._agreements(set(self.workload.models))
+
+    def _all_met(self, agreement: dict[str, float]) -> bool:
+        return all(a >= self.targets[q] for q, a in agreement.items())
+
+    def _query(self, query_id: str):
+        return next(q for q in self.workload.queries if q.query_id == query_id)
+
+    def memory(self) -> MemoryMeasurement:
+        return MemoryMeasurement("storages", self.original_bytes, resident_weight_bytes(self.modules.values()))
+
+    def cuda_memory(self) -> Optional[MemoryMeasurement]:
+        """Measured on CUDA: allocation of the modules copied one by one (sharing broken, the
+        unmerged layout) vs copied together (sharing kept). None without CUDA."""
+        if not torch.cuda.is_available():
+            return None
+        import copy
+
+        before = cuda_loaded_bytes(lambda: [copy.deepcopy(m).to("cuda") for m in self.modules.values()])
+        after = cuda_loaded_bytes(lambda: [m.to("cuda") for m in copy.deepcopy(list(self.modules.values()))])
+        return MemoryMeasurement("cuda.memory_allocated", int(before or 0), int(after or 0))
+
+    def _progress_line(self, a: Attempt, state: MergeState) -> str:
+        saved = sum(g.bytes_saved for g in state.accepted)
+        worst = min(a.agreement_final.values()) if a.agreement_final else 1.0
+        return (f"[{a.index + 1} tried, {len(state.queue)} queued] {a.layer}: {a.outcome} "
+                f"(min agreement {worst:.3f}, {a.train_steps} steps, {a.seconds:.1f}s; "
+                f"saved so far {saved / 2**20:.2f} MiB, {state.elapsed_s:.0f}s)")
+
+    # -------------------------------------------------------- checkpoints
+    def meta(self) -> dict[str, ModelMeta]:
+        return {k: ModelMeta(self.workload.architectures.get(k, m.name), self.workload.weights.get(k, m.weights), m.kind)
+                for k, m in self.workload.models.items()}
+
+    def _checkpoint(self, state: MergeState, bundle: bool) -> None:
+        if self.out_dir is None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if bundle:
+            save_bundle(self.out_dir / CHECKPOINT_BUNDLE, self.modules, state.accepted, self.meta())
+        progress = {"accepted": [[g.group_id, list(g.models)] for g in state.accepted],
+                    "queue": [c.to_json() for c in state.queue], "attempts": [asdict(a) for a in state.attempts],
+                    "agreement": state.agreement, "elapsed_s": state.elapsed_s,
+                    "workload": self.fingerprint()}
+        tmp = self.out_dir / (PROGRESS_FILE + ".tmp")
+        tmp.write_text(json.dumps(progress, indent=1))
+        tmp.replace(self.out_dir / PROGRESS_FILE)
+
+    def fingerprint(self) -> str:
+        return ",".join(f"{g.group_id}" for g in self.analysis.groups[:50]) + f"|{len(self.analysis.groups)}"
+
+    def resume(self) -> MergeState:
+        """State saved in out_dir; the accepted groups' tensors come back from the checkpoint bundle."""
+        if self.out_dir is None or not (self.out_dir / PROGRESS_FILE).exists():
+            raise FileNotFoundError(f"no merge progress to resume in {self.out_dir}")
+        progress = json.loads((self.out_dir / PROGRESS_FILE).read_text())
+        if progress["workload"] != self.fingerprint():
+            raise ValueError(f"{self.out_dir} holds progress of a different workload; start without --resume")
+        by_id = self.analysis.by_id()
+        accepted = [by_id[gid].restricted_to(tuple(models)) for gid, models in progress["accepted"]]
+        if accepted:
+            install_state(self.modules, read_bundle(self.out_dir / CHECKPOINT_BUNDLE))
+        queue = deque(Candidate.from_json(c, by_id) for c in progress["queue"])
+        attempts = [Attempt(**a) for a in progress["attempts"]]
+        return MergeState(accepted, queue, attempts, dict(progress["agreement"]), float(progress["elapsed_s"]))

@@ -1,0 +1,302 @@
+"""Gemel-style merging: analysis, measured memory, incremental merge with back-off, bundles, CLI.
+
+Models are tiny CNNs trained (deterministically, on generated frames) toward different
+synthetic targets, so their outputs are distinct and non-degenerate before merging.
+"""
+from __future__ import annotations
+
+import json
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from edgeva.config import TaskConfig
+from edgeva.merging import (IncrementalMerger, MergeSettings, QuerySpec, Workload, analyse_modules,
+                            build_report, load_bundle, resident_weight_bytes, save_bundle)
+from edgeva.merging.planner import Candidate
+from edgeva.merging.sharing import is_shared
+from edgeva.merging.workload import CameraFrames
+from edgeva.models.torchvision_zoo import TorchvisionClassifier
+
+SIZE = 48
+LABELS = ["0", "1", "2", "3"]
+
+
+class TinyNet(nn.Module):
+    def __init__(self, width: int = 8, hidden: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4))
+        self.hidden = nn.Linear(2 * width * 16, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(self.features(x).flatten(1))))
+
+
+def make_frames(n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        img = np.full((SIZE, SIZE, 3), rng.integers(20, 120, 3), np.uint8)
+        for _ in range(3):
+            x, y = rng.integers(0, SIZE - 8, 2)
+            w, h = rng.integers(8, SIZE // 2, 2)
+            img[y:y + h, x:x + w] = rng.integers(0, 256, 3)
+        frames.append(img)
+    return frames
+
+
+def brightest_quadrant(img: np.ndarray) -> int:
+    h = SIZE // 2
+    means = [img[:h, :h].mean(), img[:h, h:].mean(), img[h:, :h].mean(), img[h:, h:].mean()]
+    return int(np.argmax(means))
+
+
+def dominant_channel(img: np.ndarray) -> int:
+    m = img.reshape(-1, 3).mean(0)
+    return 3 if m.max() - m.min() < 15 else int(np.argmax(m))
+
+
+TARGETS = {"quadrant": brightest_quadrant, "opposite": lambda img: 3 - brightest_quadrant(img),
+           "channel": dominant_channel}
+
+
+def wrap(module: nn.Module) -> TorchvisionClassifier:
+    return TorchvisionClassifier("tinynet", module, LABELS, SIZE, None, torch.device("cpu"))
+
+
+def trained_model(target: str, seed: int, frames: list[np.ndarray], steps: int = 150) -> TorchvisionClassifier:
+    from edgeva.models.preprocess import resize_normalise
+
+    torch.manual_seed(seed)
+    net = TinyNet()
+    x = resize_normalise(frames, SIZE)
+    y = torch.tensor([TARGETS[target](f) for f in frames])
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    for _ in range(steps):
+        idx = torch.randint(len(x), (32,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+        opt.step()
+    return wrap(net.eval())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on busy shared cores: one intra-op thread is an order of magnitude faster."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def camera() -> CameraFrames:
+    return CameraFrames(train=make_frames(96, seed=1), heldout=make_frames(48, seed=2))
+
+
+@pytest.fixture(scope="module")
+def specialised(camera) -> dict[str, TorchvisionClassifier]:
+    train = make_frames(384, seed=0)
+    return {"tiny@quadrant": trained_model("quadrant", 1, train),
+            "tiny@quadrant2": trained_model("quadrant", 2, train),
+            "tiny@opposite": trained_model("opposite", 3, train),
+            "tiny@channel": trained_model("channel", 4, train)}
+
+
+def copy_model(model: TorchvisionClassifier) -> TorchvisionClassifier:
+    net = TinyNet()
+    net.load_state_dict(model.module.state_dict())
+    return wrap(net.eval())
+
+
+def workload(models: dict[str, TorchvisionClassifier], targets: dict[str, float], camera: CameraFrames) -> Workload:
+    fresh = {k: copy_model(models[k]) for k in targets}
+    queries = [QuerySpec(f"q-{k.split('@')[1]}", k, "cam", TaskConfig(type="classify"), t) for k, t in targets.items()]
+    return Workload(fresh, queries, {"cam": camera}, {k: "tinynet" for k in targets})
+
+
+def labels(model, frames) -> list[int]:
+    return [o.top1 for o in model.predict(frames)]
+
+
+# ------------------------------------------------------------------------- analysis
+
+def test_models_differ_and_are_not_degenerate(specialised, camera):
+    preds = {k: labels(m, camera.heldout) for k, m in specialised.items()}
+    for k, p in preds.items():
+        assert len(set(p)) >= 3, f"{k} predicts almost one class: {set(p)}"
+    a, b = np.array(preds["tiny@quadrant"]), np.array(preds["tiny@opposite"])
+    assert (a == b).mean() < 0.3
+    assert (np.array(preds["tiny@quadrant"]) == np.array(preds["tiny@channel"])).mean() < 0.6
+    truth = np.array([brightest_quadrant(f) for f in camera.heldout])
+    assert (a == truth).mean() > 0.6, "the quadrant model did not learn its target"
+
+
+def test_analysis_same_architecture_groups_every_conv_and_linear(specialised):
+    modules = {k: specialised[k].module for k in ("tiny@quadrant", "tiny@channel")}
+    analysis = analyse_modules(modules)
+    kinds = sorted(g.signature.kind for g in analysis.groups)
+    assert kinds == ["Conv2d"] * 3 + ["Linear"] * 2
+    assert all(len(g.members) == 2 for g in analysis.groups)
+    # BatchNorm: identical shapes but per-model running statistics, reported and kept private.
+    assert sorted(g.signature.kind for g in analysis.private_groups) == ["BatchNorm2d", "BatchNorm2d"]
+    shareable = sum(p.numel() * 4 for n, p in modules["tiny@quadrant"].named_parameters() if not n.startswith("features.1")
+                    and not n.startswith("features.5"))
+    assert analysis.total_bytes_saved == shareable
+    assert [g.bytes_saved for g in analysis.groups] == sorted((g.bytes_saved for g in analysis.groups), reverse=True)
+    data = analysis.to_json()
+    assert data["total_bytes_saved"] == shareable and len(data["groups"]) == 5
+
+
+def test_signature_distinguishes_hyperparameters():
+    from edgeva.merging import layer_signature
+
+    base = layer_signature(nn.Conv2d(8, 8, 3, padding=1))
+    assert base == layer_signature(nn.Conv2d(8, 8, 3, padding=1))
+    for other in (nn.Conv2d(8, 8, 3, padding=1, stride=2), nn.Conv2d(8, 8, 3, padding=2, dilation=2),
+                  nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 8, 3, padding=1, bias=False)):
+        assert layer_signature(other) != base
+    assert layer_signature(nn.ReLU()) is None
+
+
+def _meta_modules(*names: str) -> dict[str, nn.Module]:
+    with torch.device("meta"):
+        return {f"{n}@init": torchvision.models.get_model(n, weights=None) for n in names}
+
+
+def test_analysis_finds_cross_family_groups():
+    resnets = analyse_modules(_meta_modules("resnet18", "resnet50"), {"resnet18@init": "resnet18", "resnet50@init": "resnet50"})
+    layers = {g.signature.describe() for g in resnets.groups}
+    assert "Conv2d(3->64, 7x7, s2, p3, bias=False)" in layers      # the stem
+    assert "Conv2d(64->64, 3x3, p1, bias=False)" in layers
+    assert all(resnets.is_cross_family(g) for g in resnets.groups)
+    stem = next(g for g in resnets.groups if g.signature.describe().startswith("Conv2d(3->64"))
+    assert {m.path for m in stem.members} == {"conv1"}
+
+    vgg_alex = analyse_modules(_meta_modules("vgg16", "alexnet"))
+    by_layer = {g.signature.describe(): g for g in vgg_alex.groups}
+    assert by_layer["Linear(4096->4096, bias=True)"].bytes_saved == (4096 * 4096 + 4096) * 4
+    assert "Linear(4096->1000, bias=True)" in by_layer
+    assert "Conv2d(256->256, 3x3, p1, bias=True)" in by_layer       # vgg features.12/14 vs alexnet features.10
+    assert not any("9216" in d or "25088" in d for d in by_layer)   # first FC layers differ in input size
+    assert vgg_alex.groups[0].signature.describe() == "Linear(4096->4096, bias=True)"
+
+
+# ------------------------------------------------------------------------ merging
+
+def test_shared_layers_drop_measured_memory_by_analysed_bytes(specialised, camera):
+    wl = workload(specialised, {"tiny@quadrant": 0.0, "tiny@channel": 0.0, "tiny@opposite": 0.0}, camera)
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=0))
+    before = resident_weight_bytes(wl.modules.values())
+    state = merger.run()
+    assert len(state.accepted) == len(merger.analysis.groups)        # targets of 0: everything merges
+    after = resident_weight_bytes(wl.modules.values())
+    assert before - after == merger.analysis.total_bytes_saved == merger.memory().bytes_saved
+    for g in state.accepted:
+        assert is_shared(wl.modules, g)
+
+
+@pytest.fixture(scope="module")
+def merged(specialised, camera, tmp_path_factory):
+    targets = {"tiny@quadrant": 0.8, "tiny@quadrant2": 0.8, "tiny@channel": 0.8}
+    wl = workload(specialised, targets, camera)
+    out = tmp_path_factory.mktemp("merge")
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=40, eval_every=10, lr=1e-3, seed=0), out_dir=out)
+    state = merger.run()
+    return wl, merger, state, out
+
+
+def test_incremental_merge_meets_every_target_and_saves_measured_bytes(merged):
+    wl, merger, state, out = merged
+    assert state.accepted, [a.outcome for a in state.attempts]
+    assert any(a.train_steps > 0 and a.outcome == "accepted" for a in state.attempts), "nothing needed retraining"
+    final = merger.agreements()
+    for q in wl.queries:
+        assert final[q.query_id] >= q.target, (q.query_id, final)
+    mem = merger.memory()
+    assert mem.bytes_saved == sum(g.bytes_saved for g in state.accepted) > 0
+    report = build_report(merger, state, setup_s=0.0)
+    assert report["memory"]["bytes_saved"] == report["analysed_bytes_saved"]
+    assert all(q["met"] for q in report["queries"].values())
+    assert (out / "progress.json").exists() and (out / "checkpoint.pt").exists()
+
+
+def test_unreachable_target_is_backed_off_and_reported(specialised, camera):
+    targets = {"tiny@quadrant": 0.9, "tiny@quadrant2": 0.9, "tiny@opposite": 1.0}
+    wl = workload(specialised, targets, camera)
+    before = {k: m.module.head.weight.detach().clone() for k, m in wl.models.items()}
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=20, eval_every=10, seed=0))
+    head = next(g for g in merger.analysis.groups if g.members[0].path == "head")
+    state = merger.initial_state()
+    state.queue = deque([Candidate([head])])                          # only the final classifier
+    state = merger.run(state)
+    first = state.attempts[0]
+    assert first.outcome != "accepted"
+    assert "q-opposite" in first.failing_queries
+    assert first.outcome.startswith("backed off") or first.outcome == "skipped"
+    assert all("tiny@opposite" not in g.models for g in state.accepted)
+    assert torch.equal(wl.models["tiny@opposite"].module.head.weight, before["tiny@opposite"])  # rolled back
+    assert merger.memory().bytes_saved == sum(g.bytes_saved for g in state.accepted)
+    final = merger.agreements()
+    assert all(final[q.query_id] >= q.target for q in wl.queries)
+    text = __import__("edgeva.merging.report", fromlist=["format_report"]).format_report(build_report(merger, state, 0.0))
+    assert "q-opposite" in text and ("backed off" in text or "skipped" in text)
+
+
+def test_bundle_round_trip_keeps_sharing_and_outputs(merged, tmp_path, camera):
+    wl, merger, state, _ = merged
+    path = save_bundle(tmp_path / "b.pt", merger.modules, state.accepted, merger.meta(), {"note": "x"})
+    bundle = load_bundle(path, builder=lambda name, weights, download, device: wrap(TinyNet().eval()))
+    assert bundle.report == {"note": "x"}
+    assert bundle.resident_bytes() == resident_weight_bytes(merger.modules.values())
+    for g in state.accepted:
+        layers = [bundle.modules[m.model].get_submodule(m.path) for m in g.members]
+        assert len({layer.weight.data_ptr() for layer in layers}) == 1
+        assert all(layer.weight is layers[0].weight for layer in layers)
+    for key, model in wl.models.items():
+        a = np.stack([o.probs for o in model.predict(camera.heldout[:8])])
+        b = np.stack([o.probs for o in bundle.models[key].predict(camera.heldout[:8])])
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_analyze_merge_resume_and_load(tmp_path):
+    from edgeva.merging import merge_main
+    from edgeva.models import build_model
+    from edgeva.synthetic import SceneSpec, write_clip
+
+    video = write_clip(SceneSpec(width=96, height=64, seconds=3, fps=8, seed=3), tmp_path / "street.mp4")
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        torch.save(build_model("mobilenet_v3_small").module.state_dict(), tmp_path / f"m{seed}.pt")
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text(f"""
+cameras: [{{id: street, source: {video.name}}}]
+queries:
+  - {{id: a, camera: street, model: mobilenet_v3_small, weights: m0.pt, task: {{type: classify}}, accuracy_target: 0.5}}
+  - {{id: b, camera: street, model: mobilenet_v3_small, weights: m1.pt, task: {{type: classify}}, accuracy_target: 0.5}}
+""")
+    assert merge_main(["--analyze", str(cfg), "--json"]) == 0
+    out = tmp_path / "out"
+    common = [str(cfg), "--out", str(out), "--frames", "12", "--input-size", "64", "--steps", "4", "--eval-every", "2",
+              "--batch", "4"]
+    assert merge_main([*common, "--max-trials", "1"]) == 0
+    assert len(json.loads((out / "progress.json").read_text())["attempts"]) == 1
+    assert merge_main([*common, "--max-trials", "1", "--resume"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["attempts"]) == 2
+    assert report["memory"]["bytes_saved"] == report["analysed_bytes_saved"]
+    bundle = load_bundle(out / "bundle.pt")
+    assert len(bundle.models) == 2
+    assert bundle.resident_bytes() == report["memory"]["bytes_after"]
