@@ -308,6 +308,8 @@ class ModelPool:
             return self.scheduler.stats()
         if self._stopped and self._last_memory_stats is not None:
             return self._last_memory_stats
+        if not self.models:
+            return {"budget_bytes": None, "resident_bytes": 0}
         from edgeva.memory import unique_bytes
 
         return {"budget_bytes": None, "resident_bytes": unique_bytes(
