@@ -3,9 +3,9 @@
 
     .venv/bin/python tools/bench_planner.py [--sizes 4 8 16 32 50 100 200] [--seeds 3] [--time-limit 30]
 
-Instances are edgeva.placement.synthetic.random_hierarchy trees (5 split points, 3 models,
-nodes = queries/4 clamped to 3..20, moderate tightness); infeasible draws are skipped
-and redrawn. Gap = heuristic / exact - 1, over instances the MILP solved to optimality.
+Instances are edgeva.placement.synthetic.tiered_hierarchy trees (cloud, 2 regionals,
+4 edge servers, queries/2 cameras; 5 split points, 3 models, tightness 0.8-1.6);
+infeasible draws are skipped and redrawn. Gap = heuristic / exact - 1, over instances the MILP solved to optimality.
 Baseline ratios = baseline latency / best plan latency (median over the seeds where the
 baseline is feasible; "inf n/s" counts seeds where it is not).
 """
@@ -25,20 +25,19 @@ from edgeva.placement import InfeasiblePlanError, baseline_objectives  # noqa: E
 from edgeva.placement.heuristic import solve_heuristic  # noqa: E402
 from edgeva.placement.milp import solve_milp  # noqa: E402
 from edgeva.placement.solve import option_count  # noqa: E402
-from edgeva.placement.synthetic import random_hierarchy  # noqa: E402
+from edgeva.placement.synthetic import tiered_hierarchy  # noqa: E402
 
 
 def feasible_instance(rng: np.random.Generator, n_queries: int):
-    n_nodes = int(min(20, max(3, n_queries // 4)))
     for _ in range(50):
-        h = random_hierarchy(rng, n_nodes, n_queries, n_split_points=5, n_models=3,
-                             tightness=float(rng.uniform(0.8, 1.6)))
+        h = tiered_hierarchy(rng, n_queries, n_split_points=5, n_models=3, tightness=float(rng.uniform(0.8, 1.6)))
         try:
-            exact = solve_milp(h, time_limit_s=ARGS.time_limit)
+            exact = solve_milp(h, time_limit_s=ARGS.time_limit, diagnose=False)
         except InfeasiblePlanError:
             continue
         if exact.choices is not None:
             return h, exact
+        # time limit without any solution: draw another
     raise RuntimeError(f"no feasible instance with {n_queries} queries")
 
 

@@ -149,12 +149,14 @@ def _best_option(state: _State, q: int, extra_cost: Optional[np.ndarray] = None)
     return int(sl.start + np.argmin(score))
 
 
-def _one_moves(state: _State) -> bool:
+def _one_moves(state: _State, deadline: float) -> bool:
     improved_any = False
     for _ in range(50):
         improved = False
         before = state.score()
         for q in range(state.inst.n_queries):
+            if time.perf_counter() > deadline and state.overflow() == 0:
+                return improved_any or improved
             old = state.remove(q)
             new = _best_option(state, q)
             state.add(q, new)
@@ -252,6 +254,8 @@ def _pair_repair(state: _State, deadline: float, max_users: int = 12) -> bool:
     mem_blocked = np.flatnonzero(state.mem > 1 + TOL)
     users = _users_of(state, blocked, mem_blocked, exclude=-1)[:max_users]
     others = list(range(state.inst.n_queries))
+    if len(others) > 40:    # bound the pair neighbourhood on big instances
+        others = [int(q) for q in np.random.default_rng(len(users)).choice(others, 40, replace=False)]
     for a in users:
         for b in others:
             if a == b or time.perf_counter() > deadline:
@@ -308,7 +312,7 @@ def _evict_repair(state: _State, deadline: float) -> bool:
 
 def _polish(state: _State, deadline: float) -> _State:
     for _ in range(20):
-        a = _one_moves(state)
+        a = _one_moves(state, deadline)
         a |= _evict_repair(state, deadline)
         a |= _pair_repair(state, deadline)
         b = _two_moves(state, deadline)
@@ -334,7 +338,7 @@ def _naive_state(inst: _Instance, where: str) -> _State:
     return state
 
 
-def solve_heuristic(h: Hierarchy, iterations: int = 8, time_budget_s: float = 5.0,
+def solve_heuristic(h: Hierarchy, iterations: int = 8, time_budget_s: float = 3.0,
                     seed: int = 0) -> HeuristicResult:
     t0 = time.perf_counter()
     deadline = t0 + time_budget_s

@@ -112,8 +112,10 @@ def _matrix(rows: _Rows, n_cols: int):
     return coo_matrix((rows.vals, (rows.rows, rows.cols)), shape=(len(rows.lb), n_cols)).tocsr()
 
 
-def solve_milp(h: Hierarchy, time_limit_s: float = 60.0, mip_rel_gap: float = 1e-9) -> MilpResult:
-    """Optimal choices, or raise ``InfeasiblePlanError`` naming the overloaded resources."""
+def solve_milp(h: Hierarchy, time_limit_s: float = 60.0, mip_rel_gap: float = 1e-9,
+               diagnose: bool = True) -> MilpResult:
+    """Optimal choices, or raise ``InfeasiblePlanError`` naming the overloaded resources
+    (found by a second, elastic MILP unless ``diagnose`` is False)."""
     t0 = time.perf_counter()
     options = [options_for(h, q) for q in h.queries]
     m = _build(h, options)
@@ -126,7 +128,8 @@ def solve_milp(h: Hierarchy, time_limit_s: float = 60.0, mip_rel_gap: float = 1e
     )
     elapsed = time.perf_counter() - t0
     if res.status == 2:
-        raise InfeasiblePlanError(diagnose_infeasible(h, m, time_limit_s))
+        raise InfeasiblePlanError(diagnose_infeasible(h, m, time_limit_s) if diagnose else [],
+                                  "" if diagnose else "MILP proved infeasibility (diagnosis skipped)")
     if res.x is None:
         return MilpResult(None, False, float("inf"), elapsed, m.n_vars, None)
     choices = [opts[int(np.argmax(res.x[idx]))].choice for opts, idx in zip(m.options, m.x_index)]

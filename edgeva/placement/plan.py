@@ -86,7 +86,7 @@ class Plan:
                 lat.activation_transfer_ms, lat.tail_compute_ms, lat.rtt_ms))
         nodes = {
             n: NodeUsage(ev.compute_util[n], node.max_util, ev.memory_bytes[n] / 1e6, node.memory_bytes / 1e6,
-                         [f"{key}[{seg}]" for key, seg in ev.resident[n]], qe.node_wait_ms[n])
+                         _compact_segments(ev.resident[n]), qe.node_wait_ms[n])
             for n, node in h.nodes.items()
         }
         links = {
@@ -175,3 +175,20 @@ class Plan:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         return cls.from_dict(data)
+
+
+def _compact_segments(resident: list[tuple[str, int]]) -> list[str]:
+    """[("m", 0), ("m", 1), ("m", 2)] -> ["m[0-2]"] (segments between split points)."""
+    by_model: dict[str, list[int]] = {}
+    for key, seg in resident:
+        by_model.setdefault(key, []).append(seg)
+    out = []
+    for key, segs in by_model.items():
+        segs.sort()
+        runs, start = [], segs[0]
+        for a, b in zip(segs, segs[1:] + [None]):
+            if b != a + 1:
+                runs.append(f"{start}" if start == a else f"{start}-{a}")
+                start = b
+        out.append(f"{key}[{','.join(runs)}]")
+    return out

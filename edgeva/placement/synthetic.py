@@ -46,3 +46,37 @@ def random_hierarchy(rng: np.random.Generator, n_nodes: int, n_queries: int, n_s
     queries = [Query(f"q{i}", names[int(rng.integers(0, n_nodes))], f"m{int(rng.integers(0, n_models))}",
                      float(rng.uniform(1, 15)), int(rng.uniform(2e4, 2e5))) for i in range(n_queries)]
     return Hierarchy(nodes, links, models, queries, "synthetic")
+
+
+def tiered_hierarchy(rng: np.random.Generator, n_queries: int, n_split_points: int = 5, n_models: int = 3,
+                     tightness: float = 1.0) -> Hierarchy:
+    """cloud -> 2 regionals -> 2 edge servers each -> cameras (2 queries per camera on average).
+    Edge and regional capacity is sized for the load below them, divided by ``tightness``."""
+    n_cameras = max(2, n_queries // 2)
+    per_edge = n_queries / 4
+    nodes: dict[str, Node] = {"cloud": Node("cloud", 100_000 * MB, 20.0 * max(1.0, per_edge / 4), 0.8, "cloud")}
+    links: dict[str, Link] = {}
+
+    def add(node: Node, parent: str, mbps: float, rtt: float) -> None:
+        nodes[node.id] = node
+        links[node.id] = Link(node.id, parent, mbps, rtt)
+
+    for r in range(2):
+        add(Node(f"reg{r}", int(8000 * MB), float(rng.uniform(2, 4)) * per_edge / tightness, 0.8, "regional"),
+            "cloud", 1000.0 * max(1.0, per_edge / 8) / tightness, float(rng.uniform(25, 45)))
+        for e in range(2):
+            add(Node(f"edge{r}{e}", int(rng.uniform(100, 400) * MB / tightness),
+                     float(rng.uniform(0.5, 1.5)) * per_edge / tightness, 0.7, "edge"),
+                f"reg{r}", float(rng.uniform(100, 400)) * max(1.0, per_edge / 8) / tightness,
+                float(rng.uniform(4, 12)))
+    edges = [n for n in nodes if n.startswith("edge")]
+    for c in range(n_cameras):
+        add(Node(f"cam{c}", int(rng.uniform(20, 80) * MB), float(rng.uniform(0.1, 2.0)), 0.8, "camera"),
+            edges[c % len(edges)], float(rng.uniform(10, 60)), float(rng.uniform(1, 5)))
+    models = {f"m{j}": random_profile(rng, f"m{j}", n_split_points) for j in range(n_models)}
+    queries = [Query(f"q{i}", f"cam{int(rng.integers(0, n_cameras))}", f"m{int(rng.integers(0, n_models))}",
+                     float(rng.uniform(1, 15)), int(rng.uniform(2e4, 2e5))) for i in range(n_queries)]
+    for c in range(n_cameras):   # camera uplinks sized around the raw-frame load they carry
+        demand = sum(8e-6 * q.fps * q.frame_bytes for q in queries if q.source == f"cam{c}")
+        links[f"cam{c}"].bandwidth_mbps = 2.0 + demand * float(rng.uniform(0.8, 2.0))
+    return Hierarchy(nodes, links, models, queries, "synthetic tiered")
