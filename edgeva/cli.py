@@ -156,7 +156,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the model zoo")
     models.set_defaults(func=cmd_models)
+
+    profile = sub.add_parser("profile", help="measure per-split-point latency and output size of zoo models")
+    profile.add_argument("models", nargs="+", help="zoo names (torchvision classifiers)")
+    profile.add_argument("--input", type=int, default=224, help="square input side")
+    profile.add_argument("--repeats", type=int, default=5)
+    profile.add_argument("-o", "--output", help="append the profiles to this YAML file (hierarchy 'models:' format)")
+    profile.set_defaults(func=cmd_profile)
+
+    for name, (_, _, text) in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)
     return parser
+
+
+def _profile_yaml(name: str, prof, side: int) -> dict:
+    """A measured profile in the hierarchy file's `models:` format."""
+    mb = 2**20
+    return {"name": name, "source": f"edgeva profile on this machine, input {side}x{side}",
+            "split_points": [{"name": sp.name, "head_ms": round(sp.head_ms, 3), "tail_ms": round(sp.tail_ms, 3),
+                              "activation_bytes": int(sp.activation_bytes),
+                              "head_weight_mb": round(sp.head_weight_bytes / mb, 4),
+                              "tail_weight_mb": round(sp.tail_weight_bytes / mb, 4)} for sp in prof.split_points]}
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import yaml
+
+    from edgeva.models import build_model
+    from edgeva.placement import profile_model
+
+    profiles = []
+    for name in args.models:
+        module = build_model(name).module
+        if module is None:
+            print(f"edgeva profile: {name} has no torch module to split", file=sys.stderr)
+            return 1
+        try:
+            prof = profile_model(module.eval(), (1, 3, args.input, args.input), repeats=args.repeats)
+        except ValueError as exc:
+            print(f"edgeva profile: {name}: {exc}", file=sys.stderr)
+            return 1
+        profiles.append(_profile_yaml(name, prof, args.input))
+        print(yaml.safe_dump([profiles[-1]], sort_keys=False))
+    if args.output:
+        with open(args.output, "a") as f:
+            yaml.safe_dump(profiles, f, sort_keys=False)
+    return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -208,7 +253,26 @@ def cmd_models(_args: argparse.Namespace) -> int:
     return 0
 
 
+# Commands with their own argument parsers, run with the rest of the command line.
+DELEGATED = {
+    "plan": ("edgeva.placement", "plan_command", "place queries on the edge hierarchy (see edgeva plan -h)"),
+    "merge": ("edgeva.merging", "merge_main", "analyse or merge identical layers across models (edgeva merge -h)"),
+    "worker": ("edgeva.offload", "worker_main", "serve offloaded inference to other tiers (edgeva worker -h)"),
+    "keys": ("edgeva.offload", "keys_main", "make a CurveZMQ key pair (edgeva keys -h)"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module, func, _ = DELEGATED[argv[0]]
+        _setup_logging(os.environ.get("EDGEVA_LOG_LEVEL", "info"))
+        try:
+            return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+        except KeyboardInterrupt:
+            return 130
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
