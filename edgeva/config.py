@@ -218,6 +218,11 @@ class SinksConfig:
 
 
 @dataclass
+class MergingConfig:
+    bundle: Optional[str] = None         # a merged bundle from `edgeva merge`: its models replace the built ones
+
+
+@dataclass
 class Config:
     cameras: list[CameraConfig] = field(default_factory=list)
     queries: list[QueryConfig] = field(default_factory=list)
@@ -226,6 +231,7 @@ class Config:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     sinks: SinksConfig = field(default_factory=SinksConfig)
+    merging: MergingConfig = field(default_factory=MergingConfig)
     source_path: Optional[str] = None    # set by load_config, not read from YAML
 
     def camera(self, camera_id: str) -> CameraConfig:
@@ -297,6 +303,8 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
         t.validate(f"tiers[{i}]")
     cfg.stats.validate("stats")
     cfg.sinks.validate("sinks")
+    if cfg.merging.bundle and base_dir is not None:
+        cfg.merging.bundle = _readable_file(cfg.merging.bundle, base_dir, "merging.bundle")
     if cfg.sinks.sqlite and base_dir is not None and not os.path.isabs(cfg.sinks.sqlite):
         cfg.sinks.sqlite = str((base_dir / cfg.sinks.sqlite).resolve())
 

@@ -211,6 +211,8 @@ class ModelPool:
         self._budget_signature: Any = None
         self._last_memory_stats: Optional[dict[str, Any]] = None
         self._stopped = False
+        self.bundle_path: Optional[str] = None
+        self.bundle_report: dict[str, Any] = {}
 
     def sync(self, cfg: Any) -> set[str]:
         """Build what the config needs and stop what it no longer uses. Returns the keys whose
@@ -250,6 +252,8 @@ class ModelPool:
         from edgeva.models.errors import ModelLoadError, TaskError
         from edgeva.models.tasks import build_task
 
+        if cfg.merging.bundle and cfg.merging.bundle != self.bundle_path:
+            self._load_bundle(cfg, set(wanted))
         for key, (i, q) in wanted.items():
             if key not in self.models:
                 try:
@@ -263,6 +267,24 @@ class ModelPool:
                     build_task(q.task, self.models[model_key(q)], q.id)
                 except TaskError as exc:
                     raise ConfigError(f"queries[{i}].task", str(exc)) from None
+
+    def _load_bundle(self, cfg: Any, keys: set[str]) -> None:
+        """Models of a merged bundle: shared layers are the same tensors in every model using them."""
+        from edgeva.config import ConfigError
+        from edgeva.merging import BundleError, load_bundle
+
+        try:
+            bundle = load_bundle(cfg.merging.bundle, device=str(_device(cfg)))
+        except (BundleError, OSError, RuntimeError, KeyError) as exc:
+            raise ConfigError("merging.bundle", f"cannot load {cfg.merging.bundle}: {exc}") from None
+        unused = sorted(set(bundle.models) - keys)
+        if unused:
+            raise ConfigError("merging.bundle", f"the bundle has models no query uses: {', '.join(unused)} "
+                                                f"(merged for another config?)")
+        for key, model in bundle.models.items():
+            self.models[key] = model
+        self.bundle_path = cfg.merging.bundle
+        self.bundle_report = bundle.report
 
     def _sync_scheduler(self, cfg: Any, keys: set[str]) -> set[str]:
         from edgeva.config import ConfigError
@@ -312,7 +334,7 @@ class ModelPool:
             return {"budget_bytes": None, "resident_bytes": 0}
         from edgeva.memory import unique_bytes
 
-        return {"budget_bytes": None, "resident_bytes": unique_bytes(
+        return {"budget_bytes": None, "merged_bundle": self.bundle_path, "resident_bytes": unique_bytes(
             [m.module for m in self.models.values() if getattr(m, "module", None) is not None])}
 
     def stop(self) -> None:
@@ -321,6 +343,12 @@ class ModelPool:
         self.workers.clear()
         self._stop_scheduler()
         self._stopped = True
+
+
+def _device(cfg: Any) -> Any:
+    from edgeva.models.device import resolve_device
+
+    return resolve_device(cfg.gpu.device)
 
 
 def model_key(q: Any) -> str:
