@@ -76,6 +76,7 @@ class IncrementalMerger:
         self.settings = settings
         self.out_dir = out_dir
         self.progress = progress or (lambda _msg: None)
+        self.stopped_reason = "not run"
         self.modules = workload.modules
         self.device = next(iter(workload.models.values())).device
         self.original_bytes = resident_weight_bytes(self.modules.values())
