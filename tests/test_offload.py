@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -299,6 +299,32 @@ def test_worker_answers_malformed_messages_with_errors_and_keeps_serving(workers
     sock.send_multipart([header(kind="ping"), bytes(3 * MAX_PAYLOAD + p.MAX_HEADER_BYTES)])
     assert not sock.poll(500)
     sock.close(0)
+    # A seeded mini-fuzzer: headers with every field drawn from valid and invalid values.
+    rng = np.random.default_rng(2024)
+    choices = {
+        "v": [1, 1, 2, "1", None], "kind": ["infer", "infer_split", "ping", "heartbeat", "result", 7, None],
+        "model": ["mobilenet_v3_small", "resnet18@init", "", 5, "@", None],
+        "frame": [{"encoding": "raw", "shape": [4, 4, 3]}, {"encoding": "png", "shape": [4, 4, 3]},
+                  {"encoding": "gif"}, {"encoding": "raw", "shape": [-1, 4, 3]}, [], None],
+        "split_at": [0, 4, -1, 1.5, True, None], "budget_ms": [None, 0, 1000, -5, "soon"],
+        "tensor": [{"dtype": "float32", "shape": [1, 4]}, {"dtype": "float32", "shape": [1, 64, 2, 2]},
+                   {"dtype": "int8", "shape": [1]}, {"shape": [1]}, "t", None],
+    }
+    payloads = [b"", bytes(16), bytes(48), bytes(1024), os.urandom(48)]
+    ctx = zmq.Context.instance()
+    fuzz = ctx.socket(zmq.DEALER)
+    fuzz.setsockopt(zmq.LINGER, 0)
+    fuzz.connect(endpoint)
+    try:
+        for n in range(150):
+            head = {k: v[rng.integers(len(v))] for k, v in choices.items() if rng.random() < 0.8}
+            head["id"] = f"fuzz{n}"
+            fuzz.send_multipart([json.dumps(head).encode(), payloads[rng.integers(len(payloads))]])
+            assert fuzz.poll(10_000), f"no reply to {head}"
+            reply = json.loads(fuzz.recv_multipart()[0])
+            assert reply["kind"] in ("error", "result", "heartbeat"), reply
+    finally:
+        fuzz.close(0)
     pong = json.loads(request(endpoint, [header(kind="ping", id="alive"), b""])[0])
     assert pong["kind"] == "result" and pong["id"] == "alive" and pong["info"]["name"] == "a"
     assert pong["info"]["counters"]["errors"] >= len(MALFORMED)

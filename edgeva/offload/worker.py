@@ -157,14 +157,14 @@ class OffloadWorker:
         # Up to twice the payload limit still arrives, so an oversized request gets an error reply;
         # beyond that libzmq drops the connection unread.
         sock.setsockopt(zmq.MAXMSGSIZE, 2 * opts.max_payload_bytes + p.MAX_HEADER_BYTES)
-        if opts.curve_secret_key:
-            self._start_curve(sock)
-        self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         try:
+            if opts.curve_secret_key:
+                self._start_curve(sock)
+            self._monitor = sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             sock.bind(opts.bind)
-        except zmq.ZMQError:
+        except Exception:
             sock.close(0)
             raise
         self._sock = sock
@@ -464,7 +464,7 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
     worker = OffloadWorker(options)
     try:
         worker.bind()
-    except (zmq.ZMQError, OSError, ValueError, RuntimeError) as exc:
+    except (zmq.ZMQError, OSError, ValueError, RuntimeError) as exc:   # KeyFileError is a ValueError
         print(f"edgeva worker: {exc}", file=sys.stderr)
         worker.close()
         return 2
