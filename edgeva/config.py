@@ -133,7 +133,9 @@ class QueryConfig:
     accuracy_target: float = 0.9
     sla: SLAConfig = field(default_factory=SLAConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
-    placement: Optional[str] = None      # pin to a tier; None: follow the plan
+    # 'local', a tier name or a list of tiers (load spread over the live ones); None: follow the plan
+    placement: Optional[Union[str, list[str]]] = None
+    split_at: Optional[int] = None       # with a tier: run the model's first split_at blocks here
     queue: int = 16                      # frames waiting for the executor
 
     def validate(self, path: str) -> None:
@@ -175,21 +177,34 @@ class TierConfig:
     name: str
     endpoint: str
     server_public_key: Optional[str] = None   # CurveZMQ: the worker's public key file
+    client_secret_key: Optional[str] = None   # CurveZMQ: this daemon's secret key file (edgeva keys)
     timeout_ms: int = 2000
     retries: int = 1
-    credit: int = 8
+    credit: int = 8                           # requests in flight to this tier at most
+    heartbeat_ms: int = 500
+    encoding: Literal["jpeg", "png", "raw"] = "jpeg"
+    jpeg_quality: int = 90
 
     def validate(self, path: str) -> None:
         _identifier(self.name, f"{path}.name")
         _zmq_endpoint(self.endpoint, f"{path}.endpoint")
         _positive(self.timeout_ms, f"{path}.timeout_ms")
+        _positive(self.heartbeat_ms, f"{path}.heartbeat_ms")
+        _positive(self.credit, f"{path}.credit")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"{path}.jpeg_quality", "must be within [1, 100]")
+        if (self.server_public_key is None) != (self.client_secret_key is None):
+            raise ConfigError(f"{path}.client_secret_key" if self.client_secret_key is None
+                              else f"{path}.server_public_key", "CurveZMQ needs both server_public_key and "
+                                                                "client_secret_key")
 
 
 @dataclass
 class PlacementConfig:
-    hierarchy: Optional[str] = None
-    plan: str = "local"                  # local | auto | path to a plan file
-    fallback: Literal["local", "drop"] = "local"
+    hierarchy: Optional[str] = None      # the hierarchy file `edgeva plan` reads (needed for plan: auto)
+    plan: str = "local"                  # local | auto (solve the hierarchy at start) | path to a plan file
+    node: Optional[str] = None           # this box's node in the hierarchy; default: each query's source
+    fallback: Literal["local", "drop"] = "local"   # when a tier is down: run here, or drop (tier-down)
 
 
 @dataclass
@@ -294,8 +309,11 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
         if q.camera not in camera_ids:
             known = ", ".join(sorted(camera_ids)) or "none defined"
             raise ConfigError(f"queries[{i}].camera", f"unknown camera {q.camera!r} (cameras: {known})")
-        if q.placement is not None and q.placement not in tier_names:
-            raise ConfigError(f"queries[{i}].placement", f"unknown tier {q.placement!r}")
+        for name in ([q.placement] if isinstance(q.placement, str) else q.placement or []):
+            if name not in tier_names:
+                raise ConfigError(f"queries[{i}].placement", f"unknown tier {name!r}")
+        if q.split_at is not None and q.split_at < 1:
+            raise ConfigError(f"queries[{i}].split_at", "must be >= 1 (0 is plain offload)")
         if q.weights and not q.download and base_dir is not None:
             q.weights = _readable_file(q.weights, base_dir, f"queries[{i}].weights", allow_dir=True)
     cfg.gpu.validate("gpu")
@@ -303,6 +321,17 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
         t.validate(f"tiers[{i}]")
     cfg.stats.validate("stats")
     cfg.sinks.validate("sinks")
+    if base_dir is not None:
+        for i, t in enumerate(cfg.tiers):
+            for key in ("server_public_key", "client_secret_key"):
+                if getattr(t, key):
+                    setattr(t, key, _readable_file(getattr(t, key), base_dir, f"tiers[{i}].{key}"))
+        if cfg.placement.hierarchy:
+            cfg.placement.hierarchy = _readable_file(cfg.placement.hierarchy, base_dir, "placement.hierarchy")
+        if cfg.placement.plan not in ("local", "auto"):
+            cfg.placement.plan = _readable_file(cfg.placement.plan, base_dir, "placement.plan")
+    if cfg.placement.plan == "auto" and not cfg.placement.hierarchy:
+        raise ConfigError("placement.hierarchy", "plan: auto needs the hierarchy file")
     if cfg.merging.bundle and base_dir is not None:
         cfg.merging.bundle = _readable_file(cfg.merging.bundle, base_dir, "merging.bundle")
     if cfg.sinks.sqlite and base_dir is not None and not os.path.isabs(cfg.sinks.sqlite):

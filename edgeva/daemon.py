@@ -16,6 +16,7 @@ from edgeva.pipeline import CameraPipeline, QueryRuntime
 from edgeva.executor import ModelPool, model_key
 from edgeva.query import ModelQuery, PassthroughQuery
 from edgeva.results import ResultHub
+from edgeva.router import Route, plan_routes
 from edgeva.stats import StatsRegistry
 from edgeva.systemd import Notifier
 
@@ -33,6 +34,8 @@ class Daemon:
         self.hub = ResultHub()
         self.cameras: dict[str, CameraPipeline] = {}
         self.models = ModelPool()
+        self.routes: dict[str, Route] = {}
+        self.tier_groups: dict[tuple[str, ...], Any] = {}   # tiers -> TierGroup
         self.control: ControlServer | None = None
         self._config_loader = config_loader
         self._stop = threading.Event()
@@ -52,7 +55,9 @@ class Daemon:
         self.stats.sections["daemon"] = self._daemon_section
         self.stats.sections["models"] = self.models.stats
         self.stats.sections["memory"] = self.models.memory_stats
+        self.stats.sections["offload"] = self._offload_section
         self.models.sync(self.cfg)      # a bad model or weights file fails here, before any camera
+        self.routes = plan_routes(self.cfg)
         self._open_sinks()
         self.control.start()
         for cam in self.cfg.cameras:
@@ -107,6 +112,7 @@ class Daemon:
             t.start()
         for t in stoppers:
             t.join(timeout=4.5)
+        self._stop_tier_groups(set(self.tier_groups))   # their fallbacks submit to the local models
         self.models.stop()
         for q in self._all_queries(pipelines):
             close = getattr(q, "close", None)
@@ -132,6 +138,7 @@ class Daemon:
             new = self._config_loader(self.cfg.source_path)
             self.models.build(new, {model_key(q): (i, q) for i, q in enumerate(new.queries)
                                      if q.task.type != "passthrough"})
+            new_routes = plan_routes(new)
         except ConfigError as exc:
             self.reload_errors += 1
             log.error("reload rejected, keeping the running config: %s", exc)
@@ -140,9 +147,13 @@ class Daemon:
         with self._lock:
             old_by_id = {c.id: c for c in self.cfg.cameras if c.enabled}
             new_by_id = {c.id: c for c in new.cameras if c.enabled}
+            tiers_changed = [asdict(t) for t in self.cfg.tiers] != [asdict(t) for t in new.tiers] \
+                or self.cfg.placement != new.placement
             changed = [cid for cid in old_by_id.keys() & new_by_id.keys()
                        if asdict(old_by_id[cid]) != asdict(new_by_id[cid])
-                       or _queries_dicts(self.cfg, cid) != _queries_dicts(new, cid)]
+                       or _queries_dicts(self.cfg, cid) != _queries_dicts(new, cid)
+                       or any(self.routes.get(q.id) != new_routes.get(q.id) for q in new.queries_for(cid))
+                       or (tiers_changed and any(not new_routes[q.id].local for q in new.queries_for(cid)))]
             removed = [cid for cid in old_by_id if cid not in new_by_id]
             added = [cid for cid in new_by_id if cid not in old_by_id]
             for cid in removed + changed:
@@ -154,8 +165,11 @@ class Daemon:
             for q in self.cfg.queries:
                 if q.camera in new_by_id and q.id not in {n.id for n in new.queries_for(q.camera)}:
                     self.stats.remove_query(q.id)
+            if tiers_changed:
+                self._stop_tier_groups(set(self.tier_groups))
             replaced = self.models.sync(new)
             self.cfg = new
+            self.routes = new_routes
             for cid in new_by_id:   # cameras whose model executor was replaced restart too
                 if cid not in changed and cid not in added and any(
                         model_key(q) in replaced for q in new.queries_for(cid) if q.task.type != "passthrough"):
@@ -185,8 +199,37 @@ class Daemon:
 
         worker = self.models.port(model_key(q))
         task = build_task(q.task, worker.model, q.id)
+        route = self.routes.get(q.id, Route())
+        if not route.local:
+            worker = self._offload_port(q, route, worker)
         query_filter = QueryFilter(q.filter, rng_seed=hash(q.id) & 0xFFFF) if q.filter.enabled else None
         return ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
+
+    def _offload_port(self, q: QueryConfig, route: Route, local: Any) -> Any:
+        from edgeva.offload import TierGroup, drop_fallback, local_fallback
+
+        group = self.tier_groups.get(route.tiers)
+        if group is None:
+            tiers = {t.name: t for t in self.cfg.tiers}
+            group = self.tier_groups[route.tiers] = TierGroup([tiers[name] for name in route.tiers]).start()
+        fallback = local_fallback(local) if self.cfg.placement.fallback == "local" else drop_fallback
+        split_model = None
+        if route.split_at:
+            from edgeva.offload.split import SplitModel
+
+            split_model = SplitModel(local.model)
+        log.info("query %s: %s", q.id, route.describe())
+        return group.port(model_key(q), fallback, model=local.model, split_at=route.split_at,
+                          split_model=split_model)
+
+    def _stop_tier_groups(self, keys: set[tuple[str, ...]]) -> None:
+        for key in keys:
+            group = self.tier_groups.pop(key, None)
+            if group is not None:
+                group.stop()
+
+    def _offload_section(self) -> dict[str, Any]:
+        return {",".join(k): g.snapshot() for k, g in list(self.tier_groups.items())}
 
     def _open_sinks(self) -> None:
         from edgeva.sinks import SQLiteSink, ZmqPubSink

@@ -159,7 +159,11 @@ class ModelQuery:
         return frame.t_mono + self.cfg.sla.latency_ms / 1000.0
 
     # ------------------------------------------------------------- worker callbacks
-    def complete(self, item: WorkItem, output: Any, finished_mono: float) -> None:
+    def complete_offloaded(self, item: WorkItem, output: Any, finished_mono: float, tier: str) -> None:
+        """A tier's worker ran the model: same as complete, counted as offloaded."""
+        self.complete(item, output, finished_mono, tier)
+
+    def complete(self, item: WorkItem, output: Any, finished_mono: float, tier: Optional[str] = None) -> None:
         try:
             value = self.task.value(output)
         except Exception:
@@ -176,9 +180,10 @@ class ModelQuery:
             if self._last_done is None or inference.seq > self._last_done.seq:
                 self._last_done = inference
             latency = finished_mono - frame.t_mono
-            self.stats.outcome(self.query_id, Outcome.INFERRED, latency)
-            self.hub.emit(QueryResult(self.query_id, frame.camera, frame.seq, frame.t_capture,
-                                      Outcome.INFERRED, value, latency, 0, frame.seq))
+            outcome = Outcome.INFERRED if tier is None else Outcome.OFFLOADED
+            self.stats.outcome(self.query_id, outcome, latency)
+            self.hub.emit(QueryResult(self.query_id, frame.camera, frame.seq, frame.t_capture, outcome, value,
+                                      latency, 0, frame.seq, extra={} if tier is None else {"tier": tier}))
             waiting, inference.waiting = inference.waiting, []
             for waiting_frame, _ in waiting:
                 self._emit_reused(waiting_frame, inference)

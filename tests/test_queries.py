@@ -120,7 +120,7 @@ def test_blob_model_follows_ground_truth(street):
     assert np.mean(empty) < 0.2 and np.mean(busy) > 0.8
 
 
-def _run_daemon(tmp_path: Path, clip: Path, model, monkeypatch, threshold, target=0.9, max_skip=30):
+def _run_daemon(tmp_path: Path, clip: Path, model, monkeypatch, threshold, target=0.9, max_skip=30, audit=0.25):
     monkeypatch.setattr("edgeva.models.build_model", lambda *a, **k: model)
     db = tmp_path / "results.db"
     cfg_path = tmp_path / "edgeva.yaml"
@@ -129,7 +129,7 @@ def _run_daemon(tmp_path: Path, clip: Path, model, monkeypatch, threshold, targe
         "queries": [{"id": "cars", "camera": "street", "model": "yolov8n", "accuracy_target": target,
                      "task": {"type": "count", "classes": ["car"]},
                      "filter": {"threshold": threshold, "feature": "area", "max_skip": max_skip,
-                                "audit_fraction": 0.05},
+                                "audit_fraction": audit},
                      "sla": {"latency_ms": 30000}}],
         "stats": {"endpoint": f"ipc://{tmp_path}/ctl.sock"},
         "sinks": {"sqlite": str(db), "batch": 16, "flush_s": 0.1}}))

@@ -157,8 +157,14 @@ class OffloadPort:
             split_model.check_split(split_at)
         self._router = router
 
-    def submit(self, item: WorkItem) -> bool:
-        return self._router.accept_new(_Request(item, self))
+    def submit(self, item: WorkItem, wait_s: float = 0.0) -> bool:
+        """Hand the item to the tier(s); False when out of credit for `wait_s`."""
+        give_up = time.monotonic() + wait_s
+        while not self._router.accept_new(_Request(item, self)):
+            if time.monotonic() >= give_up:
+                return False
+            time.sleep(0.005)
+        return True
 
     def build_message(self, item: WorkItem, encoding: p.FrameEncoding) -> p.Message:
         """The request for one item (id filled in per send); runs the head for split ports."""
@@ -179,9 +185,8 @@ def _deliver_result(request: _Request, output: Any, finished_mono: float, tier: 
             offloaded(item, output, finished_mono, tier)
         else:
             owner.complete(item, output, finished_mono)
-    except Exception:
+    except Exception:  # the owner buckets its own failures; a second callback would double-count
         log.exception("query %s failed on an offloaded result", getattr(owner, "query_id", "?"))
-        owner.dropped(item, DropReason.ERROR)
 
 
 def _drop_once(request: _Request, reason: DropReason) -> None:
