@@ -9,14 +9,10 @@ import cv2
 import numpy as np
 
 from ..config import Config, QueryConfig, TaskConfig
+from ..executor import model_key  # the daemon's key: bundles are looked up by it
 from ..models.base import ZooModel
 
 ModelBuilder = Callable[[str, Optional[str], bool, str], ZooModel]
-
-
-def model_key(q: QueryConfig) -> str:
-    """Same formula as edgeva.daemon.model_key: one loaded model per (architecture, weights)."""
-    return f"{q.model}@{q.weights or 'init'}"
 
 
 @dataclass
