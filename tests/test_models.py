@@ -6,6 +6,8 @@ network attempt fail at once, so nothing here can hang offline.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import logging
 import os
 import socket
@@ -323,6 +325,7 @@ def test_every_zoo_model_constructs():
 @pytest.mark.shared
 @pytest.mark.skipif(not (SHARED_WEIGHTS / "yolov8n_int8_openvino_model").is_dir() or not TUNE_VIDEO.exists(),
                     reason="needs ../shared weights and videos")
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed")
 def test_count_cars_with_real_openvino_detector(no_network):
     import cv2
 
