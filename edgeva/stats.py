@@ -293,9 +293,24 @@ def format_table(snapshot: dict[str, Any]) -> str:
         if q["dropped"]:
             reasons = ", ".join(f"{k}={v}" for k, v in q["dropped"].items())
             lines.append(f"  dropped: {reasons}")
+        filt = q.get("filter")
+        if isinstance(filt, dict) and filt.get("enabled"):
+            audit = filt.get("audited_agreement")
+            low = filt.get("wilson_low")
+            lines.append(f"  filter: {filt.get('feature')} > {filt.get('threshold')}, max age "
+                         f"{filt.get('max_age_frames')}, audited {filt.get('audited')}"
+                         + (f" agreement {audit:.3f} (low {low:.3f})" if audit is not None and low is not None else "")
+                         + f", retunes {filt.get('retunes', 0)}")
     for section in sorted(set(snapshot) - {"time", "uptime_s", "cameras", "queries"}):
+        value = snapshot[section]
+        if not value:
+            continue
         lines.append("")
-        lines.append(f"{section}: {_flat(snapshot[section])}")
+        if isinstance(value, dict):
+            lines.append(f"{section}:")
+            lines.extend(f"  {k}: {_flat(v)}" for k, v in value.items())
+        else:
+            lines.append(f"{section}: {value}")
     return "\n".join(lines)
 
 
@@ -318,5 +333,7 @@ def _duration(seconds: float) -> str:
 
 def _flat(value: Any) -> str:
     if isinstance(value, dict):
-        return ", ".join(f"{k}={_flat(v)}" for k, v in value.items())
+        return ", ".join(f"{k}={_flat(v)}" for k, v in value.items() if v is not None)
+    if isinstance(value, float):
+        return f"{value:.4g}"
     return str(value)
