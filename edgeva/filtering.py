@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Sequence
@@ -51,14 +52,16 @@ class Prepared:
     computed on first use. Comparisons against a reference are memoised on the frame, so queries
     on one camera that share a reference (e.g. all inferred on the same frame) pay once."""
 
-    __slots__ = ("gray", "mean", "_edge_fn", "_edges", "_memo")
+    __slots__ = ("gray", "mean", "_edge_fn", "_edges", "_memo", "__weakref__")
 
     def __init__(self, gray: np.ndarray, edge_fn: Callable[[np.ndarray], np.ndarray]) -> None:
         self.gray = gray                              # uint8, h x width
         self.mean = float(cv2.mean(gray)[0])          # for brightness compensation
         self._edge_fn = edge_fn
         self._edges: Optional[np.ndarray] = None
-        self._memo: dict[tuple[int, str, Differencer], tuple[Prepared, float]] = {}
+        # Weak: a frame that becomes a reference must not keep its own references alive, or a
+        # long-running camera would hold every frame it ever inferred.
+        self._memo: dict[tuple[int, str, Differencer], tuple[weakref.ref[Prepared], float]] = {}
 
     @property
     def edges(self) -> np.ndarray:
@@ -148,7 +151,7 @@ class Differencer:
     def feature(self, ref: Prepared, cur: Prepared, name: FeatureName) -> float:
         key = (id(ref), name, self)
         hit = cur._memo.get(key)
-        if hit is not None and hit[0] is ref:
+        if hit is not None and hit[0]() is ref:
             return hit[1]
         if name == "pixel":
             value = self.pixel(ref, cur)
@@ -158,7 +161,7 @@ class Differencer:
             value = self.edge(ref, cur)
         else:
             raise ValueError(f"unknown feature {name!r}")
-        cur._memo[key] = (ref, value)
+        cur._memo[key] = (weakref.ref(ref), value)
         return value
 
     def features(self, ref: Prepared, cur: Prepared) -> FeatureVector:

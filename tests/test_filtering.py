@@ -333,3 +333,24 @@ def test_tuner_on_the_shared_synthetic_street():
     source = simulate_filter(lambda i, j: d.area(prepared[i], prepared[j]), len(prepared), res.threshold, 30)
     empty_start = range(1, 90)                                              # phase 0: 6 s, no traffic
     assert np.mean([source[i] != i for i in empty_start]) >= 0.9
+
+
+def test_reference_frames_do_not_pile_up_in_memory():
+    """Over a long run only the current reference stays alive, not every frame ever inferred."""
+    import gc
+    import weakref
+
+    from edgeva.config import FilterConfig
+    from edgeva.filtering import QueryFilter
+
+    rng = np.random.default_rng(0)
+    filt = QueryFilter(FilterConfig(threshold=0.0, feature="area", max_skip=0))
+    refs = []
+    for _ in range(50):
+        p = filt.differencer.prepare(rng.integers(0, 255, (90, 160, 3), dtype=np.uint8))
+        assert filt.decide(p).keep
+        filt.mark_inferred(p)
+        refs.append(weakref.ref(p))
+        del p
+    gc.collect()
+    assert sum(r() is not None for r in refs) <= 2
