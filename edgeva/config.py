@@ -221,6 +221,7 @@ class StatsConfig:
 @dataclass
 class SinksConfig:
     sqlite: Optional[str] = None
+    retention_days: Optional[float] = 30.0   # older results are deleted from SQLite; null keeps all
     zmq_pub: Optional[str] = None
     batch: int = 64
     flush_s: float = 1.0
@@ -230,6 +231,8 @@ class SinksConfig:
             _zmq_endpoint(self.zmq_pub, f"{path}.zmq_pub")
         if self.batch < 1:
             raise ConfigError(f"{path}.batch", "must be >= 1")
+        if self.retention_days is not None:
+            _positive(self.retention_days, f"{path}.retention_days")
 
 
 @dataclass

@@ -236,7 +236,9 @@ class Daemon:
 
         sinks = self.cfg.sinks
         if sinks.sqlite:
-            self.hub.add_sink(SQLiteSink(sinks.sqlite, batch=sinks.batch, flush_s=sinks.flush_s))
+            retention_s = None if sinks.retention_days is None else sinks.retention_days * 86400.0
+            self.hub.add_sink(SQLiteSink(sinks.sqlite, batch=sinks.batch, flush_s=sinks.flush_s,
+                                         retention_s=retention_s))
         if sinks.zmq_pub:
             self.hub.add_sink(ZmqPubSink(sinks.zmq_pub))
 

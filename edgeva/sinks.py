@@ -44,8 +44,13 @@ class SQLiteSink:
     keep up, records are dropped and counted rather than growing memory without end.
     """
 
-    def __init__(self, path: str | Path, batch: int = 64, flush_s: float = 1.0, max_pending: int = 100_000):
+    PRUNE_EVERY_S = 600.0
+
+    def __init__(self, path: str | Path, batch: int = 64, flush_s: float = 1.0, max_pending: int = 100_000,
+                 retention_s: float | None = None):
         self.path = Path(path)
+        self.retention_s = retention_s       # results older than this (by capture time) are deleted
+        self.pruned = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.batch = batch
         self.flush_s = flush_s
@@ -75,6 +80,7 @@ class SQLiteSink:
         conn = _connect(self.path)
         pending: list[tuple] = []
         deadline = time.monotonic() + self.flush_s
+        next_prune = time.monotonic()
         done = False
         while not done:
             try:
@@ -96,11 +102,25 @@ class SQLiteSink:
                 pending = []
             if time.monotonic() >= deadline:
                 deadline = time.monotonic() + self.flush_s
+            if self.retention_s is not None and time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + self.PRUNE_EVERY_S
+                self._prune(conn)
         conn.close()
+
+    def _prune(self, conn: sqlite3.Connection) -> None:
+        try:
+            with conn:
+                cur = conn.execute("DELETE FROM results WHERE t_capture < ?", (time.time() - self.retention_s,))
+            self.pruned += cur.rowcount
+            if cur.rowcount:
+                conn.execute("PRAGMA incremental_vacuum")
+        except sqlite3.Error:
+            log.exception("sqlite sink: pruning old results failed")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=10, check_same_thread=False)
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")   # takes effect on a new file: pruned pages go back
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     return conn

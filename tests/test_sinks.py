@@ -99,3 +99,24 @@ def test_zmq_pub_delivers_by_topic():
     finally:
         sub.close(0)
         sink.close()
+
+
+def test_sqlite_retention_deletes_old_results(tmp_path):
+    db = tmp_path / "old.db"
+    now = time.time()
+    sink = SQLiteSink(db, batch=5, flush_s=0.05, retention_s=3600)
+    sink.PRUNE_EVERY_S = 0.05
+    for i in range(10):
+        r = _result(i)
+        r.t_capture = now - 7200 if i < 6 else now      # six results two hours old
+        sink.write(r)
+    deadline = time.monotonic() + 5
+    while sink.pruned < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        fresh = _result(100)
+        fresh.t_capture = time.time()
+        sink.write(fresh)                              # keeps the writer loop turning
+    sink.close()
+    assert sink.pruned == 6
+    seqs = {r["seq"] for r in read_results(db, limit=100)}
+    assert seqs >= {6, 7, 8, 9} and not seqs & set(range(6))
