@@ -332,10 +332,21 @@ class ModelPool:
             return self._last_memory_stats
         if not self.models:
             return {"budget_bytes": None, "resident_bytes": 0}
-        from edgeva.memory import unique_bytes
+        from edgeva.memory import nvml_device_stats, unique_bytes
 
-        return {"budget_bytes": None, "merged_bundle": self.bundle_path, "resident_bytes": unique_bytes(
-            [m.module for m in self.models.values() if getattr(m, "module", None) is not None])}
+        stats: dict[str, Any] = {"budget_bytes": None, "merged_bundle": self.bundle_path,
+                                 "resident_bytes": unique_bytes([m.module for m in self.models.values()
+                                                                 if getattr(m, "module", None) is not None])}
+        devices = {m.device for m in self.models.values() if getattr(m, "device", None) is not None}
+        for device in devices:
+            if getattr(device, "type", None) == "cuda":
+                import torch
+
+                index = device.index or 0
+                stats[f"cuda:{index}"] = {"allocated_bytes": torch.cuda.memory_allocated(index),
+                                          "reserved_bytes": torch.cuda.memory_reserved(index),
+                                          **nvml_device_stats(index)}
+        return stats
 
     def stop(self) -> None:
         for worker in self.workers.values():

@@ -230,3 +230,40 @@ def test_tune_command_writes_thresholds_and_plots(street, tmp_path, monkeypatch)
     assert cfg.queries[0].filter.threshold == pytest.approx(tunings[0].best.threshold, rel=1e-4)
     assert cfg.queries[1].filter.feature == tunings[1].best.feature
     assert (tmp_path / "edgeva.yaml.bak").exists()
+
+
+def test_reload_changes_a_model_query_and_rejects_bad_weights(street, tmp_path, monkeypatch):
+    clip, model = street
+    monkeypatch.setattr("edgeva.models.build_model", lambda *a, **k: model)
+    cfg_path = tmp_path / "edgeva.yaml"
+
+    def write(threshold, weights=None):
+        q = {"id": "cars", "camera": "street", "model": "yolov8n", "task": {"type": "count", "classes": ["car"]},
+             "filter": {"threshold": threshold}}
+        if weights:
+            q["weights"] = weights
+        cfg_path.write_text(yaml.safe_dump({
+            "cameras": [{"id": "street", "source": str(clip), "loop": True}],
+            "queries": [q], "stats": {"endpoint": f"ipc://{tmp_path}/ctl.sock"}}))
+
+    write(None)
+    daemon = Daemon(load_config(cfg_path), notifier=Notifier({}))
+    daemon.start()
+    try:
+        deadline = time.monotonic() + 20
+        while daemon.stats.snapshot()["queries"]["cars"]["inferred"] < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        write(0.01)
+        assert daemon.reload()
+        assert daemon.cameras["street"].queries[0].filter.threshold == 0.01
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes(b"garbage")
+        monkeypatch.undo()   # the real loader reads the bad file
+        write(0.01, str(bad))
+        assert not daemon.reload() and daemon.reload_errors == 1
+        assert daemon.cameras["street"].alive() and daemon.cfg.queries[0].weights is None
+    finally:
+        daemon.request_stop()
+        daemon.serve()
+    s = daemon.stats.snapshot()["queries"]["cars"]
+    assert s["in_flight"] == 0 and s["frames_in"] == s["inferred"] + s["reused"] + s["dropped_total"]
