@@ -6,7 +6,6 @@ dropped with a reason) in the stats registry and emits a result record for the f
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ class _Inference:
     waiting: list[tuple[Frame, Decision]] = field(default_factory=list)
     value: Any = None
     done: bool = False
-    failed: bool = False
+    failed: Optional[DropReason] = None    # why it never got a result
 
 
 @dataclass
@@ -103,7 +102,6 @@ class ModelQuery:
         self._last_done: Optional[_Inference] = None   # newest kept frame with a result
         self._min_interval = 1.0 / cfg.sla.fps if cfg.sla.fps else 0.0
         self._last_considered_t: Optional[float] = None
-        self._rng = random.Random(cfg.id)
         stats.add_query(cfg.id, cfg.camera)
         stats.set_gauges(cfg.id, model=worker.key, task=cfg.task.type,
                          accuracy_target=cfg.accuracy_target, filter=self._filter_stats)
@@ -150,8 +148,9 @@ class ModelQuery:
             latest.waiting.append((frame, decision))
             return
         source = self._last_done
-        if source is None:  # nothing inferred yet (the first kept frame was dropped)
-            self.stats.outcome(self.query_id, Outcome.DROPPED, reason=DropReason.QUEUE_FULL)
+        if source is None:  # nothing inferred yet: the kept frame it would reuse was dropped
+            reason = latest.failed if latest is not None and latest.failed else DropReason.ERROR
+            self.stats.outcome(self.query_id, Outcome.DROPPED, reason=reason)
             return
         self._emit_reused(frame, source)
 
@@ -193,7 +192,7 @@ class ModelQuery:
             return
         inference: _Inference = item.context
         with self._lock:
-            inference.failed = True
+            inference.failed = reason
             self.stats.outcome(self.query_id, Outcome.DROPPED, reason=reason)
             waiting, inference.waiting = inference.waiting, []
             for frame, _ in waiting:
