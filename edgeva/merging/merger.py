@@ -228,7 +228,13 @@ class IncrementalMerger:
     def _progress_line(self, a: Attempt, state: MergeState) -> str:
         saved = sum(g.bytes_saved for g in state.accepted)
         worst = min(a.agreement_final.values()) if a.agreement_final else 1.0
-        return (f"[{a.index + 1} tried, {len(state.queue)} queued] {a.layer}: {a.outcome} "
+        tried, left = a.index + 1, len(state.queue)
+        done = tried / (tried + left)
+        budget = self.settings.time_budget_s
+        if budget:
+            done = max(done, min(1.0, state.elapsed_s / budget))   # whichever ends the run first
+        bar = "#" * round(24 * done) + "." * (24 - round(24 * done))
+        return (f"[{bar}] {100 * done:3.0f}% [{tried} tried, {left} queued] {a.layer}: {a.outcome} "
                 f"(min agreement {worst:.3f}, {a.train_steps} steps, {a.seconds:.1f}s; "
                 f"saved so far {saved / 2**20:.2f} MiB, {state.elapsed_s:.0f}s)")
 
