@@ -26,6 +26,8 @@ log = logging.getLogger("edgeva.daemon")
 class Daemon:
     """Owns every running part. The only long-lived state in the process lives here."""
 
+    RESTART_CHECK_S = 5.0   # how often cameras whose reader crashed are restarted
+
     def __init__(self, cfg: Config, notifier: Notifier | None = None,
                  config_loader: Callable[[str], Config] = load_config):
         self.cfg = cfg
@@ -43,6 +45,7 @@ class Daemon:
         self._lock = threading.Lock()
         self.reloads = 0
         self.reload_errors = 0
+        self.camera_restarts = 0
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -71,6 +74,7 @@ class Daemon:
         """Run until stopped (signal, max_runtime_s, or every source ended when asked to)."""
         started = time.monotonic()
         next_log = started + self.cfg.stats.log_interval_s
+        next_check = started + self.RESTART_CHECK_S
         while not self._stop.wait(timeout=0.25):
             now = time.monotonic()
             if self._reload.is_set():
@@ -78,6 +82,9 @@ class Daemon:
                 self.reload()
             if self.notifier.watchdog_due(now) and self._healthy():
                 self.notifier.watchdog()
+            if now >= next_check:
+                next_check = now + self.RESTART_CHECK_S
+                self._restart_crashed_cameras()
             if now >= next_log:
                 next_log = now + self.cfg.stats.log_interval_s
                 log.info("stats %s", json.dumps(self._brief()))
@@ -184,6 +191,17 @@ class Daemon:
         self.notifier.ready(f"reloaded: +{len(added)} -{len(removed)} ~{len(changed)}")
         return True
 
+    def _restart_crashed_cameras(self) -> None:
+        """A reader that died of a bug is restarted; a source that fails reconnects by itself."""
+        with self._lock:
+            for cid, pipeline in list(self.cameras.items()):
+                if pipeline.crashed():
+                    log.error("camera %s: reader crashed; restarting the camera", cid)
+                    pipeline.stop()
+                    self.cameras.pop(cid)
+                    self.camera_restarts += 1
+                    self._start_camera(pipeline.cfg, self.cfg.queries_for(cid))
+
     # ------------------------------------------------------------ parts
     def _start_camera(self, cam: CameraConfig, queries: list[QueryConfig]) -> None:
         runtimes = [self._build_query(q, backpressure=cam.replay == "fast") for q in queries]
@@ -253,7 +271,7 @@ class Daemon:
 
     def _healthy(self) -> bool:
         control_ok = self.control is not None and self.control._thread is not None and self.control._thread.is_alive()
-        return control_ok and all(p.alive() for p in self.cameras.values())
+        return control_ok and self.models.alive() and all(p.alive() for p in self.cameras.values())
 
     def health(self) -> dict[str, Any]:
         cams = {cid: self.stats.cameras[cid].state for cid in self.cameras if cid in self.stats.cameras}
@@ -264,7 +282,7 @@ class Daemon:
 
     def _daemon_section(self) -> dict[str, Any]:
         return {"version": __version__, "config": self.cfg.source_path, "reloads": self.reloads,
-                "reload_errors": self.reload_errors, "sink_errors": self.hub.sink_errors,
+                "reload_errors": self.reload_errors, "camera_restarts": self.camera_restarts, "sink_errors": self.hub.sink_errors,
                 "control_requests": self.control.requests_served if self.control else 0,
                 "control_rejected": self.control.requests_rejected if self.control else 0}
 

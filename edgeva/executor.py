@@ -320,6 +320,13 @@ class ModelPool:
     def port(self, key: str) -> Any:
         return self.scheduler.port(key) if self.scheduler is not None else self.workers[key]
 
+    def alive(self) -> bool:
+        """Every execution thread is running (the watchdog stops when one died)."""
+        threads = [w._thread for w in self.workers.values()]
+        if self.scheduler is not None:
+            threads.append(self.scheduler._thread)
+        return all(t.is_alive() for t in threads)
+
     def stats(self) -> dict[str, Any]:
         if self.scheduler is not None:
             return {k: self.scheduler.port(k).stats() for k in self.models}

@@ -14,7 +14,7 @@ from typing import Protocol
 from edgeva.config import CameraConfig
 from edgeva.messages import DropReason, Frame, Outcome
 from edgeva.query import FrameView
-from edgeva.sources import CameraReader, FrameBuffer
+from edgeva.sources import CameraReader, CameraState, FrameBuffer
 from edgeva.stats import StatsRegistry
 
 log = logging.getLogger("edgeva.pipeline")
@@ -53,6 +53,10 @@ class CameraPipeline:
 
     def alive(self) -> bool:
         return self._dispatcher.is_alive()
+
+    def crashed(self) -> bool:
+        """The reader thread died of a bug (not a source problem: those reconnect)."""
+        return not self.reader.is_alive() and self.reader.state is CameraState.FAILED
 
     def finished(self) -> bool:
         """The source ended (file without loop) and every buffered frame was dispatched."""

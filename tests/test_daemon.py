@@ -172,3 +172,35 @@ def test_a_failing_camera_does_not_stop_the_others(tmp_path):
     finally:
         daemon.request_stop()
         daemon.serve()
+
+
+def test_a_crashed_reader_is_restarted(tmp_path, monkeypatch):
+    clip = write_test_clip(tmp_path / "c.mp4", frames=40, fps=40)
+    cfg = load_config(_config(tmp_path, [{"id": "cam", "source": str(clip), "loop": True}],
+                              [{"id": "q", "camera": "cam"}]))
+    daemon = Daemon(cfg, notifier=Notifier({}))
+    daemon.RESTART_CHECK_S = 0.2
+    from edgeva.sources import CameraReader
+
+    original = CameraReader._make_frame
+    calls = {"n": 0}
+
+    def flaky(self, image):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise RuntimeError("a bug in the reader")
+        return original(self, image)
+
+    monkeypatch.setattr(CameraReader, "_make_frame", flaky)
+    daemon.start()
+    import threading
+    runner = threading.Thread(target=daemon.serve, kwargs={"max_runtime_s": 20}, daemon=True)
+    runner.start()
+    try:
+        _wait_for(lambda: daemon.camera_restarts == 1 and daemon.stats.snapshot()["queries"]["q"]["inferred"] > 30,
+                  15, "the camera to come back")
+    finally:
+        daemon.request_stop()
+        runner.join(10)
+    s = daemon.stats.snapshot()["queries"]["q"]
+    assert s["in_flight"] == 0
