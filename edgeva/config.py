@@ -212,9 +212,14 @@ class StatsConfig:
     endpoint: str = "ipc://{runtime_dir}/control.sock"
     log_interval_s: float = 60.0
     max_request_bytes: int = 64 * 1024
+    prometheus: Optional[str] = None     # "host:port" to serve /metrics, e.g. 127.0.0.1:9108
 
     def validate(self, path: str) -> None:
         _zmq_endpoint(self.endpoint, f"{path}.endpoint")
+        if self.prometheus is not None:
+            host, sep, port = self.prometheus.rpartition(":")
+            if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+                raise ConfigError(f"{path}.prometheus", f"expected host:port, got {self.prometheus!r}")
         _positive(self.log_interval_s, f"{path}.log_interval_s")
 
 

@@ -39,6 +39,7 @@ class Daemon:
         self.routes: dict[str, Route] = {}
         self.tier_groups: dict[tuple[str, ...], Any] = {}   # tiers -> TierGroup
         self.control: ControlServer | None = None
+        self.prometheus: Any = None
         self._config_loader = config_loader
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -63,6 +64,14 @@ class Daemon:
         self.routes = plan_routes(self.cfg)
         self._open_sinks()
         self.control.start()
+        if self.cfg.stats.prometheus:
+            from edgeva.prometheus import PrometheusServer
+
+            try:
+                self.prometheus = PrometheusServer(self.cfg.stats.prometheus, self.stats.snapshot)
+            except OSError as exc:
+                raise ConfigError("stats.prometheus", f"cannot listen on {self.cfg.stats.prometheus}: {exc}") from None
+            self.prometheus.start()
         for cam in self.cfg.cameras:
             if cam.enabled:
                 self._start_camera(cam, self.cfg.queries_for(cam.id))
@@ -128,6 +137,8 @@ class Daemon:
         self.hub.close()
         if self.control is not None:
             self.control.stop()
+        if self.prometheus is not None:
+            self.prometheus.stop()
         errors = self.stats.accounting_errors()
         if errors:
             log.error("accounting inconsistent: %s", "; ".join(errors))
