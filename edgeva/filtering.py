@@ -186,14 +186,18 @@ def wilson_lower_bound(successes: int, n: int, z: float = 1.96) -> float:
 class AuditTracker:
     """Agreement of reused results with what the model would have said, from random audits.
 
-    An audit counts as a success when agreement >= `agree_level` (so a count off by one is a
-    miss). `needs_retune` looks only at the last `window` audits, so it reacts to a scene change.
+    The query's accuracy target is a mean agreement, so the decisions use the mean of the last
+    `window` audits with a normal-approximation confidence interval: `needs_retune` when even
+    its upper end is below the target (confidently too lossy), `can_relax` when its lower end is
+    above the target plus a margin. `wilson_low` (share of audits that agreed fully, at
+    `agree_level`) is reported for operators.
     """
 
     window: int = 200
     min_samples: int = 30
     agree_level: float = 0.999
     z: float = 1.96
+    relax_margin: float = 0.02
     total: int = 0
     agreement_sum: float = 0.0
     recent: deque = field(default_factory=deque)
@@ -201,7 +205,7 @@ class AuditTracker:
     def record(self, agreement: float) -> None:
         self.total += 1
         self.agreement_sum += agreement
-        self.recent.append(agreement >= self.agree_level)
+        self.recent.append(float(agreement))
         while len(self.recent) > self.window:
             self.recent.popleft()
 
@@ -215,13 +219,25 @@ class AuditTracker:
     def wilson_low(self) -> Optional[float]:
         if not self.recent:
             return None
-        return wilson_lower_bound(sum(self.recent), len(self.recent), self.z)
+        return wilson_lower_bound(sum(v >= self.agree_level for v in self.recent), len(self.recent), self.z)
+
+    def interval(self) -> Optional[tuple[float, float]]:
+        """(low, high) of the window's mean agreement; None below min_samples."""
+        n = len(self.recent)
+        if n < self.min_samples:
+            return None
+        mean = sum(self.recent) / n
+        var = sum((v - mean) ** 2 for v in self.recent) / max(1, n - 1)
+        half = self.z * math.sqrt(var / n)
+        return mean - half, mean + half
 
     def needs_retune(self, target: float) -> bool:
-        if len(self.recent) < self.min_samples:
-            return False
-        low = self.wilson_low()
-        return low is not None and low < target
+        bounds = self.interval()
+        return bounds is not None and bounds[1] < target
+
+    def can_relax(self, target: float) -> bool:
+        bounds = self.interval()
+        return bounds is not None and bounds[0] >= min(1.0, target + self.relax_margin)
 
 
 # ------------------------------------------------------------------ per-query filter
@@ -258,6 +274,8 @@ class QueryFilter:
             return self._keep("disabled", None)
         if self._reference is None:
             return self._keep("first", None)
+        if self._reference.gray.shape != prepared.gray.shape:
+            return self._keep("resized", None)   # the camera came back at another size or aspect
         value = self.differencer.feature(self._reference, prepared, self.feature)
         if self.threshold is None:
             return self._keep("untuned", value)
@@ -291,6 +309,9 @@ class QueryFilter:
 
     def needs_retune(self, target: float) -> bool:
         return self.audits.needs_retune(target)
+
+    def can_relax(self, target: float) -> bool:
+        return self.audits.can_relax(target)
 
     def set_threshold(self, threshold: Optional[float], feature: Optional[FeatureName] = None) -> None:
         """Apply a (re)tuned threshold; audits from the old setting no longer apply."""

@@ -96,6 +96,8 @@ class ModelQuery:
         self.worker = worker
         self.task = task
         self.filter = query_filter
+        # Audits may tighten the threshold and relax it again, never past the configured one.
+        self._tuned_threshold = query_filter.threshold if query_filter is not None else None
         self.retunes = 0
         self._lock = threading.Lock()
         self._latest: Optional[_Inference] = None      # newest kept frame (maybe still running)
@@ -126,10 +128,11 @@ class ModelQuery:
 
     def _decide(self, view: FrameView) -> Decision:
         frame = view.frame
+        # Monotonic time: a wall-clock step (NTP at boot) must not stop inference.
         if self._min_interval and self._last_considered_t is not None and self._latest is not None \
-                and frame.t_capture - self._last_considered_t < self._min_interval * 0.999:
+                and 0 <= frame.t_mono - self._last_considered_t < self._min_interval * 0.999:
             return Decision(False, "rate", None, 0)
-        self._last_considered_t = frame.t_capture
+        self._last_considered_t = frame.t_mono
         if self.filter is None:
             return Decision(True, "disabled", None, 0)
         return self.filter.decide(view.prepared(self.filter.differencer))
@@ -213,13 +216,22 @@ class ModelQuery:
         if self.filter is None or not audit.reference.done:
             return
         with self._lock:
-            self.filter.record_audit(self.task.agreement(value, audit.reference.value))
-            if self.filter.needs_retune(self.cfg.accuracy_target) and self.filter.threshold:
-                new = self.filter.threshold * self.RETUNE_FACTOR
-                log.warning("query %s: audited agreement below %.3f; threshold %.4f -> %.4f",
-                            self.query_id, self.cfg.accuracy_target, self.filter.threshold, new)
-                self.filter.set_threshold(new)
-                self.retunes += 1
+            filt = self.filter
+            filt.record_audit(self.task.agreement(value, audit.reference.value))
+            target = self.cfg.accuracy_target
+            if filt.needs_retune(target) and filt.threshold:
+                new = filt.threshold * self.RETUNE_FACTOR
+                log.warning("query %s: audited agreement confidently below %.3f; threshold %.4g -> %.4g",
+                            self.query_id, target, filt.threshold, new)
+            elif filt.can_relax(target) and filt.threshold and self._tuned_threshold \
+                    and filt.threshold < self._tuned_threshold:
+                new = min(self._tuned_threshold, filt.threshold / self.RETUNE_FACTOR)
+                log.info("query %s: audited agreement back above %.3f; threshold %.4g -> %.4g",
+                         self.query_id, target, filt.threshold, new)
+            else:
+                return
+            filt.set_threshold(new)
+            self.retunes += 1
 
     # ------------------------------------------------------------- views
     def _filter_stats(self) -> dict[str, Any]:

@@ -267,3 +267,39 @@ def test_reload_changes_a_model_query_and_rejects_bad_weights(street, tmp_path, 
         daemon.serve()
     s = daemon.stats.snapshot()["queries"]["cars"]
     assert s["in_flight"] == 0 and s["frames_in"] == s["inferred"] + s["reused"] + s["dropped_total"]
+
+
+def test_audits_tighten_only_when_confidently_lossy_and_relax_back(street):
+    from edgeva.config import parse_config
+    from edgeva.filtering import QueryFilter
+    from edgeva.query import ModelQuery, _Audit, _Inference
+    from edgeva.results import ResultHub
+    from edgeva.stats import StatsRegistry
+
+    _, blob = street
+
+    class _Port:
+        key, model = "blob", blob
+
+        def submit(self, item, wait_s=0.0):
+            return True
+
+    cfg = parse_config({"cameras": [{"id": "street", "source": "rtsp://x/y"}],
+                        "queries": [{"id": "cars", "camera": "street", "model": "yolov8n", "accuracy_target": 0.9,
+                                     "task": {"type": "count", "classes": ["car"]},
+                                     "filter": {"threshold": 0.01}}]}).queries[0]
+    task = build_task(cfg.task, blob, "cars")
+    query = ModelQuery(cfg, StatsRegistry(), ResultHub(), _Port(), task, QueryFilter(cfg.filter))
+    reference = _Inference(0, value={"car": 2}, done=True)
+    for _ in range(300):                                    # reuse always right: nothing changes
+        query._audited(_Audit(reference), {"car": 2})
+    assert query.filter.threshold == 0.01 and query.retunes == 0
+    for wrong in range(1, 101):                             # reuse now often wrong: tighten
+        query._audited(_Audit(reference), {"car": 6})
+        if query.retunes:
+            break
+    assert 20 < wrong < 100                                 # once the window's mean is confidently low
+    assert query.filter.threshold == pytest.approx(0.007) and query.retunes == 1
+    for _ in range(300):                                    # right again: back to the configured value
+        query._audited(_Audit(reference), {"car": 2})
+    assert query.filter.threshold == pytest.approx(0.01) and query.retunes == 2
