@@ -78,6 +78,8 @@ class LatencyProfile:
 class ModelWorker:
     """Runs one model on batches drawn from its queue; owns no query state."""
 
+    PROBE_S = 2.0
+
     def __init__(self, key: str, model: Predictor, max_batch: int = 8, capacity: int = 64,
                  batch_linger_s: float = 0.004):
         self.key = key
@@ -90,6 +92,7 @@ class ModelWorker:
         self.frames = 0
         self.busy_s = 0.0
         self.batch_sizes: deque[int] = deque(maxlen=200)
+        self._last_run_mono = time.monotonic()
         self._queue: deque[WorkItem] = deque()
         self._cond = threading.Condition()
         self._stop = False
@@ -123,7 +126,7 @@ class ModelWorker:
         with self._cond:
             left, self._queue = list(self._queue), deque()
         for item in left:
-            item.owner.dropped(item, DropReason.SHUTDOWN)
+            _drop(item, DropReason.SHUTDOWN)
 
     def pending(self) -> int:
         with self._cond:
@@ -153,9 +156,14 @@ class ModelWorker:
             late: list[WorkItem] = []
             self._cond.notify_all()   # room in the queue for blocked submitters
             now = time.monotonic()
+            # A stale profile (one slow batch, then nothing ran) must not condemn every frame:
+            # after PROBE_S without a run, items predicted late run anyway and refresh it.
+            trust_prediction = now - self._last_run_mono < self.PROBE_S
             while self._queue and len(batch) < self.max_batch:
                 item = self._queue[0]
-                if now + self.profile.predict(1) > item.deadline_mono:
+                already_late = now > item.deadline_mono
+                predicted_late = now + self.profile.predict(1) > item.deadline_mono
+                if already_late or (predicted_late and trust_prediction):
                     late.append(self._queue.popleft())
                     continue
                 oldest_deadline = min([i.deadline_mono for i in batch] + [item.deadline_mono])
@@ -163,7 +171,7 @@ class ModelWorker:
                     break
                 batch.append(self._queue.popleft())
         for item in late:
-            item.owner.dropped(item, DropReason.DEADLINE)
+            _drop(item, DropReason.DEADLINE)
         return batch
 
     def _run(self) -> None:
@@ -180,19 +188,34 @@ class ModelWorker:
             except Exception:
                 log.exception("model %s failed on a batch of %d", self.key, len(batch))
                 for item in batch:
-                    item.owner.dropped(item, DropReason.ERROR)
+                    _drop(item, DropReason.ERROR)
                 continue
             finished = time.monotonic()
-            self.profile.observe(len(batch), finished - started)
+            self._last_run_mono = finished
+            if self.batches:   # the first call pays one-time set-up (allocator, kernels): not a profile sample
+                self.profile.observe(len(batch), finished - started)
             self.batches += 1
             self.frames += len(batch)
             self.busy_s += finished - started
             self.batch_sizes.append(len(batch))
-            for item, output in zip(batch, outputs):
+            if len(outputs) != len(batch):
+                log.error("model %s returned %d outputs for %d frames", self.key, len(outputs), len(batch))
+            for i, item in enumerate(batch):
+                if i >= len(outputs):
+                    _drop(item, DropReason.ERROR)
+                    continue
                 try:
-                    item.owner.complete(item, output, finished)
+                    item.owner.complete(item, outputs[i], finished)
                 except Exception:  # the owner buckets its own failures; a second callback would double-count
                     log.exception("query %s failed on its result", item.owner.query_id)
+
+
+def _drop(item: WorkItem, reason: DropReason) -> None:
+    """The owner's drop callback, which must not take the worker thread down with it."""
+    try:
+        item.owner.dropped(item, reason)
+    except Exception:
+        log.exception("query %s failed while dropping a frame", item.owner.query_id)
 
 
 class ModelPool:

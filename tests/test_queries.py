@@ -303,3 +303,51 @@ def test_audits_tighten_only_when_confidently_lossy_and_relax_back(street):
     for _ in range(300):                                    # right again: back to the configured value
         query._audited(_Audit(reference), {"car": 2})
     assert query.filter.threshold == pytest.approx(0.01) and query.retunes == 2
+
+
+def test_one_slow_first_batch_does_not_condemn_every_later_frame():
+    class _SlowOnce:
+        name = "slow-once"
+
+        def __init__(self):
+            self.calls = 0
+
+        def predict(self, images):
+            self.calls += 1
+            time.sleep(1.5 if self.calls == 1 else 0.01)
+            return [None] * len(images)
+
+    worker = ModelWorker("slow", _SlowOnce(), max_batch=4, capacity=256)
+    worker.PROBE_S = 0.5
+    owner = _Owner("q")
+    worker.start()
+    try:
+        for i in range(60):
+            worker.submit(WorkItem(owner, _frame("c", i), time.monotonic() + 1.0))
+            time.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while len(owner.done) + len(owner.dropped_reasons) < 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert len(owner.done) + len(owner.dropped_reasons) == 60
+    assert len(owner.done) > 30      # once the start-up stall is over, frames run again
+
+
+def test_a_model_returning_too_few_outputs_drops_the_rest_with_error():
+    class _Short:
+        name = "short"
+
+        def predict(self, images):
+            return [None] * (len(images) - 1)
+
+    worker = ModelWorker("short", _Short(), max_batch=4, capacity=16)
+    owner = _Owner("q")
+    for i in range(4):
+        worker.submit(WorkItem(owner, _frame("c", i), time.monotonic() + 5))
+    worker.start()
+    deadline = time.monotonic() + 5
+    while len(owner.done) + len(owner.dropped_reasons) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    worker.stop()
+    assert len(owner.done) == 3 and owner.dropped_reasons == [DropReason.ERROR]
