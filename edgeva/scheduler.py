@@ -310,11 +310,15 @@ class SwapScheduler:
         def run_s(n: int) -> float:
             return self._predict_run(state, n, now)
 
+        # A model that has not run for a while is probed even if its load looks too slow for
+        # the deadlines: otherwise it would never load, and the prediction would never change.
+        stale = state.last_run is None or now - state.last_run > _REPROBE_AFTER_S
         exposed = self.memory.predicted_exposed_load_s(state.key, run_s(1))
+        exposed_for_lateness = 0.0 if stale else exposed
         batch: list[WorkItem] = []
         late: list[WorkItem] = []
         for item in sorted(state.queue, key=lambda i: i.deadline_mono):
-            if now + exposed + run_s(1) > item.deadline_mono:
+            if now + exposed_for_lateness + run_s(1) > item.deadline_mono:
                 late.append(item)
                 continue
             if len(batch) >= self.options.max_batch:

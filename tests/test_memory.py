@@ -160,7 +160,7 @@ def test_pipelined_execution_equals_plain_forward_and_hides_load_time():
     mm.register("other", other)
     timings = []
     with torch.inference_mode():
-        for _ in range(3):
+        for _ in range(5):   # several pipelined runs: one may be all stall on a busy box
             mm.run("other", lambda: other(torch.randn(1, 64)))     # evicts part of resnet18
             assert not mm.is_resident("resnet18")
             out, timing = mm.run("resnet18", lambda: model(x))

@@ -196,3 +196,26 @@ def test_swap_aware_order_prefers_the_model_sharing_resident_layers():
         chosen = plan.state.key
         assert chosen == ("b" if order is ExecutionOrder.SWAP_AWARE else "c")
         scheduler.stop()
+
+
+def test_a_model_whose_load_exceeds_the_slack_is_still_probed():
+    """Load time > deadline slack must not starve a model forever (it would never load)."""
+    model = TinyModel("big", convnet(0, 256))
+    size = unique_bytes([model.module])
+    scheduler = SwapScheduler({"big": model}, size * 4,
+                              options=SwapOptions(simulate_transfer=True, bandwidth_bytes_per_s=size / 0.5))
+    owner = Recorder()
+    items = []                                               # kept alive: the recorder keys by id()
+    scheduler.start()
+    try:
+        for _ in range(40):
+            items.append(item(owner, 0.2))                   # 200 ms slack, ~500 ms load
+            scheduler.port("big").submit(items[-1])
+            time.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while len(owner.outcomes) < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        scheduler.stop()
+    assert scheduler.memory.stats()["loads"] >= 1
+    assert list(owner.outcomes.values()).count("complete") > 0
