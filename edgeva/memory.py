@@ -515,6 +515,9 @@ class MemoryManager:
                 waited_from = self.clock()
                 while not slot.ready.wait(_WAIT_POLL_S):
                     self._raise_if_failed(active.job)
+                    if active.job is None or active.job.done.is_set():
+                        if not slot.ready.is_set():   # no load will ever fill it
+                            raise RuntimeError(f"{active.layout.key}: a layer was never loaded")
                 active.stall_inside_s += self.clock() - waited_from
             if self.on_cuda and slot.cuda_ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(slot.cuda_ready)
@@ -579,8 +582,20 @@ class MemoryManager:
             except BaseException as exc:       # surfaced to the waiting executor
                 log.exception("loading %s failed", job.model_key)
                 job.error = exc
+                self._release_unloaded(job)
             finally:
                 job.done.set()
+
+    def _release_unloaded(self, job: _LoadJob) -> None:
+        """Slots a failed load never filled go back to the host, and their bytes to the budget,
+        so the next run loads them again instead of waiting for them forever."""
+        with self._lock:
+            for group in job.groups:
+                for _, slots in group:
+                    for slot in slots:
+                        if slot.state is SlotState.LOADING:
+                            slot.state = SlotState.HOST
+                            self.resident_bytes -= slot.nbytes
 
     def _load(self, job: _LoadJob) -> None:
         job.started = self.clock()

@@ -220,3 +220,27 @@ def test_cuda_pipelined_swap_matches_and_stays_in_budget():
     stats = mm.stats()
     assert stats["cuda_allocated_bytes"] > 0
     mm.close()
+
+
+def test_a_failed_load_is_released_and_the_next_run_loads_again():
+    model = linear_model(64)
+    mm = MemoryManager(unique_bytes([model]) * 2, bandwidth_bytes_per_s=1e9)
+    mm.register("m", model)
+    original = mm._load
+    calls = {"n": 0}
+
+    def fail_once(job):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("copy failed")
+        return original(job)
+
+    mm._load = fail_once
+    with torch.inference_mode():
+        with pytest.raises(Exception):
+            mm.run("m", lambda: model(torch.randn(1, 64)))
+        assert mm.resident_bytes == 0                      # nothing half-loaded still counts
+        out, timing = mm.run("m", lambda: model(torch.randn(1, 64)))
+    assert out.shape == (1, 64) and timing.bytes_loaded > 0
+    assert mm.is_resident("m")
+    mm.close()
