@@ -64,6 +64,12 @@ class CameraConfig:
         _identifier(self.id, f"{path}.id")
         if not self.source:
             raise ConfigError(f"{path}.source", "must not be empty")
+        from edgeva.sources import classify_source   # sources imports this module at load time
+
+        try:
+            classify_source(self.source)
+        except ValueError as exc:
+            raise ConfigError(f"{path}.source", str(exc)) from None
         if self.fps is not None:
             _positive(self.fps, f"{path}.fps")
         if self.buffer < 1:
@@ -216,6 +222,8 @@ class StatsConfig:
 
     def validate(self, path: str) -> None:
         _zmq_endpoint(self.endpoint, f"{path}.endpoint")
+        if self.max_request_bytes < 64:
+            raise ConfigError(f"{path}.max_request_bytes", "must be >= 64")
         if self.prometheus is not None:
             host, sep, port = self.prometheus.rpartition(":")
             if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -236,6 +244,7 @@ class SinksConfig:
             _zmq_endpoint(self.zmq_pub, f"{path}.zmq_pub")
         if self.batch < 1:
             raise ConfigError(f"{path}.batch", "must be >= 1")
+        _positive(self.flush_s, f"{path}.flush_s")
         if self.retention_days is not None:
             _positive(self.retention_days, f"{path}.retention_days")
 

@@ -81,6 +81,13 @@ class Daemon:
 
     def serve(self, max_runtime_s: float | None = None, exit_when_sources_end: bool = False) -> int:
         """Run until stopped (signal, max_runtime_s, or every source ended when asked to)."""
+        try:
+            self._serve_loop(max_runtime_s, exit_when_sources_end)
+        finally:
+            self.shutdown()
+        return 0
+
+    def _serve_loop(self, max_runtime_s: float | None, exit_when_sources_end: bool) -> None:
         started = time.monotonic()
         next_log = started + self.cfg.stats.log_interval_s
         next_check = started + self.RESTART_CHECK_S
@@ -103,8 +110,6 @@ class Daemon:
                     and self._drained():
                 log.info("every source ended")
                 break
-        self.shutdown()
-        return 0
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -123,11 +128,7 @@ class Daemon:
         with self._lock:
             pipelines = list(self.cameras.values())
             self.cameras.clear()
-        stoppers = [threading.Thread(target=p.stop, daemon=True) for p in pipelines]
-        for t in stoppers:
-            t.start()
-        for t in stoppers:
-            t.join(timeout=4.5)
+        self._stop_pipelines(pipelines)
         self._stop_tier_groups(set(self.tier_groups))   # their fallbacks submit to the local models
         self.models.stop()
         for q in self._all_queries(pipelines):
@@ -139,7 +140,7 @@ class Daemon:
             self.control.stop()
         if self.prometheus is not None:
             self.prometheus.stop()
-        errors = self.stats.accounting_errors()
+        errors = self.stats.accounting_errors(stopped=True)
         if errors:
             log.error("accounting inconsistent: %s", "; ".join(errors))
         log.info("final stats %s", json.dumps(self.stats.snapshot(), default=str))
@@ -147,7 +148,10 @@ class Daemon:
 
     # ------------------------------------------------------------ reload
     def reload(self) -> bool:
-        """Re-read the config file; restart only cameras whose config or queries changed."""
+        """Re-read the config file; restart only cameras whose config, queries or routes changed.
+
+        Everything that can be checked (the file, the models and their budget, the plan) is
+        checked before anything running is touched; a config that fails is rejected whole."""
         if self.cfg.source_path is None:
             log.warning("SIGHUP ignored: the config did not come from a file")
             return False
@@ -162,45 +166,64 @@ class Daemon:
             log.error("reload rejected, keeping the running config: %s", exc)
             self.notifier.ready("reload rejected")
             return False
-        with self._lock:
-            old_by_id = {c.id: c for c in self.cfg.cameras if c.enabled}
-            new_by_id = {c.id: c for c in new.cameras if c.enabled}
-            tiers_changed = [asdict(t) for t in self.cfg.tiers] != [asdict(t) for t in new.tiers] \
-                or self.cfg.placement != new.placement
-            changed = [cid for cid in old_by_id.keys() & new_by_id.keys()
-                       if asdict(old_by_id[cid]) != asdict(new_by_id[cid])
-                       or _queries_dicts(self.cfg, cid) != _queries_dicts(new, cid)
-                       or any(self.routes.get(q.id) != new_routes.get(q.id) for q in new.queries_for(cid))
-                       or (tiers_changed and any(not new_routes[q.id].local for q in new.queries_for(cid)))]
-            removed = [cid for cid in old_by_id if cid not in new_by_id]
-            added = [cid for cid in new_by_id if cid not in old_by_id]
-            for cid in removed + changed:
-                pipeline = self.cameras.pop(cid, None)
-                if pipeline is not None:
-                    pipeline.stop()
-                if cid in removed:
-                    self.stats.remove_camera(cid)
-            for q in self.cfg.queries:
-                if q.camera in new_by_id and q.id not in {n.id for n in new.queries_for(q.camera)}:
-                    self.stats.remove_query(q.id)
-            if tiers_changed:
-                self._stop_tier_groups(set(self.tier_groups))
-            replaced = self.models.sync(new)
-            self.cfg = new
-            self.routes = new_routes
-            for cid in new_by_id:   # cameras whose model executor was replaced restart too
-                if cid not in changed and cid not in added and any(
-                        model_key(q) in replaced for q in new.queries_for(cid) if q.task.type != "passthrough"):
-                    pipeline = self.cameras.pop(cid, None)
-                    if pipeline is not None:
-                        pipeline.stop()
-                    changed.append(cid)
-            for cid in changed + added:
-                self._start_camera(new_by_id[cid], new.queries_for(cid))
-            self.reloads += 1
+        try:
+            with self._lock:
+                added, removed, changed = self._apply(new, new_routes)
+        except Exception:   # after the checks above this is a bug or the machine; keep serving
+            self.reload_errors += 1
+            log.exception("reload failed while applying it; cameras that did not start stay stopped")
+            self.notifier.ready("reload failed")
+            return False
+        self.reloads += 1
         log.info("reloaded: added %s, removed %s, restarted %s", added, removed, changed)
         self.notifier.ready(f"reloaded: +{len(added)} -{len(removed)} ~{len(changed)}")
         return True
+
+    def _apply(self, new: Config, new_routes: dict[str, Route]) -> tuple[list[str], list[str], list[str]]:
+        old_by_id = {c.id: c for c in self.cfg.cameras if c.enabled}
+        new_by_id = {c.id: c for c in new.cameras if c.enabled}
+        tiers_changed = [asdict(t) for t in self.cfg.tiers] != [asdict(t) for t in new.tiers] \
+            or self.cfg.placement != new.placement
+        changed = [cid for cid in old_by_id.keys() & new_by_id.keys()
+                   if asdict(old_by_id[cid]) != asdict(new_by_id[cid])
+                   or _queries_dicts(self.cfg, cid) != _queries_dicts(new, cid)
+                   or any(self.routes.get(q.id) != new_routes.get(q.id) for q in new.queries_for(cid))
+                   or (tiers_changed and any(not new_routes[q.id].local for q in new.queries_for(cid)))]
+        removed = [cid for cid in old_by_id if cid not in new_by_id]
+        added = [cid for cid in new_by_id if cid not in old_by_id]
+        self._stop_pipelines([self.cameras.pop(cid) for cid in removed + changed if cid in self.cameras])
+        for cid in removed:
+            self.stats.remove_camera(cid)
+        new_ids = {q.id: q.camera for q in new.queries}
+        for q in self.cfg.queries:
+            if new_ids.get(q.id) != q.camera:   # gone, or moved to another camera
+                self.stats.remove_query(q.id)
+        if tiers_changed:
+            self._stop_tier_groups(set(self.tier_groups))
+        replaced = self.models.sync(new)
+        self.cfg = new
+        self.routes = new_routes
+        restart = [cid for cid in new_by_id if cid not in changed and cid not in added and any(
+            model_key(q) in replaced for q in new.queries_for(cid) if q.task.type != "passthrough")]
+        self._stop_pipelines([self.cameras.pop(cid) for cid in restart if cid in self.cameras])
+        changed += restart
+        for cid in changed + added:
+            self._start_camera(new_by_id[cid], new.queries_for(cid))
+        in_use = {r.tiers for r in new_routes.values() if not r.local}
+        self._stop_tier_groups(set(self.tier_groups) - in_use)
+        return added, removed, changed
+
+    def _stop_pipelines(self, pipelines: list[CameraPipeline]) -> None:
+        """Stop cameras in parallel (a stalled stream takes seconds) and keep the watchdog fed."""
+        stoppers = [threading.Thread(target=p.stop, name=f"stop-{p.camera_id}", daemon=True) for p in pipelines]
+        for t in stoppers:
+            t.start()
+        deadline = time.monotonic() + 5.0
+        for t in stoppers:
+            while t.is_alive() and time.monotonic() < deadline:
+                t.join(timeout=0.5)
+                if self.notifier.watchdog_due():
+                    self.notifier.watchdog()
 
     def _restart_crashed_cameras(self) -> None:
         """A reader that died of a bug is restarted; a source that fails reconnects by itself."""
@@ -263,13 +286,23 @@ class Daemon:
     def _open_sinks(self) -> None:
         from edgeva.sinks import SQLiteSink, ZmqPubSink
 
+        import sqlite3
+
+        import zmq
+
         sinks = self.cfg.sinks
         if sinks.sqlite:
             retention_s = None if sinks.retention_days is None else sinks.retention_days * 86400.0
-            self.hub.add_sink(SQLiteSink(sinks.sqlite, batch=sinks.batch, flush_s=sinks.flush_s,
-                                         retention_s=retention_s))
+            try:
+                self.hub.add_sink(SQLiteSink(sinks.sqlite, batch=sinks.batch, flush_s=sinks.flush_s,
+                                             retention_s=retention_s))
+            except (OSError, sqlite3.Error) as exc:
+                raise ConfigError("sinks.sqlite", f"cannot open {sinks.sqlite}: {exc}") from None
         if sinks.zmq_pub:
-            self.hub.add_sink(ZmqPubSink(sinks.zmq_pub))
+            try:
+                self.hub.add_sink(ZmqPubSink(sinks.zmq_pub))
+            except zmq.ZMQError as exc:
+                raise ConfigError("sinks.zmq_pub", f"cannot bind {sinks.zmq_pub}: {exc}") from None
 
     @staticmethod
     def _all_queries(pipelines: list[CameraPipeline]) -> list[QueryRuntime]:
@@ -282,10 +315,10 @@ class Daemon:
 
     def _healthy(self) -> bool:
         control_ok = self.control is not None and self.control._thread is not None and self.control._thread.is_alive()
-        return control_ok and self.models.alive() and all(p.alive() for p in self.cameras.values())
+        return control_ok and self.models.alive() and all(p.alive() for p in list(self.cameras.values()))
 
     def health(self) -> dict[str, Any]:
-        cams = {cid: self.stats.cameras[cid].state for cid in self.cameras if cid in self.stats.cameras}
+        cams = {cid: self.stats.cameras[cid].state for cid in list(self.cameras) if cid in self.stats.cameras}
         streaming = sum(1 for s in cams.values() if s == "streaming")
         status = "ok" if self._healthy() and streaming == len(cams) else "degraded"
         return {"status": status, "version": __version__, "cameras": cams,

@@ -260,8 +260,11 @@ class ModelPool:
         self._stop_scheduler()
         replaced = set()
         for key in wanted:
+            capacity = sum(x.queue for x in cfg.queries if model_key(x) == key)
+            worker = self.workers.get(key)
+            if worker is not None and (worker.max_batch, worker.capacity) != (cfg.gpu.max_batch, capacity):
+                self.workers.pop(key).stop()   # new batch size or queue room: a fresh worker
             if key not in self.workers:
-                capacity = sum(x.queue for x in cfg.queries if model_key(x) == key)
                 worker = ModelWorker(key, self.models[key], max_batch=cfg.gpu.max_batch, capacity=capacity)
                 worker.start()
                 self.workers[key] = worker
@@ -290,6 +293,20 @@ class ModelPool:
                     build_task(q.task, self.models[model_key(q)], q.id)
                 except TaskError as exc:
                     raise ConfigError(f"queries[{i}].task", str(exc)) from None
+        if cfg.gpu.memory_budget_mb is not None:
+            from edgeva.memory import unique_bytes
+
+            budget = int(cfg.gpu.memory_budget_mb * 2**20)
+            for key in wanted:
+                module = getattr(self.models[key], "module", None)
+                if module is None:
+                    raise ConfigError("gpu.memory_budget_mb", f"model {key} is not a torch module: a memory "
+                                                              f"budget needs models it can swap layer by layer")
+                size = unique_bytes([module])
+                if size > budget:
+                    raise ConfigError("gpu.memory_budget_mb", f"model {key} needs {size / 2**20:.1f} MiB of "
+                                                              f"weights, more than the whole budget of "
+                                                              f"{cfg.gpu.memory_budget_mb:g} MiB")
 
     def _load_bundle(self, cfg: Any, keys: set[str]) -> None:
         """Models of a merged bundle: shared layers are the same tensors in every model using them."""
@@ -345,15 +362,16 @@ class ModelPool:
 
     def alive(self) -> bool:
         """Every execution thread is running (the watchdog stops when one died)."""
-        threads = [w._thread for w in self.workers.values()]
+        threads = [w._thread for w in list(self.workers.values())]
         if self.scheduler is not None:
             threads.append(self.scheduler._thread)
         return all(t.is_alive() for t in threads)
 
     def stats(self) -> dict[str, Any]:
-        if self.scheduler is not None:
-            return {k: self.scheduler.port(k).stats() for k in self.models}
-        return {k: w.stats() for k, w in self.workers.items()}
+        scheduler = self.scheduler
+        if scheduler is not None:
+            return {k: scheduler.port(k).stats() for k in list(self.models)}
+        return {k: w.stats() for k, w in list(self.workers.items())}
 
     def memory_stats(self) -> dict[str, Any]:
         if self.scheduler is not None:

@@ -15,7 +15,7 @@ from edgeva.config import CameraConfig
 from edgeva.messages import DropReason, Frame, Outcome
 from edgeva.query import FrameView
 from edgeva.sources import CameraReader, CameraState, FrameBuffer
-from edgeva.stats import StatsRegistry
+from edgeva.stats import QueryStats, StatsRegistry
 
 log = logging.getLogger("edgeva.pipeline")
 
@@ -28,6 +28,7 @@ class QueryRuntime(Protocol):
     """
 
     query_id: str
+    qstats: QueryStats          # the counters this runtime buckets into
 
     def submit(self, view: FrameView) -> None: ...
 
@@ -87,4 +88,4 @@ class CameraPipeline:
                     query.submit(view)
                 except Exception:  # one query's bug must not starve the others, nor lose the frame
                     log.exception("query %s failed on %s", query.query_id, frame.frame_id)
-                    self.stats.outcome(query.query_id, Outcome.DROPPED, reason=DropReason.ERROR)
+                    self.stats.record(query.qstats, Outcome.DROPPED, reason=DropReason.ERROR)

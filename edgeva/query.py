@@ -46,13 +46,13 @@ class PassthroughQuery:
         self.query_id = cfg.id
         self.stats = stats
         self.hub = hub
-        stats.add_query(cfg.id, cfg.camera)
+        self.qstats = stats.add_query(cfg.id, cfg.camera)
 
     def submit(self, view: FrameView) -> None:
         frame = view.frame
         value = {"mean": round(float(frame.image.mean()), 2), "shape": list(frame.image.shape)}
         latency = time.monotonic() - frame.t_mono
-        self.stats.outcome(self.query_id, Outcome.INFERRED, latency)
+        self.stats.record(self.qstats, Outcome.INFERRED, latency)
         self.hub.emit(QueryResult(self.query_id, frame.camera, frame.seq, frame.t_capture,
                                   Outcome.INFERRED, value, latency, source_seq=frame.seq))
 
@@ -104,7 +104,7 @@ class ModelQuery:
         self._last_done: Optional[_Inference] = None   # newest kept frame with a result
         self._min_interval = 1.0 / cfg.sla.fps if cfg.sla.fps else 0.0
         self._last_considered_t: Optional[float] = None
-        stats.add_query(cfg.id, cfg.camera)
+        self.qstats = stats.add_query(cfg.id, cfg.camera)
         stats.set_gauges(cfg.id, model=worker.key, task=cfg.task.type,
                          accuracy_target=cfg.accuracy_target, filter=self._filter_stats)
 
@@ -153,7 +153,7 @@ class ModelQuery:
         source = self._last_done
         if source is None:  # nothing inferred yet: the kept frame it would reuse was dropped
             reason = latest.failed if latest is not None and latest.failed else DropReason.ERROR
-            self.stats.outcome(self.query_id, Outcome.DROPPED, reason=reason)
+            self.stats.record(self.qstats, Outcome.DROPPED, reason=reason)
             return
         self._emit_reused(frame, source)
 
@@ -183,7 +183,7 @@ class ModelQuery:
                 self._last_done = inference
             latency = finished_mono - frame.t_mono
             outcome = Outcome.INFERRED if tier is None else Outcome.OFFLOADED
-            self.stats.outcome(self.query_id, outcome, latency)
+            self.stats.record(self.qstats, outcome, latency)
             self.hub.emit(QueryResult(self.query_id, frame.camera, frame.seq, frame.t_capture, outcome, value,
                                       latency, 0, frame.seq, extra={} if tier is None else {"tier": tier}))
             waiting, inference.waiting = inference.waiting, []
@@ -196,19 +196,19 @@ class ModelQuery:
         inference: _Inference = item.context
         with self._lock:
             inference.failed = reason
-            self.stats.outcome(self.query_id, Outcome.DROPPED, reason=reason)
+            self.stats.record(self.qstats, Outcome.DROPPED, reason=reason)
             waiting, inference.waiting = inference.waiting, []
             for frame, _ in waiting:
                 if self._last_done is not None:
                     self._emit_reused(frame, self._last_done)
                 else:
-                    self.stats.outcome(self.query_id, Outcome.DROPPED, reason=reason)
+                    self.stats.record(self.qstats, Outcome.DROPPED, reason=reason)
             if self.filter is not None and self._latest is inference:
                 self.filter.forget_reference()   # compare the next frame with something we have a result for
 
     def _emit_reused(self, frame: Frame, source: _Inference) -> None:
         latency = time.monotonic() - frame.t_mono
-        self.stats.outcome(self.query_id, Outcome.REUSED, latency)
+        self.stats.record(self.qstats, Outcome.REUSED, latency)
         self.hub.emit(QueryResult(self.query_id, frame.camera, frame.seq, frame.t_capture, Outcome.REUSED,
                                   source.value, latency, frame.seq - source.seq, source.seq))
 

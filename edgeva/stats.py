@@ -222,10 +222,15 @@ class StatsRegistry:
     # -- query outcomes
     def outcome(self, query: str, outcome: Outcome, latency_s: float | None = None,
                 reason: DropReason | None = None) -> None:
+        qs = self.queries.get(query)
+        if qs is not None:
+            self.record(qs, outcome, latency_s, reason)
+
+    def record(self, qs: QueryStats, outcome: Outcome, latency_s: float | None = None,
+               reason: DropReason | None = None) -> None:
+        """Count into the stats a runtime was given: after a reload moved its query, a retired
+        runtime's late results land in its own (retired) counters, never in its successor's."""
         with self._lock:
-            qs = self.queries.get(query)
-            if qs is None:
-                return
             if outcome is Outcome.DROPPED:
                 key = (reason or DropReason.ERROR).value
                 qs.dropped[key] = qs.dropped.get(key, 0) + 1
@@ -262,10 +267,12 @@ class StatsRegistry:
                 snap[name] = {"error": f"{type(exc).__name__}: {exc}"}
         return snap
 
-    def accounting_errors(self) -> list[str]:
-        """Queries whose buckets exceed what came in (a double count); empty when consistent."""
+    def accounting_errors(self, stopped: bool = False) -> list[str]:
+        """Queries whose buckets exceed what came in (a double count) or, once everything has
+        stopped, that still have frames in flight (a lost frame); empty when consistent."""
         with self._lock:
-            return [f"{q.query}: in_flight={q.in_flight}" for q in self.queries.values() if q.in_flight < 0]
+            return [f"{q.query}: in_flight={q.in_flight}" for q in self.queries.values()
+                    if q.in_flight < 0 or (stopped and q.in_flight != 0)]
 
 
 def format_table(snapshot: dict[str, Any]) -> str:

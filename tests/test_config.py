@@ -60,6 +60,10 @@ def test_valid_config_converts_types_and_resolves_paths(tmp_path, clip):
     (lambda c: c.update(gpu={"device": "tpu"}), "gpu.device", "auto, cpu, cuda"),
     (lambda c: c.update(stats={"endpoint": "localhost:5555"}), "stats.endpoint", "not a ZeroMQ endpoint"),
     (lambda c: c.update(queries={"q1": {}}), "queries", "expected a list"),
+    (lambda c: c["cameras"][0].update(source="ftp://10.0.0.5/cam.mp4"), "cameras[0].source",
+     "unsupported source scheme 'ftp'"),
+    (lambda c: c.update(sinks={"flush_s": 0}), "sinks.flush_s", "must be > 0"),
+    (lambda c: c.update(stats={"max_request_bytes": -1}), "stats.max_request_bytes", ">= 64"),
     (lambda c: c["queries"][0].update(weights="missing.pt", model="resnet18"), "queries[0].weights",
      "file not found"),
 ])

@@ -125,16 +125,16 @@ def test_service_lifecycle_ready_stats_reload_stop(tmp_path):
 class _SlowQuery:
     """A query that takes a while per frame, so the camera buffer overflows."""
 
-    def __init__(self, query_id: str, stats, delay_s: float):
+    def __init__(self, query_id: str, stats, delay_s: float, camera: str = "cam"):
         self.query_id = query_id
         self.stats = stats
         self.delay_s = delay_s
-        stats.add_query(query_id, "cam")
+        self.qstats = stats.add_query(query_id, camera)
 
     def submit(self, view) -> None:
         frame = view.frame
         time.sleep(self.delay_s)
-        self.stats.outcome(self.query_id, Outcome.INFERRED, time.monotonic() - frame.t_mono)
+        self.stats.record(self.qstats, Outcome.INFERRED, time.monotonic() - frame.t_mono)
 
 
 def test_accounting_adds_up_with_buffer_drops(tmp_path):
@@ -204,3 +204,38 @@ def test_a_crashed_reader_is_restarted(tmp_path, monkeypatch):
         runner.join(10)
     s = daemon.stats.snapshot()["queries"]["q"]
     assert s["in_flight"] == 0
+
+
+def test_reload_moving_a_query_between_cameras_keeps_accounting(tmp_path):
+    clip = write_test_clip(tmp_path / "c.mp4", frames=40, fps=40)
+    cams = [{"id": "cam1", "source": str(clip), "loop": True}, {"id": "cam2", "source": str(clip), "loop": True}]
+    cfg_path = _config(tmp_path, cams, [{"id": "q1", "camera": "cam1"}])
+    daemon = Daemon(load_config(cfg_path), notifier=Notifier({}))
+    daemon._build_query = lambda q, **_: _SlowQuery(q.id, daemon.stats, 0.002, q.camera)  # type: ignore
+    daemon.start()
+    try:
+        _wait_for(lambda: daemon.stats.snapshot()["queries"]["q1"]["inferred"] > 20, 15, "frames on cam1")
+        _config(tmp_path, cams, [{"id": "q1", "camera": "cam2"}])
+        assert daemon.reload()
+        _wait_for(lambda: daemon.stats.snapshot()["queries"]["q1"]["inferred"] > 20, 15, "frames on cam2")
+        assert daemon.stats.snapshot()["queries"]["q1"]["camera"] == "cam2"
+    finally:
+        daemon.request_stop()
+        daemon.serve()
+    assert daemon.stats.accounting_errors(stopped=True) == []
+
+
+def test_reload_with_an_unsupported_source_is_rejected_before_anything_stops(tmp_path):
+    clip = write_test_clip(tmp_path / "c.mp4", frames=40, fps=40)
+    cam = {"id": "cam", "source": str(clip), "loop": True}
+    cfg_path = _config(tmp_path, [cam], [{"id": "q", "camera": "cam"}])
+    daemon = Daemon(load_config(cfg_path), notifier=Notifier({}))
+    daemon.start()
+    try:
+        running = daemon.cameras["cam"]
+        _config(tmp_path, [{**cam, "source": "ftp://10.0.0.5/cam.mp4"}], [{"id": "q", "camera": "cam"}])
+        assert not daemon.reload() and daemon.reload_errors == 1
+        assert daemon.cameras["cam"] is running and running.alive()
+    finally:
+        daemon.request_stop()
+        daemon.serve()

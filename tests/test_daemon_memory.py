@@ -99,3 +99,21 @@ def test_daemon_runs_a_merged_bundle_with_shared_tensors_counted_once(tmp_path):
         daemon.request_stop()
     snap = daemon.stats.snapshot()
     assert snap["queries"]["q0"]["inferred"] > 0 and snap["queries"]["q1"]["inferred"] > 0
+
+
+def test_reload_with_a_budget_too_small_is_rejected_and_keeps_running(tmp_path):
+    cfg = _config(tmp_path, 48)
+    daemon = Daemon(cfg, notifier=Notifier({}))
+    daemon.start()
+    try:
+        raw = yaml.safe_load(open(cfg.source_path))
+        raw["gpu"]["memory_budget_mb"] = 20      # resnet18 alone needs ~45 MiB
+        with open(cfg.source_path, "w") as f:
+            yaml.safe_dump(raw, f)
+        cameras = dict(daemon.cameras)
+        assert not daemon.reload() and daemon.reload_errors == 1
+        assert daemon.cameras == cameras and all(p.alive() for p in cameras.values())
+        assert daemon.models.scheduler is not None
+    finally:
+        daemon.request_stop()
+        daemon.serve()

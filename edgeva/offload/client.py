@@ -197,9 +197,8 @@ def _drop_once(request: _Request, reason: DropReason) -> None:
 def _run_fallback(request: _Request, reason: DropReason) -> None:
     try:
         request.port.fallback(request.item, reason)
-    except Exception:
+    except Exception:  # the fallback already handed the item on: a second callback would double-count
         log.exception("offload fallback failed")
-        request.item.owner.dropped(request.item, reason)
 
 
 # ----------------------------------------------------------------------------- one tier
@@ -437,6 +436,10 @@ class OffloadClient:
                     poller.register(sock, zmq.POLLIN)
                     for request in list(self._in_flight.values()):
                         self._resend(sock, request)
+        except Exception:  # a bug here must not strand requests: the tier is treated as down for good
+            log.exception("tier %s: I/O thread failed; treating the tier as down", self.name)
+            self._set_state(TierState.DOWN)
+            self._fail_all(DropReason.TIER_DOWN)
         finally:
             self._shutdown_requests()
             sock.close(0)
@@ -578,8 +581,8 @@ class OffloadClient:
         assert isinstance(message, p.Result)
         try:
             output = message.decoded_output()
-        except p.ProtocolError as exc:
-            log.warning("tier %s: undecodable result for %s: %s", self.name, request.port.key, exc.message)
+        except Exception as exc:  # ProtocolError, or anything a hostile or buggy worker can provoke
+            log.warning("tier %s: undecodable result for %s: %s", self.name, request.port.key, exc)
             self._release(request, DropReason.ERROR, reroutable=True)
             return
         rtt_ms = (now - request.sent_mono) * 1000.0

@@ -140,7 +140,7 @@ def decode_frame(meta: Any, payload: bytes) -> np.ndarray:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"frame.encoding must be one of {FRAME_ENCODINGS}")
     shape = meta.get("shape")
     if (not isinstance(shape, list) or len(shape) != 3 or shape[2:] != [3]
-            or not all(isinstance(d, int) and 0 < d <= MAX_DIM for d in shape)):
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_DIM for d in shape)):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frame.shape must be [height, width, 3]")
     if meta["encoding"] == "raw":
         return array_from_bytes(payload, ArraySpec("uint8", tuple(shape)), "raw frame")
@@ -176,7 +176,9 @@ def decode_output(meta: Any, payload: bytes) -> Output:
     if not isinstance(meta, dict) or meta.get("type") not in ("detections", "class_probs"):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "output.type must be detections or class_probs")
     arrays: dict[str, np.ndarray] = {}
-    for entry in meta.get("arrays") or []:
+    if not isinstance(meta.get("arrays"), list):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "output.arrays must be a list")
+    for entry in meta["arrays"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "output.arrays entries need a name")
         spec = ArraySpec.from_json(entry, f"output.{entry['name']}")
@@ -189,7 +191,7 @@ def decode_output(meta: Any, payload: bytes) -> Output:
         if meta["type"] == "detections":
             return Detections(arrays["boxes"], arrays["scores"], arrays["class_ids"])
         return ClassProbs(arrays["probs"])
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:   # TypeError: e.g. 0-d arrays have no len()
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"output arrays do not form a {meta['type']}: {exc}") from None
 
 

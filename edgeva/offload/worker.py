@@ -144,6 +144,7 @@ class OffloadWorker:
         self._wake_r, self._wake_w = os.pipe()
         self._stop_requested = threading.Event()
         self._compute_stop = False
+        self._running = 0                   # jobs in the batch the compute thread is running
         self._compute = threading.Thread(target=self._compute_loop, name="offload-compute", daemon=True)
         self._started_mono = time.monotonic()
 
@@ -209,6 +210,8 @@ class OffloadWorker:
             self._jobs_cond.notify_all()
         if self._compute.is_alive():
             self._compute.join(timeout=5)
+        if self._sock is not None:
+            self._flush_outbox()   # replies of the batch that was running when the stop came
         for sock in (self._monitor, self._sock):
             if sock is not None:
                 sock.close(0)
@@ -333,8 +336,9 @@ class OffloadWorker:
                 "errors_by_code": dict(self.errors_by_code)}
 
     def _queued(self) -> int:
+        """Requests not answered yet: waiting, or in the batch the compute thread is running."""
         with self._jobs_cond:
-            return len(self._jobs)
+            return len(self._jobs) + self._running
 
     def _outbox_empty(self) -> bool:
         with self._outbox_lock:
@@ -358,7 +362,17 @@ class OffloadWorker:
                 key = first.batch_key()
                 while self._jobs and len(batch) < self.options.max_batch and self._jobs[0].batch_key() == key:
                     batch.append(self._jobs.popleft())
-            self._run_batch(batch)
+                self._running = len(batch)
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # the compute thread must outlive any one request
+                log.exception("batch of %d failed", len(batch))
+                for job in batch:
+                    self._reply(job.envelope, p.ErrorReply(job.request.id, p.ErrorCode.INTERNAL,
+                                                           f"{type(exc).__name__}: {exc}"))
+            finally:
+                with self._jobs_cond:
+                    self._running = 0
             try:
                 os.write(self._wake_w, b"r")
             except OSError:
@@ -378,6 +392,9 @@ class OffloadWorker:
             except p.ProtocolError as exc:
                 exc.request_id = job.request.id
                 self._reply(job.envelope, p.ErrorReply.from_exception(exc))
+            except Exception as exc:  # hostile input must never reach the compute loop
+                self._reply(job.envelope, p.ErrorReply(job.request.id, p.ErrorCode.BAD_REQUEST,
+                                                       f"undecodable input: {type(exc).__name__}: {exc}"))
         if not runnable:
             return
         started = time.monotonic()
@@ -395,8 +412,17 @@ class OffloadWorker:
                                                        f"inference failed: {type(exc).__name__}: {exc}"))
             return
         finished = time.monotonic()
-        for (job, _), output in zip(runnable, outputs):
-            meta, payload = p.encode_output(output)
+        if len(outputs) != len(runnable):
+            log.error("model returned %d outputs for %d inputs", len(outputs), len(runnable))
+        for i, (job, _) in enumerate(runnable):
+            try:
+                if i >= len(outputs):
+                    raise ValueError("the model returned no output for this input")
+                meta, payload = p.encode_output(outputs[i])
+            except Exception as exc:
+                self._reply(job.envelope, p.ErrorReply(job.request.id, p.ErrorCode.INTERNAL,
+                                                       f"output failed: {type(exc).__name__}: {exc}"))
+                continue
             self._reply(job.envelope, p.Result(job.request.id, meta, payload, worker=self.options.name,
                                                queue_ms=(started - job.received_mono) * 1000.0,
                                                infer_ms=(finished - started) * 1000.0))
