@@ -45,7 +45,10 @@ class ResultHub:
                 if self.sink_errors in (1, 10, 100) or self.sink_errors % 1000 == 0:
                     log.exception("sink %s failed (%d errors so far)", type(sink).__name__, self.sink_errors)
         for tap in taps:
-            tap(result)
+            try:
+                tap(result)
+            except Exception:   # emit runs inside a query's bookkeeping: a tap must not break it
+                log.exception("result tap failed")
 
     def close(self) -> None:
         with self._lock:

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS results (
     source_seq  INTEGER
 );
 CREATE INDEX IF NOT EXISTS results_query_time ON results (query, t_capture);
+CREATE INDEX IF NOT EXISTS results_time ON results (t_capture);
 """
 
 _INSERT = ("INSERT INTO results (query, camera, seq, t_capture, outcome, value, latency_ms, age_frames, source_seq)"
@@ -113,7 +114,7 @@ class SQLiteSink:
                 cur = conn.execute("DELETE FROM results WHERE t_capture < ?", (time.time() - self.retention_s,))
             self.pruned += cur.rowcount
             if cur.rowcount:
-                conn.execute("PRAGMA incremental_vacuum")
+                conn.execute("PRAGMA incremental_vacuum").fetchall()   # each row frees a page: step it through
         except sqlite3.Error:
             log.exception("sqlite sink: pruning old results failed")
 

@@ -78,12 +78,13 @@ class CallbackThread:
         self._tasks: deque[Callable[[], None]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._done = False          # set under the lock by the thread as it exits: no task is left behind
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def defer(self, task: Callable[[], None]) -> None:
         with self._cond:
-            if not self._stopping or self._thread.is_alive():
+            if not self._done:
                 self._tasks.append(task)
                 self._cond.notify()
                 return
@@ -103,6 +104,7 @@ class CallbackThread:
                 while not self._tasks and not self._stopping:
                     self._cond.wait(timeout=0.5)
                 if not self._tasks:
+                    self._done = True
                     return
                 task = self._tasks.popleft()
             try:
@@ -254,6 +256,7 @@ class OffloadClient:
         self._ids = itertools.count(1)
         self._id_prefix = f"{self.name}.{os.getpid()}.{id(self) & 0xFFFF:x}"
         self._wake_r, self._wake_w = os.pipe()
+        self._stopped = False
         self._stopping = False
         self._thread = threading.Thread(target=self._io_loop, name=f"offload-{self.name}", daemon=True)
         self._state_changed = threading.Condition(self._lock)
@@ -266,11 +269,19 @@ class OffloadClient:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Ends the I/O thread; what is still in flight is dropped with reason shutdown."""
         with self._lock:
+            if self._stopped:
+                return   # the pipe's fds may already belong to someone else: never close them twice
             self._stopping = True
         self._wake()
-        self._thread.join(timeout=timeout_s)
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout_s)
         if self._own_callbacks:
             self.callbacks.stop(timeout_s)
+        if self._thread.is_alive():
+            log.warning("tier %s: I/O thread did not stop within %.1f s", self.name, timeout_s)
+            return   # it still polls the wake pipe: leave it open rather than pull it from under it
+        with self._lock:
+            self._stopped = True
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -375,6 +386,8 @@ class OffloadClient:
         self._router.failed(request, self, reason, reroutable)
 
     def _wake(self) -> None:
+        if self._stopped:   # the pipe is closed and its fd numbers may be reused
+            return
         try:
             os.write(self._wake_w, b"w")
         except OSError:

@@ -384,8 +384,9 @@ def _build(kind: str, request_id: str, header: dict[str, Any], payload: bytes) -
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"an {kind} request needs a non-empty id")
     model = ModelKey.parse(header.get("model"))
     budget = header.get("budget_ms")
-    if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget < 0):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "budget_ms must be a non-negative number or null")
+    if budget is not None and (not isinstance(budget, (int, float)) or isinstance(budget, bool)
+                               or not math.isfinite(budget) or budget < 0):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "budget_ms must be a finite non-negative number or null")
     if kind == "infer":
         frame = header.get("frame")
         decode_frame_meta_only(frame)
