@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -585,3 +586,24 @@ def test_tier_group_moves_traffic_off_a_killed_worker_and_accounts_for_every_ite
     assert moved >= (in_flight_at_kill or 0), snap
     print(f"\nkill mid-stream: submitted {submitted}, {dict(kinds)}, refused {len(refused)}, "
           f"in flight on b at kill {in_flight_at_kill}, rerouted {snap['rerouted']}, fallbacks {snap['fallbacks']}")
+
+
+def test_compressed_frames_cannot_claim_more_pixels_than_their_header_or_the_limit():
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def png_claiming(h: int, w: int) -> bytes:
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+    with pytest.raises(p.ProtocolError, match="60000x60000, header says 8x8"):
+        p.decode_frame({"encoding": "png", "shape": [8, 8, 3]}, png_claiming(60000, 60000))
+    with pytest.raises(p.ProtocolError, match="pixel limit") as err:
+        p.decode_frame({"encoding": "png", "shape": [60000, 60000, 3]}, png_claiming(60000, 60000))
+    assert err.value.code == p.ErrorCode.TOO_LARGE
+    ok, jpeg = cv2.imencode(".jpg", np.zeros((30, 40, 3), np.uint8))
+    assert p.encoded_image_size(jpeg.tobytes()) == (30, 40)
+    assert p.decode_frame({"encoding": "jpeg", "shape": [30, 40, 3]}, jpeg.tobytes()).shape == (30, 40, 3)

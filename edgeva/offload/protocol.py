@@ -32,6 +32,7 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_ID_CHARS = 128
 MAX_DIMS = 6
 MAX_DIM = 1 << 16
+MAX_FRAME_PIXELS = 1 << 26          # 8192 x 8192: far above any camera, far below a decompression bomb
 ALLOWED_DTYPES = ("uint8", "int32", "int64", "float16", "float32", "float64")
 FRAME_ENCODINGS = ("jpeg", "png", "raw")
 
@@ -142,14 +143,44 @@ def decode_frame(meta: Any, payload: bytes) -> np.ndarray:
     if (not isinstance(shape, list) or len(shape) != 3 or shape[2:] != [3]
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_DIM for d in shape)):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frame.shape must be [height, width, 3]")
+    if shape[0] * shape[1] > MAX_FRAME_PIXELS:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"a {shape[0]}x{shape[1]} frame is over the "
+                                                 f"{MAX_FRAME_PIXELS} pixel limit")
     if meta["encoding"] == "raw":
         return array_from_bytes(payload, ArraySpec("uint8", tuple(shape)), "raw frame")
+    declared = encoded_image_size(payload)
+    if declared is not None and declared != (shape[0], shape[1]):
+        # Checked before decoding: a few bytes of PNG can claim gigapixels (a decompression bomb).
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"image is {declared[0]}x{declared[1]}, header says "
+                                                   f"{shape[0]}x{shape[1]}")
     image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR) if payload else None
     if image is None:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"payload is not a decodable {meta['encoding']} image")
     if list(image.shape) != shape:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"decoded image is {list(image.shape)}, header says {shape}")
     return image
+
+
+def encoded_image_size(payload: bytes) -> Optional[tuple[int, int]]:
+    """(height, width) a PNG or JPEG says it has, read from its header without decoding;
+    None when the header cannot be read (cv2 then refuses the payload anyway)."""
+    if payload[:8] == b"\x89PNG\r\n\x1a\n" and len(payload) >= 24 and payload[12:16] == b"IHDR":
+        return int.from_bytes(payload[20:24], "big"), int.from_bytes(payload[16:20], "big")
+    if payload[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 < len(payload):
+        if payload[i] != 0xFF:
+            return None
+        marker = payload[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:   # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(payload[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):   # start of frame
+            return int.from_bytes(payload[i + 5:i + 7], "big"), int.from_bytes(payload[i + 7:i + 9], "big")
+        i += 2 + length
+    return None
 
 
 # ----------------------------------------------------------------------------- outputs

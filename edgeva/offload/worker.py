@@ -68,12 +68,15 @@ class _Job:
 class ModelCache:
     """Models by key, built on first use; a failed load is remembered for `retry_after_s`."""
 
+    MAX_MODELS = 8          # least recently used ones beyond this are unloaded
+    MAX_FAILURES = 256
+
     def __init__(self, allowed: Optional[Sequence[str]], device: str, download: bool, retry_after_s: float = 10.0):
         self.allowed = list(allowed) if allowed else None
         self.device = device
         self.download = download
         self.retry_after_s = retry_after_s
-        self._models: dict[str, Any] = {}
+        self._models: dict[str, Any] = {}   # insertion order = recency (moved to the end on use)
         self._splits: dict[str, Any] = {}
         self._failures: dict[str, tuple[float, str]] = {}
 
@@ -88,25 +91,32 @@ class ModelCache:
         return sorted(self._models)
 
     def get(self, key: p.ModelKey) -> Any:
-        model = self._models.get(key.text)
+        model = self._models.pop(key.text, None)
         if model is not None:
+            self._models[key.text] = model
             return model
         failed = self._failures.get(key.text)
         if failed is not None and time.monotonic() - failed[0] < self.retry_after_s:
             raise p.ProtocolError(p.ErrorCode.MODEL_UNAVAILABLE, failed[1])
         from edgeva.models import build_model
-        from edgeva.models.errors import ModelLoadError
 
         started = time.monotonic()
         try:
             model = build_model(key.name, key.weights, self.download, self.device)
-        except ModelLoadError as exc:
+        except Exception as exc:   # ModelLoadError, or anything a strange weights file provokes
             message = f"cannot load {key.text}: {exc}"
+            if len(self._failures) >= self.MAX_FAILURES:
+                self._failures.pop(next(iter(self._failures)))
             self._failures[key.text] = (time.monotonic(), message)
             log.warning("%s", message)
             raise p.ProtocolError(p.ErrorCode.MODEL_UNAVAILABLE, message) from None
         log.info("loaded %s in %.2f s", key.text, time.monotonic() - started)
         self._models[key.text] = model
+        while len(self._models) > self.MAX_MODELS:
+            evicted = next(iter(self._models))
+            self._models.pop(evicted)
+            self._splits.pop(evicted, None)
+            log.info("unloaded %s (least recently used)", evicted)
         return model
 
     def split(self, key: p.ModelKey) -> Any:
