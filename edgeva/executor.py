@@ -262,8 +262,9 @@ class ModelPool:
         for key in wanted:
             capacity = sum(x.queue for x in cfg.queries if model_key(x) == key)
             worker = self.workers.get(key)
-            if worker is not None and (worker.max_batch, worker.capacity) != (cfg.gpu.max_batch, capacity):
-                self.workers.pop(key).stop()   # new batch size or queue room: a fresh worker
+            if worker is not None and ((worker.max_batch, worker.capacity) != (cfg.gpu.max_batch, capacity)
+                                       or worker.model is not self.models[key]):
+                self.workers.pop(key).stop()   # new batch size, queue room or (merged) model: a fresh worker
             if key not in self.workers:
                 worker = ModelWorker(key, self.models[key], max_batch=cfg.gpu.max_batch, capacity=capacity)
                 worker.start()
@@ -272,25 +273,33 @@ class ModelPool:
         return replaced
 
     def build(self, cfg: Any, wanted: dict[str, Any]) -> None:
-        """Load every model not loaded yet and check each task fits its model; nothing is stopped."""
+        """Load every model not loaded yet and check each task (and the budget) fits; nothing is
+        stopped, and nothing is kept unless every check passes (a rejected reload leaves no trace)."""
         from edgeva.config import ConfigError
         from edgeva.models import build_model
         from edgeva.models.errors import ModelLoadError, TaskError
         from edgeva.models.tasks import build_task
 
+        staged: dict[str, Any] = {}
+        bundle = None
         if cfg.merging.bundle and cfg.merging.bundle != self.bundle_path:
-            self._load_bundle(cfg, set(wanted))
+            bundle = self._read_bundle(cfg, set(wanted))
+            staged.update(bundle.models)
+
+        def model_of(key: str) -> Any:
+            return staged[key] if key in staged else self.models.get(key)
+
         for key, (i, q) in wanted.items():
-            if key not in self.models:
+            if model_of(key) is None:
                 try:
-                    self.models[key] = build_model(q.model, q.weights, q.download, cfg.gpu.device)
+                    staged[key] = build_model(q.model, q.weights, q.download, cfg.gpu.device)
                 except ModelLoadError as exc:
                     raise ConfigError(f"queries[{i}].weights" if q.weights else f"queries[{i}].model",
                                       f"query {q.id!r}: {exc}") from None
         for i, q in enumerate(cfg.queries):
             if q.task.type != "passthrough":
                 try:
-                    build_task(q.task, self.models[model_key(q)], q.id)
+                    build_task(q.task, model_of(model_key(q)), q.id)
                 except TaskError as exc:
                     raise ConfigError(f"queries[{i}].task", str(exc)) from None
         if cfg.gpu.memory_budget_mb is not None:
@@ -298,7 +307,7 @@ class ModelPool:
 
             budget = int(cfg.gpu.memory_budget_mb * 2**20)
             for key in wanted:
-                module = getattr(self.models[key], "module", None)
+                module = getattr(model_of(key), "module", None)
                 if module is None:
                     raise ConfigError("gpu.memory_budget_mb", f"model {key} is not a torch module: a memory "
                                                               f"budget needs models it can swap layer by layer")
@@ -307,9 +316,13 @@ class ModelPool:
                     raise ConfigError("gpu.memory_budget_mb", f"model {key} needs {size / 2**20:.1f} MiB of "
                                                               f"weights, more than the whole budget of "
                                                               f"{cfg.gpu.memory_budget_mb:g} MiB")
+        self.models.update(staged)
+        if bundle is not None:
+            self.bundle_path = cfg.merging.bundle
+            self.bundle_report = bundle.report
 
-    def _load_bundle(self, cfg: Any, keys: set[str]) -> None:
-        """Models of a merged bundle: shared layers are the same tensors in every model using them."""
+    def _read_bundle(self, cfg: Any, keys: set[str]) -> Any:
+        """A merged bundle's models: shared layers are the same tensors in every model using them."""
         from edgeva.config import ConfigError
         from edgeva.merging import BundleError, load_bundle
 
@@ -321,17 +334,15 @@ class ModelPool:
         if unused:
             raise ConfigError("merging.bundle", f"the bundle has models no query uses: {', '.join(unused)} "
                                                 f"(merged for another config?)")
-        for key, model in bundle.models.items():
-            self.models[key] = model
-        self.bundle_path = cfg.merging.bundle
-        self.bundle_report = bundle.report
+        return bundle
 
     def _sync_scheduler(self, cfg: Any, keys: set[str]) -> set[str]:
         from edgeva.config import ConfigError
         from edgeva.memory import ModelTooLargeError
         from edgeva.scheduler import SwapOptions, SwapScheduler
 
-        signature = (frozenset(keys), cfg.gpu.memory_budget_mb, cfg.gpu.max_batch, cfg.gpu.simulated_bandwidth_gbps)
+        signature = (tuple((k, id(self.models[k])) for k in sorted(keys)), cfg.gpu.memory_budget_mb,
+                     cfg.gpu.max_batch, cfg.gpu.simulated_bandwidth_gbps)
         if self.scheduler is not None and signature == self._budget_signature:
             return set()
         for worker in self.workers.values():

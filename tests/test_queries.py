@@ -351,3 +351,21 @@ def test_a_model_returning_too_few_outputs_drops_the_rest_with_error():
         time.sleep(0.02)
     worker.stop()
     assert len(owner.done) == 3 and owner.dropped_reasons == [DropReason.ERROR]
+
+
+def test_a_rejected_reload_loads_nothing_it_keeps(street, tmp_path, monkeypatch):
+    from edgeva.executor import ModelPool
+
+    _, blob = street
+    monkeypatch.setattr("edgeva.models.build_model", lambda *a, **k: blob)
+    pool = ModelPool()
+    from edgeva.config import parse_config
+
+    cfg = parse_config({"cameras": [{"id": "c", "source": "rtsp://x/y"}],
+                        "queries": [{"id": "a", "camera": "c", "model": "yolov8n", "task": {"type": "count",
+                                                                                           "classes": ["car"]}},
+                                    {"id": "b", "camera": "c", "model": "yolov8s",
+                                     "task": {"type": "count", "classes": ["no-such-class"]}}]})
+    with pytest.raises(ConfigError):
+        pool.build(cfg, {"yolov8n@init": (0, cfg.queries[0]), "yolov8s@init": (1, cfg.queries[1])})
+    assert pool.models == {}
