@@ -81,9 +81,6 @@ class CameraConfig:
         self.reconnect.validate(f"{path}.reconnect")
 
 
-TASK_TYPES = ("passthrough", "count", "detect", "classify", "presence")
-
-
 @dataclass
 class TaskConfig:
     type: Literal["passthrough", "count", "detect", "classify", "presence"] = "passthrough"

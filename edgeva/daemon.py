@@ -131,10 +131,6 @@ class Daemon:
         self._stop_pipelines(pipelines)
         self._stop_tier_groups(set(self.tier_groups))   # their fallbacks submit to the local models
         self.models.stop()
-        for q in self._all_queries(pipelines):
-            close = getattr(q, "close", None)
-            if close is not None:
-                close()
         self.hub.close()
         if self.control is not None:
             self.control.stop()
@@ -303,10 +299,6 @@ class Daemon:
                 self.hub.add_sink(ZmqPubSink(sinks.zmq_pub))
             except zmq.ZMQError as exc:
                 raise ConfigError("sinks.zmq_pub", f"cannot bind {sinks.zmq_pub}: {exc}") from None
-
-    @staticmethod
-    def _all_queries(pipelines: list[CameraPipeline]) -> list[QueryRuntime]:
-        return [q for p in pipelines for q in p.queries]
 
     # ------------------------------------------------------------ views
     def _drained(self) -> bool:

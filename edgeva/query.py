@@ -56,9 +56,6 @@ class PassthroughQuery:
         self.hub.emit(QueryResult(self.query_id, frame.camera, frame.seq, frame.t_capture,
                                   Outcome.INFERRED, value, latency, source_seq=frame.seq))
 
-    def close(self) -> None:
-        pass
-
 
 @dataclass
 class _Inference:
@@ -240,6 +237,3 @@ class ModelQuery:
         s = self.filter.stats()
         s["retunes"] = self.retunes
         return s
-
-    def close(self) -> None:
-        pass

@@ -16,7 +16,7 @@ import yaml
 from edgeva.config import load_config
 from edgeva.control import request
 from edgeva.daemon import Daemon
-from edgeva.messages import DropReason, Frame, Outcome
+from edgeva.messages import DropReason, Outcome
 from edgeva.systemd import Notifier
 from tests.conftest import write_test_clip
 

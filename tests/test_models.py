@@ -11,7 +11,6 @@ import importlib.util
 import logging
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 

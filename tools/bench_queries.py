@@ -95,7 +95,6 @@ def bench_filter(seconds: float, model, plot_points: dict) -> list[FilterRow]:
     from edgeva.synthetic import PRESETS, SceneSpec, ensure_clip
 
     rows: list[FilterRow] = []
-    tmp = Path(tempfile.mkdtemp(prefix="edgeva-bench-"))
     # Generated clips: tune on the first part, measure on the rest (ground truth is known).
     for preset in ("demo", "quiet"):
         spec: SceneSpec = PRESETS[preset]

@@ -18,7 +18,6 @@ one shared core here runs ResNet50 at 64 px in ~30 ms, and 102 MB at 1 GB/s take
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import threading
 import time
@@ -38,8 +37,7 @@ from edgeva.messages import DropReason, Frame  # noqa: E402
 from edgeva.models.base import ZooModel  # noqa: E402
 from edgeva.models.device import resolve_device  # noqa: E402
 from edgeva.models.zoo import build_model  # noqa: E402
-from edgeva.scheduler import ExecutionOrder, SwapOptions, SwapScheduler  # noqa: E402
-from edgeva.memory import EvictionPolicy, Granularity  # noqa: E402
+from edgeva.scheduler import SwapOptions, SwapScheduler  # noqa: E402
 
 QUERIES = {  # query -> (zoo model, classes in its head)
     "r18-cars": ("resnet18", 1000),

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ..models.base import ZooModel
+from ..models.base import TorchZooModel, ZooModel
 from .analysis import LayerRef, SharingGroup
 from .memory import resident_weight_bytes
 from .workload import ModelBuilder, default_builder
@@ -136,10 +136,10 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu",
 
 
 def apply_bundle(model: ZooModel, module: nn.Module) -> ZooModel:
-    """Make a built ZooModel run the bundle's merged module (torch wrappers keep it in `_module`)."""
-    if not model.is_torch or not hasattr(model, "_module"):
+    """Make a built ZooModel run the bundle's merged module."""
+    if not isinstance(model, TorchZooModel):
         raise BundleError(f"{model.name}: not a torch model, a merged module cannot replace its weights")
-    model._module = module.eval().to(model.device)
+    model.replace_module(module)
     return model
 
 

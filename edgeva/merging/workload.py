@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import cv2
 import numpy as np
 
-from ..config import Config, QueryConfig, TaskConfig
+from ..config import Config, TaskConfig
 from ..executor import model_key  # the daemon's key: bundles are looked up by it
 from ..models.base import ZooModel
 

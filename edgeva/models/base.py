@@ -59,3 +59,26 @@ class ZooModel(ABC):
         source = self.weights or "random init"
         return (f"<{type(self).__name__} {self.name} {self.kind} {len(self.class_names)} classes "
                 f"on {self.device}, weights: {source}>")
+
+
+class TorchZooModel(ZooModel):
+    """A zoo model whose network is a torch module: what merging and memory management work on."""
+
+    is_torch = True
+
+    def __init__(self, device: torch.device, module: nn.Module) -> None:
+        super().__init__(device)
+        self._module = module.eval().to(device)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    def replace_module(self, module: nn.Module) -> None:
+        """Run another module of the same architecture (e.g. a merged one with shared layers)."""
+        self._module = module.eval().to(self.device)
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[Output]:
+        if self._module.training:   # distillation may have left it in train mode
+            self._module.eval()
+        return super().predict(images)

@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .base import ZooModel
+from .base import TorchZooModel, ZooModel
 from .checkpoints import load_into, read_state_dict
 from .coco import COCO91_TO_80, COCO_NAMES
 from .errors import ModelLoadError
@@ -124,23 +124,15 @@ def _wrap(name: str, spec: TorchvisionSpec, module: nn.Module, names: list[str],
     return cls(name, module, names, spec.input_size, weights, device)
 
 
-class TorchvisionClassifier(ZooModel):
+class TorchvisionClassifier(TorchZooModel):
     kind = "classifier"
-    is_torch = True
 
     def __init__(self, name: str, module: nn.Module, class_names: list[str], input_size: int,
                  weights: Optional[str], device: torch.device) -> None:
-        super().__init__(device)
+        super().__init__(device, module)
         self.name, self.class_names, self.input_size, self.weights = name, class_names, input_size, weights
-        self._module = module.eval().to(device)
-
-    @property
-    def module(self) -> nn.Module:
-        return self._module
 
     def _predict(self, images: list[np.ndarray]) -> list[Output]:
-        if self._module.training:
-            self._module.eval()
         x = resize_normalise(images, self.input_size).to(self.device)
         logits = self._module(x)
         logits = getattr(logits, "logits", logits)  # inception in train mode returns a named tuple
@@ -148,15 +140,13 @@ class TorchvisionClassifier(ZooModel):
         return [ClassProbs(p) for p in probs]
 
 
-class TorchvisionDetector(ZooModel):
+class TorchvisionDetector(TorchZooModel):
     kind = "detector"
-    is_torch = True
 
     def __init__(self, name: str, module: nn.Module, class_names: list[str], input_size: int,
                  weights: Optional[str], device: torch.device) -> None:
-        super().__init__(device)
+        super().__init__(device, module)
         self.name, self.class_names, self.input_size, self.weights = name, class_names, input_size, weights
-        self._module = module.eval().to(device)
         # Label 0 is background; a 91-label COCO head uses the original sparse category ids.
         predictor = getattr(getattr(module, "roi_heads", None), "box_predictor", None)
         num_labels = getattr(getattr(predictor, "cls_score", None), "out_features", len(COCO91_TO_80))
@@ -164,13 +154,7 @@ class TorchvisionDetector(ZooModel):
         mapping = COCO91_TO_80 if coco91 else (-1, *range(len(class_names)))
         self._label_to_class = np.asarray(mapping, dtype=np.int64)
 
-    @property
-    def module(self) -> nn.Module:
-        return self._module
-
     def _predict(self, images: list[np.ndarray]) -> list[Output]:
-        if self._module.training:
-            self._module.eval()
         results = self._module([t.to(self.device) for t in to_rgb_tensors(images)])
         outputs: list[Output] = []
         for r in results:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import ZooModel
+from .base import TorchZooModel, ZooModel
 from .coco import COCO_NAMES
 from .errors import ModelLoadError
 from .offline import allow_downloads, import_ultralytics
@@ -134,30 +134,22 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else "no details"
 
 
-class UltralyticsTorchDetector(ZooModel):
+class UltralyticsTorchDetector(TorchZooModel):
     """Runs the DetectionModel directly (own letterbox, one forward, ultralytics NMS): the
     ultralytics predictor would fuse Conv+BN in place, changing the module merging works on."""
 
     kind = "detector"
-    is_torch = True
 
     def __init__(self, name: str, module: nn.Module, weights: Optional[str], device: torch.device) -> None:
-        super().__init__(device)
+        super().__init__(device, module.float())
         self.name, self.weights, self.input_size = name, weights, INPUT_SIZE
-        self._module = module.float().eval().to(device)
         nc = int(getattr(module, "nc", 0) or module.yaml.get("nc", 80))
         self.class_names = _class_names(getattr(module, "names", None), nc)
         self._stride = max(32, int(module.stride.max())) if hasattr(module, "stride") else 32
 
-    @property
-    def module(self) -> nn.Module:
-        return self._module
-
     def _predict(self, images: list[np.ndarray]) -> list[Output]:
         from ultralytics.utils.nms import non_max_suppression
 
-        if self._module.training:
-            self._module.eval()
         x, boxes_in = letterbox_batch(images, self.input_size, self._stride)
         raw = self._module(x.to(self.device))
         per_image = non_max_suppression(raw, conf_thres=self.min_score, iou_thres=NMS_IOU,
