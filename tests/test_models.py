@@ -363,7 +363,12 @@ def test_count_agreement():
     assert CountTask.agreement({"car": 4}, {"car": 4}) == 1.0
     assert CountTask.agreement({"car": 3}, {"car": 4}) == pytest.approx(0.75)
     assert CountTask.agreement({"car": 0}, {"car": 2}) == 0.0
-    assert CountTask.agreement({"car": 2, "bus": 0}, {"car": 1, "bus": 0}) == pytest.approx(0.75)
+    assert CountTask.agreement({"car": 2, "bus": 0}, {"car": 1, "bus": 0}) == pytest.approx(0.5)
+    # Classes absent from both results cannot inflate the score.
+    assert CountTask.agreement({"car": 5, "bus": 0, "truck": 0}, {"car": 0, "bus": 0, "truck": 0}) == 0.0
+    # A car read as a truck agrees on nothing.
+    assert CountTask.agreement({"car": 1, "truck": 0}, {"car": 0, "truck": 1}) == 0.0
+    assert CountTask.agreement({"car": 3, "bus": 1}, {"car": 2, "bus": 1}) == pytest.approx(0.75)
     assert CountTask.agreement({}, {}) == 1.0
 
 

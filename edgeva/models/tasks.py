@@ -53,10 +53,17 @@ class CountTask(Task):
 
     @staticmethod
     def agreement(a: dict[str, int], b: dict[str, int]) -> float:
+        """Weighted Jaccard: sum_k min(a_k, b_k) / sum_k max(a_k, b_k); 1 when both are empty.
+
+        For one class this is 1 - |a-b|/max(a,b). Classes absent from both results add nothing
+        to either sum, so they cannot inflate the score (a per-class average gives 5 cars vs
+        none, with classes car/bus/truck, 0.67 rather than 0), and a car read as a truck
+        scores 0, not 1."""
         keys = set(a) | set(b)
-        if not keys:
+        most = sum(max(a.get(k, 0), b.get(k, 0)) for k in keys)
+        if most == 0:
             return 1.0
-        return sum(_count_agreement(a.get(k, 0), b.get(k, 0)) for k in keys) / len(keys)
+        return sum(min(a.get(k, 0), b.get(k, 0)) for k in keys) / most
 
 
 class DetectTask(Task):
@@ -212,8 +219,3 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
 
-
-def _count_agreement(a: int, b: int) -> float:
-    if a == 0 and b == 0:
-        return 1.0
-    return 1.0 - abs(a - b) / max(a, b)
