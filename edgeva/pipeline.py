@@ -42,6 +42,7 @@ class CameraPipeline:
         self.buffer = FrameBuffer(cfg.buffer, on_drop=self._on_buffer_drop)
         self.reader = CameraReader(cfg, self.buffer, stats)
         self._stop = threading.Event()
+        self._scenes: dict = {}      # the camera's background per filter differencer (dispatcher thread only)
         self._dispatcher = threading.Thread(target=self._dispatch, name=f"dispatch-{cfg.id}", daemon=True)
 
     @property
@@ -82,7 +83,7 @@ class CameraPipeline:
             frame = self.buffer.get(timeout=0.2)
             if frame is None:
                 continue
-            view = FrameView(frame, fps=self.reader.fps)
+            view = FrameView(frame, fps=self.reader.fps, scenes=self._scenes)
             for query in self.queries:
                 try:
                     query.submit(view)
