@@ -59,6 +59,8 @@ class CameraConfig:
     open_timeout_s: float = 10.0
     read_timeout_s: float = 5.0
     enabled: bool = True
+    # auto: NVDEC when a CUDA device and torchcodec/PyNvVideoCodec are present, else OpenCV.
+    decode: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self, path: str) -> None:
         _identifier(self.id, f"{path}.id")
