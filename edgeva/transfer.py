@@ -79,7 +79,7 @@ def rebind(owner: TensorOwner, flat: torch.Tensor) -> None:
     if owner.is_param:
         getattr(owner.module, owner.name).data = view
     else:
-        owner.module._buffers[owner.name] = view
+        setattr(owner.module, owner.name, view)   # a registered buffer: Module.__setattr__ rebinds it
 
 
 def flat_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
