@@ -59,6 +59,7 @@ class Daemon:
         self.stats.sections["daemon"] = self._daemon_section
         self.stats.sections["models"] = self.models.stats
         self.stats.sections["memory"] = self.models.memory_stats
+        self.stats.sections["device"] = self.models.device_stats
         self.stats.sections["offload"] = self._offload_section
         self.models.sync(self.cfg)      # a bad model or weights file fails here, before any camera
         self.routes = plan_routes(self.cfg)
@@ -265,7 +266,7 @@ class Daemon:
         if route.split_at:
             from edgeva.offload.split import SplitModel
 
-            split_model = SplitModel(local.model)
+            split_model = SplitModel(local.model, run=local.call)   # the head runs inside the local executor
         log.info("query %s: %s", q.id, route.describe())
         return group.port(model_key(q), fallback, model=local.model, split_at=route.split_at,
                           split_model=split_model)

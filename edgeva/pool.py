@@ -4,6 +4,11 @@ It builds and validates the workload's models (weights loaded, every task fits i
 merged bundles match the config, each model fits the memory budget) before anything is
 replaced, then keeps one ModelWorker per model, or one SwapScheduler for all of them under
 `gpu.memory_budget_mb`, in step with the config across reloads, and reports their memory.
+
+Models are built on the host. Without a budget the pool places each on the device; with one
+it leaves them on the host and the scheduler's memory manager is the only thing that puts
+weights on the device, so a workload larger than the device starts within the budget. Before
+an executor starts, each model's precision is chosen and checked (which warms it up).
 """
 from __future__ import annotations
 
@@ -14,11 +19,13 @@ import torch
 
 from edgeva.config import Config, ConfigError, model_key
 from edgeva.executor import ModelWorker
+from edgeva.gpu import device_report
 from edgeva.memory import ModelTooLargeError, nvml_device_stats, unique_bytes
 from edgeva.merging import BundleError, load_bundle
 from edgeva import models as zoo     # zoo.build_model looked up per call, so a stand-in can replace it
 from edgeva.models.device import resolve_device
 from edgeva.models.errors import ModelLoadError, TaskError
+from edgeva.models.precision import choose_precision
 from edgeva.models.tasks import build_task
 from edgeva.scheduler import SwapOptions, SwapScheduler
 
@@ -43,6 +50,8 @@ class ModelPool:
         self._stopped = False
         self.bundle_path: Optional[str] = None
         self.bundle_report: dict[str, Any] = {}
+        self.device: Optional[torch.device] = None
+        self._precision_checked: dict[str, tuple[Any, ...]] = {}   # key -> (model id, precision, threshold)
 
     def sync(self, cfg: Config) -> set[str]:
         """Build what the config needs and stop what it no longer uses. Returns the keys whose
@@ -54,8 +63,12 @@ class ModelPool:
                 wanted.setdefault(model_key(q), (i, q))
         if wanted:
             self.build(cfg, wanted)
+        self.device = _device(cfg)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True    # fixed input shapes per camera: autotune once
         for key in [k for k in self.models if k not in wanted]:
             self.models.pop(key)
+            self._precision_checked.pop(key, None)
             worker = self.workers.pop(key, None)
             if worker is not None:
                 worker.stop()
@@ -73,7 +86,11 @@ class ModelPool:
                                        or worker.model is not self.models[key]):
                 self.workers.pop(key).stop()   # new batch size, queue room or (merged) model: a fresh worker
             if key not in self.workers:
-                worker = ModelWorker(key, self.models[key], max_batch=cfg.gpu.max_batch, capacity=capacity)
+                model = self.models[key]
+                if callable(getattr(model, "place", None)):      # torch zoo models
+                    model.place()
+                self._check_precision(cfg, key, model, lambda fn: fn())
+                worker = ModelWorker(key, model, max_batch=cfg.gpu.max_batch, capacity=capacity)
                 worker.start()
                 self.workers[key] = worker
                 replaced.add(key)
@@ -94,7 +111,7 @@ class ModelPool:
         for key, (i, q) in wanted.items():
             if model_of(key) is None:
                 try:
-                    staged[key] = zoo.build_model(q.model, q.weights, q.download, cfg.gpu.device)
+                    staged[key] = zoo.build_model(q.model, q.weights, q.download, cfg.gpu.device, place=False)
                 except ModelLoadError as exc:
                     raise ConfigError(f"queries[{i}].weights" if q.weights else f"queries[{i}].model",
                                       f"query {q.id!r}: {exc}") from None
@@ -124,9 +141,11 @@ class ModelPool:
     def _read_bundle(self, cfg: Config, keys: set[str]) -> Any:
         """A merged bundle's models: shared layers are the same tensors in every model using them."""
         try:
-            bundle = load_bundle(cfg.merging.bundle, device=str(_device(cfg)))
+            bundle = load_bundle(cfg.merging.bundle, device="cpu")    # placed (or budgeted) like any model
         except (BundleError, OSError, RuntimeError, KeyError) as exc:
             raise ConfigError("merging.bundle", f"cannot load {cfg.merging.bundle}: {exc}") from None
+        for model in bundle.models.values():
+            model.device = _device(cfg)
         unused = sorted(set(bundle.models) - keys)
         if unused:
             raise ConfigError("merging.bundle", f"the bundle has models no query uses: {', '.join(unused)} "
@@ -144,15 +163,29 @@ class ModelPool:
         self._stop_scheduler()
         options = SwapOptions(max_batch=cfg.gpu.max_batch,
                               bandwidth_bytes_per_s=cfg.gpu.simulated_bandwidth_gbps * 1e9,
-                              capacity=max(q.queue for q in cfg.queries if model_key(q) in keys))
+                              capacity=max(q.queue for q in cfg.queries if model_key(q) in keys),
+                              simulate_copies=True)
+        for key in keys:     # placed by an earlier configuration without a budget: back to the host
+            if callable(getattr(self.models[key], "to_host", None)):
+                self.models[key].to_host()
         try:
             self.scheduler = SwapScheduler({k: self.models[k] for k in sorted(keys)},
-                                           int(cfg.gpu.memory_budget_mb * 2**20), options=options)
+                                           int(cfg.gpu.memory_budget_mb * 2**20), device=self.device,
+                                           options=options)
         except (ModelTooLargeError, ValueError) as exc:
             raise ConfigError("gpu.memory_budget_mb", str(exc)) from None
+        for key in sorted(keys):     # also the learning run of each model's load order
+            self._check_precision(cfg, key, self.models[key], self.scheduler.port(key).call, force=True)
         self.scheduler.start()
         self._budget_signature = signature
         return set(keys)
+
+    def _check_precision(self, cfg: Config, key: str, model: Any, run: Any, force: bool = False) -> None:
+        signature = (id(model), cfg.gpu.precision, cfg.gpu.precision_min_agreement)
+        if not force and self._precision_checked.get(key) == signature:
+            return
+        choose_precision(model, cfg.gpu.precision, cfg.gpu.precision_min_agreement, run=run)
+        self._precision_checked[key] = signature
 
     def _stop_scheduler(self) -> None:
         if self.scheduler is not None:
@@ -172,8 +205,19 @@ class ModelPool:
     def stats(self) -> dict[str, Any]:
         scheduler = self.scheduler
         if scheduler is not None:
-            return {k: scheduler.port(k).stats() for k in list(self.models)}
-        return {k: w.stats() for k, w in list(self.workers.items())}
+            out = {k: scheduler.port(k).stats() for k in list(self.models)}
+        else:
+            out = {k: w.stats() for k, w in list(self.workers.items())}
+        for key, section in out.items():
+            model = self.models.get(key)
+            precision = getattr(model, "precision", None)
+            section["device"] = str(getattr(model, "device", "?"))
+            section["precision"] = precision.as_dict() if precision is not None else None
+        return out
+
+    def device_stats(self) -> dict[str, Any]:
+        """The `device` section of `edgeva stats`: the device and, on CUDA, NVML's figures."""
+        return device_report(self.device or "cpu")
 
     def memory_stats(self) -> dict[str, Any]:
         if self.scheduler is not None:

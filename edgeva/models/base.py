@@ -106,6 +106,11 @@ class TorchZooModel(ZooModel):
         self._module.to(self.device)
         return self
 
+    def to_host(self) -> "TorchZooModel":
+        """Move the weights back to the host; `device` still names where the model runs."""
+        self._module.to("cpu")
+        return self
+
     def on_device(self) -> bool:
         return all(t.device == self.device or (t.device.type == self.device.type and self.device.index is None)
                    for t in list(self._module.parameters()) + list(self._module.buffers()))

@@ -78,17 +78,20 @@ def choose_precision(model: ZooModel, requested: str = "auto", min_agreement: fl
     run under a budget). `auto` means fp16 on CUDA, fp32 elsewhere."""
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
-    model.autocast_dtype = None
-    frames = list(frames) if frames is not None else calibration_frames()
-    on_cuda = model.device.type == "cuda"
-    if not model.is_torch:
+    device = getattr(model, "device", None)
+    on_cuda = getattr(device, "type", None) == "cuda"
+    if not getattr(model, "is_torch", False):
         choice = PrecisionChoice(requested, "fp32", None, 0, "not a torch model: runs as exported")
     elif requested == "fp32" or (requested == "auto" and not on_cuda):
+        model.autocast_dtype = None
         if on_cuda:
+            frames = list(frames) if frames is not None else calibration_frames()
             run(lambda: model.predict(frames))        # warm-up only
         choice = PrecisionChoice(requested, "fp32", None, 0,
                                  "requested" if requested == "fp32" else "no CUDA device: float32")
     else:
+        model.autocast_dtype = None
+        frames = list(frames) if frames is not None else calibration_frames()
         wanted = "fp16" if requested == "auto" else requested
         reference = run(lambda: model.predict(frames))
         model.autocast_dtype = _DTYPES[wanted]
@@ -108,5 +111,5 @@ def choose_precision(model: ZooModel, requested: str = "auto", min_agreement: fl
                                          f"{wanted} agreement with float32 {agreement:.3f} < {min_agreement:g}: "
                                          f"stays float32")
     model.precision = choice
-    log.info("model %s: %s (%s)", model.name, choice.chosen, choice.reason)
+    log.info("model %s: %s (%s)", getattr(model, "name", "?"), choice.chosen, choice.reason)
     return choice

@@ -7,7 +7,7 @@ applies the same softmax as `TorchvisionClassifier`, so the output is the usual 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,10 +38,14 @@ def _needs_flatten(block: nn.Module) -> bool:
 class SplitModel:
     """Head and tail of one zoo classifier; shares the model's module, adds no weights."""
 
-    def __init__(self, model: ZooModel):
+    def __init__(self, model: ZooModel, run: Optional[Callable[[Callable[[], Any]], Any]] = None):
+        """`run` wraps the head's forward: the local executor's `call`, so that under a memory
+        budget the head runs inside the memory manager (weights on the device, no eviction
+        racing it), never beside it."""
         if model.name not in SPLITTABLE or model.kind != "classifier" or model.module is None:
             raise SplitError(f"{model.name} cannot be split; splittable models: {', '.join(SPLITTABLE)}")
         self.model = model
+        self._run_head = run or (lambda fn: fn())
         self.blocks: list[tuple[str, nn.Module]] = list(model.module.named_children())
         self._flatten = [_needs_flatten(b) for _, b in self.blocks]
 
@@ -59,9 +63,13 @@ class SplitModel:
     def head(self, images: Sequence[np.ndarray], split_at: int) -> torch.Tensor:
         """Preprocess and run blocks [0, split_at) on the model's device; a CPU float32 tensor."""
         self.check_split(split_at)
-        with torch.inference_mode():
-            x = resize_normalise(list(images), self.model.input_size).to(self.model.device)
-            return self._run(x, 0, split_at).float().cpu().contiguous()
+
+        def head() -> torch.Tensor:
+            with torch.inference_mode():
+                x = resize_normalise(list(images), self.model.input_size).to(self.model.device)
+                return self._run(x, 0, split_at).float().cpu().contiguous()
+
+        return self._run_head(head)
 
     def tail(self, activations: torch.Tensor, split_at: int) -> list[ClassProbs]:
         """Run blocks [split_at, n) and the softmax: one ClassProbs per batch row."""
