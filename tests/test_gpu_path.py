@@ -176,3 +176,38 @@ def test_a_workload_larger_than_the_budget_starts_and_runs_within_it(tmp_path, d
         daemon.serve()
         if capped:
             torch.cuda.set_per_process_memory_fraction(1.0, 0)
+
+
+def test_every_entry_point_defaults_to_the_auto_device(tmp_path):
+    from edgeva.cli import build_parser as daemon_parser
+    from edgeva.config import GPUConfig
+    from edgeva.merging.cli import build_parser as merge_parser
+    from edgeva.offload.worker import WorkerOptions
+    from edgeva.offload.worker import build_parser as worker_parser
+
+    assert GPUConfig().device == "auto"                       # daemon and tune read gpu.device
+    assert worker_parser().parse_args(["--bind", "tcp://127.0.0.1:1"]).device == "auto"
+    assert WorkerOptions(bind="tcp://127.0.0.1:1").device == "auto"
+    assert merge_parser().parse_args(["c.yaml"]).device == "auto"
+    assert daemon_parser().parse_args(["profile", "resnet18"]).device == "auto"
+
+
+def test_profile_runs_on_the_resolved_device_and_says_which():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "edgeva", "profile", "mobilenet_v3_small", "--input", "64",
+                          "--repeats", "1", "--device", "auto"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU threads"
+    assert where in out.stdout
+
+
+def test_device_report_names_the_device_and_adds_nvml_only_on_cuda():
+    from edgeva.gpu import device_report
+
+    cpu = device_report("cpu")
+    assert cpu == {"device": "cpu", "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        report = device_report("cuda:0")
+        assert report["name"] and report["allocated_bytes"] >= 0

@@ -43,7 +43,7 @@ class WorkerOptions:
     models: Optional[list[str]] = None          # allowed "name" (any weights) or "name@weights"; None: any zoo name
     curve_secret_key: Optional[str] = None      # this worker's .key_secret; turns CURVE on
     allow_clients_dir: Optional[str] = None     # public keys (.key) of the daemons allowed in
-    device: str = "cpu"
+    device: str = "auto"
     max_batch: int = 8
     queue_size: int = 64
     max_payload_bytes: int = 32 * 1024 * 1024
@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated models served: 'name' (any weights path) or 'name@weights'; default: the whole zoo")
     ap.add_argument("--curve-secret-key", default=None, help="this worker's secret key file (edgeva keys); requires CURVE")
     ap.add_argument("--allow-clients-dir", default=None, help="folder of public key files (.key) of allowed daemons")
-    ap.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: CUDA when present)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--queue", type=int, default=64, help="requests waiting for the model before 'busy' replies")
     ap.add_argument("--max-payload-bytes", type=int, default=32 * 1024 * 1024)
