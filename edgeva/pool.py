@@ -167,7 +167,7 @@ class ModelPool:
                               simulate_copies=True)
         for key in keys:     # placed by an earlier configuration without a budget: back to the host
             if callable(getattr(self.models[key], "to_host", None)):
-                self.models[key].to_host()
+                self.models[key].to_host().prepare_layout()
         try:
             self.scheduler = SwapScheduler({k: self.models[k] for k in sorted(keys)},
                                            int(cfg.gpu.memory_budget_mb * 2**20), device=self.device,
