@@ -184,7 +184,11 @@ class ModelPool:
         signature = (id(model), cfg.gpu.precision, cfg.gpu.precision_min_agreement)
         if not force and self._precision_checked.get(key) == signature:
             return
-        choose_precision(model, cfg.gpu.precision, cfg.gpu.precision_min_agreement, run=run)
+        try:
+            choose_precision(model, cfg.gpu.precision, cfg.gpu.precision_min_agreement, run=run)
+        except Exception:      # a model that cannot run calibration frames fails its batches visibly later
+            log.exception("model %s: the precision check and warm-up failed; it runs in float32", key)
+            model.autocast_dtype = None
         self._precision_checked[key] = signature
 
     def _stop_scheduler(self) -> None:

@@ -64,6 +64,7 @@ class TensorSlot:
     host: Optional[torch.Tensor] = None       # flat uint8 host copy (pinned on CUDA)
     device: Optional[torch.Tensor] = None     # flat uint8 device copy while loading/resident
     copied: Any = None                        # backend handle: the copy is complete once waited on
+    waited_by: set[int] = field(default_factory=set)   # CUDA streams already ordered after `copied`
 
     def models(self) -> set[str]:
         return {m for m, _ in self.users}
@@ -278,6 +279,7 @@ class CudaBackend(TransferBackend):
                 flat = torch.empty(s.nbytes, dtype=torch.uint8, device=self.device)
                 flat.copy_(s.host, non_blocking=True)     # pinned source: a true async DMA
                 s.device = flat
+                s.waited_by = set()
                 for owner in s.owners:
                     rebind(owner, flat)
             event = torch.cuda.Event()
@@ -293,15 +295,19 @@ class CudaBackend(TransferBackend):
         if event is None or flat is None:
             return
         stream = torch.cuda.current_stream(self.device)
+        if stream.cuda_stream in slot.waited_by:      # ordered after the copy already
+            return
         stream.wait_event(event)
-        # Allocated on the copy stream, used on this one: its block may not be reused by the
-        # allocator until the work queued here so far has finished.
+        # Allocated on the copy stream, used on this one: when it is freed (evicted), the
+        # allocator may not reuse its block before the work queued on this stream has finished.
         flat.record_stream(stream)
+        slot.waited_by.add(stream.cuda_stream)
 
     def evict(self, slot: TensorSlot) -> None:
         for owner in slot.owners:
             rebind(owner, slot.host)
         slot.device, slot.copied = None, None      # the allocator frees it after its recorded uses
+        slot.waited_by = set()
 
     def run_clock(self) -> RunClock:
         return _CudaClock(self.device)

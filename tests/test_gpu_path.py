@@ -156,6 +156,7 @@ def test_a_workload_larger_than_the_budget_starts_and_runs_within_it(tmp_path, d
     capped = False
     if device == "cuda":
         # Cap the allocator so that placing the whole workload on the device would fail.
+        torch.cuda.empty_cache()   # blocks cached by earlier tests would count against the cap
         base = torch.cuda.memory_allocated(0)
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, (base + (110 + 200) * 2**20) / total), 0)

@@ -151,6 +151,12 @@ def test_shared_tensors_of_merged_models_move_once_and_stay_correct():
 
 # ---------------------------------------------------------------------------- on a GPU
 
+def _warm_cuda_libraries(device: torch.device) -> None:
+    """cuBLAS keeps a workspace per stream once used: allocate it before taking a baseline."""
+    with torch.inference_mode():
+        torchvision.models.resnet18(num_classes=10).eval().to(device)(torch.randn(2, 3, 64, 64, device=device))
+
+
 def _cuda_allocated_after_frees(device: torch.device) -> int:
     torch.cuda.synchronize(device)
     torch.empty(1, device=device)      # lets the allocator process blocks freed across streams
@@ -165,6 +171,7 @@ def test_cuda_budget_accounting_matches_the_allocator():
     models = {f"r{i}": torchvision.models.resnet18(num_classes=10).eval() for i in range(3)}
     x = torch.randn(2, 3, 64, 64, device=device)
     budget = unique_bytes([models["r0"]]) * 2
+    _warm_cuda_libraries(device)
     baseline = _cuda_allocated_after_frees(device)
     mm = MemoryManager(budget, device)
     for key, model in models.items():
@@ -193,9 +200,11 @@ def test_cuda_workload_larger_than_the_device_allows_starts_under_the_budget():
     with torch.inference_mode():
         references = {k: m(x) for k, m in models.items()}
     total_memory = torch.cuda.get_device_properties(device).total_memory
+    _warm_cuda_libraries(device)
     baseline = _cuda_allocated_after_frees(device)
     cap = baseline + 2 * one + (256 << 20)                           # weights of two, plus activations
     assert 4 * one > cap - baseline
+    torch.cuda.empty_cache()       # blocks cached by earlier tests would count against the cap
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total_memory), device)
     try:
         mm = MemoryManager(int(1.5 * one), device)
