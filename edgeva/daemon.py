@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 import time
+import zlib
 from dataclasses import asdict
 from typing import Any, Callable
 
@@ -251,7 +252,8 @@ class Daemon:
         route = self.routes.get(q.id, Route())
         if not route.local:
             worker = self._offload_port(q, route, worker)
-        query_filter = QueryFilter(q.filter, rng_seed=hash(q.id) & 0xFFFF) if q.filter.enabled else None
+        query_filter = QueryFilter(q.filter, rng_seed=zlib.crc32(q.id.encode()), agreement=task.agreement,
+                                   target=q.accuracy_target) if q.filter.enabled else None
         return ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
 
     def _offload_port(self, q: QueryConfig, route: Route, local: Any) -> Any:
