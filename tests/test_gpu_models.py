@@ -126,7 +126,9 @@ def test_cuda_models_match_their_cpu_outputs(name):
     frames = calibration_frames(4)
     if cpu_model.kind == "classifier":
         for a, b in zip(cpu_model.predict(frames), gpu_model.predict(frames)):
-            assert np.abs(a.probs - b.probs).max() < 2e-3 and a.top1 == b.top1
+            assert np.abs(a.probs - b.probs).max() < 2e-3
+            # Random weights give near-uniform probabilities: a tie may break either way.
+            assert a.top1 == b.top1 or abs(a.probs[a.top1] - a.probs[b.top1]) < 1e-3
     else:
         from edgeva.models.preprocess import letterbox_batch
         x, _ = letterbox_batch(frames, 640)
