@@ -85,11 +85,11 @@ class ModelPool:
             if worker is not None and ((worker.max_batch, worker.capacity) != (cfg.gpu.max_batch, capacity)
                                        or worker.model is not self.models[key]):
                 self.workers.pop(key).stop()   # new batch size, queue room or (merged) model: a fresh worker
+            model = self.models[key]
+            if key not in self.workers and callable(getattr(model, "place", None)):      # torch zoo models
+                model.place()
+            self._check_precision(cfg, key, model, lambda fn: fn())     # new model or new precision setting
             if key not in self.workers:
-                model = self.models[key]
-                if callable(getattr(model, "place", None)):      # torch zoo models
-                    model.place()
-                self._check_precision(cfg, key, model, lambda fn: fn())
                 worker = ModelWorker(key, model, max_batch=cfg.gpu.max_batch, capacity=capacity)
                 worker.start()
                 self.workers[key] = worker
@@ -154,7 +154,8 @@ class ModelPool:
 
     def _sync_scheduler(self, cfg: Config, keys: set[str]) -> set[str]:
         signature = (tuple((k, id(self.models[k])) for k in sorted(keys)), cfg.gpu.memory_budget_mb,
-                     cfg.gpu.max_batch, cfg.gpu.simulated_bandwidth_gbps)
+                     cfg.gpu.max_batch, cfg.gpu.simulated_bandwidth_gbps, cfg.gpu.precision,
+                     cfg.gpu.precision_min_agreement)
         if self.scheduler is not None and signature == self._budget_signature:
             return set()
         for worker in self.workers.values():

@@ -211,3 +211,24 @@ def test_device_report_names_the_device_and_adds_nvml_only_on_cuda():
     if torch.cuda.is_available():
         report = device_report("cuda:0")
         assert report["name"] and report["allocated_bytes"] >= 0
+
+
+def test_a_reload_that_changes_the_precision_checks_the_models_again(tmp_path):
+    path = _write(tmp_path, "cpu", None)
+    daemon = Daemon(load_config(path), notifier=Notifier({}))
+    daemon.start()
+    try:
+        assert {m.precision.chosen for m in daemon.models.models.values()} == {"fp32"}
+        raw = yaml.safe_load(path.read_text())
+        raw["gpu"].update(precision="bf16", precision_min_agreement=0.0)
+        path.write_text(yaml.safe_dump(raw))
+        assert daemon.reload()
+        choices = {k: m.precision for k, m in daemon.models.models.items()}
+        assert {c.chosen for c in choices.values()} == {"bf16"} and all(c.frames > 0 for c in choices.values())
+        _wait(lambda: _inferred(daemon, "small") > 2 and _inferred(daemon, "big") > 2, 60, "inference in bf16")
+        snap = daemon.stats.snapshot()["models"]
+        assert {s["precision"]["chosen"] for s in snap.values()} == {"bf16"}
+    finally:
+        daemon.request_stop()
+        daemon.serve()
+    assert _errors(daemon) == 0
