@@ -197,7 +197,7 @@ class MemoryManager:
         self.simulate_transfer = simulate_transfer
         self.backend = backend if backend is not None else make_backend(
             torch.device(device), self.bandwidth_bytes_per_s, simulate_transfer=simulate_transfer,
-            simulate_copies=simulate_copies)
+            simulate_copies=simulate_copies, clock=clock)
         self.device = self.backend.device
         self.granularity = Granularity(granularity)
         self.eviction = EvictionPolicy(eviction)

@@ -359,7 +359,7 @@ class _CudaClock(RunClock):
 
 
 def make_backend(device: torch.device, bandwidth_bytes_per_s: float, *, simulate_transfer: bool = True,
-                 simulate_copies: bool = False) -> TransferBackend:
+                 simulate_copies: bool = False, clock: Callable[[], float] = time.monotonic) -> TransferBackend:
     if device.type == "cuda":
         return CudaBackend(device)
-    return SimulatedBackend(bandwidth_bytes_per_s, sleep=simulate_transfer, copies=simulate_copies)
+    return SimulatedBackend(bandwidth_bytes_per_s, sleep=simulate_transfer, copies=simulate_copies, clock=clock)
