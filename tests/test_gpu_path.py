@@ -232,3 +232,14 @@ def test_a_reload_that_changes_the_precision_checks_the_models_again(tmp_path):
         daemon.request_stop()
         daemon.serve()
     assert _errors(daemon) == 0
+
+
+def test_the_offload_worker_checks_each_models_precision_when_it_loads_it():
+    from edgeva.offload.protocol import ModelKey
+    from edgeva.offload.worker import ModelCache, build_parser
+
+    assert build_parser().parse_args(["--bind", "tcp://127.0.0.1:1"]).precision == "auto"
+    cache = ModelCache(None, "cpu", False, precision="bf16")
+    model = cache.get(ModelKey.parse("mobilenet_v3_small@init"))
+    assert model.precision.requested == "bf16" and model.precision.frames > 0
+    assert (model.autocast_dtype is torch.bfloat16) == (model.precision.chosen == "bf16")
