@@ -154,8 +154,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = self._config_loader(self.cfg.source_path)
-            self.models.build(new, {model_key(q): (i, q) for i, q in enumerate(new.queries)
-                                     if q.task.type != "passthrough"})
+            self.models.plan(new)
             new_routes = plan_routes(new)
         except ConfigError as exc:
             self.reload_errors += 1
