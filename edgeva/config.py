@@ -17,14 +17,16 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from edgeva.redaction import redact
+
 
 class ConfigError(ValueError):
     """A config problem, located by its dotted key path."""
 
     def __init__(self, path: str, reason: str):
         self.path = path or "<root>"
-        self.reason = reason
-        super().__init__(f"config error at {self.path}: {reason}")
+        self.reason = redact(reason)   # a YAML or source error may quote a camera URL with its password
+        super().__init__(f"config error at {self.path}: {self.reason}")
 
 
 # --------------------------------------------------------------------- schema

@@ -15,6 +15,7 @@ from edgeva.control import ControlServer
 from edgeva.pipeline import CameraPipeline, QueryRuntime
 from edgeva.executor import ModelPool, model_key
 from edgeva.query import ModelQuery, PassthroughQuery
+from edgeva.redaction import redact_sources
 from edgeva.results import ResultHub
 from edgeva.router import Route, plan_routes
 from edgeva.stats import StatsRegistry
@@ -54,7 +55,7 @@ class Daemon:
         self.control = ControlServer(self.cfg.stats.endpoint, {
             "stats": lambda _r: self.stats.snapshot(),
             "health": lambda _r: self.health(),
-            "config": lambda _r: self.cfg.to_dict(),
+            "config": lambda _r: redact_sources(self.cfg.to_dict()),
         }, max_request_bytes=self.cfg.stats.max_request_bytes)
         self.stats.sections["daemon"] = self._daemon_section
         self.stats.sections["models"] = self.models.stats

@@ -14,6 +14,7 @@ from typing import Protocol
 from edgeva.config import CameraConfig
 from edgeva.messages import DropReason, Frame, Outcome
 from edgeva.query import FrameView
+from edgeva.redaction import redact
 from edgeva.sources import CameraReader, CameraState, FrameBuffer
 from edgeva.stats import QueryStats, StatsRegistry
 
@@ -38,7 +39,7 @@ class CameraPipeline:
         self.cfg = cfg
         self.queries = list(queries)
         self.stats = stats
-        stats.add_camera(cfg.id, cfg.source)
+        stats.add_camera(cfg.id, redact(cfg.source))   # stats are shown: never a password
         self.buffer = FrameBuffer(cfg.buffer, on_drop=self._on_buffer_drop)
         self.reader = CameraReader(cfg, self.buffer, stats)
         self._stop = threading.Event()

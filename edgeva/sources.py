@@ -26,6 +26,7 @@ import numpy as np
 
 from edgeva.config import Backoff, CameraConfig
 from edgeva.messages import DropReason, Frame
+from edgeva.redaction import redact
 from edgeva.stats import StatsRegistry
 
 log = logging.getLogger("edgeva.sources")
@@ -77,11 +78,6 @@ def classify_source(source: str) -> SourceKind:
     if _USB.match(text) or text.startswith("/dev/"):   # /dev/videoN, /dev/v4l/by-id/...
         return SourceKind.USB
     return SourceKind.FILE
-
-
-def redact(source: str) -> str:
-    """The source with any password in its URL hidden, for logs and error messages."""
-    return re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", source)
 
 
 # ----------------------------------------------------------------- buffer
