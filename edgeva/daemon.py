@@ -14,7 +14,7 @@ from edgeva.config import CameraConfig, Config, ConfigError, QueryConfig, load_c
 from edgeva.control import ControlServer
 from edgeva.pipeline import CameraPipeline, QueryRuntime
 from edgeva.executor import ModelPool, model_key
-from edgeva.query import ModelQuery, PassthroughQuery
+from edgeva.query import ModelQuery, PassthroughQuery, audit_seed
 from edgeva.redaction import redact_sources
 from edgeva.results import ResultHub
 from edgeva.router import Route, plan_routes
@@ -251,7 +251,7 @@ class Daemon:
         route = self.routes.get(q.id, Route())
         if not route.local:
             worker = self._offload_port(q, route, worker)
-        query_filter = QueryFilter(q.filter, rng_seed=hash(q.id) & 0xFFFF) if q.filter.enabled else None
+        query_filter = QueryFilter(q.filter, rng_seed=audit_seed(q.id)) if q.filter.enabled else None
         return ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
 
     def _offload_port(self, q: QueryConfig, route: Route, local: Any) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -19,6 +20,12 @@ from edgeva.results import ResultHub
 from edgeva.stats import StatsRegistry
 
 log = logging.getLogger("edgeva.query")
+
+
+def audit_seed(query_id: str) -> int:
+    """The seed of a query's audit sampling: the same in every process (unlike hash(), which
+    PYTHONHASHSEED salts per process), so a replay audits the same frames each run."""
+    return zlib.crc32(query_id.encode("utf-8"))
 
 
 class FrameView:
