@@ -61,6 +61,7 @@ class Daemon:
         self.stats.sections["models"] = self.models.stats
         self.stats.sections["memory"] = self.models.memory_stats
         self.stats.sections["offload"] = self._offload_section
+        self.stats.sections["results"] = self.hub.stats
         self.models.sync(self.cfg)      # a bad model or weights file fails here, before any camera
         self.routes = plan_routes(self.cfg)
         self._open_sinks()
@@ -313,9 +314,11 @@ class Daemon:
     def health(self) -> dict[str, Any]:
         cams = {cid: self.stats.cameras[cid].state for cid in list(self.cameras) if cid in self.stats.cameras}
         streaming = sum(1 for s in cams.values() if s == "streaming")
-        status = "ok" if self._healthy() and streaming == len(cams) else "degraded"
+        losing = self.hub.losing()
+        status = "ok" if self._healthy() and streaming == len(cams) and not losing else "degraded"
         return {"status": status, "version": __version__, "cameras": cams,
-                "threads_ok": self._healthy(), "accounting_errors": self.stats.accounting_errors()}
+                "threads_ok": self._healthy(), "accounting_errors": self.stats.accounting_errors(),
+                "results_lost": self.hub.lost(), "losing_results": losing}
 
     def _daemon_section(self) -> dict[str, Any]:
         return {"version": __version__, "config": self.cfg.source_path, "reloads": self.reloads,
