@@ -13,6 +13,7 @@ from edgeva import __version__
 from edgeva.config import CameraConfig, Config, ConfigError, QueryConfig, load_config
 from edgeva.control import ControlServer
 from edgeva.pipeline import CameraPipeline, QueryRuntime
+from edgeva.progress import BatchProgress
 from edgeva.executor import ModelPool, model_key
 from edgeva.query import ModelQuery, PassthroughQuery, audit_seed
 from edgeva.redaction import redact_sources
@@ -28,6 +29,7 @@ class Daemon:
     """Owns every running part. The only long-lived state in the process lives here."""
 
     RESTART_CHECK_S = 5.0   # how often cameras whose reader crashed are restarted
+    PROGRESS_INTERVAL_S = 5.0   # the progress line of a batch run (--until-end)
 
     def __init__(self, cfg: Config, notifier: Notifier | None = None,
                  config_loader: Callable[[str], Config] = load_config):
@@ -45,6 +47,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._lock = threading.Lock()
+        self.progress: BatchProgress | None = None   # a batch run (--until-end)
         self.reloads = 0
         self.reload_errors = 0
         self.camera_restarts = 0
@@ -92,6 +95,9 @@ class Daemon:
     def _serve_loop(self, max_runtime_s: float | None, exit_when_sources_end: bool) -> None:
         started = time.monotonic()
         next_log = started + self.cfg.stats.log_interval_s
+        next_progress = started + self.PROGRESS_INTERVAL_S
+        if exit_when_sources_end:
+            self.progress = BatchProgress()
         next_check = started + self.RESTART_CHECK_S
         while not self._stop.wait(timeout=0.25):
             now = time.monotonic()
@@ -106,11 +112,16 @@ class Daemon:
             if now >= next_log:
                 next_log = now + self.cfg.stats.log_interval_s
                 log.info("stats %s", json.dumps(self._brief()))
+            if self.progress is not None and now >= next_progress:
+                next_progress = now + self.PROGRESS_INTERVAL_S
+                log.info("progress: %s", self.progress.line(*self._batch_progress()))
             if max_runtime_s is not None and now - started >= max_runtime_s:
                 break
             if exit_when_sources_end and self.cameras and all(c.finished() for c in self.cameras.values()) \
                     and self._drained():
                 log.info("every source ended")
+                if self.progress is not None:
+                    log.info("progress: %s", self.progress.line(*self._batch_progress()))
                 break
 
     def request_stop(self) -> None:
@@ -303,6 +314,22 @@ class Daemon:
                 raise ConfigError("sinks.zmq_pub", f"cannot bind {sinks.zmq_pub}: {exc}") from None
 
     # ------------------------------------------------------------ views
+    def _batch_progress(self) -> tuple[int, int | None, tuple[int, int] | None]:
+        """Frames done and to do over every camera, and the clip a single folder camera is on."""
+        parts = [p.progress() for p in list(self.cameras.values())]
+        done = sum(p[0] for p in parts)
+        total = None if any(p[1] is None for p in parts) else sum(p[1] for p in parts if p[1] is not None)
+        clips = (parts[0][2], parts[0][3]) if len(parts) == 1 else None
+        return done, total, clips
+
+    def summary(self) -> str:
+        """What a batch run did, for after serve(): frames, rate, per-query buckets, lost results."""
+        snap = self.stats.snapshot()
+        frames = sum(c["frames_delivered"] for c in snap["cameras"].values())
+        text = (self.progress or BatchProgress()).summary(snap, frames)
+        errors = self.stats.accounting_errors(stopped=True)
+        return text + ("\naccounting errors: " + "; ".join(errors) if errors else "")
+
     def _drained(self) -> bool:
         """No frame is still on its way through a query (so stopping now drops nothing)."""
         return all(q.in_flight == 0 for q in list(self.stats.queries.values()))

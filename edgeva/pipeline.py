@@ -69,6 +69,14 @@ class CameraPipeline:
         """The source ended (file without loop) and every buffered frame was dispatched."""
         return not self.reader.is_alive() and len(self.buffer) == 0
 
+    def progress(self) -> tuple[int, int | None, int, int]:
+        """(frames every query is done with, frames in the recording(s) or None, clip number, clips)."""
+        cam = self.stats.cameras.get(self.cfg.id)
+        delivered = cam.frames_delivered if cam is not None else 0
+        busy = max((q.qstats.in_flight for q in self.queries), default=0)
+        reader = self.reader
+        return delivered - busy, reader.frames_total, reader.clip_index + 1, max(1, len(reader.clips))
+
     def stop(self, timeout_s: float = 4.0) -> None:
         self.reader.stop(timeout_s)
         self._stop.set()
