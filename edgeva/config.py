@@ -19,6 +19,7 @@ import yaml
 
 from edgeva.recordings import VIDEO_EXTENSIONS, list_recordings
 from edgeva.redaction import redact
+from edgeva.source_kind import classify_source
 
 
 class ConfigError(ValueError):
@@ -67,8 +68,6 @@ class CameraConfig:
         _identifier(self.id, f"{path}.id")
         if not self.source:
             raise ConfigError(f"{path}.source", "must not be empty")
-        from edgeva.sources import classify_source   # sources imports this module at load time
-
         try:
             classify_source(self.source)
         except ValueError as exc:
@@ -155,6 +154,12 @@ class QueryConfig:
         self.task.validate(f"{path}.task")
         self.sla.validate(f"{path}.sla")
         self.filter.validate(f"{path}.filter")
+
+
+def model_key(q: QueryConfig) -> str:
+    """Queries with the same model and weights share one loaded model (and merged bundles and
+    offload workers name models by this key)."""
+    return f"{q.model}@{q.weights or 'init'}"
 
 
 @dataclass

@@ -89,6 +89,10 @@ class ControlServer:
         self._thread.start()
         log.info("control socket on %s", self.bound_endpoint)
 
+    def alive(self) -> bool:
+        """The serving thread runs (started and not dead)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -10,11 +10,11 @@ from dataclasses import asdict
 from typing import Any, Callable
 
 from edgeva import __version__
-from edgeva.config import CameraConfig, Config, ConfigError, QueryConfig, load_config
+from edgeva.config import CameraConfig, Config, ConfigError, QueryConfig, load_config, model_key
 from edgeva.control import ControlServer
 from edgeva.pipeline import CameraPipeline, QueryRuntime
+from edgeva.pool import ModelPool
 from edgeva.progress import BatchProgress
-from edgeva.executor import ModelPool, model_key
 from edgeva.query import ModelQuery, PassthroughQuery, audit_seed
 from edgeva.redaction import redact_sources
 from edgeva.results import ResultHub
@@ -335,7 +335,7 @@ class Daemon:
         return all(q.in_flight == 0 for q in list(self.stats.queries.values()))
 
     def _healthy(self) -> bool:
-        control_ok = self.control is not None and self.control._thread is not None and self.control._thread.is_alive()
+        control_ok = self.control is not None and self.control.alive()
         return control_ok and self.models.alive() and all(p.alive() for p in list(self.cameras.values()))
 
     def health(self) -> dict[str, Any]:

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from edgeva.config import QueryConfig
-from edgeva.executor import ModelWorker, WorkItem
 from edgeva.filtering import Decision, QueryFilter
 from edgeva.messages import DropReason, Frame, Outcome, QueryResult
 from edgeva.results import ResultHub
 from edgeva.stats import QueryStats, StatsRegistry
+from edgeva.work import ExecutorPort, WorkItem
 
 log = logging.getLogger("edgeva.query")
 
@@ -101,7 +101,7 @@ class ModelQuery:
 
     RETUNE_FACTOR = 0.7   # audit says agreement < target: tighten the threshold by this much
 
-    def __init__(self, cfg: QueryConfig, stats: StatsRegistry, hub: ResultHub, worker: ModelWorker,
+    def __init__(self, cfg: QueryConfig, stats: StatsRegistry, hub: ResultHub, worker: ExecutorPort,
                  task: Any, query_filter: Optional[QueryFilter] = None, backpressure: bool = False):
         self.cfg = cfg
         # Batch replay ('fast'): wait for the model instead of dropping when its queue is full (the

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import random
-import re
 import sys
 import threading
 import time
@@ -27,12 +26,10 @@ import numpy as np
 from edgeva.config import Backoff, CameraConfig
 from edgeva.messages import DropReason, Frame
 from edgeva.recordings import frame_count, list_recordings
-from edgeva.redaction import redact
+from edgeva.source_kind import SourceKind, classify_source, redact, usb_index
 from edgeva.stats import StatsRegistry
 
 log = logging.getLogger("edgeva.sources")
-
-STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https", "rtmp", "udp", "tcp")
 
 # Realtime replay that falls further behind than this restarts its schedule instead of
 # bursting the backlog into the pipeline (e.g. after the process was suspended).
@@ -43,12 +40,6 @@ STOP_POLL_S = 0.1
 MAX_PLAUSIBLE_FPS = 1000.0
 
 
-class SourceKind(str, enum.Enum):
-    FILE = "file"
-    STREAM = "stream"
-    USB = "usb"
-
-
 class CameraState(str, enum.Enum):
     STARTING = "starting"
     STREAMING = "streaming"
@@ -56,29 +47,6 @@ class CameraState(str, enum.Enum):
     ENDED = "ended"
     STOPPED = "stopped"
     FAILED = "failed"
-
-
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_USB = re.compile(r"^(?:usb:)?(\d+)$")
-
-
-def classify_source(source: str) -> SourceKind:
-    """The kind of a camera's `source` string; ValueError for a scheme we cannot read."""
-    text = source.strip()
-    if not text:
-        raise ValueError("camera source is empty")
-    scheme = _SCHEME.match(text)
-    if scheme:
-        name = scheme.group(1).lower()
-        if name in STREAM_SCHEMES:
-            return SourceKind.STREAM
-        if name == "file":
-            return SourceKind.FILE
-        raise ValueError(f"unsupported source scheme {name!r} in {redact(text)!r} "
-                         f"(supported: {', '.join(STREAM_SCHEMES)}, file paths, /dev/videoN, usb:N or N)")
-    if _USB.match(text) or text.startswith("/dev/"):   # /dev/videoN, /dev/v4l/by-id/...
-        return SourceKind.USB
-    return SourceKind.FILE
 
 
 # ----------------------------------------------------------------- buffer
@@ -344,8 +312,8 @@ class CameraReader(threading.Thread):
             cap = cv2.VideoCapture(source, cv2.CAP_FFMPEG, params)
         else:
             api = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
-            usb = _USB.match(source)
-            cap = cv2.VideoCapture(int(usb.group(1)) if usb else source, api)
+            index = usb_index(source)
+            cap = cv2.VideoCapture(index if index is not None else source, api)
         if not cap.isOpened():
             cap.release()
             return None, f"cannot open {self.kind.value} {redact(source)}"

@@ -14,7 +14,8 @@ import pytest
 
 from edgeva.config import Backoff, CameraConfig
 from edgeva.messages import DropReason, Frame
-from edgeva.sources import CameraReader, FrameBuffer, SourceKind, classify_source, redact
+from edgeva.source_kind import SourceKind, classify_source, redact
+from edgeva.sources import CameraReader, FrameBuffer
 from edgeva.stats import StatsRegistry
 
 try:

@@ -8,8 +8,8 @@ from typing import Any, Callable, Optional
 import cv2
 import numpy as np
 
-from ..config import Config, TaskConfig
-from ..executor import model_key  # the daemon's key: bundles are looked up by it
+from ..config import Config, TaskConfig, model_key  # the daemon's key: bundles are looked up by it
+from .. import models as zoo
 from ..models.base import ZooModel
 from ..redaction import redact
 
@@ -90,9 +90,7 @@ def _resize_long_side(image: np.ndarray, long_side: Optional[int]) -> np.ndarray
 
 
 def default_builder(name: str, weights: Optional[str], download: bool, device: str) -> ZooModel:
-    from ..models import build_model
-
-    return build_model(name, weights, download, device)
+    return zoo.build_model(name, weights, download, device)
 
 
 def workload_from_config(cfg: Config, *, frames_per_camera: int = 48, frame_long_side: Optional[int] = 160,

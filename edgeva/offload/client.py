@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 import zmq
 
-from edgeva.executor import WorkItem
+from edgeva.work import WorkItem
 from edgeva.messages import DropReason
 from edgeva.offload import protocol as p
 from edgeva.offload.keys import load_public_key, load_secret_keypair
@@ -231,7 +231,7 @@ class OffloadClient:
     def __init__(self, tier: Any, *, client_secret_key: Optional[str] = None, heartbeat_ms: Optional[int] = None,
                  liveness: int = 3, encoding: Optional[p.FrameEncoding] = None,
                  context: Optional[zmq.Context] = None, callbacks: Optional[CallbackThread] = None,
-                 max_backoff_s: float = 8.0):
+                 max_backoff_s: float = 8.0, router: Optional[_Router] = None):
         self.tier = tier
         self.name: str = tier.name
         self.timeout_s = tier.timeout_ms / 1000.0
@@ -248,7 +248,7 @@ class OffloadClient:
         self._ctx = context or zmq.Context.instance()
         self._own_callbacks = callbacks is None
         self.callbacks = callbacks or CallbackThread(f"offload-{self.name}-cb")
-        self._router: _Router = self
+        self._router: _Router = router if router is not None else self   # a TierGroup reroutes failures
         self._lock = threading.Lock()
         self._state = TierState.CONNECTING
         self._credit_used = 0
@@ -648,9 +648,7 @@ class TierGroup:
         if not tiers:
             raise ValueError("a TierGroup needs at least one tier")
         self.callbacks = CallbackThread("offload-group-cb")
-        self.clients = [OffloadClient(t, callbacks=self.callbacks, **client_kwargs) for t in tiers]
-        for c in self.clients:
-            c._router = self
+        self.clients = [OffloadClient(t, callbacks=self.callbacks, router=self, **client_kwargs) for t in tiers]
         self.stats = GroupStats()
         self._lock = threading.Lock()
         self._turn = itertools.count()
