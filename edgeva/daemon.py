@@ -30,6 +30,7 @@ class Daemon:
 
     RESTART_CHECK_S = 5.0   # how often cameras whose reader crashed are restarted
     PROGRESS_INTERVAL_S = 5.0   # the progress line of a batch run (--until-end)
+    UNTIL_END_STALL_S = 120.0   # sources ended and no frame got an outcome for this long: stop anyway
 
     def __init__(self, cfg: Config, notifier: Notifier | None = None,
                  config_loader: Callable[[str], Config] = load_config):
@@ -96,6 +97,7 @@ class Daemon:
         started = time.monotonic()
         next_log = started + self.cfg.stats.log_interval_s
         next_progress = started + self.PROGRESS_INTERVAL_S
+        last_outcomes, last_outcome_at = -1, started
         if exit_when_sources_end:
             self.progress = BatchProgress()
         next_check = started + self.RESTART_CHECK_S
@@ -117,12 +119,19 @@ class Daemon:
                 log.info("progress: %s", self.progress.line(*self._batch_progress()))
             if max_runtime_s is not None and now - started >= max_runtime_s:
                 break
-            if exit_when_sources_end and self.cameras and all(c.finished() for c in self.cameras.values()) \
-                    and self._drained():
-                log.info("every source ended")
-                if self.progress is not None:
-                    log.info("progress: %s", self.progress.line(*self._batch_progress()))
-                break
+            if exit_when_sources_end and self.cameras and all(c.finished() for c in self.cameras.values()):
+                outcomes = sum(q.bucketed for q in list(self.stats.queries.values()))
+                if outcomes != last_outcomes:
+                    last_outcomes, last_outcome_at = outcomes, now
+                stalled = now - last_outcome_at > self.UNTIL_END_STALL_S
+                if self._drained() or stalled:
+                    if stalled:   # a lost frame must not keep a batch run waiting for ever
+                        log.error("every source ended, but frames have been in flight without any outcome "
+                                  "for %.0f s; stopping", self.UNTIL_END_STALL_S)
+                    log.info("every source ended")
+                    if self.progress is not None:
+                        log.info("progress: %s", self.progress.line(*self._batch_progress()))
+                    break
 
     def request_stop(self) -> None:
         self._stop.set()
