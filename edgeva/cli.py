@@ -56,7 +56,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"edgeva: {exc}", file=sys.stderr)
         daemon.shutdown()
         return 2
-    return daemon.serve(max_runtime_s=args.duration, exit_when_sources_end=args.until_end)
+    rc = daemon.serve(max_runtime_s=args.duration, exit_when_sources_end=args.until_end)
+    if args.until_end:
+        print(daemon.summary(), flush=True)
+    return rc
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from edgeva.recordings import VIDEO_EXTENSIONS, list_recordings
+from edgeva.redaction import redact
 from edgeva.source_kind import classify_source
 
 
@@ -25,8 +27,8 @@ class ConfigError(ValueError):
 
     def __init__(self, path: str, reason: str):
         self.path = path or "<root>"
-        self.reason = reason
-        super().__init__(f"config error at {self.path}: {reason}")
+        self.reason = redact(reason)   # a YAML or source error may quote a camera URL with its password
+        super().__init__(f"config error at {self.path}: {self.reason}")
 
 
 # --------------------------------------------------------------------- schema
@@ -323,7 +325,10 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
     for i, cam in enumerate(cfg.cameras):
         cam.validate(f"cameras[{i}]")
         if is_file_source(cam.source) and base_dir is not None:
-            cam.source = _readable_file(cam.source, base_dir, f"cameras[{i}].source")
+            cam.source = _readable_file(cam.source, base_dir, f"cameras[{i}].source", allow_dir=True)
+            if os.path.isdir(cam.source) and not list_recordings(cam.source):
+                raise ConfigError(f"cameras[{i}].source", f"folder {cam.source} holds no video files "
+                                                          f"({', '.join(sorted(VIDEO_EXTENSIONS))})")
     camera_ids = {c.id for c in cfg.cameras}
     tier_names = {t.name for t in cfg.tiers} | {"local"}
     for i, q in enumerate(cfg.queries):

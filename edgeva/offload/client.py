@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -529,7 +530,8 @@ class OffloadClient:
         self._in_flight.pop(old_id, None)
         request.message.id = f"{self._id_prefix}.{next(self._ids)}"
         if isinstance(request.message, (p.InferRequest, p.SplitRequest)):
-            request.message.budget_ms = max(0.0, (request.item.deadline_mono - time.monotonic()) * 1000.0)
+            budget_s = request.item.deadline_mono - time.monotonic()   # inf: batch replay, no deadline
+            request.message.budget_ms = max(0.0, budget_s * 1000.0) if math.isfinite(budget_s) else None
         request.sent_mono = time.monotonic()
         self._in_flight[request.message.id] = request
         if not first:
