@@ -140,7 +140,9 @@ class QueryConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     # 'local', a tier name or a list of tiers (load spread over the live ones); None: follow the plan
     placement: Optional[Union[str, list[str]]] = None
-    split_at: Optional[int] = None       # with a tier: run the model's first split_at blocks here
+    # With a tier: run the model here up to this split point (a layer name as `edgeva profile`
+    # and plan files name it, or the number of layers before the cut; edgeva.models.splits).
+    split_at: Optional[Union[int, str]] = None
     queue: int = 16                      # frames waiting for the executor
 
     def validate(self, path: str) -> None:
@@ -340,8 +342,10 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
         for name in ([q.placement] if isinstance(q.placement, str) else q.placement or []):
             if name not in tier_names:
                 raise ConfigError(f"queries[{i}].placement", f"unknown tier {name!r}")
-        if q.split_at is not None and q.split_at < 1:
-            raise ConfigError(f"queries[{i}].split_at", "must be >= 1 (0 is plain offload)")
+        if q.split_at is not None and (q.split_at in (0, "input", "") or isinstance(q.split_at, bool)
+                                       or (isinstance(q.split_at, int) and q.split_at < 0)):
+            raise ConfigError(f"queries[{i}].split_at", "must be a layer name or an index >= 1 "
+                                                        "(0 or 'input' is plain offload: leave it out)")
         if not q.weights and not q.download and q.model and cfg.weights_dir:
             q.weights = _fetched_weights(cfg.weights_dir, q.model, base_dir)
         if q.weights and not q.download and base_dir is not None:

@@ -178,8 +178,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = self._config_loader(self.cfg.source_path)
-            self.models.build(new, {model_key(q): (i, q) for i, q in enumerate(new.queries)
-                                     if q.task.type != "passthrough"})
+            self.models.plan(new)
             new_routes = plan_routes(new)
         except ConfigError as exc:
             self.reload_errors += 1
@@ -297,13 +296,14 @@ class Daemon:
             tiers = {t.name: t for t in self.cfg.tiers}
             group = self.tier_groups[route.tiers] = TierGroup([tiers[name] for name in route.tiers]).start()
         fallback = local_fallback(local) if self.cfg.placement.fallback == "local" else drop_fallback
-        split_model = None
+        split_model, split_at = None, None
         if route.split_at:
             from edgeva.offload.split import SplitModel
 
             split_model = SplitModel(local.model)
+            split_at = split_model.resolve(route.split_at)
         log.info("query %s: %s", q.id, route.describe())
-        return group.port(model_key(q), fallback, model=local.model, split_at=route.split_at,
+        return group.port(model_key(q), fallback, model=local.model, split_at=split_at,
                           split_model=split_model)
 
     def _stop_tier_groups(self, keys: set[tuple[str, ...]]) -> None:

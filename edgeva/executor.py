@@ -50,6 +50,12 @@ class ModelWorker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def reconfigure(self, max_batch: int, capacity: int) -> None:
+        """New batch size and queue room, applied to the next batch (no restart, nothing dropped)."""
+        with self._cond:
+            self.max_batch, self.capacity = max_batch, capacity
+            self._cond.notify_all()
+
     def submit(self, item: WorkItem, wait_s: float = 0.0) -> bool:
         """Queue an item, waiting up to `wait_s` for room; False when the queue stayed full
         (the caller drops with `queue-full`) or the worker is stopping."""

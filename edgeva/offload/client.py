@@ -219,6 +219,7 @@ def _run_fallback(request: _Request, reason: DropReason) -> None:
 @dataclass
 class ClientStats:
     sent: int = 0
+    payload_bytes: int = 0      # frames or split activations sent (re-sends included): the uplink's load
     completed: int = 0
     retries: int = 0            # re-sends on this tier after a timeout
     timeouts: int = 0
@@ -327,7 +328,7 @@ class OffloadClient:
             state, used = self._state.value, self._credit_used
         s = self.stats
         return {"endpoint": self.tier.endpoint, "state": state, "in_flight": used, "credit": self.credit,
-                "sent": s.sent, "completed": s.completed, "retries": s.retries, "timeouts": s.timeouts,
+                "sent": s.sent, "payload_bytes": s.payload_bytes, "completed": s.completed, "retries": s.retries, "timeouts": s.timeouts,
                 "reconnects": s.reconnects, "went_down": s.went_down, "failed_over": s.failed_over,
                 "error_replies": s.error_replies, "stale_replies": s.stale_replies,
                 "fallbacks": dict(s.fallbacks),
@@ -547,6 +548,7 @@ class OffloadClient:
         if not first:
             self.stats.retries += 1
         self.stats.sent += 1
+        self.stats.payload_bytes += len(getattr(request.message, "payload", b""))
         self._send(sock, p.encode(request.message))
 
     def _expire(self, now: float) -> bool:
