@@ -264,7 +264,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     print(f"{'query':<18} {'camera':<10} {'seq':>7} {'outcome':<9} {'age':>4} {'ms':>8}  value")
     for r in rows:
         print(f"{r['query']:<18} {r['camera']:<10} {r['seq']:>7} {r['outcome']:<9} {r['age_frames']:>4} "
-              f"{r['latency_ms']:>8.1f}  {json.dumps(r['value'])[:60]}")
+              f"{r['latency_ms']:>8.1f}  {r['reason'] if r['outcome'] == 'dropped' else json.dumps(r['value'])[:60]}")
     return 0
 
 

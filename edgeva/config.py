@@ -271,6 +271,9 @@ class Config:
     stats: StatsConfig = field(default_factory=StatsConfig)
     sinks: SinksConfig = field(default_factory=SinksConfig)
     merging: MergingConfig = field(default_factory=MergingConfig)
+    # A folder of fetched weights (tools/setup.sh): a query without `weights:` uses
+    # <weights_dir>/<model>.pt or .pth when it is there, else random weights (with a warning).
+    weights_dir: Optional[str] = None
     source_path: Optional[str] = None    # set by load_config, not read from YAML
 
     def camera(self, camera_id: str) -> CameraConfig:
@@ -343,6 +346,8 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
                                        or (isinstance(q.split_at, int) and q.split_at < 0)):
             raise ConfigError(f"queries[{i}].split_at", "must be a layer name or an index >= 1 "
                                                         "(0 or 'input' is plain offload: leave it out)")
+        if not q.weights and not q.download and q.model and cfg.weights_dir:
+            q.weights = _fetched_weights(cfg.weights_dir, q.model, base_dir)
         if q.weights and not q.download and base_dir is not None:
             q.weights = _readable_file(q.weights, base_dir, f"queries[{i}].weights", allow_dir=True)
     cfg.gpu.validate("gpu")
@@ -370,6 +375,16 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
 def is_file_source(source: str) -> bool:
     """A camera source that names a video file (not a stream URL or a capture device)."""
     return "://" not in source and not source.startswith(("/dev/", "usb:")) and not source.isdigit()
+
+
+def _fetched_weights(weights_dir: str, model: str, base_dir: Path | None) -> Optional[str]:
+    """<weights_dir>/<model>.pt (ultralytics) or .pth (torchvision state dict), if fetched."""
+    folder = Path(weights_dir) if os.path.isabs(weights_dir) or base_dir is None else base_dir / weights_dir
+    for suffix in (".pt", ".pth"):
+        candidate = folder / f"{model}{suffix}"
+        if candidate.is_file():
+            return str(candidate.resolve())
+    return None
 
 
 def _readable_file(value: str, base_dir: Path, path: str, allow_dir: bool = False) -> str:

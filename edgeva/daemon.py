@@ -25,6 +25,8 @@ from edgeva.systemd import Notifier
 
 log = logging.getLogger("edgeva.daemon")
 
+RANDOM_WEIGHTS = "random init"   # what stats show for a model built from its architecture alone
+
 
 class Daemon:
     """Owns every running part. The only long-lived state in the process lives here."""
@@ -262,11 +264,23 @@ class Daemon:
 
         worker = self.models.port(model_key(q))
         task = build_task(q.task, worker.model, q.id)
+        model = worker.model
         route = self.routes.get(q.id, Route())
         if not route.local:
             worker = self._offload_port(q, route, worker)
         query_filter = QueryFilter(q.filter, rng_seed=audit_seed(q.id)) if q.filter.enabled else None
-        return ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
+        runtime = ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
+        self._announce_weights(q, model)
+        return runtime
+
+    def _announce_weights(self, q: QueryConfig, model: Any) -> None:
+        """`weights` in the query's stats; random weights also get a loud warning: their counts are noise."""
+        weights = getattr(model, "weights", None)
+        self.stats.set_gauges(q.id, weights=weights or RANDOM_WEIGHTS)
+        if weights is None:
+            log.warning("WARNING: query %s runs %s with RANDOM WEIGHTS (no weights file): its results are noise, "
+                        "not detections. Run tools/setup.sh on a connected machine (it fetches real weights into "
+                        "weights/) or give the query `weights:`.", q.id, q.model)
 
     def _offload_port(self, q: QueryConfig, route: Route, local: Any) -> Any:
         from edgeva.offload import TierGroup, drop_fallback, local_fallback

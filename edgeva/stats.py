@@ -354,6 +354,8 @@ def format_table(snapshot: dict[str, Any]) -> str:
         lines.append(_row([name, q["camera"], f"{q['fps_out']:.1f}", q["frames_in"], q["inferred"],
                            q["reused"], q["offloaded"], q["dropped_total"], _num(lat["p50"]),
                            _num(lat["p95"]), _num(lat["p99"])], widths))
+        if q.get("weights") == "random init":
+            lines.append("  weights: random init (no weights file: these counts are noise)")
         if q["dropped"]:
             reasons = ", ".join(f"{k}={v}" for k, v in q["dropped"].items())
             lines.append(f"  dropped: {reasons}")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from edgeva.config import load_config
@@ -151,3 +152,40 @@ def test_realtime_drops_still_get_a_record_each(tmp_path):
     dropped = [r for r in rows if r[2] == "dropped"]
     assert dropped and all(r[3] == "buffer-full" for r in dropped)
     assert daemon.stats.snapshot()["queries"]["q"]["dropped"]["buffer-full"] == len(dropped)
+
+
+def test_batch_replay_measures_the_sla_rate_in_recording_time():
+    """Decoded faster than real time, a 25 fps recording at sla.fps 5 still has every fifth
+    frame considered: the rate follows the recording, not how fast this machine decodes."""
+    from edgeva.config import parse_config
+    from edgeva.messages import Frame
+    from edgeva.query import FrameView, ModelQuery
+    from edgeva.results import ResultHub
+    from edgeva.stats import StatsRegistry
+
+    class _Instant:
+        key, model = "m", None
+
+        def submit(self, item, wait_s=0.0):
+            item.owner.complete(item, {"n": item.frame.seq}, time.monotonic())
+            return True
+
+    class _Task:
+        def value(self, output):
+            return output
+
+    cfg = parse_config({"cameras": [{"id": "cam", "source": "rtsp://x/y"}],
+                        "queries": [{"id": "q", "camera": "cam", "model": "yolov8n", "task": {"type": "detect"},
+                                     "sla": {"fps": 5}, "filter": {"enabled": False}}]}).queries[0]
+    stats, hub = StatsRegistry(), ResultHub()
+    stats.add_camera("cam", "x")
+    seen: list = []
+    hub.add_tap(seen.append)
+    query = ModelQuery(cfg, stats, hub, _Instant(), _Task(), None, backpressure=True)
+    now = time.monotonic()
+    for seq in range(25):       # one second of recording, all decoded within the same instant
+        stats.frame_delivered("cam", seq)
+        query.submit(FrameView(Frame("cam", seq, time.time(), now, np.zeros((8, 8, 3), np.uint8), t_media=seq / 25)))
+    inferred = [r.seq for r in seen if r.outcome.value == "inferred"]
+    assert inferred == [0, 5, 10, 15, 20]
+    assert [r.seq for r in seen] == list(range(25)) and stats.accounting_errors(stopped=True) == []
