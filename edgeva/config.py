@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from edgeva.recordings import VIDEO_EXTENSIONS, list_recordings
+from edgeva.redaction import redact
 from edgeva.source_kind import classify_source
 
 
@@ -25,8 +27,8 @@ class ConfigError(ValueError):
 
     def __init__(self, path: str, reason: str):
         self.path = path or "<root>"
-        self.reason = reason
-        super().__init__(f"config error at {self.path}: {reason}")
+        self.reason = redact(reason)   # a YAML or source error may quote a camera URL with its password
+        super().__init__(f"config error at {self.path}: {self.reason}")
 
 
 # --------------------------------------------------------------------- schema
@@ -149,7 +151,9 @@ class QueryConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     # 'local', a tier name or a list of tiers (load spread over the live ones); None: follow the plan
     placement: Optional[Union[str, list[str]]] = None
-    split_at: Optional[int] = None       # with a tier: run the model's first split_at blocks here
+    # With a tier: run the model here up to this split point (a layer name as `edgeva profile`
+    # and plan files name it, or the number of layers before the cut; edgeva.models.splits).
+    split_at: Optional[Union[int, str]] = None
     queue: int = 16                      # frames waiting for the executor
 
     def validate(self, path: str) -> None:
@@ -284,6 +288,9 @@ class Config:
     stats: StatsConfig = field(default_factory=StatsConfig)
     sinks: SinksConfig = field(default_factory=SinksConfig)
     merging: MergingConfig = field(default_factory=MergingConfig)
+    # A folder of fetched weights (tools/setup.sh): a query without `weights:` uses
+    # <weights_dir>/<model>.pt or .pth when it is there, else random weights (with a warning).
+    weights_dir: Optional[str] = None
     source_path: Optional[str] = None    # set by load_config, not read from YAML
 
     def camera(self, camera_id: str) -> CameraConfig:
@@ -338,7 +345,10 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
     for i, cam in enumerate(cfg.cameras):
         cam.validate(f"cameras[{i}]")
         if is_file_source(cam.source) and base_dir is not None:
-            cam.source = _readable_file(cam.source, base_dir, f"cameras[{i}].source")
+            cam.source = _readable_file(cam.source, base_dir, f"cameras[{i}].source", allow_dir=True)
+            if os.path.isdir(cam.source) and not list_recordings(cam.source):
+                raise ConfigError(f"cameras[{i}].source", f"folder {cam.source} holds no video files "
+                                                          f"({', '.join(sorted(VIDEO_EXTENSIONS))})")
     camera_ids = {c.id for c in cfg.cameras}
     tier_names = {t.name for t in cfg.tiers} | {"local"}
     for i, q in enumerate(cfg.queries):
@@ -349,8 +359,12 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
         for name in ([q.placement] if isinstance(q.placement, str) else q.placement or []):
             if name not in tier_names:
                 raise ConfigError(f"queries[{i}].placement", f"unknown tier {name!r}")
-        if q.split_at is not None and q.split_at < 1:
-            raise ConfigError(f"queries[{i}].split_at", "must be >= 1 (0 is plain offload)")
+        if q.split_at is not None and (q.split_at in (0, "input", "") or isinstance(q.split_at, bool)
+                                       or (isinstance(q.split_at, int) and q.split_at < 0)):
+            raise ConfigError(f"queries[{i}].split_at", "must be a layer name or an index >= 1 "
+                                                        "(0 or 'input' is plain offload: leave it out)")
+        if not q.weights and not q.download and q.model and cfg.weights_dir:
+            q.weights = _fetched_weights(cfg.weights_dir, q.model, base_dir)
         if q.weights and not q.download and base_dir is not None:
             q.weights = _readable_file(q.weights, base_dir, f"queries[{i}].weights", allow_dir=True)
     cfg.gpu.validate("gpu")
@@ -378,6 +392,16 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
 def is_file_source(source: str) -> bool:
     """A camera source that names a video file (not a stream URL or a capture device)."""
     return "://" not in source and not source.startswith(("/dev/", "usb:")) and not source.isdigit()
+
+
+def _fetched_weights(weights_dir: str, model: str, base_dir: Path | None) -> Optional[str]:
+    """<weights_dir>/<model>.pt (ultralytics) or .pth (torchvision state dict), if fetched."""
+    folder = Path(weights_dir) if os.path.isabs(weights_dir) or base_dir is None else base_dir / weights_dir
+    for suffix in (".pt", ".pth"):
+        candidate = folder / f"{model}{suffix}"
+        if candidate.is_file():
+            return str(candidate.resolve())
+    return None
 
 
 def _readable_file(value: str, base_dir: Path, path: str, allow_dir: bool = False) -> str:

@@ -51,6 +51,12 @@ class ModelWorker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def reconfigure(self, max_batch: int, capacity: int) -> None:
+        """New batch size and queue room, applied to the next batch (no restart, nothing dropped)."""
+        with self._cond:
+            self.max_batch, self.capacity = max_batch, capacity
+            self._cond.notify_all()
+
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` with this model (e.g. a split head): its weights stay on the device."""
         return fn()

@@ -1,10 +1,12 @@
 """What a camera's `source` string names (a file, a network stream, a USB device) and how
-to show it without its password. Shared by config validation and the camera readers."""
+to show it without its password (`edgeva.redaction`). Shared by config validation and the camera readers."""
 from __future__ import annotations
 
 import enum
 import re
 from typing import Optional
+
+from edgeva.redaction import redact   # re-exported: the readers and config show sources through it
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https", "rtmp", "udp", "tcp")
 
@@ -43,6 +45,3 @@ def usb_index(source: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def redact(source: str) -> str:
-    """The source with any password in its URL hidden, for logs and error messages."""
-    return re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", source)

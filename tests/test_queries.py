@@ -387,5 +387,8 @@ def test_a_rejected_reload_loads_nothing_it_keeps(street, tmp_path, monkeypatch)
                                     {"id": "b", "camera": "c", "model": "yolov8s",
                                      "task": {"type": "count", "classes": ["no-such-class"]}}]})
     with pytest.raises(ConfigError):
-        pool.build(cfg, {"yolov8n@init": (0, cfg.queries[0]), "yolov8s@init": (1, cfg.queries[1])})
+        pool.plan(cfg)
     assert pool.models == {}
+    cfg.queries[1].task.classes = ["car"]
+    planned = pool.plan(cfg)
+    assert set(planned.models) == {"yolov8n@init", "yolov8s@init"} and pool.models == {}   # planned, not kept

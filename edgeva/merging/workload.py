@@ -11,6 +11,7 @@ import numpy as np
 from ..config import Config, TaskConfig, model_key  # the daemon's key: bundles are looked up by it
 from .. import models as zoo
 from ..models.base import ZooModel
+from ..redaction import redact
 
 ModelBuilder = Callable[[str, Optional[str], bool, str], ZooModel]
 
@@ -56,7 +57,7 @@ def read_camera_frames(source: str, count: int, long_side: Optional[int], heldou
     time is held out (neighbouring frames are near-copies, so an interleaved split would flatter)."""
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
-        raise RuntimeError(f"cannot open camera source {source}")
+        raise RuntimeError(f"cannot open camera source {redact(source)}")
     try:
         total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         wanted = set(np.linspace(0, max(total - 1, 0), num=count).round().astype(int).tolist()) if total else None
