@@ -8,6 +8,9 @@ offloaded, dropped[reason]); until then it is `in_flight`.
 (by sequence number) that entered it and have not left, so the identity is a real check.
 A frame bucketed twice leaves the ledger once and breaks it at once; a lost frame (never
 bucketed) stays in the ledger, is named after a stop and reported as stuck while running.
+
+One module of ~400 lines: the counters, the registry that keeps them consistent under one
+lock, and the table `edgeva stats` prints from their snapshot change together.
 """
 from __future__ import annotations
 
