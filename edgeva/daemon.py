@@ -18,6 +18,7 @@ from edgeva.progress import BatchProgress
 from edgeva.query import ModelQuery, PassthroughQuery, audit_seed
 from edgeva.redaction import redact_sources
 from edgeva.results import ResultHub
+from edgeva.source_kind import SourceKind, classify_source
 from edgeva.router import Route, plan_routes
 from edgeva.stats import StatsRegistry
 from edgeva.systemd import Notifier
@@ -257,7 +258,7 @@ class Daemon:
 
     # ------------------------------------------------------------ parts
     def _start_camera(self, cam: CameraConfig, queries: list[QueryConfig]) -> None:
-        runtimes = [self._build_query(q, backpressure=cam.replay == "fast") for q in queries]
+        runtimes = [self._build_query(q, backpressure=_is_batch(cam)) for q in queries]
         pipeline = CameraPipeline(cam, runtimes, self.stats)
         self.cameras[cam.id] = pipeline
         pipeline.start()
@@ -380,6 +381,12 @@ class Daemon:
         snap = self.stats.snapshot()
         return {q: {k: v[k] for k in ("frames_in", "inferred", "reused", "offloaded", "dropped_total")}
                 for q, v in snap["queries"].items()}
+
+
+def _is_batch(cam: CameraConfig) -> bool:
+    """A recording replayed as fast as the models go: batch processing, no deadlines. Live
+    sources (streams, USB) keep their deadlines whatever `replay` says."""
+    return cam.replay == "fast" and classify_source(cam.source) is SourceKind.FILE
 
 
 def _queries_dicts(cfg: Config, camera_id: str) -> list[dict[str, Any]]:

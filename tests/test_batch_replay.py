@@ -189,3 +189,32 @@ def test_batch_replay_measures_the_sla_rate_in_recording_time():
     inferred = [r.seq for r in seen if r.outcome.value == "inferred"]
     assert inferred == [0, 5, 10, 15, 20]
     assert [r.seq for r in seen] == list(range(25)) and stats.accounting_errors(stopped=True) == []
+
+
+def test_progress_line_rate_eta_and_summary():
+    from edgeva.progress import BatchProgress
+
+    now = [100.0]
+    progress = BatchProgress(clock=lambda: now[0])
+    assert progress.line(0, 1000) == "0/1000 frames (0.0 %), 0.0 frames/s"
+    now[0] = 110.0
+    assert progress.line(200, 1000, (2, 5)) == "200/1000 frames (20.0 %), 20.0 frames/s, ETA 0m40s, clip 2/5"
+    now[0] = 120.0
+    assert progress.line(1200, 1000) == "1200 frames, 100.0 frames/s"   # last 15 s; past a short count: no ETA
+    snap = {"cameras": {"c": {}}, "queries": {"q": {"frames_in": 1200, "inferred": 300, "reused": 890,
+                                                      "offloaded": 0, "dropped_total": 10,
+                                                      "dropped": {"error": 10}}},
+            "results": {"emitted": 1200, "lost": 0}}
+    text = progress.summary(snap, 1200)
+    assert text.splitlines()[0] == "processed 1200 frames from 1 cameras in 0m20s (60.0 frames/s)"
+    assert "error=10" in text and "results: 1200 records, 0 lost" in text
+
+
+def test_a_live_source_keeps_its_deadlines_whatever_replay_says():
+    from edgeva.config import CameraConfig
+    from edgeva.daemon import _is_batch
+
+    assert _is_batch(CameraConfig(id="f", source="/videos/a.mp4", replay="fast"))
+    assert not _is_batch(CameraConfig(id="f", source="/videos/a.mp4", replay="realtime"))
+    assert not _is_batch(CameraConfig(id="s", source="rtsp://cam/x", replay="fast"))
+    assert not _is_batch(CameraConfig(id="u", source="usb:0", replay="fast"))
