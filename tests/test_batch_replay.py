@@ -60,6 +60,9 @@ def test_fast_replay_with_four_yolov8n_queries_gives_every_frame_of_every_query_
         assert sorted(r[1] for r in mine) == list(range(frames)), f"{query}: one record per frame"
         assert all(r[2] in ("inferred", "reused") for r in mine), f"{query}: {[r for r in mine if r[3]]}"
     assert sum(r[2] == "inferred" for r in rows if r[0] == "every-frame") == frames
+    ages = {q: max(r["age_frames"] for r in read_results(tmp_path / "results.db", q, limit=1000))
+            for q in ("cars", "people")}
+    assert ages["cars"] <= 5 and ages["people"] <= 10, ages     # max_skip holds: no kept frame was dropped
     final = json.loads(out.stderr.split("final stats ", 1)[1].splitlines()[0])
     for q in final["queries"].values():
         assert q["frames_in"] == frames and q["dropped_total"] == 0 and q["in_flight"] == 0
