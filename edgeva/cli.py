@@ -56,6 +56,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"edgeva: {exc}", file=sys.stderr)
         daemon.shutdown()
         return 2
+    except Exception as exc:   # a bug or the machine: still a message and 2 (systemd must not loop)
+        logging.getLogger("edgeva").debug("start-up failed", exc_info=True)
+        print(f"edgeva: start-up failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        daemon.shutdown()
+        return 2
     rc = daemon.serve(max_runtime_s=args.duration, exit_when_sources_end=args.until_end)
     if args.until_end:
         print(daemon.summary(), flush=True)
@@ -63,8 +68,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """The checks start-up and reload make (edgeva.deployment.prepare), without starting anything."""
+    _setup_logging(args.log_level)
     cfg = _load(args.config)
-    print(f"{args.config}: ok ({len(cfg.cameras)} cameras, {len(cfg.queries)} queries)")
+    from edgeva.deployment import prepare
+    from edgeva.pool import ModelPool
+
+    try:
+        deployment = prepare(cfg, ModelPool())
+    except ConfigError as exc:
+        print(f"edgeva: {exc}", file=sys.stderr)
+        return 2
+    splits = f", {len(deployment.splits)} split" if deployment.splits else ""
+    offloaded = sum(1 for r in deployment.routes.values() if not r.local)
+    print(f"{args.config}: ok ({len(cfg.cameras)} cameras, {len(cfg.queries)} queries, "
+          f"{len(deployment.pool.models)} models loaded and run, {offloaded} offloaded{splits})")
     return 0
 
 
@@ -122,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default=os.environ.get("EDGEVA_LOG_LEVEL", "info"))
     run.set_defaults(func=cmd_run)
 
-    check = sub.add_parser("check", help="validate a config and exit")
+    check = sub.add_parser("check", help="run start-up's checks (models loaded and run, routes, splits, "
+                                          "bundle, sinks) and exit; 2 on a config error")
     check.add_argument("--config", "-c", default=_default_config())
+    check.add_argument("--log-level", default="warning")
     check.set_defaults(func=cmd_check)
 
     for name, func, text in (("stats", cmd_stats, "print the running daemon's stats"),

@@ -6,20 +6,21 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import asdict
 from typing import Any, Callable
 
 from edgeva import __version__
 from edgeva.config import CameraConfig, Config, ConfigError, QueryConfig, load_config, model_key
 from edgeva.control import ControlServer
+from edgeva.deployment import CameraChanges, Deployment, SplitPlacement, camera_changes, prepare
+from edgeva.health import ErrorWatch
 from edgeva.pipeline import CameraPipeline, QueryRuntime
 from edgeva.pool import ModelPool
 from edgeva.progress import BatchProgress
 from edgeva.query import ModelQuery, PassthroughQuery, audit_seed
 from edgeva.redaction import redact_sources
 from edgeva.results import ResultHub
+from edgeva.router import Route
 from edgeva.source_kind import SourceKind, classify_source
-from edgeva.router import Route, plan_routes
 from edgeva.stats import StatsRegistry
 from edgeva.systemd import Notifier
 
@@ -44,6 +45,9 @@ class Daemon:
         self.cameras: dict[str, CameraPipeline] = {}
         self.models = ModelPool()
         self.routes: dict[str, Route] = {}
+        self.splits: dict[str, SplitPlacement] = {}
+        self.errors = ErrorWatch()
+        self._running_cfg: Config | None = None   # what is applied (None before start)
         self.tier_groups: dict[tuple[str, ...], Any] = {}   # tiers -> TierGroup
         self.control: ControlServer | None = None
         self.prometheus: Any = None
@@ -58,7 +62,10 @@ class Daemon:
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Bind the control socket and start every camera; raises before anything runs on a bad setup."""
+        """Check everything (prepare), bind the control socket, open the sinks, then start every
+        camera; raises ConfigError (or ControlError: another daemon serves the endpoint) before
+        any camera runs."""
+        deployment = prepare(self.cfg, self.models)
         self.control = ControlServer(self.cfg.stats.endpoint, {
             "stats": lambda _r: self.stats.snapshot(),
             "health": lambda _r: self.health(),
@@ -69,8 +76,6 @@ class Daemon:
         self.stats.sections["memory"] = self.models.memory_stats
         self.stats.sections["offload"] = self._offload_section
         self.stats.sections["results"] = self.hub.stats
-        self.models.sync(self.cfg)      # a bad model or weights file fails here, before any camera
-        self.routes = plan_routes(self.cfg)
         self._open_sinks()
         self.control.start()
         if self.cfg.stats.prometheus:
@@ -81,9 +86,8 @@ class Daemon:
             except OSError as exc:
                 raise ConfigError("stats.prometheus", f"cannot listen on {self.cfg.stats.prometheus}: {exc}") from None
             self.prometheus.start()
-        for cam in self.cfg.cameras:
-            if cam.enabled:
-                self._start_camera(cam, self.cfg.queries_for(cam.id))
+        with self._lock:
+            self._apply(deployment)
         status = f"{len(self.cameras)} cameras, {len(self.cfg.queries)} queries"
         self.notifier.ready(status)
         log.info("edgeva %s running: %s; control on %s", __version__, status, self.control.bound_endpoint)
@@ -109,8 +113,9 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
-            if self.notifier.watchdog_due(now) and self._healthy():
-                self.notifier.watchdog()
+            self.errors.observe(self.stats.queries)
+            if self.notifier.watchdog_due(now) and self.health()["status"] == "ok":
+                self.notifier.watchdog()      # a daemon that is not healthy gets restarted by systemd
             if now >= next_check:
                 next_check = now + self.RESTART_CHECK_S
                 self._restart_crashed_cameras()
@@ -169,18 +174,15 @@ class Daemon:
 
     # ------------------------------------------------------------ reload
     def reload(self) -> bool:
-        """Re-read the config file; restart only cameras whose config, queries or routes changed.
-
-        Everything that can be checked (the file, the models and their budget, the plan) is
-        checked before anything running is touched; a config that fails is rejected whole."""
+        """Re-read the config file: prepare the new state (every check start-up makes), then apply
+        it, restarting only cameras whose own config, queries, routes or models changed. A config
+        that fails any check is rejected whole and the running one keeps running untouched."""
         if self.cfg.source_path is None:
             log.warning("SIGHUP ignored: the config did not come from a file")
             return False
         self.notifier.reloading()
         try:
-            new = self._config_loader(self.cfg.source_path)
-            self.models.plan(new)
-            new_routes = plan_routes(new)
+            deployment = prepare(self._config_loader(self.cfg.source_path), self.models)
         except ConfigError as exc:
             self.reload_errors += 1
             log.error("reload rejected, keeping the running config: %s", exc)
@@ -188,50 +190,42 @@ class Daemon:
             return False
         try:
             with self._lock:
-                added, removed, changed = self._apply(new, new_routes)
-        except Exception:   # after the checks above this is a bug or the machine; keep serving
+                changes = self._apply(deployment)
+        except Exception:   # prepare() accepted it: this is a bug or the machine; keep serving
             self.reload_errors += 1
             log.exception("reload failed while applying it; cameras that did not start stay stopped")
             self.notifier.ready("reload failed")
             return False
         self.reloads += 1
-        log.info("reloaded: added %s, removed %s, restarted %s", added, removed, changed)
-        self.notifier.ready(f"reloaded: +{len(added)} -{len(removed)} ~{len(changed)}")
+        log.info("reloaded: added %s, removed %s, restarted %s", changes.added, changes.removed, changes.restarted)
+        self.notifier.ready(f"reloaded: +{len(changes.added)} -{len(changes.removed)} ~{len(changes.restarted)}")
         return True
 
-    def _apply(self, new: Config, new_routes: dict[str, Route]) -> tuple[list[str], list[str], list[str]]:
-        old_by_id = {c.id: c for c in self.cfg.cameras if c.enabled}
-        new_by_id = {c.id: c for c in new.cameras if c.enabled}
-        tiers_changed = [asdict(t) for t in self.cfg.tiers] != [asdict(t) for t in new.tiers] \
-            or self.cfg.placement != new.placement
-        changed = [cid for cid in old_by_id.keys() & new_by_id.keys()
-                   if asdict(old_by_id[cid]) != asdict(new_by_id[cid])
-                   or _queries_dicts(self.cfg, cid) != _queries_dicts(new, cid)
-                   or any(self.routes.get(q.id) != new_routes.get(q.id) for q in new.queries_for(cid))
-                   or (tiers_changed and any(not new_routes[q.id].local for q in new.queries_for(cid)))]
-        removed = [cid for cid in old_by_id if cid not in new_by_id]
-        added = [cid for cid in new_by_id if cid not in old_by_id]
-        self._stop_pipelines([self.cameras.pop(cid) for cid in removed + changed if cid in self.cameras])
-        for cid in removed:
+    def _apply(self, new: Deployment) -> CameraChanges:
+        """Make the running state what `new` says (start-up applies onto nothing). Everything that
+        can fail was checked by prepare()."""
+        old = self._running_cfg
+        changes = camera_changes(old, self.routes, new, self.models.replaced_by(new.pool))
+        if old is not None and (old.sinks != new.cfg.sinks or old.stats != new.cfg.stats):
+            log.warning("sinks and stats settings take effect at the next restart, not on reload")
+        self._stop_pipelines([self.cameras.pop(cid) for cid in changes.removed + changes.restarted
+                              if cid in self.cameras])
+        for cid in changes.removed:
             self.stats.remove_camera(cid)
-        new_ids = {q.id: q.camera for q in new.queries}
-        for q in self.cfg.queries:
+        new_ids = {q.id: q.camera for q in new.cfg.queries}
+        for q in old.queries if old is not None else []:
             if new_ids.get(q.id) != q.camera:   # gone, or moved to another camera
                 self.stats.remove_query(q.id)
-        if tiers_changed:
+        if changes.tiers_changed:
             self._stop_tier_groups(set(self.tier_groups))
-        replaced = self.models.sync(new)
-        self.cfg = new
-        self.routes = new_routes
-        restart = [cid for cid in new_by_id if cid not in changed and cid not in added and any(
-            model_key(q) in replaced for q in new.queries_for(cid) if q.task.type != "passthrough")]
-        self._stop_pipelines([self.cameras.pop(cid) for cid in restart if cid in self.cameras])
-        changed += restart
-        for cid in changed + added:
-            self._start_camera(new_by_id[cid], new.queries_for(cid))
-        in_use = {r.tiers for r in new_routes.values() if not r.local}
+        self.models.apply(new.pool)
+        self.cfg, self.routes, self.splits, self._running_cfg = new.cfg, new.routes, new.splits, new.cfg
+        by_id = {c.id: c for c in new.cfg.cameras}
+        for cid in changes.restarted + changes.added:
+            self._start_camera(by_id[cid], new.cfg.queries_for(cid))
+        in_use = {r.tiers for r in new.routes.values() if not r.local}
         self._stop_tier_groups(set(self.tier_groups) - in_use)
-        return added, removed, changed
+        return changes
 
     def _stop_pipelines(self, pipelines: list[CameraPipeline]) -> None:
         """Stop cameras in parallel (a stalled stream takes seconds) and keep the watchdog fed."""
@@ -297,12 +291,8 @@ class Daemon:
             tiers = {t.name: t for t in self.cfg.tiers}
             group = self.tier_groups[route.tiers] = TierGroup([tiers[name] for name in route.tiers]).start()
         fallback = local_fallback(local) if self.cfg.placement.fallback == "local" else drop_fallback
-        split_model, split_at = None, None
-        if route.split_at:
-            from edgeva.offload.split import SplitModel
-
-            split_model = SplitModel(local.model)
-            split_at = split_model.resolve(route.split_at)
+        split = self.splits.get(q.id)
+        split_model, split_at = (split.model, split.index) if split is not None else (None, None)
         log.info("query %s: %s", q.id, route.describe())
         return group.port(model_key(q), fallback, model=local.model, split_at=split_at,
                           split_model=split_model)
@@ -358,17 +348,43 @@ class Daemon:
         """No frame is still on its way through a query (so stopping now drops nothing)."""
         return all(q.in_flight == 0 for q in list(self.stats.queries.values()))
 
-    def _healthy(self) -> bool:
+    def _threads_ok(self) -> bool:
         control_ok = self.control is not None and self.control.alive()
         return control_ok and self.models.alive() and all(p.alive() for p in list(self.cameras.values()))
 
+    def _not_running(self) -> list[str]:
+        """Configured cameras and queries that do not run (a camera that never started, a query
+        its camera's pipeline does not hold)."""
+        cfg = self._running_cfg or self.cfg
+        pipelines = dict(self.cameras)
+        problems = []
+        for cam in cfg.cameras:
+            if not cam.enabled:
+                continue
+            pipeline = pipelines.get(cam.id)
+            if pipeline is None:
+                problems.append(f"camera {cam.id} is not running")
+                continue
+            running = set(pipeline.query_ids())
+            problems += [f"query {q.id} is not running" for q in cfg.queries_for(cam.id) if q.id not in running]
+        return problems
+
     def health(self) -> dict[str, Any]:
+        """ok only when every configured camera streams and every query runs, no query drops
+        nearly every frame with `error`, no sink is losing results and every thread is alive."""
         cams = {cid: self.stats.cameras[cid].state for cid in list(self.cameras) if cid in self.stats.cameras}
-        streaming = sum(1 for s in cams.values() if s == "streaming")
+        problems = self._not_running()
+        problems += [f"camera {cid} is {state}" for cid, state in cams.items() if state != "streaming"]
+        problems += [f"query {q} drops nearly every frame with error" for q in self.errors.failing()]
         losing = self.hub.losing()
-        status = "ok" if self._healthy() and streaming == len(cams) and not losing else "degraded"
-        return {"status": status, "version": __version__, "cameras": cams,
-                "threads_ok": self._healthy(), "accounting_errors": self.stats.accounting_errors(),
+        if losing:
+            problems.append("a sink is losing results")
+        threads_ok = self._threads_ok()
+        if not threads_ok:
+            problems.append("a thread died")
+        return {"status": "degraded" if problems else "ok", "version": __version__, "cameras": cams,
+                "problems": problems, "threads_ok": threads_ok,
+                "accounting_errors": self.stats.accounting_errors(),
                 "results_lost": self.hub.lost(), "losing_results": losing}
 
     def _daemon_section(self) -> dict[str, Any]:
@@ -383,11 +399,8 @@ class Daemon:
                 for q, v in snap["queries"].items()}
 
 
+
 def _is_batch(cam: CameraConfig) -> bool:
     """A recording replayed as fast as the models go: batch processing, no deadlines. Live
     sources (streams, USB) keep their deadlines whatever `replay` says."""
     return cam.replay == "fast" and classify_source(cam.source) is SourceKind.FILE
-
-
-def _queries_dicts(cfg: Config, camera_id: str) -> list[dict[str, Any]]:
-    return [asdict(q) for q in cfg.queries_for(camera_id)]

@@ -58,6 +58,9 @@ class CameraPipeline:
         self._dispatcher.start()
         self.reader.start()
 
+    def query_ids(self) -> list[str]:
+        return [q.query_id for q in self.queries]
+
     def alive(self) -> bool:
         return self._dispatcher.is_alive()
 
