@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -238,7 +239,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps([{"query": t.query, "frames": t.frames, "feature": t.best.feature,
-                           "threshold": t.best.threshold, "skip_fraction": t.best.skip_fraction,
+                           "threshold": t.best.threshold if t.best.threshold is None or
+                           math.isfinite(t.best.threshold) else "none",
+                           "max_age_s": round(t.best.max_age / t.fps, 3), "margin": t.best.margin,
+                           "skip_fraction": t.best.skip_fraction,
                            "agreement": t.best.agreement, "met_target": t.best.met_target} for t in tunings], indent=2))
     else:
         print(format_tunings(tunings))

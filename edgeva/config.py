@@ -100,20 +100,29 @@ class TaskConfig:
 class FilterConfig:
     enabled: bool = True
     feature: Literal["pixel", "area", "edge"] = "area"
-    threshold: Optional[float] = None    # None: infer every frame until tuned
-    max_skip: int = 30                   # staleness bound: infer after this many reuses
+    threshold: Optional[float] = None    # None: calibrate on the camera (infer densely, tune, then filter)
+    max_age_s: Optional[float] = None    # staleness bound; None: chosen by the tuner (at most tuned_max_age_limit_s)
+    max_skip: Optional[int] = None       # optional hard cap on reuses in frames (older configs)
     width: int = 160                     # downscaled width the features use
-    audit_fraction: float = 0.02
+    audit_fraction: Optional[float] = None   # None: sized for statistical power
+    calibration_s: float = 3.0           # dense window a profile is tuned on
+    segment_s: float = 1.0               # how often the recent segment is looked up among the profiles
+    recalibrate_s: float = 300.0         # a dense burst at least this often
+    tuned_max_age_limit_s: float = 10.0  # the longest staleness bound the tuner may choose
 
     def validate(self, path: str) -> None:
         if self.threshold is not None and self.threshold < 0:
             raise ConfigError(f"{path}.threshold", "must be >= 0")
-        if self.max_skip < 0:
+        if self.max_skip is not None and self.max_skip < 0:
             raise ConfigError(f"{path}.max_skip", "must be >= 0")
         if self.width < 16:
             raise ConfigError(f"{path}.width", "must be >= 16")
-        if not 0.0 <= self.audit_fraction <= 1.0:
+        if self.audit_fraction is not None and not 0.0 <= self.audit_fraction <= 1.0:
             raise ConfigError(f"{path}.audit_fraction", "must be within [0, 1]")
+        if self.max_age_s is not None and self.max_age_s < 0:
+            raise ConfigError(f"{path}.max_age_s", "must be >= 0")
+        for name in ("calibration_s", "segment_s", "recalibrate_s", "tuned_max_age_limit_s"):
+            _positive(getattr(self, name), f"{path}.{name}")
 
 
 @dataclass

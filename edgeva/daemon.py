@@ -269,7 +269,8 @@ class Daemon:
         route = self.routes.get(q.id, Route())
         if not route.local:
             worker = self._offload_port(q, route, worker)
-        query_filter = QueryFilter(q.filter, rng_seed=audit_seed(q.id)) if q.filter.enabled else None
+        query_filter = QueryFilter(q.filter, rng_seed=audit_seed(q.id), agreement=task.agreement,
+                                   target=q.accuracy_target) if q.filter.enabled else None
         runtime = ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
         self._announce_weights(q, model)
         return runtime

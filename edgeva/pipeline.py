@@ -108,7 +108,7 @@ class CameraPipeline:
             frame = self.buffer.get(timeout=0.2)
             if frame is None:
                 continue
-            view = FrameView(frame)
+            view = FrameView(frame, fps=self.reader.fps)
             for query in self.queries:
                 try:
                     query.submit(view)

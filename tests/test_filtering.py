@@ -1,6 +1,7 @@
 """Frame-difference filter: features, decisions, audits and the threshold tuner."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -236,19 +237,30 @@ def test_wilson_bound_and_retune_signal():
     assert not t.needs_retune(0.99) and t.total == 170
 
 
-def test_filter_stats_report_audits_and_reset_on_new_threshold():
+def test_disagreeing_audits_tighten_the_setting_and_agreeing_ones_relax_it_back_no_further():
     d = Differencer()
     p = d.prepare(background())
-    filt = QueryFilter(FilterConfig(threshold=0.5, max_skip=10**9, audit_fraction=1.0), differencer=d)
+    filt = QueryFilter(FilterConfig(threshold=0.5, max_age_s=4.0, audit_fraction=1.0), differencer=d, fps=25)
     filt.mark_inferred(p)
+    learned = filt.setting
+    assert learned.threshold == 0.5 and learned.max_age == 100
+    changes = []
     for _ in range(40):
         assert filt.decide(p).audit
-        filt.record_audit(0.0)
+        changes.append(filt.record_audit(0.0))
+        filt.mark_inferred(p)
     s = filt.stats()
-    assert s["audited"] == 40 and s["audited_agreement"] == 0.0 and s["wilson_low"] == 0.0
-    assert filt.needs_retune(0.9)
+    assert s["audited"] == 40 and s["audited_agreement"] == 0.0
+    assert "tightened" in changes and s["tighten_factor"] < 1.0
+    assert filt.threshold < 0.5 and filt.setting.max_age < 100
+    for _ in range(400):
+        if filt.decide(p).audit:
+            filt.record_audit(1.0)
+        filt.mark_inferred(p)
+    assert filt.setting == learned          # relaxed back to what was learned, never beyond
+    assert filt.stats()["tighten_factor"] == 1.0
     filt.set_threshold(0.1)
-    assert not filt.needs_retune(0.9) and filt.stats()["threshold"] == 0.1
+    assert filt.stats()["threshold"] == 0.1 and filt.stats()["audit_window"] == 0
 
 
 # ------------------------------------------------------------------ tuner
@@ -263,7 +275,7 @@ def test_tuner_meets_target_and_skips_quiet_stretches(street_prepared):
     assert strict.skip_fraction > 0.5
     # Beats every-k sampling that infers as many frames (at 0.95 it is only level with it).
     assert strict.agreement > strict.uniform_agreement + 0.01
-    assert len(res.curve) == 31 and res.curve[0].threshold == 0.0
+    assert len(res.curve) == 32 and res.curve[0].threshold == 0.0 and math.isinf(res.curve[-1].threshold)
 
     # The online filter with the tuned threshold makes exactly the simulated decisions.
     filt = QueryFilter(FilterConfig(feature="area", threshold=res.threshold, max_skip=30,

@@ -15,6 +15,7 @@ from edgeva.daemon import Daemon
 from edgeva.executor import ModelWorker
 from edgeva.work import LatencyProfile, WorkItem
 from edgeva.messages import DropReason, Frame
+from edgeva.filtering import Differencer
 from edgeva.models.tasks import build_task
 from edgeva.sinks import read_results
 from edgeva.synthetic import PRESETS, render_background, write_clip
@@ -120,7 +121,8 @@ def test_blob_model_follows_ground_truth(street):
     assert np.mean(empty) < 0.2 and np.mean(busy) > 0.8
 
 
-def _run_daemon(tmp_path: Path, clip: Path, model, monkeypatch, threshold, target=0.9, max_skip=30, audit=0.25):
+def _run_daemon(tmp_path: Path, clip: Path, model, monkeypatch, threshold, target=0.9, max_skip=30, audit=0.25,
+                max_age_s=None, **filter_extra):
     monkeypatch.setattr("edgeva.models.build_model", lambda *a, **k: model)
     db = tmp_path / "results.db"
     cfg_path = tmp_path / "edgeva.yaml"
@@ -129,7 +131,7 @@ def _run_daemon(tmp_path: Path, clip: Path, model, monkeypatch, threshold, targe
         "queries": [{"id": "cars", "camera": "street", "model": "yolov8n", "accuracy_target": target,
                      "task": {"type": "count", "classes": ["car"]},
                      "filter": {"threshold": threshold, "feature": "area", "max_skip": max_skip,
-                                "audit_fraction": audit},
+                                "audit_fraction": audit, "max_age_s": max_age_s, **filter_extra},
                      "sla": {"latency_ms": 30000}}],
         "stats": {"endpoint": f"ipc://{tmp_path}/ctl.sock"},
         "sinks": {"sqlite": str(db), "batch": 16, "flush_s": 0.1}}))
@@ -145,10 +147,14 @@ def test_filtered_pipeline_keeps_the_accuracy_target(street, tmp_path, monkeypat
     task = build_task(TaskConfig(type="count", classes=["car"]), model, "cars")
     reference = reference_values(model, task, frames)
     q = load_config_query(target=0.9)
-    tuned = tune_query(q, frames, reference, task.agreement, features=["area"])
+    differencer = Differencer()
+    prepared = [differencer.prepare(f) for f in frames]
+    tuned = tune_query(q, prepared, reference, task.agreement, 25.0, differencer, features=["area"])
     assert tuned.best.met_target and tuned.best.skip_fraction > 0.25
+    bound = tuned.best.max_age
 
-    snap, db = _run_daemon(tmp_path, clip, model, monkeypatch, tuned.best.threshold)
+    snap, db = _run_daemon(tmp_path, clip, model, monkeypatch, tuned.best.threshold, max_skip=None,
+                           max_age_s=bound / 25.0)
     s = snap["queries"]["cars"]
     n = len(frames)
     assert s["frames_in"] == n and s["in_flight"] == 0 and s["dropped_total"] == 0
@@ -162,15 +168,28 @@ def test_filtered_pipeline_keeps_the_accuracy_target(street, tmp_path, monkeypat
     assert agreement >= 0.9
     for r in rows.values():
         if r["outcome"] == "reused":
-            assert 0 < r["age_frames"] <= 30 and r["source_seq"] == r["seq"] - r["age_frames"]
+            assert 0 < r["age_frames"] <= bound and r["source_seq"] == r["seq"] - r["age_frames"]
             assert rows[r["source_seq"]]["outcome"] == "inferred"
 
 
-def test_without_a_threshold_every_frame_is_inferred(street, tmp_path, monkeypatch):
+def test_without_a_threshold_the_query_calibrates_on_its_camera_then_filters(street, tmp_path, monkeypatch):
     clip, model = street
-    snap, db = _run_daemon(tmp_path, clip, model, monkeypatch, threshold=None)
+    frames = read_segment(str(clip), seconds=100)
+    task = build_task(TaskConfig(type="count", classes=["car"]), model, "cars")
+    reference = reference_values(model, task, frames)
+    snap, db = _run_daemon(tmp_path, clip, model, monkeypatch, threshold=None, max_skip=None, audit=None,
+                           calibration_s=1.0, segment_s=0.5)
     s = snap["queries"]["cars"]
-    assert s["inferred"] == s["frames_in"] > 0 and s["reused"] == 0
+    n = len(frames)
+    assert s["frames_in"] == n and s["dropped_total"] == 0
+    filt = s["filter"]
+    assert filt["kept_by_reason"]["calibrate"] >= 10 - 2           # calibration_s at the clip's 10 fps
+    assert filt["profiled_windows"] >= 1 and filt["state"] in ("filtering", "calibrating")
+    assert filt["max_age_frames"] is not None                      # then it decides with what it learned
+    rows = {r["seq"]: r for r in read_results(db, "cars", limit=10 * n)}
+    assert sorted(rows) == list(range(n))
+    agreement = np.mean([task.agreement(rows[i]["value"], reference[i]) for i in range(n)])
+    assert agreement >= 0.9
 
 
 def test_staleness_bound_forces_inference(street, tmp_path, monkeypatch):
@@ -289,20 +308,21 @@ def test_audits_tighten_only_when_confidently_lossy_and_relax_back(street):
                                      "task": {"type": "count", "classes": ["car"]},
                                      "filter": {"threshold": 0.01}}]}).queries[0]
     task = build_task(cfg.task, blob, "cars")
-    query = ModelQuery(cfg, StatsRegistry(), ResultHub(), _Port(), task, QueryFilter(cfg.filter))
+    query = ModelQuery(cfg, StatsRegistry(), ResultHub(), _Port(), task, QueryFilter(cfg.filter, target=0.9))
     reference = _Inference(0, value={"car": 2}, done=True)
+    retunes = lambda: query.filter.stats()["retunes"]  # noqa: E731
     for _ in range(300):                                    # reuse always right: nothing changes
         query._audited(_Audit(reference), {"car": 2})
-    assert query.filter.threshold == 0.01 and query.retunes == 0
+    assert query.filter.threshold == 0.01 and retunes() == 0
     for wrong in range(1, 101):                             # reuse now often wrong: tighten
         query._audited(_Audit(reference), {"car": 6})
-        if query.retunes:
+        if retunes():
             break
-    assert 20 < wrong < 100                                 # once the window's mean is confidently low
-    assert query.filter.threshold == pytest.approx(0.007) and query.retunes == 1
+    assert 10 < wrong < 100                                 # once the window's mean is confidently low
+    assert query.filter.threshold == pytest.approx(0.007) and retunes() == 1
     for _ in range(300):                                    # right again: back to the configured value
         query._audited(_Audit(reference), {"car": 2})
-    assert query.filter.threshold == pytest.approx(0.01) and query.retunes == 2
+    assert query.filter.threshold == pytest.approx(0.01) and retunes() == 2
 
 
 def test_one_slow_first_batch_does_not_condemn_every_later_frame():
