@@ -107,6 +107,11 @@ class Daemon:
         last_outcomes, last_outcome_at = -1, started
         if exit_when_sources_end:
             self.progress = BatchProgress()
+            endless = [c.id for c in self.cfg.cameras
+                       if c.enabled and (c.loop or classify_source(c.source) is not SourceKind.FILE)]
+            if endless:
+                log.warning("--until-end: cameras %s never end (a loop or a live source); stop with SIGTERM",
+                            ", ".join(endless))
         next_check = started + self.RESTART_CHECK_S
         while not self._stop.wait(timeout=0.25):
             now = time.monotonic()

@@ -221,3 +221,13 @@ def test_a_live_source_keeps_its_deadlines_whatever_replay_says():
     assert not _is_batch(CameraConfig(id="f", source="/videos/a.mp4", replay="realtime"))
     assert not _is_batch(CameraConfig(id="s", source="rtsp://cam/x", replay="fast"))
     assert not _is_batch(CameraConfig(id="u", source="usb:0", replay="fast"))
+
+
+def test_tune_reads_a_folder_source_from_its_first_recording(tmp_path):
+    from edgeva.tuning import read_segment
+
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    write_test_clip(folder / "b.mp4", frames=5, fps=25)
+    write_test_clip(folder / "a.mp4", frames=9, fps=25)
+    assert len(read_segment(str(folder), seconds=10)) == 9
