@@ -84,6 +84,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     offloaded = sum(1 for r in deployment.routes.values() if not r.local)
     print(f"{args.config}: ok ({len(cfg.cameras)} cameras, {len(cfg.queries)} queries, "
           f"{len(deployment.pool.models)} models loaded and run, {offloaded} offloaded{splits})")
+    random_init = sorted(key for key, model in deployment.pool.models.items() if getattr(model, "weights", "") is None)
+    if random_init:
+        print(f"edgeva: WARNING: random weights (no weights file; results would be noise): {', '.join(random_init)}",
+              file=sys.stderr)
     return 0
 
 

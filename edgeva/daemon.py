@@ -20,6 +20,7 @@ from edgeva.query import ModelQuery, PassthroughQuery, audit_seed
 from edgeva.redaction import redact_sources
 from edgeva.results import ResultHub
 from edgeva.router import Route
+from edgeva.source_kind import SourceKind, classify_source
 from edgeva.stats import StatsRegistry
 from edgeva.systemd import Notifier
 
@@ -107,6 +108,11 @@ class Daemon:
         last_outcomes, last_outcome_at = -1, started
         if exit_when_sources_end:
             self.progress = BatchProgress()
+            endless = [c.id for c in self.cfg.cameras
+                       if c.enabled and (c.loop or classify_source(c.source) is not SourceKind.FILE)]
+            if endless:
+                log.warning("--until-end: cameras %s never end (a loop or a live source); stop with SIGTERM",
+                            ", ".join(endless))
         next_check = started + self.RESTART_CHECK_S
         while not self._stop.wait(timeout=0.25):
             now = time.monotonic()
@@ -252,7 +258,7 @@ class Daemon:
 
     # ------------------------------------------------------------ parts
     def _start_camera(self, cam: CameraConfig, queries: list[QueryConfig]) -> None:
-        runtimes = [self._build_query(q, backpressure=cam.replay == "fast") for q in queries]
+        runtimes = [self._build_query(q, backpressure=_is_batch(cam)) for q in queries]
         pipeline = CameraPipeline(cam, runtimes, self.stats)
         self.cameras[cam.id] = pipeline
         pipeline.start()
@@ -401,3 +407,9 @@ class Daemon:
         return {q: {k: v[k] for k in ("frames_in", "inferred", "reused", "offloaded", "dropped_total")}
                 for q, v in snap["queries"].items()}
 
+
+
+def _is_batch(cam: CameraConfig) -> bool:
+    """A recording replayed as fast as the models go: batch processing, no deadlines. Live
+    sources (streams, USB) keep their deadlines whatever `replay` says."""
+    return cam.replay == "fast" and classify_source(cam.source) is SourceKind.FILE

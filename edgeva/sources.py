@@ -1,10 +1,14 @@
 """Camera sources: one reader thread per camera feeding a bounded FrameBuffer.
 
 A source is a video file (replayed in real time or as fast as the pipeline takes it),
-a network stream read through OpenCV's FFmpeg backend, or a local USB/V4L2 device.
-Readers never raise out of their thread: open and read failures become the
-``reconnecting`` state with exponential back-off, so one broken camera never affects
-the others.
+a folder of recordings played in name order, a network stream read through OpenCV's FFmpeg
+backend, or a local USB/V4L2 device. Readers never raise out of their thread: open and read
+failures become the ``reconnecting`` state with exponential back-off (a recording in a
+folder that cannot be read is skipped), so one broken camera never affects the others.
+
+Over 400 lines because the buffer, the pacing clock and the reader's state machine are one
+hand-off protocol (who counts a frame, who drops it, when a put may block); split apart,
+each piece would need the others' invariants restated.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ import yaml
 
 from edgeva.config import Config, QueryConfig, is_file_source
 from edgeva.filtering import Differencer, TuneResult, age_candidates, default_feature, tune_features
+from edgeva.recordings import playable
 from edgeva.redaction import redact
 
 log = logging.getLogger("edgeva.tuning")
@@ -46,6 +47,7 @@ def read_segment(source: str, seconds: float, start_s: float = 0.0, max_frames: 
 def iter_segment(source: str, seconds: float, start_s: float = 0.0,
                  max_frames: int = 100_000) -> tuple[float, Iterator[np.ndarray]]:
     """(fps, frames) of `seconds` of video; frames are decoded one at a time as iterated."""
+    source = playable(source)
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
         raise RuntimeError(f"cannot open {redact(source)}")

@@ -365,6 +365,21 @@ def test_offloaded_outputs_equal_local_outputs(workers, weights, encoding):
     assert not owner.duplicates
 
 
+def test_a_batch_frame_without_a_deadline_is_served_by_a_worker(workers, weights):
+    """Batch replay's items have no deadline (inf): the request carries no budget, not an infinite one."""
+    key = f"mobilenet_v3_small@{weights['mobilenet_v3_small']}"
+    client = OffloadClient(Tier("a", workers["a"].endpoint), heartbeat_ms=200).start()
+    owner = Recorder()
+    try:
+        image = images(1, seed=5)[0]
+        item = WorkItem(owner, Frame("cam", 0, time.time(), time.monotonic(), image), float("inf"), context=("ctx", 0))
+        assert client.port(key, drop_fallback).submit(item)
+        assert owner.wait_for(1, 30)
+    finally:
+        client.stop()
+    assert owner.events[0][0] == "offloaded", owner.events
+
+
 @pytest.mark.parametrize("name,splits", [("resnet18", [0, 4, 8, 9, 10]), ("mobilenet_v3_small", [0, 1, 2, 3])])
 def test_split_head_and_tail_equal_the_full_model(weights, name, splits):
     model = build_model(name, weights[name])

@@ -91,3 +91,11 @@ def test_the_demo_config_looks_for_fetched_weights():
         fetched = {q.id: q.weights for q in cfg.queries if q.model}
         for query_id, weights in fetched.items():
             assert weights is None or weights.startswith(str((REPO / "weights").resolve()))
+
+
+def test_check_warns_about_random_weights(tmp_path, small_clip):
+    cfg = _demo_like(tmp_path, small_clip)
+    out = subprocess.run([sys.executable, "-m", "edgeva", "check", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "WARNING: random weights" in out.stderr and "mobilenet_v3_small@init" in out.stderr
