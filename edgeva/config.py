@@ -17,14 +17,18 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from edgeva.recordings import VIDEO_EXTENSIONS, list_recordings
+from edgeva.redaction import redact
+from edgeva.source_kind import classify_source
+
 
 class ConfigError(ValueError):
     """A config problem, located by its dotted key path."""
 
     def __init__(self, path: str, reason: str):
         self.path = path or "<root>"
-        self.reason = reason
-        super().__init__(f"config error at {self.path}: {reason}")
+        self.reason = redact(reason)   # a YAML or source error may quote a camera URL with its password
+        super().__init__(f"config error at {self.path}: {self.reason}")
 
 
 # --------------------------------------------------------------------- schema
@@ -59,13 +63,13 @@ class CameraConfig:
     open_timeout_s: float = 10.0
     read_timeout_s: float = 5.0
     enabled: bool = True
+    # auto: NVDEC when a CUDA device and torchcodec/PyNvVideoCodec are present, else OpenCV.
+    decode: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self, path: str) -> None:
         _identifier(self.id, f"{path}.id")
         if not self.source:
             raise ConfigError(f"{path}.source", "must not be empty")
-        from edgeva.sources import classify_source   # sources imports this module at load time
-
         try:
             classify_source(self.source)
         except ValueError as exc:
@@ -147,7 +151,9 @@ class QueryConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     # 'local', a tier name or a list of tiers (load spread over the live ones); None: follow the plan
     placement: Optional[Union[str, list[str]]] = None
-    split_at: Optional[int] = None       # with a tier: run the model's first split_at blocks here
+    # With a tier: run the model here up to this split point (a layer name as `edgeva profile`
+    # and plan files name it, or the number of layers before the cut; edgeva.models.splits).
+    split_at: Optional[Union[int, str]] = None
     queue: int = 16                      # frames waiting for the executor
 
     def validate(self, path: str) -> None:
@@ -163,6 +169,12 @@ class QueryConfig:
         self.filter.validate(f"{path}.filter")
 
 
+def model_key(q: QueryConfig) -> str:
+    """Queries with the same model and weights share one loaded model (and merged bundles and
+    offload workers name models by this key)."""
+    return f"{q.model}@{q.weights or 'init'}"
+
+
 @dataclass
 class GPUConfig:
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
@@ -171,6 +183,10 @@ class GPUConfig:
     # Without CUDA the budget is enforced by edgeva's own accounting and host-to-device
     # copies are simulated at this bandwidth, so swapping behaves (and is testable) as on a GPU.
     simulated_bandwidth_gbps: float = 12.0
+    # Per model at load: reduced precision (autocast) is kept only when its outputs agree with
+    # float32 on calibration frames at least this well. auto: fp16 on CUDA, fp32 on the CPU.
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    precision_min_agreement: float = 0.98
 
     def validate(self, path: str) -> None:
         d = self.device
@@ -182,6 +198,8 @@ class GPUConfig:
         if self.max_batch < 1:
             raise ConfigError(f"{path}.max_batch", "must be >= 1")
         _positive(self.simulated_bandwidth_gbps, f"{path}.simulated_bandwidth_gbps")
+        if not 0.0 <= self.precision_min_agreement <= 1.0:
+            raise ConfigError(f"{path}.precision_min_agreement", "must be within [0, 1]")
 
 
 @dataclass
@@ -270,6 +288,9 @@ class Config:
     stats: StatsConfig = field(default_factory=StatsConfig)
     sinks: SinksConfig = field(default_factory=SinksConfig)
     merging: MergingConfig = field(default_factory=MergingConfig)
+    # A folder of fetched weights (tools/setup.sh): a query without `weights:` uses
+    # <weights_dir>/<model>.pt or .pth when it is there, else random weights (with a warning).
+    weights_dir: Optional[str] = None
     source_path: Optional[str] = None    # set by load_config, not read from YAML
 
     def camera(self, camera_id: str) -> CameraConfig:
@@ -324,7 +345,10 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
     for i, cam in enumerate(cfg.cameras):
         cam.validate(f"cameras[{i}]")
         if is_file_source(cam.source) and base_dir is not None:
-            cam.source = _readable_file(cam.source, base_dir, f"cameras[{i}].source")
+            cam.source = _readable_file(cam.source, base_dir, f"cameras[{i}].source", allow_dir=True)
+            if os.path.isdir(cam.source) and not list_recordings(cam.source):
+                raise ConfigError(f"cameras[{i}].source", f"folder {cam.source} holds no video files "
+                                                          f"({', '.join(sorted(VIDEO_EXTENSIONS))})")
     camera_ids = {c.id for c in cfg.cameras}
     tier_names = {t.name for t in cfg.tiers} | {"local"}
     for i, q in enumerate(cfg.queries):
@@ -335,8 +359,12 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
         for name in ([q.placement] if isinstance(q.placement, str) else q.placement or []):
             if name not in tier_names:
                 raise ConfigError(f"queries[{i}].placement", f"unknown tier {name!r}")
-        if q.split_at is not None and q.split_at < 1:
-            raise ConfigError(f"queries[{i}].split_at", "must be >= 1 (0 is plain offload)")
+        if q.split_at is not None and (q.split_at in (0, "input", "") or isinstance(q.split_at, bool)
+                                       or (isinstance(q.split_at, int) and q.split_at < 0)):
+            raise ConfigError(f"queries[{i}].split_at", "must be a layer name or an index >= 1 "
+                                                        "(0 or 'input' is plain offload: leave it out)")
+        if not q.weights and not q.download and q.model and cfg.weights_dir:
+            q.weights = _fetched_weights(cfg.weights_dir, q.model, base_dir)
         if q.weights and not q.download and base_dir is not None:
             q.weights = _readable_file(q.weights, base_dir, f"queries[{i}].weights", allow_dir=True)
     cfg.gpu.validate("gpu")
@@ -364,6 +392,16 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
 def is_file_source(source: str) -> bool:
     """A camera source that names a video file (not a stream URL or a capture device)."""
     return "://" not in source and not source.startswith(("/dev/", "usb:")) and not source.isdigit()
+
+
+def _fetched_weights(weights_dir: str, model: str, base_dir: Path | None) -> Optional[str]:
+    """<weights_dir>/<model>.pt (ultralytics) or .pth (torchvision state dict), if fetched."""
+    folder = Path(weights_dir) if os.path.isabs(weights_dir) or base_dir is None else base_dir / weights_dir
+    for suffix in (".pt", ".pth"):
+        candidate = folder / f"{model}{suffix}"
+        if candidate.is_file():
+            return str(candidate.resolve())
+    return None
 
 
 def _readable_file(value: str, base_dir: Path, path: str, allow_dir: bool = False) -> str:

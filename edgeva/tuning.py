@@ -24,6 +24,8 @@ from edgeva.config import Config, QueryConfig, is_file_source
 from edgeva.filtering import (
     FEATURES, Differencer, SceneTracker, TuneResult, age_candidates, default_feature, tune_features,
 )
+from edgeva.recordings import playable
+from edgeva.redaction import redact
 
 log = logging.getLogger("edgeva.tuning")
 
@@ -47,9 +49,10 @@ def read_segment(source: str, seconds: float, start_s: float = 0.0, max_frames: 
 def iter_segment(source: str, seconds: float, start_s: float = 0.0,
                  max_frames: int = 100_000) -> tuple[float, Iterator[np.ndarray]]:
     """(fps, frames) of `seconds` of video; frames are decoded one at a time as iterated."""
+    source = playable(source)
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
-        raise RuntimeError(f"cannot open {source}")
+        raise RuntimeError(f"cannot open {redact(source)}")
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     if start_s and is_file_source(source):
         cap.set(cv2.CAP_PROP_POS_FRAMES, int(start_s * fps))

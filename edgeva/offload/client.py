@@ -2,9 +2,10 @@
 
 Surface for the daemon: `port(model_key, fallback)` returns an `OffloadPort` with the same
 `.key`, `.model` and `submit(item) -> bool` as a local ModelWorker, so a query can be routed
-to a tier without knowing it. `submit` returns False only when the tier(s) are out of credit
-(the query drops with queue-full, as for a full local queue); otherwise every accepted item
-gets exactly ONE callback on its owner, always from a client thread, never inside `submit`:
+to a tier without knowing it. `submit` always takes the item: when the tier(s) are out of
+credit it goes to the fallback (reason queue-full: with `fallback: local` it runs here, with
+`drop` it is dropped queue-full). Every item gets exactly ONE callback on its owner, always
+from a client thread, never inside `submit`:
   - `owner.complete_offloaded(item, output, finished_mono, tier)` if the owner has it, else
     `owner.complete(item, output, finished_mono)`; `item.context` is untouched;
   - or the fallback (`local_fallback(worker)` runs it locally, `drop_fallback` drops it with
@@ -22,6 +23,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -31,7 +33,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 import zmq
 
-from edgeva.executor import WorkItem
+from edgeva.work import WorkItem
 from edgeva.messages import DropReason
 from edgeva.offload import protocol as p
 from edgeva.offload.keys import load_public_key, load_secret_keypair
@@ -45,7 +47,11 @@ Fallback = Callable[[WorkItem, DropReason], None]
 class LocalPort(Protocol):
     key: str
 
-    def submit(self, item: WorkItem) -> bool: ...
+    def submit(self, item: WorkItem, wait_s: float = 0.0) -> bool: ...
+
+
+# A batch item (no deadline: replay fast) waits this long for room in the local queue.
+BATCH_FALLBACK_WAIT_S = 3600.0
 
 
 def drop_fallback(item: WorkItem, reason: DropReason) -> None:
@@ -54,10 +60,11 @@ def drop_fallback(item: WorkItem, reason: DropReason) -> None:
 
 
 def local_fallback(local: LocalPort) -> Fallback:
-    """placement.fallback: local — run it on the local worker; a full local queue drops it."""
+    """placement.fallback: local — run it on the local worker; a full local queue drops it
+    (a batch item, without a deadline, waits for room instead)."""
 
     def run_locally(item: WorkItem, reason: DropReason) -> None:
-        if not local.submit(item):
+        if not local.submit(item, wait_s=0.0 if math.isfinite(item.deadline_mono) else BATCH_FALLBACK_WAIT_S):
             item.owner.dropped(item, DropReason.QUEUE_FULL)
 
     return run_locally
@@ -137,7 +144,8 @@ class _Router(Protocol):
 
     def accept_new(self, request: _Request) -> bool: ...
 
-    def failed(self, request: _Request, client: "OffloadClient", reason: DropReason, reroutable: bool) -> None: ...
+    def failed(self, request: _Request, client: Optional["OffloadClient"], reason: DropReason,
+               reroutable: bool) -> None: ...
 
 
 class OffloadPort:
@@ -160,11 +168,14 @@ class OffloadPort:
         self._router = router
 
     def submit(self, item: WorkItem, wait_s: float = 0.0) -> bool:
-        """Hand the item to the tier(s); False when out of credit for `wait_s`."""
+        """Hand the item to the tier(s). Out of credit for `wait_s` (a saturated tier, or a dead
+        one not yet marked down), it takes the fallback like a failed request (reason queue-full):
+        with `fallback: local` it runs here instead of being dropped."""
         give_up = time.monotonic() + wait_s
         while not self._router.accept_new(_Request(item, self)):
             if time.monotonic() >= give_up:
-                return False
+                self._router.failed(_Request(item, self), None, DropReason.QUEUE_FULL, reroutable=False)
+                return True
             time.sleep(0.005)
         return True
 
@@ -208,6 +219,7 @@ def _run_fallback(request: _Request, reason: DropReason) -> None:
 @dataclass
 class ClientStats:
     sent: int = 0
+    payload_bytes: int = 0      # frames or split activations sent (re-sends included): the uplink's load
     completed: int = 0
     retries: int = 0            # re-sends on this tier after a timeout
     timeouts: int = 0
@@ -230,7 +242,7 @@ class OffloadClient:
     def __init__(self, tier: Any, *, client_secret_key: Optional[str] = None, heartbeat_ms: Optional[int] = None,
                  liveness: int = 3, encoding: Optional[p.FrameEncoding] = None,
                  context: Optional[zmq.Context] = None, callbacks: Optional[CallbackThread] = None,
-                 max_backoff_s: float = 8.0):
+                 max_backoff_s: float = 8.0, router: Optional[_Router] = None):
         self.tier = tier
         self.name: str = tier.name
         self.timeout_s = tier.timeout_ms / 1000.0
@@ -247,7 +259,7 @@ class OffloadClient:
         self._ctx = context or zmq.Context.instance()
         self._own_callbacks = callbacks is None
         self.callbacks = callbacks or CallbackThread(f"offload-{self.name}-cb")
-        self._router: _Router = self
+        self._router: _Router = router if router is not None else self   # a TierGroup reroutes failures
         self._lock = threading.Lock()
         self._state = TierState.CONNECTING
         self._credit_used = 0
@@ -316,7 +328,7 @@ class OffloadClient:
             state, used = self._state.value, self._credit_used
         s = self.stats
         return {"endpoint": self.tier.endpoint, "state": state, "in_flight": used, "credit": self.credit,
-                "sent": s.sent, "completed": s.completed, "retries": s.retries, "timeouts": s.timeouts,
+                "sent": s.sent, "payload_bytes": s.payload_bytes, "completed": s.completed, "retries": s.retries, "timeouts": s.timeouts,
                 "reconnects": s.reconnects, "went_down": s.went_down, "failed_over": s.failed_over,
                 "error_replies": s.error_replies, "stale_replies": s.stale_replies,
                 "fallbacks": dict(s.fallbacks),
@@ -329,7 +341,8 @@ class OffloadClient:
             return True
         return self.try_accept(request)
 
-    def failed(self, request: _Request, client: "OffloadClient", reason: DropReason, reroutable: bool) -> None:
+    def failed(self, request: _Request, client: Optional["OffloadClient"], reason: DropReason,
+               reroutable: bool) -> None:
         self.callbacks.defer(lambda: self._give_up(request, reason))
 
     def _give_up(self, request: _Request, reason: DropReason) -> None:
@@ -528,12 +541,14 @@ class OffloadClient:
         self._in_flight.pop(old_id, None)
         request.message.id = f"{self._id_prefix}.{next(self._ids)}"
         if isinstance(request.message, (p.InferRequest, p.SplitRequest)):
-            request.message.budget_ms = max(0.0, (request.item.deadline_mono - time.monotonic()) * 1000.0)
+            budget_s = request.item.deadline_mono - time.monotonic()   # inf: batch replay, no deadline
+            request.message.budget_ms = max(0.0, budget_s * 1000.0) if math.isfinite(budget_s) else None
         request.sent_mono = time.monotonic()
         self._in_flight[request.message.id] = request
         if not first:
             self.stats.retries += 1
         self.stats.sent += 1
+        self.stats.payload_bytes += len(getattr(request.message, "payload", b""))
         self._send(sock, p.encode(request.message))
 
     def _expire(self, now: float) -> bool:
@@ -646,9 +661,7 @@ class TierGroup:
         if not tiers:
             raise ValueError("a TierGroup needs at least one tier")
         self.callbacks = CallbackThread("offload-group-cb")
-        self.clients = [OffloadClient(t, callbacks=self.callbacks, **client_kwargs) for t in tiers]
-        for c in self.clients:
-            c._router = self
+        self.clients = [OffloadClient(t, callbacks=self.callbacks, router=self, **client_kwargs) for t in tiers]
         self.stats = GroupStats()
         self._lock = threading.Lock()
         self._turn = itertools.count()
@@ -703,8 +716,9 @@ class TierGroup:
             self.stats.out_of_credit += 1
         return False
 
-    def failed(self, request: _Request, client: OffloadClient, reason: DropReason, reroutable: bool) -> None:
-        if reroutable and time.monotonic() < request.item.deadline_mono:
+    def failed(self, request: _Request, client: Optional[OffloadClient], reason: DropReason,
+               reroutable: bool) -> None:
+        if reroutable and client is not None and time.monotonic() < request.item.deadline_mono:
             for other in self._candidates(exclude=request.tiers_tried):
                 if other.try_accept(request):
                     with self._lock:
