@@ -236,6 +236,7 @@ class ModelPool:
         self._stopped = False
         self.bundle_path: Optional[str] = None
         self.bundle_report: dict[str, Any] = {}
+        self.bundle_meta: dict[str, Any] = {}
 
     def sync(self, cfg: Any) -> set[str]:
         """Build what the config needs and stop what it no longer uses. Returns the keys whose
@@ -284,7 +285,11 @@ class ModelPool:
         bundle = None
         if cfg.merging.bundle and cfg.merging.bundle != self.bundle_path:
             bundle = self._read_bundle(cfg, set(wanted))
-            staged.update(bundle.models)
+            for key, meta in bundle.meta.items():   # under the config's keys (the merge's config may differ)
+                user = next(q for q in cfg.queries if (q.model, q.weights) == (meta.architecture, meta.weights))
+                staged[model_key(user)] = bundle.models[key]
+        elif cfg.merging.bundle:      # same bundle, maybe changed queries: it must still fit them
+            self._check_bundle(cfg, self.bundle_meta)
 
         def model_of(key: str) -> Any:
             return staged[key] if key in staged else self.models.get(key)
@@ -296,6 +301,8 @@ class ModelPool:
                 except ModelLoadError as exc:
                     raise ConfigError(f"queries[{i}].weights" if q.weights else f"queries[{i}].model",
                                       f"query {q.id!r}: {exc}") from None
+                if q.input_size is not None:
+                    staged[key].input_size = q.input_size
         for i, q in enumerate(cfg.queries):
             if q.task.type != "passthrough":
                 try:
@@ -320,6 +327,7 @@ class ModelPool:
         if bundle is not None:
             self.bundle_path = cfg.merging.bundle
             self.bundle_report = bundle.report
+            self.bundle_meta = bundle.meta
 
     def _read_bundle(self, cfg: Any, keys: set[str]) -> Any:
         """A merged bundle's models: shared layers are the same tensors in every model using them."""
@@ -330,11 +338,18 @@ class ModelPool:
             bundle = load_bundle(cfg.merging.bundle, device=str(_device(cfg)))
         except (BundleError, OSError, RuntimeError, KeyError) as exc:
             raise ConfigError("merging.bundle", f"cannot load {cfg.merging.bundle}: {exc}") from None
-        unused = sorted(set(bundle.models) - keys)
-        if unused:
-            raise ConfigError("merging.bundle", f"the bundle has models no query uses: {', '.join(unused)} "
-                                                f"(merged for another config?)")
+        self._check_bundle(cfg, bundle.meta)
         return bundle
+
+    @staticmethod
+    def _check_bundle(cfg: Any, meta: dict[str, Any]) -> None:
+        from edgeva.config import ConfigError
+        from edgeva.merging.bundle import bundle_mismatches
+
+        problems = bundle_mismatches(meta, cfg.queries)
+        if problems:
+            raise ConfigError("merging.bundle", f"{cfg.merging.bundle} does not match the config: "
+                                                + "; ".join(problems))
 
     def _sync_scheduler(self, cfg: Any, keys: set[str]) -> set[str]:
         from edgeva.config import ConfigError
@@ -393,9 +408,12 @@ class ModelPool:
             return {"budget_bytes": None, "resident_bytes": 0}
         from edgeva.memory import nvml_device_stats, unique_bytes
 
-        stats: dict[str, Any] = {"budget_bytes": None, "merged_bundle": self.bundle_path,
-                                 "resident_bytes": unique_bytes([m.module for m in self.models.values()
-                                                                 if getattr(m, "module", None) is not None])}
+        modules = [m.module for m in self.models.values() if getattr(m, "module", None) is not None]
+        resident = unique_bytes(modules)
+        unshared = sum(unique_bytes([m]) for m in modules)   # each model alone: what it would hold unmerged
+        stats: dict[str, Any] = {"budget_bytes": None, "merged_bundle": self.bundle_path, "resident_bytes": resident,
+                                 "unshared_bytes": unshared, "bytes_saved_by_sharing": unshared - resident,
+                                 "saved_fraction": round((unshared - resident) / unshared, 4) if unshared else 0.0}
         devices = {m.device for m in self.models.values() if getattr(m, "device", None) is not None}
         for device in devices:
             if getattr(device, "type", None) == "cuda":
@@ -422,5 +440,6 @@ def _device(cfg: Any) -> Any:
 
 
 def model_key(q: Any) -> str:
-    """Queries with the same model and weights share one loaded model."""
-    return f"{q.model}@{q.weights or 'init'}"
+    """Queries with the same model, weights and input size share one loaded model."""
+    size = getattr(q, "input_size", None)
+    return f"{q.model}@{q.weights or 'init'}" + (f"@{size}px" if size else "")
