@@ -56,7 +56,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"edgeva: {exc}", file=sys.stderr)
         daemon.shutdown()
         return 2
-    return daemon.serve(max_runtime_s=args.duration, exit_when_sources_end=args.until_end)
+    rc = daemon.serve(max_runtime_s=args.duration, exit_when_sources_end=args.until_end)
+    if args.until_end:
+        print(daemon.summary(), flush=True)
+    return rc
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -170,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _profile_yaml(name: str, prof, side: int) -> dict:
-    """A measured profile in the hierarchy file's `models:` format."""
-    mb = 2**20
+    """A measured profile in the hierarchy file's `models:` format (MB = 1e6 bytes, as the loader reads it)."""
+    from edgeva.placement.model import MB as mb
     return {"name": name, "source": f"edgeva profile on this machine, input {side}x{side}",
             "split_points": [{"name": sp.name, "head_ms": round(sp.head_ms, 3), "tail_ms": round(sp.tail_ms, 3),
                               "activation_bytes": int(sp.activation_bytes),

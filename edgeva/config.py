@@ -17,14 +17,18 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from edgeva.recordings import VIDEO_EXTENSIONS, list_recordings
+from edgeva.redaction import redact
+from edgeva.source_kind import classify_source
+
 
 class ConfigError(ValueError):
     """A config problem, located by its dotted key path."""
 
     def __init__(self, path: str, reason: str):
         self.path = path or "<root>"
-        self.reason = reason
-        super().__init__(f"config error at {self.path}: {reason}")
+        self.reason = redact(reason)   # a YAML or source error may quote a camera URL with its password
+        super().__init__(f"config error at {self.path}: {self.reason}")
 
 
 # --------------------------------------------------------------------- schema
@@ -64,8 +68,6 @@ class CameraConfig:
         _identifier(self.id, f"{path}.id")
         if not self.source:
             raise ConfigError(f"{path}.source", "must not be empty")
-        from edgeva.sources import classify_source   # sources imports this module at load time
-
         try:
             classify_source(self.source)
         except ValueError as exc:
@@ -138,7 +140,9 @@ class QueryConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     # 'local', a tier name or a list of tiers (load spread over the live ones); None: follow the plan
     placement: Optional[Union[str, list[str]]] = None
-    split_at: Optional[int] = None       # with a tier: run the model's first split_at blocks here
+    # With a tier: run the model here up to this split point (a layer name as `edgeva profile`
+    # and plan files name it, or the number of layers before the cut; edgeva.models.splits).
+    split_at: Optional[Union[int, str]] = None
     queue: int = 16                      # frames waiting for the executor
     # network input side in pixels (classifiers: the square; detectors: the long side); None:
     # the model's own. Part of what a merged bundle was checked at.
@@ -157,6 +161,12 @@ class QueryConfig:
         self.task.validate(f"{path}.task")
         self.sla.validate(f"{path}.sla")
         self.filter.validate(f"{path}.filter")
+
+
+def model_key(q: QueryConfig) -> str:
+    """Queries with the same model and weights share one loaded model (and merged bundles and
+    offload workers name models by this key)."""
+    return f"{q.model}@{q.weights or 'init'}"
 
 
 @dataclass
@@ -320,7 +330,10 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
     for i, cam in enumerate(cfg.cameras):
         cam.validate(f"cameras[{i}]")
         if is_file_source(cam.source) and base_dir is not None:
-            cam.source = _readable_file(cam.source, base_dir, f"cameras[{i}].source")
+            cam.source = _readable_file(cam.source, base_dir, f"cameras[{i}].source", allow_dir=True)
+            if os.path.isdir(cam.source) and not list_recordings(cam.source):
+                raise ConfigError(f"cameras[{i}].source", f"folder {cam.source} holds no video files "
+                                                          f"({', '.join(sorted(VIDEO_EXTENSIONS))})")
     camera_ids = {c.id for c in cfg.cameras}
     tier_names = {t.name for t in cfg.tiers} | {"local"}
     for i, q in enumerate(cfg.queries):
@@ -331,8 +344,10 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
         for name in ([q.placement] if isinstance(q.placement, str) else q.placement or []):
             if name not in tier_names:
                 raise ConfigError(f"queries[{i}].placement", f"unknown tier {name!r}")
-        if q.split_at is not None and q.split_at < 1:
-            raise ConfigError(f"queries[{i}].split_at", "must be >= 1 (0 is plain offload)")
+        if q.split_at is not None and (q.split_at in (0, "input", "") or isinstance(q.split_at, bool)
+                                       or (isinstance(q.split_at, int) and q.split_at < 0)):
+            raise ConfigError(f"queries[{i}].split_at", "must be a layer name or an index >= 1 "
+                                                        "(0 or 'input' is plain offload: leave it out)")
         if q.weights and not q.download and base_dir is not None:
             q.weights = _readable_file(q.weights, base_dir, f"queries[{i}].weights", allow_dir=True)
     _one_input_size_per_model(cfg.queries)

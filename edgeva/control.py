@@ -89,6 +89,10 @@ class ControlServer:
         self._thread.start()
         log.info("control socket on %s", self.bound_endpoint)
 
+    def alive(self) -> bool:
+        """The serving thread runs (started and not dead)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -110,21 +114,28 @@ class ControlServer:
                         frames = sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._answer(sock, frames)
+                    try:
+                        self._answer(sock, frames)
+                    except Exception:   # never on input (handle() answers everything); a bug here
+                        log.exception("control: answering a request failed")   # must not end the thread
         finally:
             sock.close(0)
 
     def _answer(self, sock: zmq.Socket, frames: list[bytes]) -> None:
         envelope, body = _split_envelope(frames)
-        reply = self.handle(body)
+        try:
+            reply = self.handle(body)
+        except Exception as exc:   # handle() catches everything it expects; this is the last line
+            log.exception("control: request handling failed")
+            reply = _error(f"internal error: {type(exc).__name__}")
         if reply.get("ok"):
             self.requests_served += 1
         else:
             self.requests_rejected += 1
         try:
             data = json.dumps(reply, default=str).encode()
-        except (TypeError, ValueError) as exc:
-            data = json.dumps({"ok": False, "error": f"reply not serialisable: {exc}"}).encode()
+        except (TypeError, ValueError, RecursionError) as exc:
+            data = json.dumps({"ok": False, "error": f"reply not serialisable: {type(exc).__name__}: {exc}"}).encode()
         try:
             sock.send_multipart(envelope + [data], zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -141,6 +152,10 @@ class ControlServer:
             request = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return _error(f"request is not JSON: {exc}")
+        except RecursionError:   # e.g. 60 KB of '[[[[': deeper than the parser's recursion limit
+            return _error("request is not JSON this server accepts: nested too deeply")
+        except Exception as exc:  # anything else the parser can raise on hostile input
+            return _error(f"request is not JSON: {type(exc).__name__}: {exc}")
         if not isinstance(request, dict):
             return _error("request must be a JSON object like {\"cmd\": \"stats\"}")
         cmd = request.get("cmd")

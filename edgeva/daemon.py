@@ -10,11 +10,13 @@ from dataclasses import asdict
 from typing import Any, Callable
 
 from edgeva import __version__
-from edgeva.config import CameraConfig, Config, ConfigError, QueryConfig, load_config
+from edgeva.config import CameraConfig, Config, ConfigError, QueryConfig, load_config, model_key
 from edgeva.control import ControlServer
 from edgeva.pipeline import CameraPipeline, QueryRuntime
-from edgeva.executor import ModelPool, model_key
-from edgeva.query import ModelQuery, PassthroughQuery
+from edgeva.pool import ModelPool
+from edgeva.progress import BatchProgress
+from edgeva.query import ModelQuery, PassthroughQuery, audit_seed
+from edgeva.redaction import redact_sources
 from edgeva.results import ResultHub
 from edgeva.router import Route, plan_routes
 from edgeva.stats import StatsRegistry
@@ -27,6 +29,8 @@ class Daemon:
     """Owns every running part. The only long-lived state in the process lives here."""
 
     RESTART_CHECK_S = 5.0   # how often cameras whose reader crashed are restarted
+    PROGRESS_INTERVAL_S = 5.0   # the progress line of a batch run (--until-end)
+    UNTIL_END_STALL_S = 120.0   # sources ended and no frame got an outcome for this long: stop anyway
 
     def __init__(self, cfg: Config, notifier: Notifier | None = None,
                  config_loader: Callable[[str], Config] = load_config):
@@ -44,6 +48,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._lock = threading.Lock()
+        self.progress: BatchProgress | None = None   # a batch run (--until-end)
         self.reloads = 0
         self.reload_errors = 0
         self.camera_restarts = 0
@@ -54,12 +59,13 @@ class Daemon:
         self.control = ControlServer(self.cfg.stats.endpoint, {
             "stats": lambda _r: self.stats.snapshot(),
             "health": lambda _r: self.health(),
-            "config": lambda _r: self.cfg.to_dict(),
+            "config": lambda _r: redact_sources(self.cfg.to_dict()),
         }, max_request_bytes=self.cfg.stats.max_request_bytes)
         self.stats.sections["daemon"] = self._daemon_section
         self.stats.sections["models"] = self.models.stats
         self.stats.sections["memory"] = self.models.memory_stats
         self.stats.sections["offload"] = self._offload_section
+        self.stats.sections["results"] = self.hub.stats
         self.models.sync(self.cfg)      # a bad model or weights file fails here, before any camera
         self.routes = plan_routes(self.cfg)
         self._open_sinks()
@@ -90,6 +96,10 @@ class Daemon:
     def _serve_loop(self, max_runtime_s: float | None, exit_when_sources_end: bool) -> None:
         started = time.monotonic()
         next_log = started + self.cfg.stats.log_interval_s
+        next_progress = started + self.PROGRESS_INTERVAL_S
+        last_outcomes, last_outcome_at = -1, started
+        if exit_when_sources_end:
+            self.progress = BatchProgress()
         next_check = started + self.RESTART_CHECK_S
         while not self._stop.wait(timeout=0.25):
             now = time.monotonic()
@@ -104,12 +114,24 @@ class Daemon:
             if now >= next_log:
                 next_log = now + self.cfg.stats.log_interval_s
                 log.info("stats %s", json.dumps(self._brief()))
+            if self.progress is not None and now >= next_progress:
+                next_progress = now + self.PROGRESS_INTERVAL_S
+                log.info("progress: %s", self.progress.line(*self._batch_progress()))
             if max_runtime_s is not None and now - started >= max_runtime_s:
                 break
-            if exit_when_sources_end and self.cameras and all(c.finished() for c in self.cameras.values()) \
-                    and self._drained():
-                log.info("every source ended")
-                break
+            if exit_when_sources_end and self.cameras and all(c.finished() for c in self.cameras.values()):
+                outcomes = sum(q.bucketed for q in list(self.stats.queries.values()))
+                if outcomes != last_outcomes:
+                    last_outcomes, last_outcome_at = outcomes, now
+                stalled = now - last_outcome_at > self.UNTIL_END_STALL_S
+                if self._drained() or stalled:
+                    if stalled:   # a lost frame must not keep a batch run waiting for ever
+                        log.error("every source ended, but frames have been in flight without any outcome "
+                                  "for %.0f s; stopping", self.UNTIL_END_STALL_S)
+                    log.info("every source ended")
+                    if self.progress is not None:
+                        log.info("progress: %s", self.progress.line(*self._batch_progress()))
+                    break
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -154,8 +176,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = self._config_loader(self.cfg.source_path)
-            self.models.build(new, {model_key(q): (i, q) for i, q in enumerate(new.queries)
-                                     if q.task.type != "passthrough"})
+            self.models.plan(new)
             new_routes = plan_routes(new)
         except ConfigError as exc:
             self.reload_errors += 1
@@ -250,7 +271,7 @@ class Daemon:
         route = self.routes.get(q.id, Route())
         if not route.local:
             worker = self._offload_port(q, route, worker)
-        query_filter = QueryFilter(q.filter, rng_seed=hash(q.id) & 0xFFFF) if q.filter.enabled else None
+        query_filter = QueryFilter(q.filter, rng_seed=audit_seed(q.id)) if q.filter.enabled else None
         return ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
 
     def _offload_port(self, q: QueryConfig, route: Route, local: Any) -> Any:
@@ -261,13 +282,14 @@ class Daemon:
             tiers = {t.name: t for t in self.cfg.tiers}
             group = self.tier_groups[route.tiers] = TierGroup([tiers[name] for name in route.tiers]).start()
         fallback = local_fallback(local) if self.cfg.placement.fallback == "local" else drop_fallback
-        split_model = None
+        split_model, split_at = None, None
         if route.split_at:
             from edgeva.offload.split import SplitModel
 
             split_model = SplitModel(local.model)
+            split_at = split_model.resolve(route.split_at)
         log.info("query %s: %s", q.id, route.describe())
-        return group.port(model_key(q), fallback, model=local.model, split_at=route.split_at,
+        return group.port(model_key(q), fallback, model=local.model, split_at=split_at,
                           split_model=split_model)
 
     def _stop_tier_groups(self, keys: set[tuple[str, ...]]) -> None:
@@ -301,20 +323,38 @@ class Daemon:
                 raise ConfigError("sinks.zmq_pub", f"cannot bind {sinks.zmq_pub}: {exc}") from None
 
     # ------------------------------------------------------------ views
+    def _batch_progress(self) -> tuple[int, int | None, tuple[int, int] | None]:
+        """Frames done and to do over every camera, and the clip a single folder camera is on."""
+        parts = [p.progress() for p in list(self.cameras.values())]
+        done = sum(p[0] for p in parts)
+        total = None if any(p[1] is None for p in parts) else sum(p[1] for p in parts if p[1] is not None)
+        clips = (parts[0][2], parts[0][3]) if len(parts) == 1 else None
+        return done, total, clips
+
+    def summary(self) -> str:
+        """What a batch run did, for after serve(): frames, rate, per-query buckets, lost results."""
+        snap = self.stats.snapshot()
+        frames = sum(c["frames_delivered"] for c in snap["cameras"].values())
+        text = (self.progress or BatchProgress()).summary(snap, frames)
+        errors = self.stats.accounting_errors(stopped=True)
+        return text + ("\naccounting errors: " + "; ".join(errors) if errors else "")
+
     def _drained(self) -> bool:
         """No frame is still on its way through a query (so stopping now drops nothing)."""
         return all(q.in_flight == 0 for q in list(self.stats.queries.values()))
 
     def _healthy(self) -> bool:
-        control_ok = self.control is not None and self.control._thread is not None and self.control._thread.is_alive()
+        control_ok = self.control is not None and self.control.alive()
         return control_ok and self.models.alive() and all(p.alive() for p in list(self.cameras.values()))
 
     def health(self) -> dict[str, Any]:
         cams = {cid: self.stats.cameras[cid].state for cid in list(self.cameras) if cid in self.stats.cameras}
         streaming = sum(1 for s in cams.values() if s == "streaming")
-        status = "ok" if self._healthy() and streaming == len(cams) else "degraded"
+        losing = self.hub.losing()
+        status = "ok" if self._healthy() and streaming == len(cams) and not losing else "degraded"
         return {"status": status, "version": __version__, "cameras": cams,
-                "threads_ok": self._healthy(), "accounting_errors": self.stats.accounting_errors()}
+                "threads_ok": self._healthy(), "accounting_errors": self.stats.accounting_errors(),
+                "results_lost": self.hub.lost(), "losing_results": losing}
 
     def _daemon_section(self) -> dict[str, Any]:
         return {"version": __version__, "config": self.cfg.source_path, "reloads": self.reloads,

@@ -699,7 +699,7 @@ def _rebind(owner: _TensorOwner, flat: torch.Tensor) -> None:
     if owner.is_param:
         getattr(owner.module, owner.name).data = view
     else:
-        owner.module._buffers[owner.name] = view
+        setattr(owner.module, owner.name, view)   # a registered buffer: Module.__setattr__ rebinds it
 
 
 def unique_bytes(modules: Iterable[nn.Module]) -> int:

@@ -2,8 +2,10 @@
 
 A CameraPipeline owns its reader thread and one dispatcher thread; queries never share
 state through it. Accounting: the reader counts a frame as delivered (for every query of
-the camera) before buffering it, buffer overflow counts `buffer-full`, and frames still
-buffered at stop count `shutdown`; everything dispatched is the query runtime's to bucket.
+the camera) before buffering it; a frame lost before the queries (buffer overflow:
+`buffer-full`; refused or still buffered at stop: `shutdown`) is handed to every query's
+`drop`, so each buckets it and emits its `dropped` record; everything dispatched is the
+query runtime's to bucket.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Protocol
 from edgeva.config import CameraConfig
 from edgeva.messages import DropReason, Frame, Outcome
 from edgeva.query import FrameView
+from edgeva.redaction import redact
 from edgeva.sources import CameraReader, CameraState, FrameBuffer
 from edgeva.stats import QueryStats, StatsRegistry
 
@@ -32,15 +35,18 @@ class QueryRuntime(Protocol):
 
     def submit(self, view: FrameView) -> None: ...
 
+    def drop(self, frame: Frame, reason: DropReason) -> None:
+        """Bucket a frame that never reached `submit` as dropped (and emit its record)."""
+
 
 class CameraPipeline:
     def __init__(self, cfg: CameraConfig, queries: list[QueryRuntime], stats: StatsRegistry):
         self.cfg = cfg
         self.queries = list(queries)
         self.stats = stats
-        stats.add_camera(cfg.id, cfg.source)
-        self.buffer = FrameBuffer(cfg.buffer, on_drop=self._on_buffer_drop)
-        self.reader = CameraReader(cfg, self.buffer, stats)
+        stats.add_camera(cfg.id, redact(cfg.source))   # stats are shown: never a password
+        self.buffer = FrameBuffer(cfg.buffer, on_drop=lambda frame: self._drop(frame, DropReason.BUFFER_FULL))
+        self.reader = CameraReader(cfg, self.buffer, stats, on_undelivered=self._drop)
         self._stop = threading.Event()
         self._dispatcher = threading.Thread(target=self._dispatch, name=f"dispatch-{cfg.id}", daemon=True)
 
@@ -63,19 +69,36 @@ class CameraPipeline:
         """The source ended (file without loop) and every buffered frame was dispatched."""
         return not self.reader.is_alive() and len(self.buffer) == 0
 
+    def progress(self) -> tuple[int, int | None, int, int]:
+        """(frames every query is done with, frames in the recording(s) or None, clip number, clips)."""
+        cam = self.stats.cameras.get(self.cfg.id)
+        delivered = cam.frames_delivered if cam is not None else 0
+        busy = max((q.qstats.in_flight for q in self.queries), default=0)
+        reader = self.reader
+        return delivered - busy, reader.frames_total, reader.clip_index + 1, max(1, len(reader.clips))
+
     def stop(self, timeout_s: float = 4.0) -> None:
         self.reader.stop(timeout_s)
         self._stop.set()
         self.buffer.close()
         self._dispatcher.join(timeout=timeout_s)
-        for _ in self.buffer.drain():
-            self.stats.frame_dropped_at_camera(self.cfg.id, DropReason.SHUTDOWN)
+        for frame in self.buffer.drain():
+            self._drop(frame, DropReason.SHUTDOWN)
         if self.reader.is_alive():
             log.warning("camera %s: reader did not stop within %.1f s", self.cfg.id, timeout_s)
         self.stats.camera_state(self.cfg.id, "stopped")
 
-    def _on_buffer_drop(self, _frame: Frame) -> None:
-        self.stats.frame_dropped_at_camera(self.cfg.id, DropReason.BUFFER_FULL)
+    def _drop(self, frame: Frame, reason: DropReason) -> None:
+        self.stats.camera_dropped(self.cfg.id, reason)
+        for query in self.queries:
+            self._drop_for(query, frame, reason)
+
+    def _drop_for(self, query: QueryRuntime, frame: Frame, reason: DropReason) -> None:
+        try:
+            query.drop(frame, reason)
+        except Exception:   # its record is lost, its bucket must not be
+            log.exception("query %s failed to drop %s", query.query_id, frame.frame_id)
+            self.stats.record(query.qstats, Outcome.DROPPED, reason=reason, seq=frame.seq)
 
     def _dispatch(self) -> None:
         while not self._stop.is_set():
@@ -88,4 +111,4 @@ class CameraPipeline:
                     query.submit(view)
                 except Exception:  # one query's bug must not starve the others, nor lose the frame
                     log.exception("query %s failed on %s", query.query_id, frame.frame_id)
-                    self.stats.record(query.qstats, Outcome.DROPPED, reason=DropReason.ERROR)
+                    self._drop_for(query, frame, DropReason.ERROR)

@@ -1,24 +1,33 @@
 """Query runtimes: what happens to a frame once a camera hands it to one query.
 
 Each runtime buckets every submitted frame exactly once (inferred, reused, offloaded or
-dropped with a reason) in the stats registry and emits a result record for the first three.
+dropped with a reason) in the stats registry and emits one result record for it, a dropped
+frame included (outcome `dropped`, with its reason), so a consumer sees every frame once.
 """
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from edgeva.config import QueryConfig
-from edgeva.executor import ModelWorker, WorkItem
 from edgeva.filtering import Decision, QueryFilter
 from edgeva.messages import DropReason, Frame, Outcome, QueryResult
 from edgeva.results import ResultHub
-from edgeva.stats import StatsRegistry
+from edgeva.stats import QueryStats, StatsRegistry
+from edgeva.work import ExecutorPort, WorkItem
 
 log = logging.getLogger("edgeva.query")
+
+
+def audit_seed(query_id: str) -> int:
+    """The seed of a query's audit sampling: the same in every process (unlike hash(), which
+    PYTHONHASHSEED salts per process), so a replay audits the same frames each run."""
+    return zlib.crc32(query_id.encode("utf-8"))
 
 
 class FrameView:
@@ -38,6 +47,14 @@ class FrameView:
         return p
 
 
+def emit_dropped(stats: StatsRegistry, qstats: QueryStats, hub: ResultHub, query_id: str, frame: Frame,
+                 reason: DropReason) -> None:
+    """Bucket `frame` as dropped for one query and emit its `dropped` result record."""
+    latency = time.monotonic() - frame.t_mono
+    stats.record(qstats, Outcome.DROPPED, reason=reason, seq=frame.seq)
+    hub.emit(QueryResult.of(query_id, frame, Outcome.DROPPED, None, latency, extra={"reason": reason.value}))
+
+
 class PassthroughQuery:
     """No model: the frame itself is the result (its mean intensity). Exercises the whole path."""
 
@@ -52,9 +69,11 @@ class PassthroughQuery:
         frame = view.frame
         value = {"mean": round(float(frame.image.mean()), 2), "shape": list(frame.image.shape)}
         latency = time.monotonic() - frame.t_mono
-        self.stats.record(self.qstats, Outcome.INFERRED, latency)
-        self.hub.emit(QueryResult(self.query_id, frame.camera, frame.seq, frame.t_capture,
-                                  Outcome.INFERRED, value, latency, source_seq=frame.seq))
+        self.stats.record(self.qstats, Outcome.INFERRED, latency, seq=frame.seq)
+        self.hub.emit(QueryResult.of(self.query_id, frame, Outcome.INFERRED, value, latency, source_seq=frame.seq))
+
+    def drop(self, frame: Frame, reason: DropReason) -> None:
+        emit_dropped(self.stats, self.qstats, self.hub, self.query_id, frame, reason)
 
 
 @dataclass
@@ -82,10 +101,13 @@ class ModelQuery:
 
     RETUNE_FACTOR = 0.7   # audit says agreement < target: tighten the threshold by this much
 
-    def __init__(self, cfg: QueryConfig, stats: StatsRegistry, hub: ResultHub, worker: ModelWorker,
+    def __init__(self, cfg: QueryConfig, stats: StatsRegistry, hub: ResultHub, worker: ExecutorPort,
                  task: Any, query_filter: Optional[QueryFilter] = None, backpressure: bool = False):
         self.cfg = cfg
-        # Offline replay ('fast'): wait for the model instead of dropping when its queue is full.
+        # Batch replay ('fast'): wait for the model instead of dropping when its queue is full (the
+        # wait reaches the decoder: back-pressure), no wall-clock deadline, and media time for the
+        # SLA rate, so the results do not depend on how fast this machine is.
+        self._batch = backpressure
         self._submit_wait_s = 3600.0 if backpressure else 0.0
         self.query_id = cfg.id
         self.stats = stats
@@ -120,16 +142,18 @@ class ModelQuery:
         if item is None:
             return
         # Outside the lock: the worker's callbacks take it, and a blocking submit waits on the worker.
-        if not self.worker.submit(item, wait_s=0.0 if item.audit else self._submit_wait_s) and not item.audit:
+        if not self.worker.submit(item, wait_s=0.0 if item.audit and not self._batch else self._submit_wait_s) \
+                and not item.audit:
             self.dropped(item, DropReason.QUEUE_FULL)
 
     def _decide(self, view: FrameView) -> Decision:
         frame = view.frame
         # Monotonic time: a wall-clock step (NTP at boot) must not stop inference.
+        t = frame.t_media if self._batch and frame.t_media is not None else frame.t_mono
         if self._min_interval and self._last_considered_t is not None and self._latest is not None \
-                and 0 <= frame.t_mono - self._last_considered_t < self._min_interval * 0.999:
+                and 0 <= t - self._last_considered_t < self._min_interval * 0.999:
             return Decision(False, "rate", None, 0)
-        self._last_considered_t = frame.t_mono
+        self._last_considered_t = t
         if self.filter is None:
             return Decision(True, "disabled", None, 0)
         return self.filter.decide(view.prepared(self.filter.differencer))
@@ -150,12 +174,15 @@ class ModelQuery:
         source = self._last_done
         if source is None:  # nothing inferred yet: the kept frame it would reuse was dropped
             reason = latest.failed if latest is not None and latest.failed else DropReason.ERROR
-            self.stats.record(self.qstats, Outcome.DROPPED, reason=reason)
+            self.drop(frame, reason)
             return
         self._emit_reused(frame, source)
 
     def _deadline(self, frame: Frame) -> float:
-        return frame.t_mono + self.cfg.sla.latency_ms / 1000.0
+        return math.inf if self._batch else frame.t_mono + self.cfg.sla.latency_ms / 1000.0
+
+    def drop(self, frame: Frame, reason: DropReason) -> None:
+        emit_dropped(self.stats, self.qstats, self.hub, self.query_id, frame, reason)
 
     # ------------------------------------------------------------- worker callbacks
     def complete_offloaded(self, item: WorkItem, output: Any, finished_mono: float, tier: str) -> None:
@@ -180,9 +207,9 @@ class ModelQuery:
                 self._last_done = inference
             latency = finished_mono - frame.t_mono
             outcome = Outcome.INFERRED if tier is None else Outcome.OFFLOADED
-            self.stats.record(self.qstats, outcome, latency)
-            self.hub.emit(QueryResult(self.query_id, frame.camera, frame.seq, frame.t_capture, outcome, value,
-                                      latency, 0, frame.seq, extra={} if tier is None else {"tier": tier}))
+            self.stats.record(self.qstats, outcome, latency, seq=frame.seq)
+            self.hub.emit(QueryResult.of(self.query_id, frame, outcome, value, latency, 0, frame.seq,
+                                         extra={} if tier is None else {"tier": tier}))
             waiting, inference.waiting = inference.waiting, []
             for waiting_frame, _ in waiting:
                 self._emit_reused(waiting_frame, inference)
@@ -193,21 +220,21 @@ class ModelQuery:
         inference: _Inference = item.context
         with self._lock:
             inference.failed = reason
-            self.stats.record(self.qstats, Outcome.DROPPED, reason=reason)
+            self.drop(item.frame, reason)
             waiting, inference.waiting = inference.waiting, []
             for frame, _ in waiting:
                 if self._last_done is not None:
                     self._emit_reused(frame, self._last_done)
                 else:
-                    self.stats.record(self.qstats, Outcome.DROPPED, reason=reason)
+                    self.drop(frame, reason)
             if self.filter is not None and self._latest is inference:
                 self.filter.forget_reference()   # compare the next frame with something we have a result for
 
     def _emit_reused(self, frame: Frame, source: _Inference) -> None:
         latency = time.monotonic() - frame.t_mono
-        self.stats.record(self.qstats, Outcome.REUSED, latency)
-        self.hub.emit(QueryResult(self.query_id, frame.camera, frame.seq, frame.t_capture, Outcome.REUSED,
-                                  source.value, latency, frame.seq - source.seq, source.seq))
+        self.stats.record(self.qstats, Outcome.REUSED, latency, seq=frame.seq)
+        self.hub.emit(QueryResult.of(self.query_id, frame, Outcome.REUSED, source.value, latency,
+                                     frame.seq - source.seq, source.seq))
 
     def _audited(self, audit: _Audit, value: Any) -> None:
         if self.filter is None or not audit.reference.done:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from edgeva.config import Config, ConfigError
+from edgeva.models.splits import SplitSpec
 
 log = logging.getLogger("edgeva.router")
 
@@ -19,7 +20,7 @@ log = logging.getLogger("edgeva.router")
 @dataclass(frozen=True)
 class Route:
     tiers: tuple[str, ...] = ()          # empty: run locally
-    split_at: Optional[int] = None       # run this many blocks here, the rest on the tier
+    split_at: Optional[SplitSpec] = None   # run the model here up to this split point, the rest on the tier
     reason: str = "default"
 
     @property
@@ -30,7 +31,7 @@ class Route:
         if self.local:
             return f"local ({self.reason})"
         where = ", ".join(self.tiers)
-        split = f", split after block {self.split_at}" if self.split_at else ""
+        split = f", split at {self.split_at!r}" if self.split_at else ""
         return f"offload to {where}{split} ({self.reason})"
 
 
@@ -80,7 +81,9 @@ def _route_from_assignment(a: Any, this_node: Optional[str], tier_names: set[str
         raise ConfigError("placement.plan", f"query {a.query!r} is planned on node {a.tail_node!r}, "
                                             f"but no tier of that name is configured")
     if a.head_node == here and a.split > 0:
-        return Route((a.tail_node,), a.split, "plan")
+        # The plan's split index counts the profile's split points; the name is the layer the
+        # cut follows, which is what the daemon resolves against the model it runs.
+        return Route((a.tail_node,), a.split_name, "plan")
     if a.head_node not in (here, a.tail_node):
         log.warning("query %s: the plan splits it between %s and %s; edgeva sends it whole to %s",
                     a.query, a.head_node, a.tail_node, a.tail_node)

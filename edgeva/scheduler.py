@@ -23,11 +23,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from edgeva.executor import LatencyProfile, WorkItem
 from edgeva.memory import (DEFAULT_BANDWIDTH_BYTES_PER_S, DEFAULT_GROUP_MIN_BYTES, EvictionPolicy,
                            Granularity, MemoryEvent, MemoryManager)
 from edgeva.messages import DropReason
 from edgeva.models.base import ZooModel
+from edgeva.work import BatchPlan, LatencyProfile, WorkItem, deliver, plan_batch, take
 
 log = logging.getLogger("edgeva.scheduler")
 
@@ -179,6 +179,9 @@ class SwapScheduler:
     def start(self) -> None:
         self._thread.start()
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def submit(self, key: str, item: WorkItem) -> bool:
         state = self._states[key]
         with self._cond:
@@ -305,8 +308,8 @@ class SwapScheduler:
         return state.profile.predict(batch)
 
     def _plan_batch(self, state: _ModelState, now: float) -> _Plan:
-        """The batch this model would run now: earliest deadlines first, growing while the
-        earliest one can still be met; items that cannot be met even alone are late."""
+        """The batch this model would run now (`edgeva.work.plan_batch`), counting the load
+        of its missing weights that running cannot hide."""
         def run_s(n: int) -> float:
             return self._predict_run(state, n, now)
 
@@ -314,25 +317,13 @@ class SwapScheduler:
         # the deadlines: otherwise it would never load, and the prediction would never change.
         stale = state.last_run is None or now - state.last_run > _REPROBE_AFTER_S
         exposed = self.memory.predicted_exposed_load_s(state.key, run_s(1))
-        exposed_for_lateness = 0.0 if stale else exposed
-        batch: list[WorkItem] = []
-        late: list[WorkItem] = []
-        for item in sorted(state.queue, key=lambda i: i.deadline_mono):
-            if now + exposed_for_lateness + run_s(1) > item.deadline_mono:
-                late.append(item)
-                continue
-            if len(batch) >= self.options.max_batch:
-                break
-            if batch and now + exposed + run_s(len(batch) + 1) > batch[0].deadline_mono:
-                break
-            batch.append(item)
-        cost = exposed + run_s(max(1, len(batch)))
-        return _Plan(state, batch, late, cost)
+        plan = plan_batch(state.queue, now, self.options.max_batch, run_s, load_s=exposed,
+                          trust_prediction=not stale)
+        return _Plan(state, plan.batch, plan.late, exposed + run_s(max(1, len(plan.batch))))
 
     def _take_batch(self, state: _ModelState, now: float) -> _Plan:
         plan = self._plan_batch(state, now)
-        taken = {id(i) for i in plan.batch} | {id(i) for i in plan.late}
-        state.queue = deque(i for i in state.queue if id(i) not in taken)
+        take(state.queue, BatchPlan(plan.batch, plan.late))
         return plan
 
     def _take_all_late(self, now: float) -> list[tuple[_ModelState, WorkItem]]:
@@ -378,18 +369,14 @@ class SwapScheduler:
             state.batches += 1
             state.frames += len(batch)
             state.batch_sizes.append(len(batch))
-            for item in batch:
+            for item in batch[:len(outputs)]:   # the rest get no output: dropped with `error` below
                 within = finished <= item.deadline_mono
                 for counts in (state.counts, self._query_counts(item)):
                     if within:
                         counts.within_sla += 1
                     else:
                         counts.late += 1
-        for item, output in zip(batch, outputs):
-            try:
-                item.owner.complete(item, output, finished)
-            except Exception:    # the owner got its one callback; its failure is its own
-                log.exception("query %s failed on its result", getattr(item.owner, "query_id", "?"))
+        deliver(state.key, batch, outputs, finished, lambda item, reason: self._drop(state, item, reason))
 
     def _drop(self, state: _ModelState, item: WorkItem, reason: DropReason) -> None:
         with self._cond:

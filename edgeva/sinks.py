@@ -27,14 +27,20 @@ CREATE TABLE IF NOT EXISTS results (
     value       TEXT,
     latency_ms  REAL,
     age_frames  INTEGER,
-    source_seq  INTEGER
+    source_seq  INTEGER,
+    reason      TEXT,
+    clip        TEXT,
+    t_media     REAL
 );
 CREATE INDEX IF NOT EXISTS results_query_time ON results (query, t_capture);
 CREATE INDEX IF NOT EXISTS results_time ON results (t_capture);
 """
+# Columns added after the first release: an older results file gets them on open.
+_ADDED_COLUMNS = {"reason": "TEXT", "clip": "TEXT", "t_media": "REAL"}
+_COLUMNS = ("query", "camera", "seq", "t_capture", "outcome", "value", "latency_ms", "age_frames", "source_seq",
+            *_ADDED_COLUMNS)
 
-_INSERT = ("INSERT INTO results (query, camera, seq, t_capture, outcome, value, latency_ms, age_frames, source_seq)"
-           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT = f"INSERT INTO results ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
 
 
 class SQLiteSink:
@@ -42,7 +48,9 @@ class SQLiteSink:
 
     A kill -9 loses at most the records not yet committed: the current batch, bounded
     by `batch` records or `flush_s` seconds. The queue is bounded; when the disk cannot
-    keep up, records are dropped and counted rather than growing memory without end.
+    keep up, records are dropped and counted rather than growing memory without end, and a
+    batch whose commit fails (a full disk) is counted too: `lost` is every record accepted
+    by write() that will never be in the file.
     """
 
     PRUNE_EVERY_S = 600.0
@@ -56,10 +64,11 @@ class SQLiteSink:
         self.batch = batch
         self.flush_s = flush_s
         self.written = 0
-        self.dropped = 0
+        self.lost = 0
         self._queue: queue.Queue[tuple | None] = queue.Queue(maxsize=max_pending)
         conn = _connect(self.path)
         conn.executescript(SCHEMA)
+        _add_missing_columns(conn)
         conn.close()
         self._thread = threading.Thread(target=self._run, name="sink-sqlite", daemon=True)
         self._thread.start()
@@ -67,11 +76,14 @@ class SQLiteSink:
     def write(self, result: QueryResult) -> None:
         row = (result.query, result.camera, result.seq, result.t_capture, result.outcome.value,
                json.dumps(result.value, default=_jsonable), round(result.latency_s * 1000.0, 3),
-               result.age_frames, result.source_seq)
+               result.age_frames, result.source_seq, result.reason, result.clip, result.t_media)
         try:
             self._queue.put_nowait(row)
         except queue.Full:
-            self.dropped += 1
+            self.lost += 1
+
+    def counts(self) -> dict[str, int]:
+        return {"written": self.written, "lost": self.lost, "queued": self._queue.qsize()}
 
     def close(self) -> None:
         self._queue.put(None)
@@ -97,9 +109,11 @@ class SQLiteSink:
                     with conn:
                         conn.executemany(_INSERT, pending)
                     self.written += len(pending)
-                except sqlite3.Error:
-                    log.exception("sqlite sink: %d results lost", len(pending))
-                    self.dropped += len(pending)
+                except sqlite3.Error as exc:
+                    self.lost += len(pending)
+                    if self.lost == len(pending) or self.lost // 1000 != (self.lost - len(pending)) // 1000:
+                        log.error("sqlite sink %s: %d results lost (%d so far): %s", self.path, len(pending),
+                                  self.lost, exc)
                 pending = []
             if time.monotonic() >= deadline:
                 deadline = time.monotonic() + self.flush_s
@@ -127,11 +141,21 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    have = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+    with conn:
+        for name, kind in _ADDED_COLUMNS.items():
+            if name not in have:
+                conn.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
+
+
 def read_results(path: str | Path, query: str | None = None, limit: int = 50,
                  since: float | None = None) -> Iterator[dict[str, Any]]:
     """Newest first; opened read-only so it can run beside the daemon."""
     conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, timeout=10)
     try:
+        have = {row[1] for row in conn.execute("PRAGMA table_info(results)")}
+        added = ", ".join(name if name in have else f"NULL AS {name}" for name in _ADDED_COLUMNS)
         where, args = [], []
         if query:
             where.append("query = ?")
@@ -139,7 +163,8 @@ def read_results(path: str | Path, query: str | None = None, limit: int = 50,
         if since is not None:
             where.append("t_capture >= ?")
             args.append(since)
-        sql = "SELECT query, camera, seq, t_capture, outcome, value, latency_ms, age_frames, source_seq FROM results"
+        sql = f"SELECT query, camera, seq, t_capture, outcome, value, latency_ms, age_frames, source_seq, {added} " \
+              f"FROM results"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
@@ -147,7 +172,7 @@ def read_results(path: str | Path, query: str | None = None, limit: int = 50,
         for row in conn.execute(sql, args):
             yield {"query": row[0], "camera": row[1], "seq": row[2], "t_capture": row[3], "outcome": row[4],
                    "value": json.loads(row[5]) if row[5] else None, "latency_ms": row[6],
-                   "age_frames": row[7], "source_seq": row[8]}
+                   "age_frames": row[7], "source_seq": row[8], "reason": row[9], "clip": row[10], "t_media": row[11]}
     finally:
         conn.close()
 
@@ -164,6 +189,7 @@ class ZmqPubSink:
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._lock = threading.Lock()   # results arrive from several executor threads
         self.published = 0
+        self.lost = 0                   # refused by the socket (PUB drops for slow subscribers unseen)
 
     def write(self, result: QueryResult) -> None:
         payload = json.dumps(result.to_dict(), default=_jsonable).encode()
@@ -172,7 +198,10 @@ class ZmqPubSink:
                 self._sock.send_multipart([result.query.encode(), payload], zmq.NOBLOCK)
                 self.published += 1
             except zmq.Again:
-                pass
+                self.lost += 1
+
+    def counts(self) -> dict[str, int]:
+        return {"written": self.published, "lost": self.lost}
 
     def close(self) -> None:
         with self._lock:

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import random
-import re
 import sys
 import threading
 import time
@@ -26,11 +25,11 @@ import numpy as np
 
 from edgeva.config import Backoff, CameraConfig
 from edgeva.messages import DropReason, Frame
+from edgeva.recordings import frame_count, list_recordings
+from edgeva.source_kind import SourceKind, classify_source, redact, usb_index
 from edgeva.stats import StatsRegistry
 
 log = logging.getLogger("edgeva.sources")
-
-STREAM_SCHEMES = ("rtsp", "rtsps", "http", "https", "rtmp", "udp", "tcp")
 
 # Realtime replay that falls further behind than this restarts its schedule instead of
 # bursting the backlog into the pipeline (e.g. after the process was suspended).
@@ -41,12 +40,6 @@ STOP_POLL_S = 0.1
 MAX_PLAUSIBLE_FPS = 1000.0
 
 
-class SourceKind(str, enum.Enum):
-    FILE = "file"
-    STREAM = "stream"
-    USB = "usb"
-
-
 class CameraState(str, enum.Enum):
     STARTING = "starting"
     STREAMING = "streaming"
@@ -54,34 +47,6 @@ class CameraState(str, enum.Enum):
     ENDED = "ended"
     STOPPED = "stopped"
     FAILED = "failed"
-
-
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_USB = re.compile(r"^(?:usb:)?(\d+)$")
-
-
-def classify_source(source: str) -> SourceKind:
-    """The kind of a camera's `source` string; ValueError for a scheme we cannot read."""
-    text = source.strip()
-    if not text:
-        raise ValueError("camera source is empty")
-    scheme = _SCHEME.match(text)
-    if scheme:
-        name = scheme.group(1).lower()
-        if name in STREAM_SCHEMES:
-            return SourceKind.STREAM
-        if name == "file":
-            return SourceKind.FILE
-        raise ValueError(f"unsupported source scheme {name!r} in {redact(text)!r} "
-                         f"(supported: {', '.join(STREAM_SCHEMES)}, file paths, /dev/videoN, usb:N or N)")
-    if _USB.match(text) or text.startswith("/dev/"):   # /dev/videoN, /dev/v4l/by-id/...
-        return SourceKind.USB
-    return SourceKind.FILE
-
-
-def redact(source: str) -> str:
-    """The source with any password in its URL hidden, for logs and error messages."""
-    return re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", source)
 
 
 # ----------------------------------------------------------------- buffer
@@ -216,8 +181,13 @@ class CameraReader(threading.Thread):
 
     DEFAULT_REPLAY_FPS = 25.0
 
-    def __init__(self, cfg: CameraConfig, buffer: FrameBuffer, stats: StatsRegistry):
+    def __init__(self, cfg: CameraConfig, buffer: FrameBuffer, stats: StatsRegistry,
+                 on_undelivered: Callable[[Frame, DropReason], None] | None = None):
+        """`on_undelivered` buckets a frame counted as delivered that the buffer refused (we are
+        stopping); by default the stats registry buckets it for every query of the camera."""
         super().__init__(name=f"camera-{cfg.id}", daemon=True)
+        self._on_undelivered = on_undelivered or (
+            lambda frame, reason: stats.frame_dropped_at_camera(frame.camera, reason, frame.seq))
         self.kind = classify_source(cfg.source)
         self.cfg = cfg
         self.camera = cfg.id
@@ -231,6 +201,14 @@ class CameraReader(threading.Thread):
         self._backoff = BackoffTimer(cfg.reconnect)
         self._replay: ReplayClock | None = None
         self._announced_streaming = False
+        # A folder source plays its recordings in name order (one file: a playlist of one).
+        self.folder = self.kind is SourceKind.FILE and os.path.isdir(self._file_path())
+        self.clips: list[str] = []
+        self.clip_index = 0
+        self.clips_skipped = 0
+        self.frames_total: Optional[int] = None   # of the whole playlist (files only; None: unknown)
+        self._frame_in_clip = 0
+        self._pass_start_frames = 0
 
     # -- control
     def request_stop(self) -> None:
@@ -267,27 +245,64 @@ class CameraReader(threading.Thread):
         self._report(final)
 
     def _read_until_done(self) -> CameraState:
+        if self.kind is SourceKind.FILE:
+            self._load_playlist()
         while not self._stop_event.is_set():
             cap, error = self._open()
-            if cap is None:
-                self._back_off(error)
-                continue
-            try:
-                outcome, error = self._pump(cap)
-            finally:
-                cap.release()
+            outcome = _Outcome.LOST
+            if cap is not None:
+                try:
+                    outcome, error = self._pump(cap)
+                finally:
+                    cap.release()
             if outcome is _Outcome.STOPPED:
                 break
-            if outcome is _Outcome.EOF and not self.cfg.loop:
-                return CameraState.ENDED
-            if outcome is _Outcome.LOST:
-                self._back_off(error)
+            if outcome is _Outcome.LOST and self.folder and self.clips:
+                # One unreadable recording must not stall a folder: skip it.
+                log.warning("camera %s: skipping %s: %s", self.camera, self.clips[self.clip_index], error)
+                self.clips_skipped += 1
+                outcome = _Outcome.EOF
+            if outcome is _Outcome.EOF:
+                if self._next_clip():
+                    continue
+                if not self.cfg.loop:
+                    return CameraState.ENDED
+                if self.frames_read == self._pass_start_frames:   # a whole pass gave nothing: wait
+                    self._back_off(error or "no frames decoded")
+                self._load_playlist()
+                continue
+            self._back_off(error)
+            if self.folder:
+                self._load_playlist()   # the folder may have been filled meanwhile
         return CameraState.STOPPED
+
+    def _file_path(self) -> str:
+        source = self.cfg.source.strip()
+        return source[len("file://"):] if source.lower().startswith("file://") else source
+
+    def _load_playlist(self) -> None:
+        """The files to play (again from the first); their frame count for progress and ETA."""
+        path = self._file_path()
+        self.clips = list_recordings(path) if self.folder and os.path.isdir(path) else [path]
+        self.clip_index = 0
+        self._pass_start_frames = self.frames_read
+        if self.frames_total is None:
+            counts = [frame_count(c) for c in self.clips]
+            self.frames_total = None if None in counts else sum(c for c in counts if c is not None)
+
+    def _next_clip(self) -> bool:
+        """Move on to the folder's next recording; False after the last one."""
+        if self.folder and self.clip_index + 1 < len(self.clips):
+            self.clip_index += 1
+            return True
+        return False
 
     def _open(self) -> tuple[cv2.VideoCapture | None, str]:
         source = self.cfg.source.strip()
         if self.kind is SourceKind.FILE:
-            path = source[len("file://"):] if source.lower().startswith("file://") else source
+            if self.folder and not self.clips:
+                return None, f"no video files in {source}"
+            path = self.clips[self.clip_index] if self.clips else self._file_path()
             if not os.path.isfile(path):
                 return None, f"file not found: {path}"
             cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
@@ -297,8 +312,8 @@ class CameraReader(threading.Thread):
             cap = cv2.VideoCapture(source, cv2.CAP_FFMPEG, params)
         else:
             api = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
-            usb = _USB.match(source)
-            cap = cv2.VideoCapture(int(usb.group(1)) if usb else source, api)
+            index = usb_index(source)
+            cap = cv2.VideoCapture(index if index is not None else source, api)
         if not cap.isOpened():
             cap.release()
             return None, f"cannot open {self.kind.value} {redact(source)}"
@@ -313,6 +328,7 @@ class CameraReader(threading.Thread):
         clock = self._replay_clock() if is_file and self.cfg.replay == "realtime" else None
         blocking = is_file and self.cfg.replay == "fast"
         frames_this_open = 0
+        self._frame_in_clip = 0
         while not self._stop_event.is_set():
             ok, image = cap.read()
             if self._stop_event.is_set():
@@ -328,6 +344,7 @@ class CameraReader(threading.Thread):
                 break
             if not self._deliver(self._make_frame(image), blocking):
                 break
+            self._frame_in_clip += 1
             self._backoff.reset()
             if not self._announced_streaming:
                 self._announced_streaming = True
@@ -353,14 +370,19 @@ class CameraReader(threading.Thread):
             width, height = self.cfg.resize
             if image.shape[1] != width or image.shape[0] != height:
                 image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        t_media = clip = None
+        if self.kind is SourceKind.FILE:
+            t_media = self._frame_in_clip / (self.fps or self.DEFAULT_REPLAY_FPS)
+            if self.folder and self.clips:
+                clip = os.path.basename(self.clips[self.clip_index])
         frame = Frame(camera=self.camera, seq=self._seq, t_capture=time.time(),
-                      t_mono=time.monotonic(), image=image)
+                      t_mono=time.monotonic(), image=image, t_media=t_media, clip=clip)
         self._seq += 1
         return frame
 
     def _deliver(self, frame: Frame, blocking: bool) -> bool:
         """Count the frame and hand it over; False (counted as a shutdown drop) if we must stop."""
-        self.stats.frame_delivered(self.camera)
+        self.stats.frame_delivered(self.camera, frame.seq)
         if blocking:
             while not self.buffer.put(frame, block=True, timeout=STOP_POLL_S):
                 if self.buffer.closed or self._stop_event.is_set():
@@ -369,7 +391,7 @@ class CameraReader(threading.Thread):
                 return True
         elif self.buffer.put(frame):
             return True
-        self.stats.frame_dropped_at_camera(self.camera, DropReason.SHUTDOWN)
+        self._on_undelivered(frame, DropReason.SHUTDOWN)
         return False
 
     def _back_off(self, error: str) -> None:

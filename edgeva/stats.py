@@ -4,6 +4,10 @@ Accounting invariant, per query: every frame its camera delivered while the quer
 attached is counted in `frames_in` and ends in exactly one bucket (inferred, reused,
 offloaded, dropped[reason]); until then it is `in_flight`.
     frames_in == inferred + reused + offloaded + sum(dropped) + in_flight
+`in_flight` is not derived from the other terms: each query keeps a ledger of the frames
+(by sequence number) that entered it and have not left, so the identity is a real check.
+A frame bucketed twice leaves the ledger once and breaks it at once; a lost frame (never
+bucketed) stays in the ledger, is named after a stop and reported as stuck while running.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import bisect
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -125,14 +129,58 @@ class QueryStats:
     fps_out: RateMeter = field(default_factory=RateMeter)
     # Filled by later steps (model, filter state...); a callable is evaluated at snapshot time.
     gauges: dict[str, Any] = field(default_factory=dict)
+    # The in-flight ledger: seq -> copies in flight (a restarted camera counts from 0 again), and
+    # when the oldest copy entered. Bounded by what the pipeline holds (buffers, queues).
+    _holding: Counter = field(default_factory=Counter)
+    _entered_mono: dict[int, float] = field(default_factory=dict)
+    in_flight: int = 0
+    left_unentered: int = 0          # bucketed without being in flight: a double count
 
     @property
     def dropped_total(self) -> int:
         return sum(self.dropped.values())
 
     @property
-    def in_flight(self) -> int:
-        return self.frames_in - self.inferred - self.reused - self.offloaded - self.dropped_total
+    def bucketed(self) -> int:
+        return self.inferred + self.reused + self.offloaded + self.dropped_total
+
+    def enter(self, seq: int, now: float) -> None:
+        self.frames_in += 1
+        self.in_flight += 1
+        self._holding[seq] += 1
+        self._entered_mono.setdefault(seq, now)
+
+    def leave(self, seq: int | None) -> None:
+        if seq is None or self._holding.get(seq, 0) <= 0:
+            self.left_unentered += 1
+            return
+        self.in_flight -= 1
+        self._holding[seq] -= 1
+        if self._holding[seq] == 0:
+            del self._holding[seq]
+            self._entered_mono.pop(seq, None)
+
+    def oldest_in_flight(self, now: float) -> tuple[int, float] | None:
+        """(seq, seconds in flight) of the frame in flight longest, or None."""
+        if not self._entered_mono:
+            return None
+        seq, entered = min(self._entered_mono.items(), key=lambda kv: kv[1])
+        return seq, now - entered
+
+    def held_seqs(self, limit: int = 5) -> list[int]:
+        return sorted(self._holding)[:limit]
+
+    def accounting_error(self, stopped: bool, now: float, stuck_after_s: float) -> str | None:
+        if self.frames_in != self.bucketed + self.in_flight:
+            return (f"{self.query}: frames_in={self.frames_in} but buckets={self.bucketed} + in_flight="
+                    f"{self.in_flight} ({self.left_unentered} bucketed without being in flight)")
+        if stopped and self.in_flight:
+            ids = ", ".join(f"{self.camera}:{s}" for s in self.held_seqs())
+            return f"{self.query}: {self.in_flight} frames never got an outcome (lost: {ids})"
+        oldest = self.oldest_in_flight(now)
+        if oldest is not None and oldest[1] > stuck_after_s:
+            return f"{self.query}: frame {self.camera}:{oldest[0]} in flight for {oldest[1]:.0f} s (lost?)"
+        return None
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -140,6 +188,7 @@ class QueryStats:
             "inferred": self.inferred, "reused": self.reused, "offloaded": self.offloaded,
             "dropped": dict(sorted(self.dropped.items())), "dropped_total": self.dropped_total,
             "in_flight": self.in_flight, "fps_out": round(self.fps_out.rate(), 2),
+            "oldest_in_flight_s": None if (o := self.oldest_in_flight(time.monotonic())) is None else round(o[1], 3),
             "filtered_fraction": round(self.reused / max(1, self.frames_in - self.in_flight), 4),
             "latency_ms": self.latency.summary_ms(),
             **{k: (v() if callable(v) else v) for k, v in self.gauges.items()},
@@ -149,7 +198,8 @@ class QueryStats:
 class StatsRegistry:
     """All counters of one daemon. Every pipeline step counts here; the control socket reads it."""
 
-    def __init__(self) -> None:
+    def __init__(self, stuck_after_s: float = 300.0) -> None:
+        self.stuck_after_s = stuck_after_s   # a frame in flight longer than this is reported as lost
         self._lock = threading.Lock()
         self.started_at = time.time()
         self.cameras: dict[str, CameraStats] = {}
@@ -199,8 +249,9 @@ class StatsRegistry:
                 if state == "reconnecting":
                     cs.reconnects += 1
 
-    def frame_delivered(self, camera: str) -> None:
-        """A source produced a frame: it now belongs to every query of its camera."""
+    def frame_delivered(self, camera: str, seq: int) -> None:
+        """A source produced a frame: it now belongs to (is in flight for) every query of its camera."""
+        now = time.monotonic()
         with self._lock:
             cs = self.cameras.get(camera)
             if cs is not None:
@@ -208,29 +259,32 @@ class StatsRegistry:
                 cs.last_frame_at = time.time()
                 cs.fps_in.mark()
             for qs in self._queries_by_camera.get(camera, ()):
-                qs.frames_in += 1
+                qs.enter(seq, now)
 
-    def frame_dropped_at_camera(self, camera: str, reason: DropReason) -> None:
-        """A delivered frame left before reaching any query (buffer overflow, shutdown)."""
+    def camera_dropped(self, camera: str, reason: DropReason) -> None:
+        """The camera's own count of a frame lost before its queries (each query buckets it itself)."""
         with self._lock:
             cs = self.cameras.get(camera)
             if cs is not None and reason is DropReason.BUFFER_FULL:
                 cs.frames_dropped_buffer += 1
+
+    def frame_dropped_at_camera(self, camera: str, reason: DropReason, seq: int) -> None:
+        """A delivered frame left before reaching any query (buffer overflow, shutdown), bucketed
+        here for every query of the camera; for readers without a pipeline around them."""
+        self.camera_dropped(camera, reason)
+        with self._lock:
             for qs in self._queries_by_camera.get(camera, ()):
                 qs.dropped[reason.value] = qs.dropped.get(reason.value, 0) + 1
+                qs.leave(seq)
 
     # -- query outcomes
-    def outcome(self, query: str, outcome: Outcome, latency_s: float | None = None,
-                reason: DropReason | None = None) -> None:
-        qs = self.queries.get(query)
-        if qs is not None:
-            self.record(qs, outcome, latency_s, reason)
-
     def record(self, qs: QueryStats, outcome: Outcome, latency_s: float | None = None,
-               reason: DropReason | None = None) -> None:
-        """Count into the stats a runtime was given: after a reload moved its query, a retired
-        runtime's late results land in its own (retired) counters, never in its successor's."""
+               reason: DropReason | None = None, *, seq: int | None) -> None:
+        """Bucket frame `seq` (it leaves the in-flight ledger) in the stats a runtime was given:
+        after a reload moved its query, a retired runtime's late results land in its own
+        (retired) counters, never in its successor's."""
         with self._lock:
+            qs.leave(seq)
             if outcome is Outcome.DROPPED:
                 key = (reason or DropReason.ERROR).value
                 qs.dropped[key] = qs.dropped.get(key, 0) + 1
@@ -268,11 +322,14 @@ class StatsRegistry:
         return snap
 
     def accounting_errors(self, stopped: bool = False) -> list[str]:
-        """Queries whose buckets exceed what came in (a double count) or, once everything has
-        stopped, that still have frames in flight (a lost frame); empty when consistent."""
+        """Queries whose buckets and in-flight ledger do not add up to what came in (a double
+        count or a frame lost without a bucket), that still hold frames once everything has
+        stopped, or whose oldest frame in flight is older than `stuck_after_s`; empty when
+        consistent."""
+        now = time.monotonic()
         with self._lock:
-            return [f"{q.query}: in_flight={q.in_flight}" for q in self.queries.values()
-                    if q.in_flight < 0 or (stopped and q.in_flight != 0)]
+            errors = [q.accounting_error(stopped, now, self.stuck_after_s) for q in self.queries.values()]
+        return [e for e in errors if e]
 
 
 def format_table(snapshot: dict[str, Any]) -> str:

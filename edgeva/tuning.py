@@ -19,6 +19,7 @@ import yaml
 
 from edgeva.config import Config, QueryConfig, is_file_source
 from edgeva.filtering import Differencer, TuneResult, default_feature, tune_features
+from edgeva.redaction import redact
 
 log = logging.getLogger("edgeva.tuning")
 
@@ -36,7 +37,7 @@ def read_segment(source: str, seconds: float, start_s: float = 0.0, max_frames: 
     """Decode `seconds` of video from a file (from `start_s`) or a live stream."""
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
-        raise RuntimeError(f"cannot open {source}")
+        raise RuntimeError(f"cannot open {redact(source)}")
     try:
         fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
         if start_s and is_file_source(source):

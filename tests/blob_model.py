@@ -36,7 +36,10 @@ class BlobDetector:
         return [self._detect(img) for img in images]
 
     def _detect(self, image: np.ndarray) -> Detections:
-        diff = np.abs(cv2.GaussianBlur(image, (5, 5), 0).astype(np.int16) - self.background).max(axis=2)
+        background = self.background
+        if background.shape != image.shape:      # any frame size, as a real detector takes
+            background = cv2.resize(background, (image.shape[1], image.shape[0]))
+        diff = np.abs(cv2.GaussianBlur(image, (5, 5), 0).astype(np.int16) - background).max(axis=2)
         mask = cv2.morphologyEx((diff > 40).astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
         n, _, st, _ = cv2.connectedComponentsWithStats(mask)
         boxes = [[x, y, x + w, y + h] for x, y, w, h, area in st[1:n] if area >= self.min_area]

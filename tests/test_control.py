@@ -44,7 +44,12 @@ def test_errors_are_replies(server):
 
 
 def _random_message(rng: random.Random) -> list[bytes]:
-    kind = rng.randrange(8)
+    kind = rng.randrange(10)
+    if kind == 8:   # nesting deeper than the JSON parser's recursion limit, under the size limit
+        depth = rng.randrange(1500, 4000)
+        return [rng.choice([b"[" * depth, b'{"a":' * (depth // 5), b"[" * depth + b"]" * depth])]
+    if kind == 9:   # a valid object whose value nests too deeply
+        return [b'{"cmd": "stats", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}"]
     if kind == 0:
         return [os.urandom(rng.randrange(0, 200))]
     if kind == 1:
@@ -81,6 +86,43 @@ def test_fuzz_thousands_of_malformed_messages_then_valid(server):
     # A REQ client still gets a correct answer afterwards.
     assert request(server.endpoint, {"cmd": "stats"})["n"] == 1
     # Raw garbage over a stream socket that is not ZMTP at all must not kill the server either.
+
+
+def test_deeply_nested_json_under_the_size_limit_gets_an_error_and_the_server_lives(tmp_path):
+    srv = ControlServer(f"ipc://{tmp_path}/deep.sock", {"stats": lambda _r: {"n": 1}})   # default 64 KB limit
+    srv.start()
+    try:
+        ctx = zmq.Context.instance()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.RCVTIMEO, 5000)
+        dealer.connect(srv.endpoint)
+        try:
+            for payload in (b"[" * 60_000, b'{"cmd": "stats", "x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"):
+                assert len(payload) < srv.max_request_bytes
+                dealer.send(payload)
+                reply = json.loads(dealer.recv_multipart()[-1])
+                assert reply["ok"] is False and "nested too deeply" in reply["error"]
+        finally:
+            dealer.close(0)
+        assert request(srv.endpoint, {"cmd": "stats"}) == {"n": 1}
+        assert request(srv.endpoint, {"cmd": "ping"}) == "pong"
+    finally:
+        srv.stop()
+
+
+def test_a_handler_whose_reply_cannot_be_serialised_gets_an_error(tmp_path):
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    srv = ControlServer(f"ipc://{tmp_path}/reply.sock", {"deep": lambda _r: deep})
+    srv.start()
+    try:
+        with pytest.raises(ControlError, match="not serialisable"):
+            request(srv.endpoint, {"cmd": "deep"})
+        assert request(srv.endpoint, {"cmd": "ping"}) == "pong"
+    finally:
+        srv.stop()
 
 
 def test_second_server_on_same_ipc_path_is_refused(server):

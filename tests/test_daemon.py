@@ -134,7 +134,10 @@ class _SlowQuery:
     def submit(self, view) -> None:
         frame = view.frame
         time.sleep(self.delay_s)
-        self.stats.record(self.qstats, Outcome.INFERRED, time.monotonic() - frame.t_mono)
+        self.stats.record(self.qstats, Outcome.INFERRED, time.monotonic() - frame.t_mono, seq=frame.seq)
+
+    def drop(self, frame, reason) -> None:
+        self.stats.record(self.qstats, Outcome.DROPPED, reason=reason, seq=frame.seq)
 
 
 def test_accounting_adds_up_with_buffer_drops(tmp_path):

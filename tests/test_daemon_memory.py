@@ -66,7 +66,7 @@ def _merged_bundle(tmp_path, input_size: int = 96):
         m = build_model("mobilenet_v3_small")
         paths.append(tmp_path / f"m{seed}.pt")
         torch.save(m.module.state_dict(), paths[-1])
-    keys = [f"mobilenet_v3_small@{p}@{input_size}px" for p in paths]
+    keys = [f"mobilenet_v3_small@{p}" for p in paths]
     models = {k: build_model("mobilenet_v3_small", str(p)) for k, p in zip(keys, paths)}
     separate = unique_bytes([m.module for m in models.values()])
     analysis = analyse_modules({k: m.module for k, m in models.items()})
@@ -116,14 +116,12 @@ def test_daemon_runs_a_merged_bundle_with_shared_tensors_counted_once(tmp_path):
 
 
 def test_a_bundle_that_does_not_match_the_config_is_refused_naming_the_query(tmp_path):
-    from edgeva.executor import ModelPool, model_key
+    from edgeva.pool import ModelPool
 
     bundle, paths, _, _ = _merged_bundle(tmp_path)
 
     def build(cfg):
-        pool = ModelPool()
-        pool.build(cfg, {model_key(q): (i, q) for i, q in enumerate(cfg.queries)})
-        return pool
+        return ModelPool().plan(cfg)
 
     assert len(build(_bundle_config(tmp_path, bundle, paths)).models) == 2
     with pytest.raises(ConfigError) as err:           # run at another size than the merge checked

@@ -113,3 +113,47 @@ def test_plan_naming_an_unconfigured_tier_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as err:
         plan_routes(cfg)
     assert err.value.path == "placement.plan" and "no tier of that name" in err.value.reason
+
+
+def test_a_planned_resnet50_split_runs_where_the_plan_cuts(tmp_path):
+    """The planner cuts resnet50 after layer3.5 (0.8 MB of activations); the daemon used to read
+    the plan's split index as a count of top-level children and cut after `relu` (3.2 MB)."""
+    from edgeva.placement import parse_hierarchy, solve
+
+    profiles = yaml.safe_load(open("configs/hierarchy.yaml"))["models"]
+    resnet50 = next(m for m in profiles if m["name"] == "resnet50")
+    # A camera box that holds the head up to layer3 (34 MB) but not layer4 (94 MB), in front of a
+    # slower shared box: the fastest feasible plan is the cut after layer3.5.
+    hierarchy = parse_hierarchy({
+        "nodes": [{"id": "cam", "memory_mb": 60, "speed": 1.0}, {"id": "edge", "memory_mb": 8000, "speed": 0.5}],
+        "links": [{"child": "cam", "parent": "edge", "bandwidth_mbps": 100, "rtt_ms": 1}],
+        "models": [resnet50],
+        "queries": [{"id": "plates", "source": "cam", "model": "resnet50", "fps": 2, "frame_bytes": 3_000_000}]})
+    plan = solve(hierarchy)
+    planned = plan.assignments[0]
+    assert (planned.head_node, planned.tail_node, planned.split_name) == ("cam", "edge", "layer3.5")
+    planned_bytes = hierarchy.models["resnet50"].split_points[planned.split].activation_bytes
+    plan.save(tmp_path / "plan.yaml")
+
+    worker = WorkerProcess(tmp_path, "edge", "--models", "resnet50")
+    daemon = None
+    try:
+        endpoint = worker.wait_ready()
+        clip = write_test_clip(tmp_path / "c.mp4", frames=6, fps=10, size=(96, 96))
+        cfg_path = tmp_path / "edgeva.yaml"
+        cfg_path.write_text(yaml.safe_dump({
+            "cameras": [{"id": "c", "source": str(clip), "replay": "fast"}],
+            "queries": [{"id": "plates", "camera": "c", "model": "resnet50", "task": {"type": "classify"},
+                         "filter": {"enabled": False}, "sla": {"latency_ms": 60000}}],
+            "tiers": [{"name": "edge", "endpoint": endpoint, "timeout_ms": 30000, "credit": 2}],
+            "placement": {"plan": str(tmp_path / "plan.yaml"), "node": "cam", "fallback": "drop"},
+            "stats": {"endpoint": f"ipc://{tmp_path}/ctl.sock"}}))
+        daemon = Daemon(load_config(cfg_path), notifier=Notifier({}))
+        daemon.start()
+        _wait(lambda: daemon.stats.snapshot()["queries"]["plates"]["offloaded"] == 6, 120, "six split frames")
+        tier = daemon.stats.snapshot()["offload"]["edge"]["tiers"]["edge"]
+        assert tier["sent"] == 6 and tier["payload_bytes"] == 6 * planned_bytes == 6 * 802816
+    finally:
+        if daemon is not None:
+            daemon.request_stop()
+        worker.stop()

@@ -409,7 +409,7 @@ def test_heldout_split_keeps_at_least_min_heldout_frames(tmp_path):
     from edgeva.merging.workload import read_camera_frames
     from edgeva.synthetic import SceneSpec, write_clip
 
-    clip = write_clip(SceneSpec(width=64, height=48, seconds=5, fps=8, seed=1), tmp_path / "c.mp4")
+    clip = write_clip(SceneSpec(width=64, height=64, seconds=5, fps=8, seed=1), tmp_path / "c.mp4")
     frames = read_camera_frames(str(clip), 40, None, min_heldout=25)
     assert len(frames.heldout) == 25 and len(frames.train) == 15
     assert read_camera_frames(str(clip), 40, None).heldout.__len__() == 12     # 30 % by default

@@ -19,7 +19,8 @@ import pytest
 import torch
 import zmq
 
-from edgeva.executor import ModelWorker, WorkItem
+from edgeva.executor import ModelWorker
+from edgeva.work import WorkItem
 from edgeva.messages import DropReason, Frame
 from edgeva.models import ClassProbs, Detections, build_model
 from edgeva.offload import OffloadClient, TierGroup, TierState, drop_fallback, keys_main, local_fallback

@@ -319,3 +319,28 @@ def test_profile_model_on_a_small_torchvision_net():
             def forward(self, x):
                 return self.b(self.a(x)) + x
         profile_model(Skip(), (1, 3, 8, 8), repeats=1)
+
+
+def test_edgeva_profile_writes_split_points_the_planner_and_the_daemon_agree_on(tmp_path):
+    """`edgeva profile` wrote weights in MiB while hierarchy files are read in MB (1e6 bytes),
+    and its split-point names are the ones the daemon cuts at (edgeva.models.splits)."""
+    pytest.importorskip("torch")
+    from edgeva.cli import _profile_yaml
+    from edgeva.models import build_model
+    from edgeva.offload.split import SplitModel
+    from edgeva.placement import parse_hierarchy, profile_model
+
+    model = build_model("mobilenet_v3_small")
+    prof = profile_model(model.module, (1, 3, 64, 64), split_points=["features.3", 9], repeats=1)
+    raw = {"nodes": [{"id": "n", "memory_mb": 100}], "models": [_profile_yaml("mnv3s", prof, 64)]}
+    loaded = parse_hierarchy(raw).models["mnv3s"]
+    for measured, read in zip(prof.split_points, loaded.split_points):
+        assert read.name == measured.name
+        assert abs(read.head_weight_bytes - measured.head_weight_bytes) <= 100   # 4 decimals of a MB
+    split = SplitModel(model)
+    names = [sp.name for sp in loaded.split_points]
+    assert names == ["input", "features.3", split.split_points[9], "classifier"]
+    model.input_size = 64                    # the profile's input: the daemon's head sends what it measured
+    for sp in loaded.split_points[1:]:
+        head = split.head([np.zeros((64, 64, 3), np.uint8)], split.resolve(sp.name))
+        assert head.numel() * head.element_size() == sp.activation_bytes

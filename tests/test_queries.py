@@ -12,7 +12,8 @@ import yaml
 
 from edgeva.config import ConfigError, TaskConfig, load_config
 from edgeva.daemon import Daemon
-from edgeva.executor import LatencyProfile, ModelWorker, WorkItem
+from edgeva.executor import ModelWorker
+from edgeva.work import LatencyProfile, WorkItem
 from edgeva.messages import DropReason, Frame
 from edgeva.models.tasks import build_task
 from edgeva.sinks import read_results
@@ -353,7 +354,7 @@ def test_a_model_returning_too_few_outputs_drops_the_rest_with_error():
 
 
 def test_a_rejected_reload_loads_nothing_it_keeps(street, tmp_path, monkeypatch):
-    from edgeva.executor import ModelPool
+    from edgeva.pool import ModelPool
 
     _, blob = street
     monkeypatch.setattr("edgeva.models.build_model", lambda *a, **k: blob)
@@ -366,5 +367,8 @@ def test_a_rejected_reload_loads_nothing_it_keeps(street, tmp_path, monkeypatch)
                                     {"id": "b", "camera": "c", "model": "yolov8s",
                                      "task": {"type": "count", "classes": ["no-such-class"]}}]})
     with pytest.raises(ConfigError):
-        pool.build(cfg, {"yolov8n@init": (0, cfg.queries[0]), "yolov8s@init": (1, cfg.queries[1])})
+        pool.plan(cfg)
     assert pool.models == {}
+    cfg.queries[1].task.classes = ["car"]
+    planned = pool.plan(cfg)
+    assert set(planned.models) == {"yolov8n@init", "yolov8s@init"} and pool.models == {}   # planned, not kept

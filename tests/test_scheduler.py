@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeva.executor import WorkItem
+from edgeva.work import WorkItem
 from edgeva.memory import MemoryEvent, ModelTooLargeError, unique_bytes
 from edgeva.messages import DropReason, Frame
 from edgeva.models.base import ZooModel
@@ -219,3 +219,29 @@ def test_a_model_whose_load_exceeds_the_slack_is_still_probed():
         scheduler.stop()
     assert scheduler.memory.stats()["loads"] >= 1
     assert list(owner.outcomes.values()).count("complete") > 0
+
+
+def test_a_model_returning_too_few_outputs_drops_the_rest_with_error():
+    """The scheduler used to zip a batch with the outputs: a short output left frames with no
+    callback at all (their query waited forever and the accounting never closed)."""
+    class ShortModel(TinyModel):
+        def _predict(self, images: list[np.ndarray]) -> list[Any]:
+            return super()._predict(images)[:-1]
+
+    models = {"a": ShortModel("a", convnet(0))}
+    scheduler = SwapScheduler(models, unique_bytes([models["a"].module]),
+                              options=SwapOptions(simulate_transfer=False, max_batch=4))
+    owner = Recorder()
+    items = [item(owner, 30.0, seq) for seq in range(4)]
+    for it in items:
+        assert scheduler.port("a").submit(it)
+    scheduler.start()
+    deadline = time.monotonic() + 10
+    while sum(owner.calls.values()) < len(items) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    scheduler.stop()
+    assert all(owner.calls[id(it)] == 1 for it in items)
+    outcomes = Counter(owner.outcomes[id(it)] for it in items)
+    assert outcomes["complete"] == 3 and outcomes[DropReason.ERROR.value] == 1
+    counts = scheduler.model_stats("a")
+    assert counts["within_sla"] + counts["late"] == 3 and counts["dropped"] == {"error": 1}

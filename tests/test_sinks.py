@@ -26,7 +26,7 @@ def test_sqlite_roundtrip_and_filters(tmp_path):
     for i in range(95):
         sink.write(_result(i, "a" if i % 2 else "b"))
     sink.close()
-    assert sink.written == 95 and sink.dropped == 0
+    assert sink.written == 95 and sink.lost == 0
     rows = list(read_results(db, query="a", limit=1000))
     assert len(rows) == 47 and rows[0]["seq"] == 93 and rows[0]["value"] == {"car": 3}
     assert {r["outcome"] for r in rows} == {"inferred", "reused"}
@@ -120,3 +120,80 @@ def test_sqlite_retention_deletes_old_results(tmp_path):
     assert sink.pruned == 6
     seqs = {r["seq"] for r in read_results(db, limit=100)}
     assert seqs >= {6, 7, 8, 9} and not seqs & set(range(6))
+
+
+def test_an_older_results_file_gains_the_new_columns_and_dropped_records_keep_their_reason(tmp_path):
+    db = tmp_path / "old-schema.db"
+    conn = sqlite3.connect(db)
+    conn.executescript("CREATE TABLE results (id INTEGER PRIMARY KEY, query TEXT NOT NULL, camera TEXT NOT NULL, "
+                       "seq INTEGER NOT NULL, t_capture REAL NOT NULL, outcome TEXT NOT NULL, value TEXT, "
+                       "latency_ms REAL, age_frames INTEGER, source_seq INTEGER);"
+                       "INSERT INTO results (query, camera, seq, t_capture, outcome) VALUES ('q', 'cam', 0, 1.0, 'inferred');")
+    conn.close()
+    assert next(read_results(db, limit=1))["reason"] is None          # readable before the migration
+    sink = SQLiteSink(db, batch=1, flush_s=0.05)
+    sink.write(QueryResult("q", "cam", 1, 2.0, Outcome.DROPPED, None, 0.5, extra={"reason": "deadline"},
+                           clip="a.mp4", t_media=0.04))
+    sink.close()
+    newest = next(read_results(db, limit=1))
+    assert (newest["outcome"], newest["reason"], newest["clip"], newest["t_media"]) == ("dropped", "deadline", "a.mp4", 0.04)
+
+
+FULL_DISK_SCRIPT = textwrap.dedent("""
+    import resource, signal, sys, time
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)       # a write past the limit fails with EFBIG instead
+    from edgeva.messages import Outcome, QueryResult
+    from edgeva.results import ResultHub
+    from edgeva.sinks import SQLiteSink
+    sink = SQLiteSink(sys.argv[1], batch=20, flush_s=0.02)
+    hub = ResultHub()
+    hub.add_sink(sink)
+    time.sleep(0.2)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (96 * 1024, resource.RLIM_INFINITY))   # the disk is now full
+    for i in range(3000):
+        hub.emit(QueryResult("q", "cam", i, float(i), Outcome.INFERRED, {"pad": "x" * 200}, 0.01))
+        if i % 100 == 0:
+            time.sleep(0.01)
+    hub.close()
+    s = hub.stats()
+    print(s["lost"], s["sinks"]["SQLiteSink"]["written"], s["losing"])
+""")
+
+
+def test_a_full_disk_is_counted_as_lost_results(tmp_path):
+    out = subprocess.run([sys.executable, "-c", FULL_DISK_SCRIPT, str(tmp_path / "full.db")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lost, written, losing = out.stdout.split()
+    assert int(lost) > 0 and int(lost) + int(written) == 3000 and losing == "True", out.stdout
+    assert "results lost" in out.stderr
+
+
+class _FailingSink:
+    def __init__(self):
+        self.calls = 0
+
+    def write(self, result):
+        self.calls += 1
+        raise OSError(28, "No space left on device")
+
+    def close(self):
+        pass
+
+
+def test_a_sink_whose_writes_fail_is_counted_and_losing_clears_after_the_window():
+    from edgeva.results import ResultHub
+
+    now = [0.0]
+    hub = ResultHub(clock=lambda: now[0])
+    failing = _FailingSink()
+    hub.add_sink(failing)
+    assert not hub.losing()
+    for i in range(5):
+        hub.emit(_result(i))
+    assert failing.calls == 5 and hub.lost() == 5 and hub.losing(window_s=60)
+    now[0] = 30.0
+    assert hub.losing(window_s=60)
+    now[0] = 61.0
+    assert not hub.losing(window_s=60)
+    assert hub.stats()["sinks"]["_FailingSink"]["lost"] == 5

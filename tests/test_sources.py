@@ -14,7 +14,8 @@ import pytest
 
 from edgeva.config import Backoff, CameraConfig
 from edgeva.messages import DropReason, Frame
-from edgeva.sources import CameraReader, FrameBuffer, SourceKind, classify_source, redact
+from edgeva.source_kind import SourceKind, classify_source, redact
+from edgeva.sources import CameraReader, FrameBuffer
 from edgeva.stats import StatsRegistry
 
 try:
@@ -55,7 +56,7 @@ def make_reader(source: str | Path, stats: StatsRegistry, buffer: int = 8, camer
                 **overrides) -> tuple[CameraReader, FrameBuffer]:
     cfg = CameraConfig(id=camera, source=str(source), buffer=buffer, **overrides)
     stats.add_camera(cfg.id, cfg.source)
-    frames = FrameBuffer(cfg.buffer, lambda f: stats.frame_dropped_at_camera(f.camera, DropReason.BUFFER_FULL))
+    frames = FrameBuffer(cfg.buffer, lambda f: stats.frame_dropped_at_camera(f.camera, DropReason.BUFFER_FULL, f.seq))
     return CameraReader(cfg, frames, stats), frames
 
 
@@ -282,7 +283,7 @@ def test_missing_file_backs_off_without_affecting_other_cameras(
 
 def test_unexpected_error_in_reader_is_a_failed_state_not_a_crash(short_clip: Path, readers: list) -> None:
     class BrokenStats(RecordingStats):
-        def frame_delivered(self, camera: str) -> None:
+        def frame_delivered(self, camera: str, seq: int) -> None:
             raise RuntimeError("boom")
 
     hook_calls: list[object] = []

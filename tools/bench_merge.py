@@ -37,8 +37,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from edgeva.config import load_config  # noqa: E402
-from edgeva.filtering import wilson_lower_bound  # noqa: E402
 from edgeva.merging import analyse_modules, format_analysis, merge_main, resident_weight_bytes  # noqa: E402
+from edgeva.merging.merger import wilson_lower_bound  # noqa: E402
 from edgeva.merging.sharing import share_group  # noqa: E402
 from edgeva.merging.workload import workload_from_config  # noqa: E402
 from edgeva.models.tasks import TASKS  # noqa: E402
@@ -148,7 +148,7 @@ def part3_daemon(config: Path, bundle: Path) -> dict:
         mean = float(np.mean(values)) if values else float("nan")
         labels_a = [a[s]["label"] if isinstance(a[s], dict) else a[s] for s in both]
         per_query[q["id"]] = {"frames": len(both), "agreement": round(mean, 4),
-                              "lower_bound": round(wilson_lower_bound(mean * len(both), len(both)), 4),
+                              "lower_bound": round(wilson_lower_bound(mean, len(both)), 4),
                               "unmerged_majority_fraction": round(max(labels_a.count(v) for v in set(labels_a))
                                                                   / len(labels_a), 3) if labels_a else None,
                               "clip": EVAL_CAMERAS[q["camera"]]}

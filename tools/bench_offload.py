@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edgeva.executor import WorkItem  # noqa: E402
+from edgeva.work import WorkItem  # noqa: E402
 from edgeva.messages import DropReason, Frame  # noqa: E402
 from edgeva.offload import OffloadClient, TierState, drop_fallback  # noqa: E402
 from edgeva.offload import protocol as p  # noqa: E402

@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgeva.executor import WorkItem  # noqa: E402
+from edgeva.work import WorkItem  # noqa: E402
 from edgeva.memory import MemoryEvent, unique_bytes  # noqa: E402
 from edgeva.messages import DropReason, Frame  # noqa: E402
 from edgeva.models.base import ZooModel  # noqa: E402

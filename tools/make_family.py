@@ -200,10 +200,10 @@ def stage_copies(out: Path, steps: int, lr: float, seed: int) -> None:
         net.load_state_dict({k2: v for k2, v in base.items() if not k2.startswith("fc.")}, strict=False)
         net.eval()
         stem = torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2)
+        train = data.images[:data.n_train]
         with torch.no_grad():     # the frozen part runs once per frame
-            feats = torch.cat([stem(normalise(data.images[i:i + 32])) for i in range(0, data.n_train, 32)])
-            flipped = torch.cat([stem(normalise(data.images[i:i + 32, :, ::-1]))
-                                 for i in range(0, data.n_train, 32)])
+            feats = torch.cat([stem(normalise(train[i:i + 32])) for i in range(0, len(train), 32)])
+            flipped = torch.cat([stem(normalise(train[i:i + 32, :, ::-1])) for i in range(0, len(train), 32)])
         tuned = [*net.layer3.parameters(), *net.layer4.parameters()]
         opt = torch.optim.SGD([{"params": tuned, "lr": lr}, {"params": net.fc.parameters(), "lr": lr * 20}],
                               momentum=0.9, weight_decay=1e-4)

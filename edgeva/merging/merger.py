@@ -11,6 +11,7 @@ then accepts the trial or undoes it and backs off.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,6 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ..filtering import wilson_lower_bound
 from ..models.tasks import Task, build_task
 from .analysis import Analysis, SharingGroup, analyse_modules
 from .blocks import ActivationCache
@@ -33,8 +33,20 @@ from .sharing import Snapshot, share_group, sharing_closure
 from .workload import Workload, file_digest
 
 CHECKPOINT_BUNDLE = "checkpoint.pt"
+Z_95 = 1.96
 PROGRESS_FILE = "progress.json"
 Progress = Callable[[str], None]
+
+
+def wilson_lower_bound(mean: float, n: int, z: float = Z_95) -> float:
+    """Wilson score lower bound of an agreement measured as a mean over n frames (exact for 0/1
+    agreements; for fractional ones their variance is at most mean * (1 - mean), so it is safe)."""
+    if n <= 0:
+        return 0.0
+    denom = 1.0 + z * z / n
+    centre = mean + z * z / (2 * n)
+    margin = z * math.sqrt(max(0.0, mean * (1 - mean)) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - margin) / denom)
 
 
 @dataclass
@@ -176,7 +188,7 @@ class IncrementalMerger:
                        [g.group_id for g in candidate.groups], candidate.bytes_saved, shared, final, steps,
                        round(time.monotonic() - t0, 2), outcome, failing,
                        layers=[g.members[0].path for g in candidate.groups],
-                       lower_bound_final={q: round(wilson_lower_bound(a * n[q], n[q]), 4) for q, a in final.items()},
+                       lower_bound_final={q: round(wilson_lower_bound(a, n[q]), 4) for q, a in final.items()},
                        trained_from={k: self.runners[k].block_name(s) for k, s in starts.items()},
                        trained_bytes=sum(p.numel() * p.element_size() for p in trainable))
 
@@ -285,7 +297,7 @@ class IncrementalMerger:
         return out
 
     def lower_bounds(self, agreement: dict[str, float]) -> dict[str, float]:
-        return {q: wilson_lower_bound(a * len(self.references[q]), len(self.references[q])) for q, a in agreement.items()}
+        return {q: wilson_lower_bound(a, len(self.references[q])) for q, a in agreement.items()}
 
     def _all_met(self, agreement: dict[str, float]) -> bool:
         return all(a >= self.targets[q] for q, a in agreement.items())

@@ -10,9 +10,10 @@ from typing import Any, Callable, Optional
 import cv2
 import numpy as np
 
-from ..config import Config, TaskConfig
-from ..executor import model_key  # the daemon's key: bundles are looked up by it
+from ..config import Config, TaskConfig, model_key  # the daemon's key: bundles are looked up by it
+from .. import models as zoo
 from ..models.base import ZooModel
+from ..redaction import redact
 
 ModelBuilder = Callable[[str, Optional[str], bool, str], ZooModel]
 
@@ -60,7 +61,7 @@ def read_camera_frames(source: str, count: int, long_side: Optional[int], heldou
     (neighbouring frames are near-copies, so an interleaved split would flatter)."""
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
-        raise RuntimeError(f"cannot open camera source {source}")
+        raise RuntimeError(f"cannot open camera source {redact(source)}")
     try:
         total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         wanted = set(np.linspace(0, max(total - 1, 0), num=count).round().astype(int).tolist()) if total else None
@@ -94,9 +95,7 @@ def _resize_long_side(image: np.ndarray, long_side: Optional[int]) -> np.ndarray
 
 
 def default_builder(name: str, weights: Optional[str], download: bool, device: str) -> ZooModel:
-    from ..models import build_model
-
-    return build_model(name, weights, download, device)
+    return zoo.build_model(name, weights, download, device)
 
 
 def file_digest(path: Optional[str]) -> Optional[str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -31,7 +32,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 import zmq
 
-from edgeva.executor import WorkItem
+from edgeva.work import WorkItem
 from edgeva.messages import DropReason
 from edgeva.offload import protocol as p
 from edgeva.offload.keys import load_public_key, load_secret_keypair
@@ -208,6 +209,7 @@ def _run_fallback(request: _Request, reason: DropReason) -> None:
 @dataclass
 class ClientStats:
     sent: int = 0
+    payload_bytes: int = 0      # frames or split activations sent (re-sends included): the uplink's load
     completed: int = 0
     retries: int = 0            # re-sends on this tier after a timeout
     timeouts: int = 0
@@ -230,7 +232,7 @@ class OffloadClient:
     def __init__(self, tier: Any, *, client_secret_key: Optional[str] = None, heartbeat_ms: Optional[int] = None,
                  liveness: int = 3, encoding: Optional[p.FrameEncoding] = None,
                  context: Optional[zmq.Context] = None, callbacks: Optional[CallbackThread] = None,
-                 max_backoff_s: float = 8.0):
+                 max_backoff_s: float = 8.0, router: Optional[_Router] = None):
         self.tier = tier
         self.name: str = tier.name
         self.timeout_s = tier.timeout_ms / 1000.0
@@ -247,7 +249,7 @@ class OffloadClient:
         self._ctx = context or zmq.Context.instance()
         self._own_callbacks = callbacks is None
         self.callbacks = callbacks or CallbackThread(f"offload-{self.name}-cb")
-        self._router: _Router = self
+        self._router: _Router = router if router is not None else self   # a TierGroup reroutes failures
         self._lock = threading.Lock()
         self._state = TierState.CONNECTING
         self._credit_used = 0
@@ -316,7 +318,7 @@ class OffloadClient:
             state, used = self._state.value, self._credit_used
         s = self.stats
         return {"endpoint": self.tier.endpoint, "state": state, "in_flight": used, "credit": self.credit,
-                "sent": s.sent, "completed": s.completed, "retries": s.retries, "timeouts": s.timeouts,
+                "sent": s.sent, "payload_bytes": s.payload_bytes, "completed": s.completed, "retries": s.retries, "timeouts": s.timeouts,
                 "reconnects": s.reconnects, "went_down": s.went_down, "failed_over": s.failed_over,
                 "error_replies": s.error_replies, "stale_replies": s.stale_replies,
                 "fallbacks": dict(s.fallbacks),
@@ -528,12 +530,14 @@ class OffloadClient:
         self._in_flight.pop(old_id, None)
         request.message.id = f"{self._id_prefix}.{next(self._ids)}"
         if isinstance(request.message, (p.InferRequest, p.SplitRequest)):
-            request.message.budget_ms = max(0.0, (request.item.deadline_mono - time.monotonic()) * 1000.0)
+            budget_s = request.item.deadline_mono - time.monotonic()   # inf: batch replay, no deadline
+            request.message.budget_ms = max(0.0, budget_s * 1000.0) if math.isfinite(budget_s) else None
         request.sent_mono = time.monotonic()
         self._in_flight[request.message.id] = request
         if not first:
             self.stats.retries += 1
         self.stats.sent += 1
+        self.stats.payload_bytes += len(getattr(request.message, "payload", b""))
         self._send(sock, p.encode(request.message))
 
     def _expire(self, now: float) -> bool:
@@ -646,9 +650,7 @@ class TierGroup:
         if not tiers:
             raise ValueError("a TierGroup needs at least one tier")
         self.callbacks = CallbackThread("offload-group-cb")
-        self.clients = [OffloadClient(t, callbacks=self.callbacks, **client_kwargs) for t in tiers]
-        for c in self.clients:
-            c._router = self
+        self.clients = [OffloadClient(t, callbacks=self.callbacks, router=self, **client_kwargs) for t in tiers]
         self.stats = GroupStats()
         self._lock = threading.Lock()
         self._turn = itertools.count()

@@ -232,7 +232,7 @@ def decode_output(meta: Any, payload: bytes) -> Output:
 class ModelKey:
     """What the worker must load: a zoo name plus a weights path ("init": random weights).
 
-    Its text form "name@weights" is the daemon's own model key (`edgeva.daemon.model_key`).
+    Its text form "name@weights" is the daemon's own model key (`edgeva.config.model_key`).
     """
 
     name: str

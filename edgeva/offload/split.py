@@ -1,9 +1,9 @@
-"""Split execution of torchvision classifiers at their top-level children.
+"""Split execution of torchvision classifiers at a split point (`edgeva.models.splits`).
 
-A classifier's top-level children, run in order (flattening before the first fully connected
-block, as torchvision's own forward does), reproduce its forward pass. `split_at = k` puts
-children [0, k) on the daemon (the head) and [k, n) on the worker (the tail); the worker then
-applies the same softmax as `TorchvisionClassifier`, so the output is the usual ClassProbs.
+`split_at = k` (the split point's index: layers before the cut) puts the chain's layers
+[0, k) on the daemon (the head) and [k, n) on the worker (the tail); the worker then applies
+the same softmax as `TorchvisionClassifier`, so the output is the usual ClassProbs. Both ends
+build the chain the same way, so the index on the wire means the same cut on both.
 """
 from __future__ import annotations
 
@@ -11,28 +11,17 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from edgeva.models.base import ZooModel
 from edgeva.models.outputs import ClassProbs
 from edgeva.models.preprocess import resize_normalise
+from edgeva.models.splits import (SplitError, SplitSpec, chain_layers, needs_flatten, resolve_split, run_layer,
+                                  split_point_names)
 
-# Architectures whose forward is exactly "children in order, flatten before the classifier".
+# Architectures whose forward is exactly the chain of `edgeva.models.splits`.
 SPLITTABLE = ("resnet18", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "vgg16", "alexnet")
 
-
-class SplitError(ValueError):
-    pass
-
-
-def _needs_flatten(block: nn.Module) -> bool:
-    """True when the block's first weighted layer is fully connected (it expects N x features)."""
-    for m in block.modules():
-        if isinstance(m, nn.Linear):
-            return True
-        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
-            return False
-    return False
+__all__ = ["SPLITTABLE", "SplitError", "SplitModel"]
 
 
 class SplitModel:
@@ -42,34 +31,36 @@ class SplitModel:
         if model.name not in SPLITTABLE or model.kind != "classifier" or model.module is None:
             raise SplitError(f"{model.name} cannot be split; splittable models: {', '.join(SPLITTABLE)}")
         self.model = model
-        self.blocks: list[tuple[str, nn.Module]] = list(model.module.named_children())
-        self._flatten = [_needs_flatten(b) for _, b in self.blocks]
+        self.layers = chain_layers(model.module)
+        self.split_points = split_point_names(self.layers)
+        self._flatten = [needs_flatten(layer) for _, layer in self.layers]
 
     @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
+    def num_layers(self) -> int:
+        return len(self.layers)
 
-    def block_names(self) -> list[str]:
-        return [name for name, _ in self.blocks]
+    def resolve(self, point: SplitSpec) -> int:
+        """The index of a split point given by index or by name (e.g. a plan's `layer3.5`)."""
+        return resolve_split(point, self.split_points, self.model.name)
 
     def check_split(self, split_at: int) -> None:
-        if not 0 <= split_at <= self.num_blocks:
-            raise SplitError(f"{self.model.name}: split_at must be within [0, {self.num_blocks}], got {split_at}")
+        if isinstance(split_at, bool) or not isinstance(split_at, int) or not 0 <= split_at <= self.num_layers:
+            raise SplitError(f"{self.model.name}: split_at must be within [0, {self.num_layers}], got {split_at!r}")
 
     def head(self, images: Sequence[np.ndarray], split_at: int) -> torch.Tensor:
-        """Preprocess and run blocks [0, split_at) on the model's device; a CPU float32 tensor."""
+        """Preprocess and run layers [0, split_at) on the model's device; a CPU float32 tensor."""
         self.check_split(split_at)
         with torch.inference_mode():
             x = resize_normalise(list(images), self.model.input_size).to(self.model.device)
             return self._run(x, 0, split_at).float().cpu().contiguous()
 
     def tail(self, activations: torch.Tensor, split_at: int) -> list[ClassProbs]:
-        """Run blocks [split_at, n) and the softmax: one ClassProbs per batch row."""
+        """Run layers [split_at, n) and the softmax: one ClassProbs per batch row."""
         self.check_split(split_at)
         with torch.inference_mode():
-            logits = self._run(activations.to(self.model.device), split_at, self.num_blocks)
+            logits = self._run(activations.to(self.model.device), split_at, self.num_layers)
             if logits.ndim != 2:
-                raise SplitError(f"{self.model.name}: blocks from {split_at} gave shape {tuple(logits.shape)}, "
+                raise SplitError(f"{self.model.name}: layers from {split_at} gave shape {tuple(logits.shape)}, "
                                  "expected (batch, classes)")
             probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
         return [ClassProbs(p) for p in probs]
@@ -78,8 +69,6 @@ class SplitModel:
         module = self.model.module
         if module is not None and module.training:
             module.eval()
-        for (_, block), flatten in zip(self.blocks[start:stop], self._flatten[start:stop]):
-            if flatten and x.ndim > 2:
-                x = torch.flatten(x, 1)
-            x = block(x)
+        for (_, layer), flatten in zip(self.layers[start:stop], self._flatten[start:stop]):
+            x = run_layer(layer, x, flatten)
         return x

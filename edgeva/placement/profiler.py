@@ -1,9 +1,9 @@
 """Measure a model's split profile on this machine (the reference node of ``edgeva profile``).
 
-Works for models whose forward is a chain of their top-level children, with nested
-``nn.Sequential`` blocks expanded one level (torchvision ResNet, MobileNet, VGG...).
-A flatten is inserted before the first Linear, as torchvision's forward does. The
-chain is checked against ``model(x)`` before anything is timed.
+Works for models whose forward is the chain of layers of `edgeva.models.splits` (torchvision
+ResNet, MobileNet, VGG...); split points are named as that module defines them, so a plan
+made from the profile cuts the model where the daemon will. The chain is checked against
+``model(x)`` before anything is timed.
 """
 from __future__ import annotations
 
@@ -14,29 +14,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from edgeva.models.splits import chain_layers, needs_flatten, resolve_split, run_layer, split_point_names
+
 from .model import ModelProfile, SplitPoint
-
-
-def sequential_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    layers: list[tuple[str, nn.Module]] = []
-    for name, child in model.named_children():
-        if isinstance(child, nn.Sequential) and len(child) > 1 and not _is_head(child):
-            layers.extend((f"{name}.{sub}", m) for sub, m in child.named_children())
-        else:
-            layers.append((name, child))
-    return layers
-
-
-def _is_head(seq: nn.Sequential) -> bool:
-    return any(isinstance(m, nn.Linear) for m in seq.children())
-
-
-def _run_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    first = next(iter(layer.children()), layer) if isinstance(layer, nn.Sequential) else layer
-    if x.dim() > 2 and (isinstance(first, (nn.Linear, nn.Dropout)) or
-                        (isinstance(layer, nn.Sequential) and _is_head(layer))):
-        x = torch.flatten(x, 1)
-    return layer(x)
 
 
 def _module_bytes(m: nn.Module) -> int:
@@ -48,15 +28,17 @@ def profile_model(model: nn.Module, input_shape: Sequence[int],
                   repeats: int = 10, warmup: int = 2, name: Optional[str] = None,
                   device: Union[str, torch.device] = "cpu") -> ModelProfile:
     """Per-split head/tail latency (median of ``repeats`` runs per layer), activation bytes
-    and head/tail weight bytes. ``split_points`` picks boundaries by layer index (a cut
-    *before* that layer, 0..K) or layer name (a cut *after* it); default: every boundary."""
+    and head/tail weight bytes. ``split_points`` picks split points by index (layers before
+    the cut, 0..K) or name (the layer the cut follows), as `edgeva.models.splits` defines
+    them; default: every one."""
     model = model.eval().to(device)
-    layers = sequential_layers(model)
+    layers = chain_layers(model)
+    flatten = [needs_flatten(layer) for _, layer in layers]
     x = torch.randn(*input_shape, device=device)
     with torch.inference_mode():
         y = x
-        for _, layer in layers:
-            y = _run_layer(layer, y)
+        for (_, layer), flat in zip(layers, flatten):
+            y = run_layer(layer, y, flat)
         reference = model(x)
         if not isinstance(reference, torch.Tensor) or reference.shape != y.shape or \
                 not torch.allclose(reference, y, rtol=1e-3, atol=1e-4):
@@ -66,24 +48,25 @@ def profile_model(model: nn.Module, input_shape: Sequence[int],
         for r in range(warmup + repeats):
             h = x
             outputs = []
-            for i, (_, layer) in enumerate(layers):
+            for i, ((_, layer), flat) in enumerate(zip(layers, flatten)):
                 _sync(device)
                 t0 = time.perf_counter()
-                h = _run_layer(layer, h)
+                h = run_layer(layer, h, flat)
                 _sync(device)
                 if r >= warmup:
                     times[i].append((time.perf_counter() - t0) * 1e3)
                 outputs.append(h)
     layer_ms = [statistics.median(t) for t in times]
     layer_weights = [_module_bytes(m) for _, m in layers]
-    cuts = _resolve_cuts(split_points, [n for n, _ in layers])
+    names = split_point_names(layers)
+    cuts = sorted({0, len(layers)} | {resolve_split(sp, names) for sp in (range(len(names)) if split_points is None else split_points)})
     total_ms, total_w = sum(layer_ms), sum(layer_weights)
     points = []
     for k in cuts:
         head_ms, head_w = sum(layer_ms[:k]), sum(layer_weights[:k])
         act = x if k == 0 else outputs[k - 1]
         points.append(SplitPoint(
-            name="input" if k == 0 else layers[k - 1][0],
+            name=names[k],
             head_ms=head_ms, tail_ms=total_ms - head_ms,
             activation_bytes=act.numel() * act.element_size(),
             head_weight_bytes=head_w, tail_weight_bytes=total_w - head_w))
@@ -92,23 +75,6 @@ def profile_model(model: nn.Module, input_shape: Sequence[int],
     return ModelProfile(name or type(model).__name__.lower(), points,
                         source=f"profile_model on {torch.get_num_threads()} CPU threads, "
                                f"input {list(input_shape)}, median of {repeats}")
-
-
-def _resolve_cuts(split_points: Optional[Sequence[Union[int, str]]], names: list[str]) -> list[int]:
-    n = len(names)
-    if split_points is None:
-        return list(range(n + 1))
-    cuts = {0, n}
-    for sp in split_points:
-        if isinstance(sp, str):
-            if sp not in names:
-                raise ValueError(f"unknown layer {sp!r}; layers: {names}")
-            cuts.add(names.index(sp) + 1)
-        elif 0 <= int(sp) <= n:
-            cuts.add(int(sp))
-        else:
-            raise ValueError(f"split index {sp} outside 0..{n}")
-    return sorted(cuts)
 
 
 def _sync(device: Union[str, torch.device]) -> None:

@@ -1,0 +1,147 @@
+"""What the executors share: the work item a query queues, its owner's callbacks, the
+latency profile of a model, and deadline batching.
+
+Both executors (a ModelWorker per model, or the SwapScheduler time-sharing models under a
+memory budget) form batches with `plan_batch` and hand outputs back with `deliver`, so the
+rules (earliest deadline first; drop what cannot be met; every item gets exactly one
+callback) live in one place.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+from edgeva.messages import DropReason, Frame
+
+log = logging.getLogger("edgeva.work")
+
+
+class Predictor(Protocol):
+    name: str
+
+    def predict(self, images: list[Any]) -> list[Any]: ...
+
+
+class WorkOwner(Protocol):
+    """The query runtime that queued an item gets it back exactly once: done or dropped."""
+
+    query_id: str
+
+    def complete(self, item: "WorkItem", output: Any, finished_mono: float) -> None: ...
+
+    def dropped(self, item: "WorkItem", reason: DropReason) -> None: ...
+
+
+class ExecutorPort(Protocol):
+    """What a query submits to: a ModelWorker, a SwapScheduler's port or an offload port."""
+
+    key: str
+    model: Any
+
+    def submit(self, item: "WorkItem", wait_s: float = 0.0) -> bool: ...
+
+
+@dataclass(slots=True)
+class WorkItem:
+    owner: WorkOwner
+    frame: Frame
+    deadline_mono: float
+    audit: bool = False              # a check of a reused result; never counted as a frame outcome
+    context: Any = None              # the owner's own bookkeeping (e.g. reused frames waiting on it)
+    enqueued_mono: float = field(default_factory=time.monotonic)
+
+
+class LatencyProfile:
+    """latency(batch) ~ fixed + per_item * n, fitted with exponential moving averages."""
+
+    def __init__(self, alpha: float = 0.2):
+        self.alpha = alpha
+        self.per_item_s: float | None = None
+        self.fixed_s = 0.0
+        self.samples = 0
+
+    def observe(self, batch: int, seconds: float) -> None:
+        self.samples += 1
+        per = seconds / batch
+        if self.per_item_s is None:
+            self.per_item_s, self.fixed_s = per, 0.0
+            return
+        # Single-frame batches reveal fixed + per_item; larger ones the slope.
+        predicted = self.predict(batch)
+        error = seconds - predicted
+        if batch == 1:
+            self.fixed_s = max(0.0, self.fixed_s + self.alpha * error)
+        else:
+            self.per_item_s = max(1e-6, self.per_item_s + self.alpha * error / batch)
+
+    def predict(self, batch: int) -> float:
+        if self.per_item_s is None:
+            return 0.0
+        return self.fixed_s + self.per_item_s * batch
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    batch: list[WorkItem]           # earliest deadline first
+    late: list[WorkItem]            # to drop with DropReason.DEADLINE
+
+
+def plan_batch(queued: Iterable[WorkItem], now: float, max_batch: int, run_s: Callable[[int], float],
+               load_s: float = 0.0, trust_prediction: bool = True) -> BatchPlan:
+    """The batch to run now, earliest deadline first, and the items that are already late.
+
+    An item is late when its deadline has passed or, when the prediction is trusted, when
+    even alone it cannot finish in time (`load_s` + `run_s(1)`). The batch grows while its
+    earliest deadline can still be met by the whole batch (`load_s` + `run_s(n)`). A caller
+    whose profile may be stale (nothing ran for a while) passes trust_prediction=False so
+    items run anyway and refresh it, instead of a single slow batch condemning every frame.
+    """
+    alone_s = load_s + run_s(1) if trust_prediction else 0.0
+    batch: list[WorkItem] = []
+    late: list[WorkItem] = []
+    for item in sorted(queued, key=lambda i: i.deadline_mono):
+        if now + alone_s > item.deadline_mono:
+            late.append(item)
+            continue
+        if len(batch) >= max_batch:
+            break
+        if batch and now + load_s + run_s(len(batch) + 1) > batch[0].deadline_mono:
+            break
+        batch.append(item)
+    return BatchPlan(batch, late)
+
+
+def take(queue: deque[WorkItem], plan: BatchPlan) -> None:
+    """Remove the plan's batch and late items from `queue`, keeping the others in order."""
+    taken = {id(i) for i in plan.batch} | {id(i) for i in plan.late}
+    kept = [i for i in queue if id(i) not in taken]
+    queue.clear()
+    queue.extend(kept)
+
+
+def deliver(model_key: str, batch: Sequence[WorkItem], outputs: Sequence[Any], finished_mono: float,
+            drop: Callable[[WorkItem, DropReason], None]) -> list[WorkItem]:
+    """Hand each item its output; an item the model returned no output for is dropped with
+    `error` through `drop` (never left without a callback). Returns the completed items."""
+    if len(outputs) != len(batch):
+        log.error("model %s returned %d outputs for %d frames", model_key, len(outputs), len(batch))
+    completed = list(batch[:len(outputs)])
+    for item, output in zip(completed, outputs):
+        try:
+            item.owner.complete(item, output, finished_mono)
+        except Exception:  # the owner got its one callback; its failure is its own
+            log.exception("query %s failed on its result", getattr(item.owner, "query_id", "?"))
+    for item in batch[len(outputs):]:
+        drop(item, DropReason.ERROR)
+    return completed
+
+
+def drop_item(item: WorkItem, reason: DropReason) -> None:
+    """The owner's drop callback, which must not take the executor thread down with it."""
+    try:
+        item.owner.dropped(item, reason)
+    except Exception:
+        log.exception("query %s failed while dropping a frame", getattr(item.owner, "query_id", "?"))
