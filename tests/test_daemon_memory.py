@@ -162,3 +162,22 @@ def test_reload_with_a_budget_too_small_is_rejected_and_keeps_running(tmp_path):
     finally:
         daemon.request_stop()
         daemon.serve()
+
+
+def test_a_changed_input_size_builds_a_new_model_and_leaves_the_running_one_alone(tmp_path):
+    from edgeva.pool import ModelPool
+
+    bundle, paths, _, _ = _merged_bundle(tmp_path)
+    pool = ModelPool()
+    cfg = _bundle_config(tmp_path, bundle, paths)
+    cfg.merging.bundle = None
+    pool.apply(pool.plan(cfg))
+    first = dict(pool.models)
+    assert {m.input_size for m in first.values()} == {96}
+    bigger = _bundle_config(tmp_path, bundle, paths, input_size=128)
+    bigger.merging.bundle = None
+    plan = pool.plan(bigger)
+    assert all(plan.models[k] is not first[k] and plan.models[k].input_size == 128 for k in first)
+    assert {m.input_size for m in pool.models.values()} == {96}       # planning changed nothing
+    assert pool.plan(cfg).models == first                              # the same size reuses the loaded models
+    pool.stop()
