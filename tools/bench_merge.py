@@ -6,7 +6,7 @@ identical layers, and resident bytes measured before/after sharing all of them (
 
 Part 2 (merge): the model family of configs/family.yaml (tools/make_family.py builds it into
 var/family/ the first time: a detector-labelled ResNet18 base and five per-camera / per-task
-copies fine-tuned from it) merged by `edgeva merge` within --time-budget seconds (the whole
+copies fine-tuned from it on three cameras) merged by `edgeva merge` within --time-budget seconds (the whole
 command: frames, originals' outputs, merge steps, final check) at each query's configured input
 size (224 px), agreement checked on >= 200 held-out frames per camera.
 
@@ -44,9 +44,8 @@ from edgeva.merging.workload import workload_from_config  # noqa: E402
 from edgeva.models.tasks import TASKS  # noqa: E402
 
 EVAL = REPO_ROOT.parent / "shared" / "videos" / "eval"
-EVAL_CAMERAS = {   # family camera -> the eval clip it watches in part 3
-    "highway": "bgslibrary_video02_highway_cctv.avi",
-    "junction": "degirum_Traffic.mp4",
+EVAL_CAMERAS = {   # family camera -> the eval clip it watches in part 3 (the two shortest: ~1700 inferences a run)
+    "highway": "degirum_Traffic.mp4",
     "crossing": "intel_car-detection.mp4",
     "corridor": "intel_car-detection.mp4",
 }

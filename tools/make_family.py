@@ -12,9 +12,10 @@ Stages (each skipped when its output exists, unless --refresh names it):
              family's ImageNet stand-in). Trained at 112 px to fit a 2-core CPU.
   3. copies  NoScope-style specialised models, one per FAMILY entry: the base's stem..layer3 kept
              frozen (last-stage fine-tuning, the usual transfer-learning recipe and what fits two
-             shared CPU cores), layer4 (75 % of the weights) and a new head fine-tuned at 224 px
-             with a small learning rate, so the copies stay close to the base as real per-camera
-             specialisation does. Each copy is a state dict with its class names.
+             shared CPU cores); a new head fitted on the frozen features, then layer4 (75 % of
+             the weights) and the head fine-tuned together at 224 px with a small learning rate
+             (LP-FT), so the copies stay close to the base as real per-camera specialisation
+             does. Each copy is a state dict with its class names.
   4. config  configs/family.yaml's queries point at these weights (input_size 224).
 
     nice -n 10 .venv/bin/python tools/make_family.py            # ~15-25 min on 2 busy cores
@@ -175,10 +176,13 @@ def buckets(classes: tuple[str, ...], edges: tuple[int, ...]) -> Callable[[Camer
     return lambda d: np.searchsorted(np.array(edges), d.count(classes), side="right")
 
 
-FAMILY = (   # thresholds chosen from the train frames' detector counts so no copy is a constant
+# Thresholds chosen from the train frames' detector counts so no copy is a constant. The junction
+# clip is left out: its held-out end is quiet (191 of 200 frames with <= 2 vehicles) while its
+# training part is busy, so a junction traffic model answered one class on every held-out frame.
+FAMILY = (
     Specialised("highway-traffic", "highway", ("light", "moderate", "heavy"), buckets(VEHICLES, (3, 5))),
     Specialised("highway-truck", "highway", ("no-truck", "truck"), buckets(("truck",), (1,))),
-    Specialised("junction-traffic", "junction", ("light", "moderate", "heavy"), buckets(VEHICLES, (3, 5))),
+    Specialised("highway-heavy", "highway", ("below-5-vehicles", "5-or-more-vehicles"), buckets(VEHICLES, (5,))),
     Specialised("crossing-person", "crossing", ("nobody", "person"), buckets(("person",), (1,))),
     Specialised("corridor-person", "corridor", ("nobody", "person"), buckets(("person",), (1,))),
 )
@@ -189,7 +193,11 @@ def specialised_weights(out: Path, spec: Specialised) -> Path:
 
 
 def stage_copies(out: Path, steps: int, lr: float, seed: int) -> None:
+    """Linear probe, then fine-tune (LP-FT): the new head is first fitted on the base's frozen
+    features, so the joint fine-tuning of layer4 + head starts from a sensible head and its small
+    learning rate keeps layer4 close to the base."""
     base = torch.load(out / "base_resnet18.pt", weights_only=True)["state_dict"]
+    features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for k, spec in enumerate(FAMILY):
         path = specialised_weights(out, spec)
         if path.exists():
@@ -199,17 +207,28 @@ def stage_copies(out: Path, steps: int, lr: float, seed: int) -> None:
         labels = torch.from_numpy(spec.label(data)[:data.n_train]).long()
         net = torchvision.models.resnet18(num_classes=len(spec.classes))
         net.load_state_dict({k2: v for k2, v in base.items() if not k2.startswith("fc.")}, strict=False)
-        net.eval()
-        stem = torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
-        train = data.images[:data.n_train]
-        with torch.no_grad():     # the frozen part runs once per frame
-            feats = torch.cat([stem(normalise(train[i:i + 32])) for i in range(0, len(train), 32)])
-            flipped = torch.cat([stem(normalise(train[i:i + 32, :, ::-1])) for i in range(0, len(train), 32)])
-        opt = torch.optim.SGD([{"params": net.layer4.parameters(), "lr": lr},
-                               {"params": net.fc.parameters(), "lr": lr * 10}], momentum=0.9, weight_decay=1e-4)
+        net.eval()     # batch-norm statistics stay the base's
+        if spec.camera not in features:    # the frozen part runs once per frame (and per camera)
+            stem = torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
+            train = data.images[:data.n_train]
+            with torch.no_grad():
+                features[spec.camera] = (
+                    torch.cat([stem(normalise(train[i:i + 32])) for i in range(0, len(train), 32)]),
+                    torch.cat([stem(normalise(train[i:i + 32, :, ::-1])) for i in range(0, len(train), 32)]))
+        feats, flipped = features[spec.camera]
         freq = torch.bincount(labels, minlength=len(spec.classes)).float().clamp_min(1)
         weight = (freq.sum() / freq) / (freq.sum() / freq).mean()
+        with torch.no_grad():
+            pooled = torch.flatten(net.avgpool(net.layer4(torch.cat([feats, flipped]))), 1)
+        probe = torch.optim.Adam(net.fc.parameters(), lr=1e-2)
+        both = torch.cat([labels, labels])
+        for _ in range(300):                # full-batch linear probe on cached features
+            probe.zero_grad()
+            F.cross_entropy(net.fc(pooled), both, weight=weight).backward()
+            probe.step()
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
         gen = torch.Generator().manual_seed(seed + k)
+        losses = []
         for step in range(steps):
             idx = torch.randint(len(feats), (16,), generator=gen)
             f = (flipped if step % 2 else feats)[idx]
@@ -218,9 +237,10 @@ def stage_copies(out: Path, steps: int, lr: float, seed: int) -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            losses.append(loss.item())
         torch.save({"state_dict": net.state_dict(), "class_names": list(spec.classes)}, path)
-        print(f"copy {spec.name}: {steps} steps in {time.monotonic() - t0:.0f}s (last loss {loss.item():.3f})",
-              flush=True)
+        print(f"copy {spec.name}: probe + {steps} fine-tuning steps in {time.monotonic() - t0:.0f}s "
+              f"(loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f})", flush=True)
 
 
 # ------------------------------------------------------------------ report
@@ -236,10 +256,13 @@ def family_report(out: Path) -> dict:
         net.load_state_dict(torch.load(specialised_weights(out, spec), weights_only=True)["state_dict"])
         net.eval()
         labels = spec.label(data)
+        rows = np.r_[np.arange(0, data.n_train, 4), np.arange(data.n_train, len(data.images))]
         with torch.no_grad():
-            pred = torch.cat([net(normalise(data.images[i:i + 32])).argmax(1)
-                              for i in range(0, len(data.images), 32)]).numpy()
-        held = slice(data.n_train, None)
+            pred = torch.cat([net(normalise(data.images[rows[i:i + 32]])).argmax(1)
+                              for i in range(0, len(rows), 32)]).numpy()
+        labels = labels[rows]
+        n_train = int((rows < data.n_train).sum())
+        held = slice(n_train, None)
         hist = np.bincount(pred[held], minlength=len(spec.classes))
         drift = {}
         for name, w in net.state_dict().items():
@@ -250,13 +273,13 @@ def family_report(out: Path) -> dict:
                 d[1] += float(base[name].norm() ** 2)
         report[spec.name] = {
             "camera": spec.camera, "classes": list(spec.classes),
-            "train_label_share": np.bincount(labels[:data.n_train], minlength=len(spec.classes)).tolist(),
+            "train_label_share": np.bincount(spec.label(data)[:data.n_train], minlength=len(spec.classes)).tolist(),
             "heldout_frames": int(len(pred[held])),
             "heldout_label_share": np.bincount(labels[held], minlength=len(spec.classes)).tolist(),
             "heldout_prediction_share": hist.tolist(),
             "heldout_majority_fraction": round(float(hist.max() / hist.sum()), 3),
             "heldout_accuracy_vs_detector": round(float((pred[held] == labels[held]).mean()), 3),
-            "train_accuracy_vs_detector": round(float((pred[:data.n_train] == labels[:data.n_train]).mean()), 3),
+            "train_accuracy_vs_detector (every 4th frame)": round(float((pred[:n_train] == labels[:n_train]).mean()), 3),
             "relative_weight_change_from_base": {s: round((a / b) ** 0.5, 4) for s, (a, b) in drift.items() if b},
         }
     return report
@@ -266,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "var" / "family")
     p.add_argument("--base-epochs", type=int, default=4)
-    p.add_argument("--copy-steps", type=int, default=100)
-    p.add_argument("--copy-lr", type=float, default=1e-3)
+    p.add_argument("--copy-steps", type=int, default=60)
+    p.add_argument("--copy-lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stages", default="labels,base,copies,report")
