@@ -413,3 +413,18 @@ def test_heldout_split_keeps_at_least_min_heldout_frames(tmp_path):
     frames = read_camera_frames(str(clip), 40, None, min_heldout=25)
     assert len(frames.heldout) == 25 and len(frames.train) == 15
     assert read_camera_frames(str(clip), 40, None).heldout.__len__() == 12     # 30 % by default
+
+
+def test_distil_on_all_cameras_trains_each_model_on_every_cameras_frames(specialised, camera):
+    other = CameraFrames(train=make_frames(40, seed=7), heldout=make_frames(12, seed=8))
+    models = {k: copy_model(specialised[k]) for k in ("tiny@quadrant", "tiny@channel")}
+    queries = [QuerySpec("q-a", "tiny@quadrant", "cam", TaskConfig(type="classify"), 0.5),
+               QuerySpec("q-b", "tiny@channel", "side", TaskConfig(type="classify"), 0.5)]
+    wl = Workload(models, queries, {"cam": camera, "side": other}, {k: "tinynet" for k in models})
+    own = IncrementalMerger(wl, MergeSettings(train_steps=0))
+    assert len(own.teachers["tiny@quadrant"].inputs) == len(camera.train)
+    assert len(own.teachers["tiny@channel"].inputs) == len(other.train)
+    everywhere = IncrementalMerger(wl, MergeSettings(train_steps=0, distil_on="all"))
+    for key in models:
+        assert len(everywhere.teachers[key].inputs) == len(camera.train) + len(other.train)
+    assert len(everywhere.references["q-b"]) == len(other.heldout)     # agreement stays on the query's camera

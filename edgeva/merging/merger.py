@@ -59,6 +59,7 @@ class MergeSettings:
     max_layers_per_step: int = 8
     init: str = "mean"               # shared tensor starts at: mean (of the members) | anchor (Gemel)
     patience: int = 2                # checks without a better worst gap before a trial gives up
+    distil_on: str = "own"           # frames a model is distilled on: own (its queries' cameras) | all cameras
     cache_bytes: int = 2 * 2**30     # cached activations entering blocks (LRU beyond this)
     time_budget_s: Optional[float] = None
     max_trials: Optional[int] = None
@@ -114,8 +115,11 @@ class IncrementalMerger:
         self.runners: dict[str, ModelRunner] = {}
         for key, model in workload.models.items():
             cameras = list(dict.fromkeys(q.camera for q in workload.queries_of(key)))
+            # "all": the merged model must agree with its original on any camera's frames, not
+            # only its own (a model meets other scenes when cameras are re-pointed or moved)
+            distil = list(workload.frames) if settings.distil_on == "all" else cameras
             runner = ModelRunner(key, model, adapter_for(model), {c: workload.frames[c].heldout for c in cameras},
-                                 workload.train_frames_of(key), cameras, self.cache)
+                                 [f for c in distil for f in workload.frames[c].train], distil, self.cache)
             # the activations the planned steps start from are kept while the originals run
             runner.stash_at({runner.start_of([m.path for g in c.groups for m in g.members if m.model == key])
                              for c in plan if key in c.models})
