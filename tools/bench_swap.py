@@ -227,8 +227,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--bundle", type=Path, default=REPO_ROOT / "var" / "merge" / "family" / "bundle.pt",
                         help="the bundle `edgeva merge` wrote for --config")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of frames per mode")
-    parser.add_argument("--fps", type=float, default=1.0, help="frames per second per query")
-    parser.add_argument("--sla-ms", type=float, default=1500.0)
+    parser.add_argument("--fps", type=float, default=4.0, help="frames per second per query")
+    parser.add_argument("--sla-ms", type=float, default=500.0)
     parser.add_argument("--budget-fraction", type=float, default=0.5,
                         help="device memory budget as a fraction of the unmerged family's weights")
     parser.add_argument("--bandwidth-gbps", type=float, default=0.25, help="simulated host-to-device GB/s (CPU)")
