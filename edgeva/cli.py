@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -56,6 +57,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"edgeva: {exc}", file=sys.stderr)
         daemon.shutdown()
         return 2
+    except Exception as exc:   # a bug or the machine: still a message and 2 (systemd must not loop)
+        logging.getLogger("edgeva").debug("start-up failed", exc_info=True)
+        print(f"edgeva: start-up failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        daemon.shutdown()
+        return 2
     rc = daemon.serve(max_runtime_s=args.duration, exit_when_sources_end=args.until_end)
     if args.until_end:
         print(daemon.summary(), flush=True)
@@ -63,8 +69,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """The checks start-up and reload make (edgeva.deployment.prepare), without starting anything."""
+    _setup_logging(args.log_level)
     cfg = _load(args.config)
-    print(f"{args.config}: ok ({len(cfg.cameras)} cameras, {len(cfg.queries)} queries)")
+    from edgeva.deployment import prepare
+    from edgeva.pool import ModelPool
+
+    try:
+        deployment = prepare(cfg, ModelPool())
+    except ConfigError as exc:
+        print(f"edgeva: {exc}", file=sys.stderr)
+        return 2
+    splits = f", {len(deployment.splits)} split" if deployment.splits else ""
+    offloaded = sum(1 for r in deployment.routes.values() if not r.local)
+    print(f"{args.config}: ok ({len(cfg.cameras)} cameras, {len(cfg.queries)} queries, "
+          f"{len(deployment.pool.models)} models loaded and run, {offloaded} offloaded{splits})")
+    random_init = sorted(key for key, model in deployment.pool.models.items() if getattr(model, "weights", "") is None)
+    if random_init:
+        print(f"edgeva: WARNING: random weights (no weights file; results would be noise): {', '.join(random_init)}",
+              file=sys.stderr)
     return 0
 
 
@@ -122,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default=os.environ.get("EDGEVA_LOG_LEVEL", "info"))
     run.set_defaults(func=cmd_run)
 
-    check = sub.add_parser("check", help="validate a config and exit")
+    check = sub.add_parser("check", help="run start-up's checks (models loaded and run, routes, splits, "
+                                          "bundle, sinks) and exit; 2 on a config error")
     check.add_argument("--config", "-c", default=_default_config())
+    check.add_argument("--log-level", default="warning")
     check.set_defaults(func=cmd_check)
 
     for name, func, text in (("stats", cmd_stats, "print the running daemon's stats"),
@@ -164,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("models", nargs="+", help="zoo names (torchvision classifiers)")
     profile.add_argument("--input", type=int, default=224, help="square input side")
     profile.add_argument("--repeats", type=int, default=5)
+    profile.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     profile.add_argument("-o", "--output", help="append the profiles to this YAML file (hierarchy 'models:' format)")
     profile.set_defaults(func=cmd_profile)
 
@@ -175,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _profile_yaml(name: str, prof, side: int) -> dict:
     """A measured profile in the hierarchy file's `models:` format (MB = 1e6 bytes, as the loader reads it)."""
     from edgeva.placement.model import MB as mb
-    return {"name": name, "source": f"edgeva profile on this machine, input {side}x{side}",
+    return {"name": name, "source": f"edgeva profile: {prof.source}",
             "split_points": [{"name": sp.name, "head_ms": round(sp.head_ms, 3), "tail_ms": round(sp.tail_ms, 3),
                               "activation_bytes": int(sp.activation_bytes),
                               "head_weight_mb": round(sp.head_weight_bytes / mb, 4),
@@ -185,17 +211,19 @@ def _profile_yaml(name: str, prof, side: int) -> dict:
 def cmd_profile(args: argparse.Namespace) -> int:
     import yaml
 
-    from edgeva.models import build_model
+    from edgeva.models import build_model, resolve_device
     from edgeva.placement import profile_model
 
+    device = resolve_device(args.device)
     profiles = []
     for name in args.models:
-        module = build_model(name).module
+        module = build_model(name, place=False).module
         if module is None:
             print(f"edgeva profile: {name} has no torch module to split", file=sys.stderr)
             return 1
         try:
-            prof = profile_model(module.eval(), (1, 3, args.input, args.input), repeats=args.repeats)
+            prof = profile_model(module.eval(), (1, 3, args.input, args.input), repeats=args.repeats,
+                                 device=device)
         except ValueError as exc:
             print(f"edgeva profile: {name}: {exc}", file=sys.stderr)
             return 1
@@ -218,7 +246,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps([{"query": t.query, "frames": t.frames, "feature": t.best.feature,
-                           "threshold": t.best.threshold, "skip_fraction": t.best.skip_fraction,
+                           "threshold": t.best.threshold if t.best.threshold is None or
+                           math.isfinite(t.best.threshold) else "none",
+                           "max_age_s": round(t.best.max_age / t.fps, 3), "margin": t.best.margin,
+                           "skip_fraction": t.best.skip_fraction,
                            "agreement": t.best.agreement, "met_target": t.best.met_target} for t in tunings], indent=2))
     else:
         print(format_tunings(tunings))
@@ -244,7 +275,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     print(f"{'query':<18} {'camera':<10} {'seq':>7} {'outcome':<9} {'age':>4} {'ms':>8}  value")
     for r in rows:
         print(f"{r['query']:<18} {r['camera']:<10} {r['seq']:>7} {r['outcome']:<9} {r['age_frames']:>4} "
-              f"{r['latency_ms']:>8.1f}  {json.dumps(r['value'])[:60]}")
+              f"{r['latency_ms']:>8.1f}  {r['reason'] if r['outcome'] == 'dropped' else json.dumps(r['value'])[:60]}")
     return 0
 
 

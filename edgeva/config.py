@@ -63,6 +63,8 @@ class CameraConfig:
     open_timeout_s: float = 10.0
     read_timeout_s: float = 5.0
     enabled: bool = True
+    # auto: NVDEC when a CUDA device and torchcodec/PyNvVideoCodec are present, else OpenCV.
+    decode: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self, path: str) -> None:
         _identifier(self.id, f"{path}.id")
@@ -99,21 +101,30 @@ class TaskConfig:
 @dataclass
 class FilterConfig:
     enabled: bool = True
-    feature: Literal["pixel", "area", "edge"] = "area"
-    threshold: Optional[float] = None    # None: infer every frame until tuned
-    max_skip: int = 30                   # staleness bound: infer after this many reuses
+    feature: Literal["auto", "pixel", "area", "edge", "foreground"] = "auto"   # auto: the tuner picks
+    threshold: Optional[float] = None    # None: calibrate on the camera (infer densely, tune, then filter)
+    max_age_s: Optional[float] = None    # staleness bound; None: chosen by the tuner (at most tuned_max_age_limit_s)
+    max_skip: Optional[int] = None       # optional hard cap on reuses in frames (older configs)
     width: int = 160                     # downscaled width the features use
-    audit_fraction: float = 0.02
+    audit_fraction: Optional[float] = None   # None: sized for statistical power
+    calibration_s: float = 3.0           # dense window a profile is tuned on
+    segment_s: float = 1.0               # how often the recent segment is looked up among the profiles
+    recalibrate_s: float = 300.0         # a dense burst at least this often
+    tuned_max_age_limit_s: float = 10.0  # the longest staleness bound the tuner may choose
 
     def validate(self, path: str) -> None:
         if self.threshold is not None and self.threshold < 0:
             raise ConfigError(f"{path}.threshold", "must be >= 0")
-        if self.max_skip < 0:
+        if self.max_skip is not None and self.max_skip < 0:
             raise ConfigError(f"{path}.max_skip", "must be >= 0")
         if self.width < 16:
             raise ConfigError(f"{path}.width", "must be >= 16")
-        if not 0.0 <= self.audit_fraction <= 1.0:
+        if self.audit_fraction is not None and not 0.0 <= self.audit_fraction <= 1.0:
             raise ConfigError(f"{path}.audit_fraction", "must be within [0, 1]")
+        if self.max_age_s is not None and self.max_age_s < 0:
+            raise ConfigError(f"{path}.max_age_s", "must be >= 0")
+        for name in ("calibration_s", "segment_s", "recalibrate_s", "tuned_max_age_limit_s"):
+            _positive(getattr(self, name), f"{path}.{name}")
 
 
 @dataclass
@@ -177,6 +188,10 @@ class GPUConfig:
     # Without CUDA the budget is enforced by edgeva's own accounting and host-to-device
     # copies are simulated at this bandwidth, so swapping behaves (and is testable) as on a GPU.
     simulated_bandwidth_gbps: float = 12.0
+    # Per model at load: reduced precision (autocast) is kept only when its outputs agree with
+    # float32 on calibration frames at least this well. auto: fp16 on CUDA, fp32 on the CPU.
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    precision_min_agreement: float = 0.98
 
     def validate(self, path: str) -> None:
         d = self.device
@@ -188,6 +203,8 @@ class GPUConfig:
         if self.max_batch < 1:
             raise ConfigError(f"{path}.max_batch", "must be >= 1")
         _positive(self.simulated_bandwidth_gbps, f"{path}.simulated_bandwidth_gbps")
+        if not 0.0 <= self.precision_min_agreement <= 1.0:
+            raise ConfigError(f"{path}.precision_min_agreement", "must be within [0, 1]")
 
 
 @dataclass
@@ -276,6 +293,9 @@ class Config:
     stats: StatsConfig = field(default_factory=StatsConfig)
     sinks: SinksConfig = field(default_factory=SinksConfig)
     merging: MergingConfig = field(default_factory=MergingConfig)
+    # A folder of fetched weights (tools/setup.sh): a query without `weights:` uses
+    # <weights_dir>/<model>.pt or .pth when it is there, else random weights (with a warning).
+    weights_dir: Optional[str] = None
     source_path: Optional[str] = None    # set by load_config, not read from YAML
 
     def camera(self, camera_id: str) -> CameraConfig:
@@ -348,6 +368,8 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
                                        or (isinstance(q.split_at, int) and q.split_at < 0)):
             raise ConfigError(f"queries[{i}].split_at", "must be a layer name or an index >= 1 "
                                                         "(0 or 'input' is plain offload: leave it out)")
+        if not q.weights and not q.download and q.model and cfg.weights_dir:
+            q.weights = _fetched_weights(cfg.weights_dir, q.model, base_dir)
         if q.weights and not q.download and base_dir is not None:
             q.weights = _readable_file(q.weights, base_dir, f"queries[{i}].weights", allow_dir=True)
     _one_input_size_per_model(cfg.queries)
@@ -390,6 +412,16 @@ def _one_input_size_per_model(queries: list[QueryConfig]) -> None:
 def is_file_source(source: str) -> bool:
     """A camera source that names a video file (not a stream URL or a capture device)."""
     return "://" not in source and not source.startswith(("/dev/", "usb:")) and not source.isdigit()
+
+
+def _fetched_weights(weights_dir: str, model: str, base_dir: Path | None) -> Optional[str]:
+    """<weights_dir>/<model>.pt (ultralytics) or .pth (torchvision state dict), if fetched."""
+    folder = Path(weights_dir) if os.path.isabs(weights_dir) or base_dir is None else base_dir / weights_dir
+    for suffix in (".pt", ".pth"):
+        candidate = folder / f"{model}{suffix}"
+        if candidate.is_file():
+            return str(candidate.resolve())
+    return None
 
 
 def _readable_file(value: str, base_dir: Path, path: str, allow_dir: bool = False) -> str:

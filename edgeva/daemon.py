@@ -6,23 +6,28 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from edgeva import __version__
 from edgeva.config import CameraConfig, Config, ConfigError, QueryConfig, load_config, model_key
 from edgeva.control import ControlServer
+from edgeva.deployment import CameraChanges, Deployment, SplitPlacement, camera_changes, prepare
+from edgeva.health import ErrorWatch
 from edgeva.pipeline import CameraPipeline, QueryRuntime
 from edgeva.pool import ModelPool
 from edgeva.progress import BatchProgress
 from edgeva.query import ModelQuery, PassthroughQuery, audit_seed
 from edgeva.redaction import redact_sources
 from edgeva.results import ResultHub
-from edgeva.router import Route, plan_routes
+from edgeva.router import Route
+from edgeva.source_kind import SourceKind, classify_source
 from edgeva.stats import StatsRegistry
 from edgeva.systemd import Notifier
 
 log = logging.getLogger("edgeva.daemon")
+
+RANDOM_WEIGHTS = "random init"   # what stats show for a model built from its architecture alone
 
 
 class Daemon:
@@ -41,6 +46,9 @@ class Daemon:
         self.cameras: dict[str, CameraPipeline] = {}
         self.models = ModelPool()
         self.routes: dict[str, Route] = {}
+        self.splits: dict[str, SplitPlacement] = {}
+        self.errors = ErrorWatch()
+        self._running_cfg: Config | None = None   # what is applied (None before start)
         self.tier_groups: dict[tuple[str, ...], Any] = {}   # tiers -> TierGroup
         self.control: ControlServer | None = None
         self.prometheus: Any = None
@@ -49,13 +57,18 @@ class Daemon:
         self._reload = threading.Event()
         self._lock = threading.Lock()
         self.progress: BatchProgress | None = None   # a batch run (--until-end)
+        # Filters tune their calibration windows here, off the model callbacks (~0.3-1 s each).
+        self.filter_tuner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="filter-tuner")
         self.reloads = 0
         self.reload_errors = 0
         self.camera_restarts = 0
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Bind the control socket and start every camera; raises before anything runs on a bad setup."""
+        """Check everything (prepare), bind the control socket, open the sinks, then start every
+        camera; raises ConfigError (or ControlError: another daemon serves the endpoint) before
+        any camera runs."""
+        deployment = prepare(self.cfg, self.models)
         self.control = ControlServer(self.cfg.stats.endpoint, {
             "stats": lambda _r: self.stats.snapshot(),
             "health": lambda _r: self.health(),
@@ -64,10 +77,9 @@ class Daemon:
         self.stats.sections["daemon"] = self._daemon_section
         self.stats.sections["models"] = self.models.stats
         self.stats.sections["memory"] = self.models.memory_stats
+        self.stats.sections["device"] = self.models.device_stats
         self.stats.sections["offload"] = self._offload_section
         self.stats.sections["results"] = self.hub.stats
-        self.models.sync(self.cfg)      # a bad model or weights file fails here, before any camera
-        self.routes = plan_routes(self.cfg)
         self._open_sinks()
         self.control.start()
         if self.cfg.stats.prometheus:
@@ -78,9 +90,8 @@ class Daemon:
             except OSError as exc:
                 raise ConfigError("stats.prometheus", f"cannot listen on {self.cfg.stats.prometheus}: {exc}") from None
             self.prometheus.start()
-        for cam in self.cfg.cameras:
-            if cam.enabled:
-                self._start_camera(cam, self.cfg.queries_for(cam.id))
+        with self._lock:
+            self._apply(deployment)
         status = f"{len(self.cameras)} cameras, {len(self.cfg.queries)} queries"
         self.notifier.ready(status)
         log.info("edgeva %s running: %s; control on %s", __version__, status, self.control.bound_endpoint)
@@ -100,14 +111,20 @@ class Daemon:
         last_outcomes, last_outcome_at = -1, started
         if exit_when_sources_end:
             self.progress = BatchProgress()
+            endless = [c.id for c in self.cfg.cameras
+                       if c.enabled and (c.loop or classify_source(c.source) is not SourceKind.FILE)]
+            if endless:
+                log.warning("--until-end: cameras %s never end (a loop or a live source); stop with SIGTERM",
+                            ", ".join(endless))
         next_check = started + self.RESTART_CHECK_S
         while not self._stop.wait(timeout=0.25):
             now = time.monotonic()
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
-            if self.notifier.watchdog_due(now) and self._healthy():
-                self.notifier.watchdog()
+            self.errors.observe(self.stats.queries)
+            if self.notifier.watchdog_due(now) and self.health()["status"] == "ok":
+                self.notifier.watchdog()      # a daemon that is not healthy gets restarted by systemd
             if now >= next_check:
                 next_check = now + self.RESTART_CHECK_S
                 self._restart_crashed_cameras()
@@ -153,6 +170,7 @@ class Daemon:
         self._stop_pipelines(pipelines)
         self._stop_tier_groups(set(self.tier_groups))   # their fallbacks submit to the local models
         self.models.stop()
+        self.filter_tuner.shutdown(wait=False, cancel_futures=True)
         self.hub.close()
         if self.control is not None:
             self.control.stop()
@@ -166,18 +184,15 @@ class Daemon:
 
     # ------------------------------------------------------------ reload
     def reload(self) -> bool:
-        """Re-read the config file; restart only cameras whose config, queries or routes changed.
-
-        Everything that can be checked (the file, the models and their budget, the plan) is
-        checked before anything running is touched; a config that fails is rejected whole."""
+        """Re-read the config file: prepare the new state (every check start-up makes), then apply
+        it, restarting only cameras whose own config, queries, routes or models changed. A config
+        that fails any check is rejected whole and the running one keeps running untouched."""
         if self.cfg.source_path is None:
             log.warning("SIGHUP ignored: the config did not come from a file")
             return False
         self.notifier.reloading()
         try:
-            new = self._config_loader(self.cfg.source_path)
-            self.models.plan(new)
-            new_routes = plan_routes(new)
+            deployment = prepare(self._config_loader(self.cfg.source_path), self.models)
         except ConfigError as exc:
             self.reload_errors += 1
             log.error("reload rejected, keeping the running config: %s", exc)
@@ -185,50 +200,42 @@ class Daemon:
             return False
         try:
             with self._lock:
-                added, removed, changed = self._apply(new, new_routes)
-        except Exception:   # after the checks above this is a bug or the machine; keep serving
+                changes = self._apply(deployment)
+        except Exception:   # prepare() accepted it: this is a bug or the machine; keep serving
             self.reload_errors += 1
             log.exception("reload failed while applying it; cameras that did not start stay stopped")
             self.notifier.ready("reload failed")
             return False
         self.reloads += 1
-        log.info("reloaded: added %s, removed %s, restarted %s", added, removed, changed)
-        self.notifier.ready(f"reloaded: +{len(added)} -{len(removed)} ~{len(changed)}")
+        log.info("reloaded: added %s, removed %s, restarted %s", changes.added, changes.removed, changes.restarted)
+        self.notifier.ready(f"reloaded: +{len(changes.added)} -{len(changes.removed)} ~{len(changes.restarted)}")
         return True
 
-    def _apply(self, new: Config, new_routes: dict[str, Route]) -> tuple[list[str], list[str], list[str]]:
-        old_by_id = {c.id: c for c in self.cfg.cameras if c.enabled}
-        new_by_id = {c.id: c for c in new.cameras if c.enabled}
-        tiers_changed = [asdict(t) for t in self.cfg.tiers] != [asdict(t) for t in new.tiers] \
-            or self.cfg.placement != new.placement
-        changed = [cid for cid in old_by_id.keys() & new_by_id.keys()
-                   if asdict(old_by_id[cid]) != asdict(new_by_id[cid])
-                   or _queries_dicts(self.cfg, cid) != _queries_dicts(new, cid)
-                   or any(self.routes.get(q.id) != new_routes.get(q.id) for q in new.queries_for(cid))
-                   or (tiers_changed and any(not new_routes[q.id].local for q in new.queries_for(cid)))]
-        removed = [cid for cid in old_by_id if cid not in new_by_id]
-        added = [cid for cid in new_by_id if cid not in old_by_id]
-        self._stop_pipelines([self.cameras.pop(cid) for cid in removed + changed if cid in self.cameras])
-        for cid in removed:
+    def _apply(self, new: Deployment) -> CameraChanges:
+        """Make the running state what `new` says (start-up applies onto nothing). Everything that
+        can fail was checked by prepare()."""
+        old = self._running_cfg
+        changes = camera_changes(old, self.routes, new, self.models.replaced_by(new.pool))
+        if old is not None and (old.sinks != new.cfg.sinks or old.stats != new.cfg.stats):
+            log.warning("sinks and stats settings take effect at the next restart, not on reload")
+        self._stop_pipelines([self.cameras.pop(cid) for cid in changes.removed + changes.restarted
+                              if cid in self.cameras])
+        for cid in changes.removed:
             self.stats.remove_camera(cid)
-        new_ids = {q.id: q.camera for q in new.queries}
-        for q in self.cfg.queries:
+        new_ids = {q.id: q.camera for q in new.cfg.queries}
+        for q in old.queries if old is not None else []:
             if new_ids.get(q.id) != q.camera:   # gone, or moved to another camera
                 self.stats.remove_query(q.id)
-        if tiers_changed:
+        if changes.tiers_changed:
             self._stop_tier_groups(set(self.tier_groups))
-        replaced = self.models.sync(new)
-        self.cfg = new
-        self.routes = new_routes
-        restart = [cid for cid in new_by_id if cid not in changed and cid not in added and any(
-            model_key(q) in replaced for q in new.queries_for(cid) if q.task.type != "passthrough")]
-        self._stop_pipelines([self.cameras.pop(cid) for cid in restart if cid in self.cameras])
-        changed += restart
-        for cid in changed + added:
-            self._start_camera(new_by_id[cid], new.queries_for(cid))
-        in_use = {r.tiers for r in new_routes.values() if not r.local}
+        self.models.apply(new.pool)
+        self.cfg, self.routes, self.splits, self._running_cfg = new.cfg, new.routes, new.splits, new.cfg
+        by_id = {c.id: c for c in new.cfg.cameras}
+        for cid in changes.restarted + changes.added:
+            self._start_camera(by_id[cid], new.cfg.queries_for(cid))
+        in_use = {r.tiers for r in new.routes.values() if not r.local}
         self._stop_tier_groups(set(self.tier_groups) - in_use)
-        return added, removed, changed
+        return changes
 
     def _stop_pipelines(self, pipelines: list[CameraPipeline]) -> None:
         """Stop cameras in parallel (a stalled stream takes seconds) and keep the watchdog fed."""
@@ -255,7 +262,7 @@ class Daemon:
 
     # ------------------------------------------------------------ parts
     def _start_camera(self, cam: CameraConfig, queries: list[QueryConfig]) -> None:
-        runtimes = [self._build_query(q, backpressure=cam.replay == "fast") for q in queries]
+        runtimes = [self._build_query(q, backpressure=_is_batch(cam)) for q in queries]
         pipeline = CameraPipeline(cam, runtimes, self.stats)
         self.cameras[cam.id] = pipeline
         pipeline.start()
@@ -263,16 +270,30 @@ class Daemon:
     def _build_query(self, q: QueryConfig, backpressure: bool = False) -> QueryRuntime:
         if q.task.type == "passthrough":
             return PassthroughQuery(q, self.stats, self.hub)
-        from edgeva.filtering import QueryFilter
+        from edgeva.filtering import QueryFilter, default_feature
         from edgeva.models.tasks import build_task
 
         worker = self.models.port(model_key(q))
         task = build_task(q.task, worker.model, q.id)
+        model = worker.model
         route = self.routes.get(q.id, Route())
         if not route.local:
             worker = self._offload_port(q, route, worker)
-        query_filter = QueryFilter(q.filter, rng_seed=audit_seed(q.id)) if q.filter.enabled else None
-        return ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
+        query_filter = QueryFilter(q.filter, rng_seed=audit_seed(q.id), agreement=task.agreement,
+                                   target=q.accuracy_target, preferred_feature=default_feature(q.task.type),
+                                   tune_runner=self.filter_tuner.submit) if q.filter.enabled else None
+        runtime = ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
+        self._announce_weights(q, model)
+        return runtime
+
+    def _announce_weights(self, q: QueryConfig, model: Any) -> None:
+        """`weights` in the query's stats; random weights also get a loud warning: their counts are noise."""
+        weights = getattr(model, "weights", None)
+        self.stats.set_gauges(q.id, weights=weights or RANDOM_WEIGHTS)
+        if weights is None:
+            log.warning("WARNING: query %s runs %s with RANDOM WEIGHTS (no weights file): its results are noise, "
+                        "not detections. Run tools/setup.sh on a connected machine (it fetches real weights into "
+                        "weights/) or give the query `weights:`.", q.id, q.model)
 
     def _offload_port(self, q: QueryConfig, route: Route, local: Any) -> Any:
         from edgeva.offload import TierGroup, drop_fallback, local_fallback
@@ -282,12 +303,10 @@ class Daemon:
             tiers = {t.name: t for t in self.cfg.tiers}
             group = self.tier_groups[route.tiers] = TierGroup([tiers[name] for name in route.tiers]).start()
         fallback = local_fallback(local) if self.cfg.placement.fallback == "local" else drop_fallback
-        split_model, split_at = None, None
-        if route.split_at:
-            from edgeva.offload.split import SplitModel
-
-            split_model = SplitModel(local.model)
-            split_at = split_model.resolve(route.split_at)
+        split = self.splits.get(q.id)
+        split_model, split_at = (split.model, split.index) if split is not None else (None, None)
+        if split_model is not None:      # the head runs inside the local executor (the memory manager's run)
+            split_model = split_model.running_in(local.call)
         log.info("query %s: %s", q.id, route.describe())
         return group.port(model_key(q), fallback, model=local.model, split_at=split_at,
                           split_model=split_model)
@@ -343,17 +362,43 @@ class Daemon:
         """No frame is still on its way through a query (so stopping now drops nothing)."""
         return all(q.in_flight == 0 for q in list(self.stats.queries.values()))
 
-    def _healthy(self) -> bool:
+    def _threads_ok(self) -> bool:
         control_ok = self.control is not None and self.control.alive()
         return control_ok and self.models.alive() and all(p.alive() for p in list(self.cameras.values()))
 
+    def _not_running(self) -> list[str]:
+        """Configured cameras and queries that do not run (a camera that never started, a query
+        its camera's pipeline does not hold)."""
+        cfg = self._running_cfg or self.cfg
+        pipelines = dict(self.cameras)
+        problems = []
+        for cam in cfg.cameras:
+            if not cam.enabled:
+                continue
+            pipeline = pipelines.get(cam.id)
+            if pipeline is None:
+                problems.append(f"camera {cam.id} is not running")
+                continue
+            running = set(pipeline.query_ids())
+            problems += [f"query {q.id} is not running" for q in cfg.queries_for(cam.id) if q.id not in running]
+        return problems
+
     def health(self) -> dict[str, Any]:
+        """ok only when every configured camera streams and every query runs, no query drops
+        nearly every frame with `error`, no sink is losing results and every thread is alive."""
         cams = {cid: self.stats.cameras[cid].state for cid in list(self.cameras) if cid in self.stats.cameras}
-        streaming = sum(1 for s in cams.values() if s == "streaming")
+        problems = self._not_running()
+        problems += [f"camera {cid} is {state}" for cid, state in cams.items() if state != "streaming"]
+        problems += [f"query {q} drops nearly every frame with error" for q in self.errors.failing()]
         losing = self.hub.losing()
-        status = "ok" if self._healthy() and streaming == len(cams) and not losing else "degraded"
-        return {"status": status, "version": __version__, "cameras": cams,
-                "threads_ok": self._healthy(), "accounting_errors": self.stats.accounting_errors(),
+        if losing:
+            problems.append("a sink is losing results")
+        threads_ok = self._threads_ok()
+        if not threads_ok:
+            problems.append("a thread died")
+        return {"status": "degraded" if problems else "ok", "version": __version__, "cameras": cams,
+                "problems": problems, "threads_ok": threads_ok,
+                "accounting_errors": self.stats.accounting_errors(),
                 "results_lost": self.hub.lost(), "losing_results": losing}
 
     def _daemon_section(self) -> dict[str, Any]:
@@ -368,5 +413,8 @@ class Daemon:
                 for q, v in snap["queries"].items()}
 
 
-def _queries_dicts(cfg: Config, camera_id: str) -> list[dict[str, Any]]:
-    return [asdict(q) for q in cfg.queries_for(camera_id)]
+
+def _is_batch(cam: CameraConfig) -> bool:
+    """A recording replayed as fast as the models go: batch processing, no deadlines. Live
+    sources (streams, USB) keep their deadlines whatever `replay` says."""
+    return cam.replay == "fast" and classify_source(cam.source) is SourceKind.FILE

@@ -23,6 +23,8 @@ class BatchProgress:
             self._samples.popleft()
         t0, d0 = self._samples[0]
         rate = (done - d0) / (now - t0) if now > t0 else 0.0
+        if total is not None and done > total:   # a looping source, or a container's count that was short
+            total = None
         parts = [f"{done}/{total} frames ({100.0 * done / total:.1f} %)" if total else f"{done} frames",
                  f"{rate:.1f} frames/s"]
         if total and rate > 0:

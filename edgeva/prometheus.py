@@ -52,6 +52,14 @@ def render(snapshot: dict[str, Any]) -> str:
                        filt["audited_agreement"])
             out.metric("edgeva_query_filter_threshold", "gauge", "Current filter threshold.", labels,
                        filt.get("threshold") or 0)
+    results = snapshot.get("results")
+    if isinstance(results, dict):
+        for sink, counts in results.get("sinks", {}).items():
+            out.metric("edgeva_results_written_total", "counter", "Result records a sink kept.", {"sink": sink},
+                       counts.get("written", 0))
+            out.metric("edgeva_results_lost_total", "counter",
+                       "Result records a sink lost (full disk, full queue, failed write).", {"sink": sink},
+                       counts.get("lost", 0))
     memory = snapshot.get("memory", {})
     inner = memory.get("memory", memory) if isinstance(memory, dict) else {}
     for key in ("resident_bytes", "peak_resident_bytes", "budget_bytes", "loads", "evictions", "bytes_loaded"):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from edgeva.config import QueryConfig
-from edgeva.filtering import Decision, QueryFilter
+from edgeva.filtering import Decision, QueryFilter, SceneTracker
 from edgeva.messages import DropReason, Frame, Outcome, QueryResult
 from edgeva.results import ResultHub
 from edgeva.stats import QueryStats, StatsRegistry
@@ -33,17 +33,22 @@ def audit_seed(query_id: str) -> int:
 class FrameView:
     """One delivered frame plus what its camera's queries derive from it, computed once."""
 
-    __slots__ = ("frame", "_prepared")
+    __slots__ = ("frame", "fps", "_scenes", "_prepared")
 
-    def __init__(self, frame: Frame):
+    def __init__(self, frame: Frame, fps: Optional[float] = None, scenes: Optional[dict[Any, SceneTracker]] = None):
         self.frame = frame
+        self.fps = fps                    # the camera's frame rate: staleness bounds are in seconds
+        self._scenes = scenes if scenes is not None else {}   # the camera's background per differencer
         self._prepared: dict[Any, Any] = {}
 
     def prepared(self, differencer: Any) -> Any:
         """The filter's downscaled frame for this differencer (shared by queries using the same one)."""
         p = self._prepared.get(differencer)
         if p is None:
-            p = self._prepared[differencer] = differencer.prepare(self.frame.image)
+            scene = self._scenes.get(differencer)
+            if scene is None:
+                scene = self._scenes[differencer] = SceneTracker(differencer)
+            p = self._prepared[differencer] = scene.prepare(self.frame.image)
         return p
 
 
@@ -81,6 +86,7 @@ class _Inference:
     """A kept frame on its way through the model, and the skipped frames that will reuse its result."""
 
     seq: int
+    prepared: Any = None                   # the filter's view of the frame (calibration needs its result)
     waiting: list[tuple[Frame, Decision]] = field(default_factory=list)
     value: Any = None
     done: bool = False
@@ -99,8 +105,6 @@ class ModelQuery:
     the model, the skipped frame waits for it so results never go backwards in time.
     """
 
-    RETUNE_FACTOR = 0.7   # audit says agreement < target: tighten the threshold by this much
-
     def __init__(self, cfg: QueryConfig, stats: StatsRegistry, hub: ResultHub, worker: ExecutorPort,
                  task: Any, query_filter: Optional[QueryFilter] = None, backpressure: bool = False):
         self.cfg = cfg
@@ -115,9 +119,6 @@ class ModelQuery:
         self.worker = worker
         self.task = task
         self.filter = query_filter
-        # Audits may tighten the threshold and relax it again, never past the configured one.
-        self._tuned_threshold = query_filter.threshold if query_filter is not None else None
-        self.retunes = 0
         self._lock = threading.Lock()
         self._latest: Optional[_Inference] = None      # newest kept frame (maybe still running)
         self._last_done: Optional[_Inference] = None   # newest kept frame with a result
@@ -156,13 +157,15 @@ class ModelQuery:
         self._last_considered_t = t
         if self.filter is None:
             return Decision(True, "disabled", None, 0)
+        self.filter.set_fps(view.fps)
         return self.filter.decide(view.prepared(self.filter.differencer))
 
     def _keep(self, frame: Frame, view: FrameView) -> WorkItem:
         """The frame becomes the reference that following skipped frames reuse (and wait for)."""
         inference = _Inference(frame.seq)
         if self.filter is not None:
-            self.filter.mark_inferred(view.prepared(self.filter.differencer))
+            inference.prepared = view.prepared(self.filter.differencer)
+            self.filter.mark_inferred(inference.prepared)
         self._latest = inference
         return WorkItem(self, frame, self._deadline(frame), context=inference)
 
@@ -172,11 +175,17 @@ class ModelQuery:
             latest.waiting.append((frame, decision))
             return
         source = self._last_done
-        if source is None:  # nothing inferred yet: the kept frame it would reuse was dropped
+        if source is None or not self._within_bound(frame, source):
+            # Nothing inferred yet, or only a result older than the staleness bound: the kept
+            # frame it should reuse was dropped, for that frame's reason.
             reason = latest.failed if latest is not None and latest.failed else DropReason.ERROR
             self.drop(frame, reason)
             return
         self._emit_reused(frame, source)
+
+    def _within_bound(self, frame: Frame, source: _Inference) -> bool:
+        setting = self.filter.setting if self.filter is not None else None
+        return setting is None or frame.seq - source.seq <= setting.max_age
 
     def _deadline(self, frame: Frame) -> float:
         return math.inf if self._batch else frame.t_mono + self.cfg.sla.latency_ms / 1000.0
@@ -203,6 +212,8 @@ class ModelQuery:
         frame = item.frame
         with self._lock:
             inference.value, inference.done = value, True
+            if self.filter is not None and inference.prepared is not None:
+                self.filter.record_result(inference.prepared, value)
             if self._last_done is None or inference.seq > self._last_done.seq:
                 self._last_done = inference
             latency = finished_mono - frame.t_mono
@@ -223,7 +234,8 @@ class ModelQuery:
             self.drop(item.frame, reason)
             waiting, inference.waiting = inference.waiting, []
             for frame, _ in waiting:
-                if self._last_done is not None:
+                # The staleness bound holds through a drop: a result older than it is not reused.
+                if self._last_done is not None and self._within_bound(frame, self._last_done):
                     self._emit_reused(frame, self._last_done)
                 else:
                     self.drop(frame, reason)
@@ -240,27 +252,16 @@ class ModelQuery:
         if self.filter is None or not audit.reference.done:
             return
         with self._lock:
-            filt = self.filter
-            filt.record_audit(self.task.agreement(value, audit.reference.value))
-            target = self.cfg.accuracy_target
-            if filt.needs_retune(target) and filt.threshold:
-                new = filt.threshold * self.RETUNE_FACTOR
-                log.warning("query %s: audited agreement confidently below %.3f; threshold %.4g -> %.4g",
-                            self.query_id, target, filt.threshold, new)
-            elif filt.can_relax(target) and filt.threshold and self._tuned_threshold \
-                    and filt.threshold < self._tuned_threshold:
-                new = min(self._tuned_threshold, filt.threshold / self.RETUNE_FACTOR)
-                log.info("query %s: audited agreement back above %.3f; threshold %.4g -> %.4g",
-                         self.query_id, target, filt.threshold, new)
-            else:
-                return
-            filt.set_threshold(new)
-            self.retunes += 1
+            change = self.filter.record_audit(self.task.agreement(value, audit.reference.value))
+        if change == "tightened":
+            log.warning("query %s: audited agreement confidently below %.3f; filter tightened and re-profiling",
+                        self.query_id, self.cfg.accuracy_target)
+        elif change == "relaxed":
+            log.info("query %s: audited agreement back above %.3f; filter relaxed", self.query_id,
+                     self.cfg.accuracy_target)
 
     # ------------------------------------------------------------- views
     def _filter_stats(self) -> dict[str, Any]:
         if self.filter is None:
             return {"enabled": False}
-        s = self.filter.stats()
-        s["retunes"] = self.retunes
-        return s
+        return self.filter.stats()

@@ -32,3 +32,13 @@ def frame_count(path: str) -> int | None:
         return int(n) if n and n > 0 else None
     finally:
         cap.release()
+
+
+def playable(source: str) -> str:
+    """What OpenCV can open for `source`: a folder's first recording (tools that sample one
+    camera, like `edgeva tune` and `edgeva merge`), anything else unchanged."""
+    if os.path.isdir(source):
+        recordings = list_recordings(source)
+        if recordings:
+            return recordings[0]
+    return source

@@ -1,10 +1,14 @@
 """Camera sources: one reader thread per camera feeding a bounded FrameBuffer.
 
 A source is a video file (replayed in real time or as fast as the pipeline takes it),
-a network stream read through OpenCV's FFmpeg backend, or a local USB/V4L2 device.
-Readers never raise out of their thread: open and read failures become the
-``reconnecting`` state with exponential back-off, so one broken camera never affects
-the others.
+a folder of recordings played in name order, a network stream read through OpenCV's FFmpeg
+backend, or a local USB/V4L2 device. Readers never raise out of their thread: open and read
+failures become the ``reconnecting`` state with exponential back-off (a recording in a
+folder that cannot be read is skipped), so one broken camera never affects the others.
+
+Over 400 lines because the buffer, the pacing clock and the reader's state machine are one
+hand-off protocol (who counts a frame, who drops it, when a put may block); split apart,
+each piece would need the others' invariants restated.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import cv2
 import numpy as np
@@ -196,6 +200,7 @@ class CameraReader(threading.Thread):
         self.fps: Optional[float] = cfg.fps   # nominal; the container's rate once opened
         self.frames_read = 0
         self.state: CameraState | None = None
+        self.decoder: Any = None               # DecoderChoice of the last open
         self._seq = 0
         self._stop_event = threading.Event()
         self._backoff = BackoffTimer(cfg.reconnect)
@@ -298,6 +303,8 @@ class CameraReader(threading.Thread):
         return False
 
     def _open(self) -> tuple[cv2.VideoCapture | None, str]:
+        from edgeva.decode import open_capture
+
         source = self.cfg.source.strip()
         if self.kind is SourceKind.FILE:
             if self.folder and not self.clips:
@@ -305,15 +312,23 @@ class CameraReader(threading.Thread):
             path = self.clips[self.clip_index] if self.clips else self._file_path()
             if not os.path.isfile(path):
                 return None, f"file not found: {path}"
-            cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
+            source = path
+
+            def open_opencv() -> cv2.VideoCapture:
+                return cv2.VideoCapture(path, cv2.CAP_FFMPEG)
         elif self.kind is SourceKind.STREAM:
             params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.cfg.open_timeout_s * 1000),
                       cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.cfg.read_timeout_s * 1000)]
-            cap = cv2.VideoCapture(source, cv2.CAP_FFMPEG, params)
+
+            def open_opencv() -> cv2.VideoCapture:
+                return cv2.VideoCapture(source, cv2.CAP_FFMPEG, params)
         else:
             api = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
             index = usb_index(source)
-            cap = cv2.VideoCapture(index if index is not None else source, api)
+
+            def open_opencv() -> cv2.VideoCapture:
+                return cv2.VideoCapture(index if index is not None else source, api)
+        cap, self.decoder = open_capture(source, self.kind.value, self.cfg.decode, open_opencv, camera=self.camera)
         if not cap.isOpened():
             cap.release()
             return None, f"cannot open {self.kind.value} {redact(source)}"

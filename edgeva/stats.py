@@ -8,6 +8,9 @@ offloaded, dropped[reason]); until then it is `in_flight`.
 (by sequence number) that entered it and have not left, so the identity is a real check.
 A frame bucketed twice leaves the ledger once and breaks it at once; a lost frame (never
 bucketed) stays in the ledger, is named after a stop and reported as stuck while running.
+
+One module of ~400 lines: the counters, the registry that keeps them consistent under one
+lock, and the table `edgeva stats` prints from their snapshot change together.
 """
 from __future__ import annotations
 
@@ -135,6 +138,7 @@ class QueryStats:
     _entered_mono: dict[int, float] = field(default_factory=dict)
     in_flight: int = 0
     left_unentered: int = 0          # bucketed without being in flight: a double count
+    _newest_left_entered: float = float("-inf")   # when the newest frame that left had entered
 
     @property
     def dropped_total(self) -> int:
@@ -155,6 +159,7 @@ class QueryStats:
             self.left_unentered += 1
             return
         self.in_flight -= 1
+        self._newest_left_entered = max(self._newest_left_entered, self._entered_mono.get(seq, float("-inf")))
         self._holding[seq] -= 1
         if self._holding[seq] == 0:
             del self._holding[seq]
@@ -178,7 +183,8 @@ class QueryStats:
             ids = ", ".join(f"{self.camera}:{s}" for s in self.held_seqs())
             return f"{self.query}: {self.in_flight} frames never got an outcome (lost: {ids})"
         oldest = self.oldest_in_flight(now)
-        if oldest is not None and oldest[1] > stuck_after_s:
+        # Stuck, not slow: newer frames have gone past it (a slow model keeps the order).
+        if oldest is not None and oldest[1] > stuck_after_s and self._newest_left_entered > now - oldest[1]:
             return f"{self.query}: frame {self.camera}:{oldest[0]} in flight for {oldest[1]:.0f} s (lost?)"
         return None
 
@@ -354,6 +360,8 @@ def format_table(snapshot: dict[str, Any]) -> str:
         lines.append(_row([name, q["camera"], f"{q['fps_out']:.1f}", q["frames_in"], q["inferred"],
                            q["reused"], q["offloaded"], q["dropped_total"], _num(lat["p50"]),
                            _num(lat["p95"]), _num(lat["p99"])], widths))
+        if q.get("weights") == "random init":
+            lines.append("  weights: random init (no weights file: these counts are noise)")
         if q["dropped"]:
             reasons = ", ".join(f"{k}={v}" for k, v in q["dropped"].items())
             lines.append(f"  dropped: {reasons}")
@@ -361,8 +369,10 @@ def format_table(snapshot: dict[str, Any]) -> str:
         if isinstance(filt, dict) and filt.get("enabled"):
             audit = filt.get("audited_agreement")
             low = filt.get("wilson_low")
-            lines.append(f"  filter: {filt.get('feature')} > {filt.get('threshold')}, max age "
-                         f"{filt.get('max_age_frames')}, audited {filt.get('audited')}"
+            lines.append(f"  filter: {filt.get('state')}, {filt.get('feature')} > {filt.get('threshold')}, max age "
+                         f"{filt.get('max_age_frames')} frames ({filt.get('max_age_s')} s), "
+                         f"profiles {filt.get('profiles', 0)}, audit share {filt.get('audit_fraction')}, "
+                         f"audited {filt.get('audited')}"
                          + (f" agreement {audit:.3f} (low {low:.3f})" if audit is not None and low is not None else "")
                          + f", retunes {filt.get('retunes', 0)}")
     for section in sorted(set(snapshot) - {"time", "uptime_s", "cameras", "queries"}):

@@ -1,13 +1,16 @@
-"""`edgeva tune`: profile a segment of each camera and pick every query's filter threshold.
+"""`edgeva tune`: profile a segment of each camera and pick every query's filter setting.
 
-For each camera: decode a profiling segment, run each of its queries' models on every
-frame (the reference), then simulate the filter for every candidate threshold and feature
-(edgeva.filtering.tune_features) and keep the one that skips the most frames while the
-agreement with the every-frame reference stays at or above the query's accuracy target.
+For each camera: decode a profiling segment, run each of its queries' models on every frame
+(the reference), then replay the filter for every candidate threshold, staleness bound and
+feature (edgeva.filtering.tune_features) and keep the setting that infers the fewest frames while
+the agreement with the every-frame reference stays at the query's target plus a margin derived
+from the segment. Only what tuning needs is kept while decoding: each frame's small grayscale
+copy for the filter and each query's result, never the full-resolution segment.
 """
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,10 @@ import numpy as np
 import yaml
 
 from edgeva.config import Config, QueryConfig, is_file_source
-from edgeva.filtering import Differencer, TuneResult, default_feature, tune_features
+from edgeva.filtering import (
+    FEATURES, Differencer, SceneTracker, TuneResult, age_candidates, default_feature, tune_features,
+)
+from edgeva.recordings import playable
 from edgeva.redaction import redact
 
 log = logging.getLogger("edgeva.tuning")
@@ -31,27 +37,38 @@ class QueryTuning:
     frames: int
     best: TuneResult
     others: list[TuneResult]
+    fps: float = 25.0
 
 
 def read_segment(source: str, seconds: float, start_s: float = 0.0, max_frames: int = 3000) -> list[np.ndarray]:
-    """Decode `seconds` of video from a file (from `start_s`) or a live stream."""
+    """Decode `seconds` of video from a file (from `start_s`) or a live stream (full frames: for
+    small segments and tests; tuning streams with `iter_segment`)."""
+    return list(iter_segment(source, seconds, start_s, max_frames)[1])
+
+
+def iter_segment(source: str, seconds: float, start_s: float = 0.0,
+                 max_frames: int = 100_000) -> tuple[float, Iterator[np.ndarray]]:
+    """(fps, frames) of `seconds` of video; frames are decoded one at a time as iterated."""
+    source = playable(source)
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
         raise RuntimeError(f"cannot open {redact(source)}")
-    try:
-        fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-        if start_s and is_file_source(source):
-            cap.set(cv2.CAP_PROP_POS_FRAMES, int(start_s * fps))
-        wanted = min(max_frames, int(seconds * fps))
-        frames = []
-        while len(frames) < wanted:
-            ok, image = cap.read()
-            if not ok:
-                break
-            frames.append(image)
-        return frames
-    finally:
-        cap.release()
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    if start_s and is_file_source(source):
+        cap.set(cv2.CAP_PROP_POS_FRAMES, int(start_s * fps))
+    wanted = min(max_frames, int(seconds * fps))
+
+    def frames() -> Iterator[np.ndarray]:
+        try:
+            for _ in range(wanted):
+                ok, image = cap.read()
+                if not ok:
+                    return
+                yield image
+        finally:
+            cap.release()
+
+    return fps, frames()
 
 
 def reference_values(model: Any, task: Any, frames: list[np.ndarray], batch: int = 8) -> list[Any]:
@@ -61,19 +78,34 @@ def reference_values(model: Any, task: Any, frames: list[np.ndarray], batch: int
     return values
 
 
-def tune_query(q: QueryConfig, frames: list[np.ndarray], values: list[Any], agreement: Any,
-               features: Optional[list[str]] = None) -> QueryTuning:
-    differencer = Differencer(width=q.filter.width)
-    prepared = [differencer.prepare(f) for f in frames]
-    results = tune_features(prepared, values, agreement, q.accuracy_target,
-                            features=tuple(features or ("pixel", "area", "edge")),
+@dataclass
+class _QueryProfile:
+    cfg: QueryConfig
+    model: Any
+    task: Any
+    scene: SceneTracker
+    prepared: list[Any]
+    values: list[Any]
+
+
+def tune_query(q: QueryConfig, prepared: list[Any], values: list[Any], agreement: Any, fps: float,
+               differencer: Differencer, features: Optional[list[str]] = None) -> QueryTuning:
+    longest = min(len(prepared) - 1, int(round(q.filter.tuned_max_age_limit_s * fps)))
+    if q.filter.max_age_s is not None:
+        longest = min(longest, int(round(q.filter.max_age_s * fps)))
+    if q.filter.max_skip is not None:
+        longest = min(longest, q.filter.max_skip)
+    if features is None:
+        features = [q.filter.feature] if q.filter.feature != "auto" else list(FEATURES)
+    features = [f for f in features if f != "foreground" or (prepared and prepared[0].foreground is not None)]
+    results = tune_features(prepared, values, agreement, q.accuracy_target, features=tuple(features),
                             preferred=default_feature(q.task.type), differencer=differencer,
-                            max_skip=q.filter.max_skip)
-    return QueryTuning(q.id, q.camera, len(frames), results[0], results[1:])
+                            max_ages=age_candidates(max(0, longest)), safety_margin="auto")
+    return QueryTuning(q.id, q.camera, len(prepared), results[0], results[1:], fps)
 
 
 def tune_config(cfg: Config, seconds: float, start_s: float = 0.0,
-                only: Optional[set[str]] = None) -> Iterator[QueryTuning]:
+                only: Optional[set[str]] = None, batch: int = 8) -> Iterator[QueryTuning]:
     from edgeva.models import build_model
     from edgeva.models.tasks import build_task
 
@@ -83,42 +115,81 @@ def tune_config(cfg: Config, seconds: float, start_s: float = 0.0,
                    if q.task.type != "passthrough" and (only is None or q.id in only)]
         if not queries:
             continue
-        frames = read_segment(cam.source, seconds, start_s)
-        log.info("camera %s: %d profiling frames", cam.id, len(frames))
+        profiles: list[_QueryProfile] = []
         for q in queries:
             key = f"{q.model}@{q.weights}"
             if key not in models:
                 models[key] = build_model(q.model, q.weights, q.download, cfg.gpu.device)
-            task = build_task(q.task, models[key], q.id)
-            values = reference_values(models[key], task, frames)
-            yield tune_query(q, frames, values, task.agreement)
+            profiles.append(_QueryProfile(q, models[key], build_task(q.task, models[key], q.id),
+                                          SceneTracker(Differencer(width=q.filter.width)), [], []))
+        fps, frames = iter_segment(cam.source, seconds, start_s)
+        pending: list[np.ndarray] = []
+        for image in _with_end(frames):
+            if image is not None:
+                pending.append(image)
+            if pending and (image is None or len(pending) == batch):
+                _profile_batch(profiles, pending)
+                pending = []
+        log.info("camera %s: %d profiling frames", cam.id, len(profiles[0].values))
+        for p in profiles:
+            yield tune_query(p.cfg, p.prepared, p.values, p.task.agreement, fps, p.scene.differencer)
+
+
+def _with_end(frames: Iterator[np.ndarray]) -> Iterator[Optional[np.ndarray]]:
+    yield from frames
+    yield None
+
+
+def _profile_batch(profiles: list[_QueryProfile], images: list[np.ndarray]) -> None:
+    """Run each query's model on a batch (once per distinct model) and keep only the small views."""
+    outputs: dict[int, list[Any]] = {}
+    for p in profiles:
+        if id(p.model) not in outputs:
+            outputs[id(p.model)] = p.model.predict(images)
+        p.values.extend(p.task.value(out) for out in outputs[id(p.model)])
+        p.prepared.extend(p.scene.prepare(image) for image in images)
 
 
 def write_thresholds(config_path: str, tunings: list[QueryTuning]) -> Path:
-    """Set filter.threshold/feature of each tuned query in the YAML file (a .bak copy is kept)."""
+    """Set filter.threshold/max_age_s/feature of each tuned query in the YAML file, keeping its
+    comments and layout (ruamel's round trip); a .bak copy of the old file is kept."""
+    from ruamel.yaml import YAML
+
+    yaml_rt = YAML()
+    yaml_rt.preserve_quotes = True
     path = Path(config_path)
-    raw = yaml.safe_load(path.read_text())
+    raw = yaml_rt.load(path.read_text())
     by_id = {t.query: t for t in tunings}
-    for q in raw.get("queries", []):
+    for q in raw.get("queries", []) or []:
         t = by_id.get(q.get("id"))
         if t is None:
             continue
-        filt = q.setdefault("filter", {})
-        filt["threshold"] = None if t.best.threshold is None else round(float(t.best.threshold), 6)
-        filt["feature"] = t.best.feature
+        if q.get("filter") is None:
+            q["filter"] = {}
+        filt = q["filter"]
+        best = t.best
+        if best.threshold is None:
+            filt["threshold"] = 0.0          # nothing met the target: infer every frame that changes
+            filt["max_age_s"] = 0.0
+        else:
+            filt["threshold"] = float("inf") if math.isinf(best.threshold) else round(float(best.threshold), 6)
+            filt["max_age_s"] = round(best.max_age / t.fps, 3)
+        filt["feature"] = best.feature
     shutil.copyfile(path, path.with_suffix(path.suffix + ".bak"))
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with path.open("w") as fh:
+        yaml_rt.dump(raw, fh)
     return path
 
 
 def format_tunings(tunings: list[QueryTuning]) -> str:
-    lines = [f"{'query':<18} {'frames':>6} {'feature':<7} {'threshold':>10} {'skip %':>7} {'agree':>6} "
-             f"{'target':>6} {'every-k':>7}  met"]
+    lines = [f"{'query':<18} {'frames':>6} {'feature':<7} {'threshold':>10} {'max age':>8} {'skip %':>7} "
+             f"{'agree':>6} {'needed':>6} {'every-k':>7}  met"]
     for t in tunings:
         b = t.best
-        thr = "-" if b.threshold is None else f"{b.threshold:.5f}"
-        lines.append(f"{t.query:<18} {t.frames:>6} {b.feature:<7} {thr:>10} {100 * b.skip_fraction:>6.1f}% "
-                     f"{b.agreement:>6.3f} {b.target:>6.3f} {b.uniform_agreement:>7.3f}  {'yes' if b.met_target else 'NO'}")
+        thr = "-" if b.threshold is None else "none" if math.isinf(b.threshold) else f"{b.threshold:.5f}"
+        lines.append(f"{t.query:<18} {t.frames:>6} {b.feature:<7} {thr:>10} {b.max_age / t.fps:>7.2f}s "
+                     f"{100 * b.skip_fraction:>6.1f}% {b.agreement:>6.3f} {b.target:>6.3f} "
+                     f"{b.uniform_agreement:>7.3f}  {'yes' if b.met_target else 'NO'}")
     return "\n".join(lines)
 
 
@@ -131,8 +202,9 @@ def plot_curves(tunings: list[QueryTuning], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in tunings:
         for r in [t.best, *t.others]:
-            xs = [100 * p.skip_fraction for p in r.curve]
-            ys = [p.agreement for p in r.curve]
+            points = [p for p in r.curve if p.max_age == r.max_age] or list(r.curve)
+            xs = [100 * p.skip_fraction for p in points]
+            ys = [p.agreement for p in points]
             ax.plot(xs, ys, marker=".", label=f"{t.query} / {r.feature}")
         ax.axhline(t.best.target, linestyle="--", linewidth=0.8, color="grey")
     ax.set_xlabel("frames skipped (%)")

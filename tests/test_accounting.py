@@ -4,6 +4,7 @@ frames are caught."""
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import yaml
@@ -40,12 +41,15 @@ def test_a_lost_frame_hidden_by_a_double_count_is_caught():
 
 def test_a_lost_frame_is_named_after_a_stop_and_reported_when_stuck():
     stats, qs = _registry(4)
-    for seq in (0, 1, 3):
+    for seq in (0, 1):
         stats.record(qs, Outcome.REUSED, 0.01, seq=seq)
+    stats.stuck_after_s = 0.0
+    assert stats.accounting_errors() == []     # 2 and 3 are slow, not stuck: nothing newer went past them
+    stats.record(qs, Outcome.REUSED, 0.01, seq=3)
+    assert "frame cam:2 in flight for" in stats.accounting_errors()[0]     # 3 overtook it
+    stats.stuck_after_s = 3600.0
     assert stats.accounting_errors() == []               # frame 2 may still be on its way
     assert stats.accounting_errors(stopped=True) == ["q: 1 frames never got an outcome (lost: cam:2)"]
-    stats.stuck_after_s = 0.0
-    assert "frame cam:2 in flight for" in stats.accounting_errors()[0]
     stats.record(qs, Outcome.DROPPED, reason=DropReason.ERROR, seq=2)
     assert stats.accounting_errors(stopped=True) == []
 
@@ -95,3 +99,40 @@ def test_a_frame_an_executor_loses_is_caught_by_the_daemon(tmp_path, monkeypatch
     assert s["frames_in"] == 20 and s["inferred"] == 19 and s["in_flight"] == 1
     assert daemon.stats.accounting_errors(stopped=True) == ["cars: 1 frames never got an outcome (lost: cam:7)"]
     assert "accounting inconsistent: cars: 1 frames never got an outcome (lost: cam:7)" in caplog.text
+
+
+class _FullDiskSink:
+    """A sink on a full disk: every write fails."""
+
+    def write(self, result):
+        raise OSError(28, "No space left on device")
+
+    def close(self):
+        pass
+
+
+def test_results_a_sink_loses_show_in_stats_and_health(tmp_path):
+    from edgeva.control import request
+
+    clip = write_test_clip(tmp_path / "c.mp4", frames=30, fps=30)
+    cfg_path = tmp_path / "edgeva.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "cameras": [{"id": "cam", "source": str(clip), "loop": True}],
+        "queries": [{"id": "frames", "camera": "cam", "task": {"type": "passthrough"}}],
+        "stats": {"endpoint": f"ipc://{tmp_path}/ctl.sock"}}))
+    daemon = Daemon(load_config(cfg_path), notifier=Notifier({}))
+    daemon.hub.add_sink(_FullDiskSink())
+    daemon.start()
+    try:
+        endpoint = daemon.control.bound_endpoint
+        deadline = time.monotonic() + 15
+        while request(endpoint, {"cmd": "stats"})["results"]["lost"] < 10:
+            assert time.monotonic() < deadline, "no lost results counted"
+            time.sleep(0.05)
+        health = request(endpoint, {"cmd": "health"})
+        snap = request(endpoint, {"cmd": "stats"})
+    finally:
+        daemon.request_stop()
+        daemon.serve()
+    assert health["status"] == "degraded" and health["losing_results"] and health["results_lost"] >= 10
+    assert snap["results"]["sinks"]["_FullDiskSink"]["lost"] >= 10 and snap["results"]["losing"]

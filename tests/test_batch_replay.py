@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from edgeva.config import load_config
@@ -59,6 +60,9 @@ def test_fast_replay_with_four_yolov8n_queries_gives_every_frame_of_every_query_
         assert sorted(r[1] for r in mine) == list(range(frames)), f"{query}: one record per frame"
         assert all(r[2] in ("inferred", "reused") for r in mine), f"{query}: {[r for r in mine if r[3]]}"
     assert sum(r[2] == "inferred" for r in rows if r[0] == "every-frame") == frames
+    ages = {q: max(r["age_frames"] for r in read_results(tmp_path / "results.db", q, limit=1000))
+            for q in ("cars", "people")}
+    assert ages["cars"] <= 5 and ages["people"] <= 10, ages     # max_skip holds: no kept frame was dropped
     final = json.loads(out.stderr.split("final stats ", 1)[1].splitlines()[0])
     for q in final["queries"].values():
         assert q["frames_in"] == frames and q["dropped_total"] == 0 and q["in_flight"] == 0
@@ -151,3 +155,79 @@ def test_realtime_drops_still_get_a_record_each(tmp_path):
     dropped = [r for r in rows if r[2] == "dropped"]
     assert dropped and all(r[3] == "buffer-full" for r in dropped)
     assert daemon.stats.snapshot()["queries"]["q"]["dropped"]["buffer-full"] == len(dropped)
+
+
+def test_batch_replay_measures_the_sla_rate_in_recording_time():
+    """Decoded faster than real time, a 25 fps recording at sla.fps 5 still has every fifth
+    frame considered: the rate follows the recording, not how fast this machine decodes."""
+    from edgeva.config import parse_config
+    from edgeva.messages import Frame
+    from edgeva.query import FrameView, ModelQuery
+    from edgeva.results import ResultHub
+    from edgeva.stats import StatsRegistry
+
+    class _Instant:
+        key, model = "m", None
+
+        def submit(self, item, wait_s=0.0):
+            item.owner.complete(item, {"n": item.frame.seq}, time.monotonic())
+            return True
+
+    class _Task:
+        def value(self, output):
+            return output
+
+    cfg = parse_config({"cameras": [{"id": "cam", "source": "rtsp://x/y"}],
+                        "queries": [{"id": "q", "camera": "cam", "model": "yolov8n", "task": {"type": "detect"},
+                                     "sla": {"fps": 5}, "filter": {"enabled": False}}]}).queries[0]
+    stats, hub = StatsRegistry(), ResultHub()
+    stats.add_camera("cam", "x")
+    seen: list = []
+    hub.add_tap(seen.append)
+    query = ModelQuery(cfg, stats, hub, _Instant(), _Task(), None, backpressure=True)
+    now = time.monotonic()
+    for seq in range(25):       # one second of recording, all decoded within the same instant
+        stats.frame_delivered("cam", seq)
+        query.submit(FrameView(Frame("cam", seq, time.time(), now, np.zeros((8, 8, 3), np.uint8), t_media=seq / 25)))
+    inferred = [r.seq for r in seen if r.outcome.value == "inferred"]
+    assert inferred == [0, 5, 10, 15, 20]
+    assert [r.seq for r in seen] == list(range(25)) and stats.accounting_errors(stopped=True) == []
+
+
+def test_progress_line_rate_eta_and_summary():
+    from edgeva.progress import BatchProgress
+
+    now = [100.0]
+    progress = BatchProgress(clock=lambda: now[0])
+    assert progress.line(0, 1000) == "0/1000 frames (0.0 %), 0.0 frames/s"
+    now[0] = 110.0
+    assert progress.line(200, 1000, (2, 5)) == "200/1000 frames (20.0 %), 20.0 frames/s, ETA 0m40s, clip 2/5"
+    now[0] = 120.0
+    assert progress.line(1200, 1000) == "1200 frames, 100.0 frames/s"   # last 15 s; past a short count: no ETA
+    snap = {"cameras": {"c": {}}, "queries": {"q": {"frames_in": 1200, "inferred": 300, "reused": 890,
+                                                      "offloaded": 0, "dropped_total": 10,
+                                                      "dropped": {"error": 10}}},
+            "results": {"emitted": 1200, "lost": 0}}
+    text = progress.summary(snap, 1200)
+    assert text.splitlines()[0] == "processed 1200 frames from 1 cameras in 0m20s (60.0 frames/s)"
+    assert "error=10" in text and "results: 1200 records, 0 lost" in text
+
+
+def test_a_live_source_keeps_its_deadlines_whatever_replay_says():
+    from edgeva.config import CameraConfig
+    from edgeva.daemon import _is_batch
+
+    assert _is_batch(CameraConfig(id="f", source="/videos/a.mp4", replay="fast"))
+    assert not _is_batch(CameraConfig(id="f", source="/videos/a.mp4", replay="realtime"))
+    assert not _is_batch(CameraConfig(id="s", source="rtsp://cam/x", replay="fast"))
+    assert not _is_batch(CameraConfig(id="u", source="usb:0", replay="fast"))
+
+
+def test_tune_reads_a_folder_source_from_its_first_recording(tmp_path):
+    from edgeva.tuning import read_segment
+
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    write_test_clip(folder / "b.mp4", frames=5, fps=25)
+    write_test_clip(folder / "a.mp4", frames=9, fps=25)
+    assert len(read_segment(str(folder), seconds=10)) == 9

@@ -84,7 +84,7 @@ def _merged_bundle(tmp_path, input_size: int = 96):
     return bundle, paths, separate, sum(g.bytes_saved for g in groups)
 
 
-def _bundle_config(tmp_path, bundle, paths, input_size=96):
+def _bundle_config(tmp_path, bundle, paths, input_size=96, budget_mb=None):
     clip = write_test_clip(tmp_path / "c.mp4", frames=20, fps=20, size=(96, 96))
     cfg_path = tmp_path / "edgeva.yaml"
     cfg_path.write_text(yaml.safe_dump({
@@ -94,20 +94,28 @@ def _bundle_config(tmp_path, bundle, paths, input_size=96):
                      "sla": {"fps": 5}}
                     for i, p in enumerate(paths)],
         "merging": {"bundle": str(bundle)},
-        "gpu": {"device": "cpu"},
+        "gpu": {"device": "cpu", **({"memory_budget_mb": budget_mb} if budget_mb else {})},
         "stats": {"endpoint": f"ipc://{tmp_path}/ctl.sock"}}))
     return load_config(cfg_path)
 
 
-def test_daemon_runs_a_merged_bundle_with_shared_tensors_counted_once(tmp_path):
+@pytest.mark.parametrize("budget_mb", [None, 12])
+def test_daemon_runs_a_merged_bundle_with_shared_tensors_counted_once(tmp_path, budget_mb):
+    """With a budget the bundle's models are registered from the host (shared tensors once)
+    and loaded only by the memory manager."""
     bundle, paths, separate, expected = _merged_bundle(tmp_path)
-    daemon = Daemon(_bundle_config(tmp_path, bundle, paths), notifier=Notifier({}))
+    daemon = Daemon(_bundle_config(tmp_path, bundle, paths, budget_mb=budget_mb), notifier=Notifier({}))
     daemon.start()
     try:
         memory = daemon.stats.snapshot()["memory"]
-        assert expected > 2**20 and memory["resident_bytes"] == separate - expected   # measured storage bytes
-        assert memory["unshared_bytes"] == separate and memory["bytes_saved_by_sharing"] == expected
         assert all(m.input_size == 96 for m in daemon.models.models.values())
+        if budget_mb is None:
+            assert expected > 2**20 and memory["resident_bytes"] == separate - expected   # measured storage bytes
+            assert memory["unshared_bytes"] == separate and memory["bytes_saved_by_sharing"] == expected
+        else:
+            registered = memory["memory"]["registered_bytes"]
+            assert expected > 2**20 and registered == separate - expected
+            assert separate - expected > budget_mb * 2**20 >= memory["memory"]["peak_resident_bytes"]
         daemon.serve(max_runtime_s=3)
     finally:
         daemon.request_stop()

@@ -1,6 +1,7 @@
 """Frame-difference filter: features, decisions, audits and the threshold tuner."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -9,8 +10,9 @@ import pytest
 
 from edgeva.config import FilterConfig
 from edgeva.filtering import (
-    AuditTracker, Differencer, QueryFilter, default_feature, simulate_filter, tune_features,
-    tune_threshold, wilson_lower_bound,
+    AuditTracker, Differencer, QueryFilter, SceneTracker, age_candidates, audit_fraction_for_power,
+    audits_needed, default_feature, simulate_filter, tune_features, tune_segments, tune_threshold,
+    wilson_lower_bound,
 )
 
 W, H = 320, 180
@@ -236,19 +238,30 @@ def test_wilson_bound_and_retune_signal():
     assert not t.needs_retune(0.99) and t.total == 170
 
 
-def test_filter_stats_report_audits_and_reset_on_new_threshold():
+def test_disagreeing_audits_tighten_the_setting_and_agreeing_ones_relax_it_back_no_further():
     d = Differencer()
     p = d.prepare(background())
-    filt = QueryFilter(FilterConfig(threshold=0.5, max_skip=10**9, audit_fraction=1.0), differencer=d)
+    filt = QueryFilter(FilterConfig(threshold=0.5, max_age_s=4.0, audit_fraction=1.0), differencer=d, fps=25)
     filt.mark_inferred(p)
+    learned = filt.setting
+    assert learned.threshold == 0.5 and learned.max_age == 100
+    changes = []
     for _ in range(40):
         assert filt.decide(p).audit
-        filt.record_audit(0.0)
+        changes.append(filt.record_audit(0.0))
+        filt.mark_inferred(p)
     s = filt.stats()
-    assert s["audited"] == 40 and s["audited_agreement"] == 0.0 and s["wilson_low"] == 0.0
-    assert filt.needs_retune(0.9)
+    assert s["audited"] == 40 and s["audited_agreement"] == 0.0
+    assert "tightened" in changes and s["tighten_factor"] < 1.0
+    assert filt.threshold < 0.5 and filt.setting.max_age < 100
+    for _ in range(400):
+        if filt.decide(p).audit:
+            filt.record_audit(1.0)
+        filt.mark_inferred(p)
+    assert filt.setting == learned          # relaxed back to what was learned, never beyond
+    assert filt.stats()["tighten_factor"] == 1.0
     filt.set_threshold(0.1)
-    assert not filt.needs_retune(0.9) and filt.stats()["threshold"] == 0.1
+    assert filt.stats()["threshold"] == 0.1 and filt.stats()["audit_window"] == 0
 
 
 # ------------------------------------------------------------------ tuner
@@ -263,7 +276,7 @@ def test_tuner_meets_target_and_skips_quiet_stretches(street_prepared):
     assert strict.skip_fraction > 0.5
     # Beats every-k sampling that infers as many frames (at 0.95 it is only level with it).
     assert strict.agreement > strict.uniform_agreement + 0.01
-    assert len(res.curve) == 31 and res.curve[0].threshold == 0.0
+    assert len(res.curve) == 32 and res.curve[0].threshold == 0.0 and math.isinf(res.curve[-1].threshold)
 
     # The online filter with the tuned threshold makes exactly the simulated decisions.
     filt = QueryFilter(FilterConfig(feature="area", threshold=res.threshold, max_skip=30,
@@ -325,7 +338,7 @@ def test_tune_features_ranks_results(street_prepared):
     best = results[0]
     assert best.met_target
     assert all(best.skip_fraction >= r.skip_fraction for r in results if r.met_target)
-    assert default_feature("detect") == "edge" and default_feature("count") == "area"
+    assert default_feature("detect") == "edge" and default_feature("count") == "foreground"
 
 
 def test_tuner_on_the_shared_synthetic_street():
@@ -376,3 +389,124 @@ def test_a_camera_that_changes_size_keeps_its_filter_working():
     assert decision.keep and decision.reason == "resized"
     filt.mark_inferred(square)
     assert not filt.decide(d.prepare(np.zeros((480, 480, 3), np.uint8))).keep
+
+
+# ------------------------------------------------------------------ learning on the camera
+
+def test_scene_tracker_measures_foreground_and_ignores_brightness_shifts():
+    d = Differencer()
+    scene = SceneTracker(d)
+    bg = background(5)
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        quiet = scene.prepare(noisy(bg, rng))
+    assert quiet.foreground < 0.005
+    brighter = scene.prepare(noisy(bg, rng, shift=40.0))      # auto-exposure: the whole frame shifts
+    assert brighter.foreground < 0.01
+    with_car = bg.copy()
+    draw_car(with_car, 100, 60, w=60, h=40)
+    arrived = scene.prepare(noisy(with_car, rng))
+    assert arrived.foreground > 0.02                           # the car is not background
+    assert d.feature(quiet, arrived, "foreground") == pytest.approx(arrived.foreground - quiet.foreground)
+    for _ in range(120):                                       # a parked car becomes background
+        parked = scene.prepare(noisy(with_car, rng))
+    assert parked.foreground < 0.005
+    with pytest.raises(ValueError, match="SceneTracker"):
+        d.feature(d.prepare(bg), d.prepare(bg), "foreground")
+
+
+def test_tuner_considers_uniform_sampling_so_it_never_loses_to_it_on_the_segment():
+    # The change feature says nothing about the answer (noise), the answer changes every 6 frames:
+    # only the staleness bound can help, and the tuner must find it rather than infer every frame.
+    rng = np.random.default_rng(0)
+    n = 240
+    noise = rng.random((n, n))
+    values = [(i // 6) % 2 for i in range(n)]
+    agree = lambda a, b: float(a == b)   # noqa: E731
+    res = tune_threshold(lambda i, j: float(noise[i, j]), values, agree, 0.8,
+                         max_ages=age_candidates(30), candidates=[0.0, 0.5, 0.9])
+    assert res.met_target and math.isinf(res.threshold) and 1 <= res.max_age < 6
+    assert res.skip_fraction > 0.5 and res.agreement >= 0.8
+
+
+def test_tuning_pools_segments_without_reusing_across_them():
+    values_a, values_b = [0] * 50, [1] * 50
+    agree = lambda a, b: float(a == b)   # noqa: E731
+    still = lambda i, j: 0.0             # noqa: E731
+    res = tune_segments([(still, values_a), (still, values_b)], agree, 0.99, max_ages=[49])
+    # Each segment is replayed on its own: one inference each, nothing carried from a to b.
+    assert res.met_target and res.agreement == 1.0 and res.skip_fraction == pytest.approx(98 / 100)
+
+
+def test_audits_are_sized_to_see_a_five_point_drop_within_minutes():
+    assert audits_needed(0.3, 1.0) == math.ceil(((1.645 + 0.842) * 0.3 / 0.05) ** 2)
+    # Skipping less means a given overall drop is a larger drop among reused frames: fewer audits.
+    assert audits_needed(0.3, 0.5) < audits_needed(0.3, 0.9)
+    busy = audit_fraction_for_power(0.3, 0.9, reused_fps=0.9 * 25)
+    assert 0.005 <= busy <= 0.25
+    assert audit_fraction_for_power(0.3, 0.9, reused_fps=0.9 * 5) > busy   # slower camera: audit more of it
+
+
+def _calibrating_filter(fps=10.0, **cfg):
+    return QueryFilter(FilterConfig(**{"calibration_s": 3.0, "segment_s": 1.0, **cfg}), rng_seed=1,
+                       differencer=Differencer(), agreement=count_agreement, target=0.9, fps=fps,
+                       preferred_feature="foreground")
+
+
+def _replay(filt, frames, counts):
+    scene = SceneTracker(filt.differencer)
+    reasons, source, ref = [], [], -1
+    for i, image in enumerate(frames):
+        p = scene.prepare(image)
+        dec = filt.decide(p)
+        if dec.keep:
+            filt.mark_inferred(p)
+            filt.record_result(p, counts[i])
+            ref = i
+        elif dec.audit:
+            filt.record_audit(count_agreement(counts[i], counts[ref]))
+        reasons.append(dec.reason)
+        source.append(ref)
+    return reasons, source
+
+
+def test_a_query_without_a_threshold_calibrates_then_filters_and_meets_its_target():
+    frames, counts = street()
+    filt = _calibrating_filter()
+    reasons, source = _replay(filt, frames, counts)
+    assert reasons[0] == "first" and set(reasons[1:30]) == {"calibrate"}     # 3 s at 10 fps, inferred
+    assert filt.stats()["profiled_windows"] >= 1 and filt.setting is not None
+    skipped = sum(r in ("below_threshold", "audit") for r in reasons)
+    assert skipped > 0.4 * len(frames)
+    agreement = np.mean([count_agreement(counts[i], counts[s]) for i, s in enumerate(source)])
+    assert agreement >= 0.9
+
+
+def test_a_busier_scene_than_any_profiled_is_profiled_again():
+    frames, counts = street()
+    filt = _calibrating_filter(calibration_s=2.0)
+    # Long empty street first (the only profile is of a still scene), then the traffic.
+    still = [frames[0]] * 120
+    reasons, _ = _replay(filt, still + frames[100:], [0] * 120 + counts[100:])
+    s = filt.stats()
+    assert s["novel_segments"] >= 1 and s["profiled_windows"] >= 2
+    assert "calibrate" in reasons[140:]
+
+
+def test_tuning_runs_where_the_daemon_says_and_applies_at_the_next_decision():
+    frames, counts = street()
+    jobs = []
+    filt = QueryFilter(FilterConfig(calibration_s=3.0), rng_seed=1, differencer=Differencer(),
+                       agreement=count_agreement, target=0.9, fps=10.0, tune_runner=jobs.append)
+    scene = SceneTracker(filt.differencer)
+    for i in range(40):
+        p = scene.prepare(frames[i])
+        dec = filt.decide(p)
+        assert dec.keep and dec.reason in ("first", "calibrate")   # no setting until the job ran
+        filt.mark_inferred(p)
+        filt.record_result(p, counts[i])
+    assert len(jobs) == 1 and filt.setting is None and filt.stats()["state"] == "tuning"
+    jobs.pop()()                                                  # the tuner thread runs it
+    assert filt.setting is None                                   # applied by the decision thread...
+    filt.decide(scene.prepare(frames[40]))
+    assert filt.setting is not None and filt.stats()["profiled_windows"] == 1   # ...at its next decision

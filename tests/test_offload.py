@@ -365,6 +365,21 @@ def test_offloaded_outputs_equal_local_outputs(workers, weights, encoding):
     assert not owner.duplicates
 
 
+def test_a_batch_frame_without_a_deadline_is_served_by_a_worker(workers, weights):
+    """Batch replay's items have no deadline (inf): the request carries no budget, not an infinite one."""
+    key = f"mobilenet_v3_small@{weights['mobilenet_v3_small']}"
+    client = OffloadClient(Tier("a", workers["a"].endpoint), heartbeat_ms=200).start()
+    owner = Recorder()
+    try:
+        image = images(1, seed=5)[0]
+        item = WorkItem(owner, Frame("cam", 0, time.time(), time.monotonic(), image), float("inf"), context=("ctx", 0))
+        assert client.port(key, drop_fallback).submit(item)
+        assert owner.wait_for(1, 30)
+    finally:
+        client.stop()
+    assert owner.events[0][0] == "offloaded", owner.events
+
+
 @pytest.mark.parametrize("name,splits", [("resnet18", [0, 4, 8, 9, 10]), ("mobilenet_v3_small", [0, 1, 2, 3])])
 def test_split_head_and_tail_equal_the_full_model(weights, name, splits):
     model = build_model(name, weights[name])
@@ -443,20 +458,21 @@ def test_timeouts_retry_on_a_fresh_socket_then_fall_back():
         port = client.port("mobilenet_v3_small", drop_fallback)
         assert port.submit(make_item(owner, 0, images(1)[0]))
         assert port.submit(make_item(owner, 1, images(1)[0]))
-        assert not port.submit(make_item(owner, 2, images(1)[0])), "credit 2: the third must be refused"
-        assert owner.wait_for(2, 10)
+        assert port.submit(make_item(owner, 2, images(1)[0])), "credit 2: the third takes the fallback"
+        assert owner.wait_for(3, 10)
+        assert owner.events[2] == ("dropped", DropReason.QUEUE_FULL, None)
         assert owner.events[0] == ("dropped", DropReason.TIER_DOWN, None)
         assert owner.events[1] == ("dropped", DropReason.TIER_DOWN, None)
         snap = client.snapshot()
         assert snap["retries"] == 4 and snap["timeouts"] == 6 and snap["reconnects"] >= 2
-        assert snap["fallbacks"] == {"tier-down": 2} and snap["in_flight"] == 0
+        assert snap["fallbacks"] == {"queue-full": 1, "tier-down": 2} and snap["in_flight"] == 0
         assert router.infer_seen == 6 and len(router.identities) >= 3   # re-sent from new sockets
         assert client.state == TierState.UP                             # heartbeats still answered
         assert port.submit(make_item(owner, 3, images(1)[0])), "credit is back"
     finally:
         client.stop()
         router.close()
-    assert owner.wait_for(3, 5) and owner.events[3][1] == DropReason.SHUTDOWN
+    assert owner.wait_for(4, 5) and owner.events[3][1] == DropReason.SHUTDOWN
     assert not owner.duplicates
 
 
@@ -483,6 +499,43 @@ def test_unreachable_tier_goes_down_and_items_take_the_fallback():
         client.stop()
     assert sorted(local_owner_calls) == [0, 1]
     assert all(ev == ("dropped", DropReason.TIER_DOWN, None) for ev in owner.events.values())
+
+
+class _Echo:
+    """A local model: the output is the frame's mean, so a result shows which frame it came from."""
+
+    name = "echo"
+
+    def predict(self, images):
+        return [float(img.mean()) for img in images]
+
+
+def test_a_dying_tier_sends_what_it_has_no_credit_for_to_the_local_fallback():
+    """A hung worker (connected, silent) holds its credit until it is marked down: frames that
+    cannot get credit meanwhile run locally (fallback: local) instead of being dropped queue-full."""
+    ctx = zmq.Context.instance()
+    hung = ctx.socket(zmq.ROUTER)
+    hung.setsockopt(zmq.LINGER, 0)
+    hung_port = hung.bind_to_random_port("tcp://127.0.0.1")       # accepts, never answers
+    local = ModelWorker("echo", _Echo(), max_batch=4, capacity=64)
+    local.start()
+    group = TierGroup([Tier("dying", f"tcp://127.0.0.1:{hung_port}", timeout_ms=5000, credit=2)],
+                      heartbeat_ms=100).start()
+    owner = Recorder()
+    frames = images(12)
+    try:
+        port = group.port("mobilenet_v3_small", local_fallback(local))
+        for seq, image in enumerate(frames):
+            assert port.submit(make_item(owner, seq, image))
+        assert owner.wait_for(len(frames), 10), owner.events
+    finally:
+        group.stop()
+        local.stop()
+        hung.close(0)
+    assert owner.kinds() == Counter({"local": 12}) and not owner.duplicates
+    assert all(owner.events[seq][1] == pytest.approx(float(img.mean())) for seq, img in enumerate(frames))
+    fallbacks = group.snapshot()["fallbacks"]
+    assert fallbacks == {"queue-full": 10, "tier-down": 2}, fallbacks
 
 
 # ----------------------------------------------------------------------------- CURVE

@@ -28,6 +28,7 @@ def test_metrics_endpoint_serves_the_stats(tmp_path):
     cfg_path.write_text(yaml.safe_dump({
         "cameras": [{"id": "cam", "source": str(clip), "loop": True}],
         "queries": [{"id": "frames", "camera": "cam"}],
+        "sinks": {"sqlite": str(tmp_path / "r.db"), "flush_s": 0.05},
         "stats": {"endpoint": f"ipc://{tmp_path}/ctl.sock", "prometheus": f"127.0.0.1:{port}"}}))
     daemon = Daemon(load_config(cfg_path), notifier=Notifier({}))
     daemon.start()
@@ -48,6 +49,8 @@ def test_metrics_endpoint_serves_the_stats(tmp_path):
     assert float(lines['edgeva_camera_frames_delivered_total{camera="cam"}']) >= 10
     assert 'edgeva_query_latency_seconds{query="frames",camera="cam",quantile="0.95"}' in lines
     assert "# TYPE edgeva_query_frames_total counter" in text
+    assert float(lines['edgeva_results_lost_total{sink="SQLiteSink"}']) == 0
+    assert 'edgeva_results_written_total{sink="SQLiteSink"}' in lines
 
 
 def test_bad_prometheus_address_names_the_key(tmp_path):

@@ -15,6 +15,8 @@ from edgeva.daemon import Daemon
 from edgeva.executor import ModelWorker
 from edgeva.work import LatencyProfile, WorkItem
 from edgeva.messages import DropReason, Frame
+from edgeva.filtering import Differencer
+from edgeva.models.outputs import Detections
 from edgeva.models.tasks import build_task
 from edgeva.sinks import read_results
 from edgeva.synthetic import PRESETS, render_background, write_clip
@@ -120,7 +122,8 @@ def test_blob_model_follows_ground_truth(street):
     assert np.mean(empty) < 0.2 and np.mean(busy) > 0.8
 
 
-def _run_daemon(tmp_path: Path, clip: Path, model, monkeypatch, threshold, target=0.9, max_skip=30, audit=0.25):
+def _run_daemon(tmp_path: Path, clip: Path, model, monkeypatch, threshold, target=0.9, max_skip=30, audit=0.25,
+                max_age_s=None, **filter_extra):
     monkeypatch.setattr("edgeva.models.build_model", lambda *a, **k: model)
     db = tmp_path / "results.db"
     cfg_path = tmp_path / "edgeva.yaml"
@@ -129,7 +132,7 @@ def _run_daemon(tmp_path: Path, clip: Path, model, monkeypatch, threshold, targe
         "queries": [{"id": "cars", "camera": "street", "model": "yolov8n", "accuracy_target": target,
                      "task": {"type": "count", "classes": ["car"]},
                      "filter": {"threshold": threshold, "feature": "area", "max_skip": max_skip,
-                                "audit_fraction": audit},
+                                "audit_fraction": audit, "max_age_s": max_age_s, **filter_extra},
                      "sla": {"latency_ms": 30000}}],
         "stats": {"endpoint": f"ipc://{tmp_path}/ctl.sock"},
         "sinks": {"sqlite": str(db), "batch": 16, "flush_s": 0.1}}))
@@ -145,10 +148,14 @@ def test_filtered_pipeline_keeps_the_accuracy_target(street, tmp_path, monkeypat
     task = build_task(TaskConfig(type="count", classes=["car"]), model, "cars")
     reference = reference_values(model, task, frames)
     q = load_config_query(target=0.9)
-    tuned = tune_query(q, frames, reference, task.agreement, features=["area"])
+    differencer = Differencer()
+    prepared = [differencer.prepare(f) for f in frames]
+    tuned = tune_query(q, prepared, reference, task.agreement, 25.0, differencer, features=["area"])
     assert tuned.best.met_target and tuned.best.skip_fraction > 0.25
+    bound = tuned.best.max_age
 
-    snap, db = _run_daemon(tmp_path, clip, model, monkeypatch, tuned.best.threshold)
+    snap, db = _run_daemon(tmp_path, clip, model, monkeypatch, tuned.best.threshold, max_skip=None,
+                           max_age_s=bound / 25.0)
     s = snap["queries"]["cars"]
     n = len(frames)
     assert s["frames_in"] == n and s["in_flight"] == 0 and s["dropped_total"] == 0
@@ -162,15 +169,28 @@ def test_filtered_pipeline_keeps_the_accuracy_target(street, tmp_path, monkeypat
     assert agreement >= 0.9
     for r in rows.values():
         if r["outcome"] == "reused":
-            assert 0 < r["age_frames"] <= 30 and r["source_seq"] == r["seq"] - r["age_frames"]
+            assert 0 < r["age_frames"] <= bound and r["source_seq"] == r["seq"] - r["age_frames"]
             assert rows[r["source_seq"]]["outcome"] == "inferred"
 
 
-def test_without_a_threshold_every_frame_is_inferred(street, tmp_path, monkeypatch):
+def test_without_a_threshold_the_query_calibrates_on_its_camera_then_filters(street, tmp_path, monkeypatch):
     clip, model = street
-    snap, db = _run_daemon(tmp_path, clip, model, monkeypatch, threshold=None)
+    frames = read_segment(str(clip), seconds=100)
+    task = build_task(TaskConfig(type="count", classes=["car"]), model, "cars")
+    reference = reference_values(model, task, frames)
+    snap, db = _run_daemon(tmp_path, clip, model, monkeypatch, threshold=None, max_skip=None, audit=None,
+                           calibration_s=1.0, segment_s=0.5)
     s = snap["queries"]["cars"]
-    assert s["inferred"] == s["frames_in"] > 0 and s["reused"] == 0
+    n = len(frames)
+    assert s["frames_in"] == n and s["dropped_total"] == 0
+    filt = s["filter"]
+    assert filt["kept_by_reason"]["calibrate"] >= 10 - 2           # calibration_s at the clip's 10 fps
+    assert filt["profiled_windows"] >= 1 and filt["state"] in ("filtering", "calibrating")
+    assert filt["max_age_frames"] is not None                      # then it decides with what it learned
+    rows = {r["seq"]: r for r in read_results(db, "cars", limit=10 * n)}
+    assert sorted(rows) == list(range(n))
+    agreement = np.mean([task.agreement(rows[i]["value"], reference[i]) for i in range(n)])
+    assert agreement >= 0.9
 
 
 def test_staleness_bound_forces_inference(street, tmp_path, monkeypatch):
@@ -213,12 +233,13 @@ def test_tune_command_writes_thresholds_and_plots(street, tmp_path, monkeypatch)
     clip, model = street
     monkeypatch.setattr("edgeva.models.build_model", lambda *a, **k: model)
     cfg_path = tmp_path / "edgeva.yaml"
-    cfg_path.write_text(yaml.safe_dump({
+    cfg_path.write_text("# the street camera, tuned by edgeva tune\n" + yaml.safe_dump({
         "cameras": [{"id": "street", "source": str(clip)}],
         "queries": [{"id": "cars", "camera": "street", "model": "yolov8n", "accuracy_target": 0.9,
                      "task": {"type": "count", "classes": ["car"]}},
                     {"id": "any-car", "camera": "street", "model": "yolov8n", "accuracy_target": 0.95,
-                     "task": {"type": "presence", "classes": ["car"]}}]}))
+                     "task": {"type": "presence", "classes": ["car"]}}]}).replace(
+        "accuracy_target: 0.9\n", "accuracy_target: 0.9   # agreement with every-frame inference\n"))
     tunings = list(tune_config(load_config(cfg_path), seconds=100))
     assert [t.query for t in tunings] == ["cars", "any-car"]
     assert all(t.best.met_target and t.best.agreement >= t.best.target for t in tunings)
@@ -227,9 +248,14 @@ def test_tune_command_writes_thresholds_and_plots(street, tmp_path, monkeypatch)
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     write_thresholds(str(cfg_path), tunings)
     cfg = load_config(cfg_path)
-    assert cfg.queries[0].filter.threshold == pytest.approx(tunings[0].best.threshold, rel=1e-4)
+    best = tunings[0].best
+    assert cfg.queries[0].filter.threshold == pytest.approx(best.threshold, rel=1e-4)
+    assert cfg.queries[0].filter.max_age_s == pytest.approx(best.max_age / tunings[0].fps, abs=1e-3)
     assert cfg.queries[1].filter.feature == tunings[1].best.feature
     assert (tmp_path / "edgeva.yaml.bak").exists()
+    text = cfg_path.read_text()                       # the user's comments survive --write
+    assert text.startswith("# the street camera, tuned by edgeva tune")
+    assert "# agreement with every-frame inference" in text
 
 
 def test_reload_changes_a_model_query_and_rejects_bad_weights(street, tmp_path, monkeypatch):
@@ -289,20 +315,21 @@ def test_audits_tighten_only_when_confidently_lossy_and_relax_back(street):
                                      "task": {"type": "count", "classes": ["car"]},
                                      "filter": {"threshold": 0.01}}]}).queries[0]
     task = build_task(cfg.task, blob, "cars")
-    query = ModelQuery(cfg, StatsRegistry(), ResultHub(), _Port(), task, QueryFilter(cfg.filter))
+    query = ModelQuery(cfg, StatsRegistry(), ResultHub(), _Port(), task, QueryFilter(cfg.filter, target=0.9))
     reference = _Inference(0, value={"car": 2}, done=True)
+    retunes = lambda: query.filter.stats()["retunes"]  # noqa: E731
     for _ in range(300):                                    # reuse always right: nothing changes
         query._audited(_Audit(reference), {"car": 2})
-    assert query.filter.threshold == 0.01 and query.retunes == 0
+    assert query.filter.threshold == 0.01 and retunes() == 0
     for wrong in range(1, 101):                             # reuse now often wrong: tighten
         query._audited(_Audit(reference), {"car": 6})
-        if query.retunes:
+        if retunes():
             break
-    assert 20 < wrong < 100                                 # once the window's mean is confidently low
-    assert query.filter.threshold == pytest.approx(0.007) and query.retunes == 1
+    assert 10 < wrong < 100                                 # once the window's mean is confidently low
+    assert query.filter.threshold == pytest.approx(0.007) and retunes() == 1
     for _ in range(300):                                    # right again: back to the configured value
         query._audited(_Audit(reference), {"car": 2})
-    assert query.filter.threshold == pytest.approx(0.01) and query.retunes == 2
+    assert query.filter.threshold == pytest.approx(0.01) and retunes() == 2
 
 
 def test_one_slow_first_batch_does_not_condemn_every_later_frame():
@@ -372,3 +399,47 @@ def test_a_rejected_reload_loads_nothing_it_keeps(street, tmp_path, monkeypatch)
     cfg.queries[1].task.classes = ["car"]
     planned = pool.plan(cfg)
     assert set(planned.models) == {"yolov8n@init", "yolov8s@init"} and pool.models == {}   # planned, not kept
+
+
+def test_the_staleness_bound_holds_when_a_kept_frame_is_dropped(street):
+    """Frames waiting on a kept frame that is then dropped must not reuse a result older than the
+    bound: they are dropped with the same reason, and the next frame is inferred."""
+    from edgeva.config import parse_config
+    from edgeva.filtering import QueryFilter
+    from edgeva.query import FrameView, ModelQuery
+    from edgeva.results import ResultHub
+    from edgeva.stats import StatsRegistry
+
+    _, blob = street
+    submitted = []
+
+    class _Port:
+        key, model = "blob", blob
+
+        def submit(self, item, wait_s=0.0):
+            submitted.append(item)
+            return True
+
+    cfg = parse_config({"cameras": [{"id": "street", "source": "rtsp://x/y"}],
+                        "queries": [{"id": "cars", "camera": "street", "model": "yolov8n",
+                                     "task": {"type": "count", "classes": ["car"]},
+                                     "filter": {"threshold": 0.5, "max_age_s": 0.3, "audit_fraction": 0.0}}]}).queries[0]
+    task = build_task(cfg.task, blob, "cars")
+    stats = StatsRegistry()
+    query = ModelQuery(cfg, stats, ResultHub(), _Port(), task, QueryFilter(cfg.filter, fps=10.0))
+    image = np.zeros((90, 160, 3), np.uint8)
+    query.submit(FrameView(_frame("street", 0, image), fps=10.0))      # kept: first
+    query.complete(submitted[0], Detections.empty(), time.monotonic())
+    for seq in range(1, 4):                                             # reused, bound is 3 frames
+        query.submit(FrameView(_frame("street", seq, image), fps=10.0))
+    query.submit(FrameView(_frame("street", 4, image), fps=10.0))      # kept: stale
+    kept = submitted[-1]
+    for seq in range(5, 8):                                             # wait on frame 4's result
+        query.submit(FrameView(_frame("street", seq, image), fps=10.0))
+    query.dropped(kept, DropReason.DEADLINE)                            # ...which never comes
+    s = stats.snapshot()["queries"]["cars"]
+    # Frame 0's result is 5-7 frames old for frames 5-7: past the bound, so they are dropped.
+    assert s["reused"] == 3 and s["inferred"] == 1
+    assert s["dropped"] == {"deadline": 4}
+    query.submit(FrameView(_frame("street", 8, image), fps=10.0))
+    assert submitted[-1].frame.seq == 8                                # the next frame is inferred

@@ -13,6 +13,7 @@ import numpy as np
 from ..config import Config, TaskConfig, model_key  # the daemon's key: bundles are looked up by it
 from .. import models as zoo
 from ..models.base import ZooModel
+from ..recordings import playable
 from ..redaction import redact
 
 ModelBuilder = Callable[[str, Optional[str], bool, str], ZooModel]
@@ -59,6 +60,7 @@ def read_camera_frames(source: str, count: int, long_side: Optional[int], heldou
     """`count` frames spread evenly over the whole file (all of them when it has fewer); the last
     `heldout_fraction` of the clip's time, and at least `min_heldout` frames, is held out
     (neighbouring frames are near-copies, so an interleaved split would flatter)."""
+    source = playable(source)
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
         raise RuntimeError(f"cannot open camera source {redact(source)}")

@@ -2,9 +2,10 @@
 
 Surface for the daemon: `port(model_key, fallback)` returns an `OffloadPort` with the same
 `.key`, `.model` and `submit(item) -> bool` as a local ModelWorker, so a query can be routed
-to a tier without knowing it. `submit` returns False only when the tier(s) are out of credit
-(the query drops with queue-full, as for a full local queue); otherwise every accepted item
-gets exactly ONE callback on its owner, always from a client thread, never inside `submit`:
+to a tier without knowing it. `submit` always takes the item: when the tier(s) are out of
+credit it goes to the fallback (reason queue-full: with `fallback: local` it runs here, with
+`drop` it is dropped queue-full). Every item gets exactly ONE callback on its owner, always
+from a client thread, never inside `submit`:
   - `owner.complete_offloaded(item, output, finished_mono, tier)` if the owner has it, else
     `owner.complete(item, output, finished_mono)`; `item.context` is untouched;
   - or the fallback (`local_fallback(worker)` runs it locally, `drop_fallback` drops it with
@@ -46,7 +47,11 @@ Fallback = Callable[[WorkItem, DropReason], None]
 class LocalPort(Protocol):
     key: str
 
-    def submit(self, item: WorkItem) -> bool: ...
+    def submit(self, item: WorkItem, wait_s: float = 0.0) -> bool: ...
+
+
+# A batch item (no deadline: replay fast) waits this long for room in the local queue.
+BATCH_FALLBACK_WAIT_S = 3600.0
 
 
 def drop_fallback(item: WorkItem, reason: DropReason) -> None:
@@ -55,10 +60,11 @@ def drop_fallback(item: WorkItem, reason: DropReason) -> None:
 
 
 def local_fallback(local: LocalPort) -> Fallback:
-    """placement.fallback: local — run it on the local worker; a full local queue drops it."""
+    """placement.fallback: local — run it on the local worker; a full local queue drops it
+    (a batch item, without a deadline, waits for room instead)."""
 
     def run_locally(item: WorkItem, reason: DropReason) -> None:
-        if not local.submit(item):
+        if not local.submit(item, wait_s=0.0 if math.isfinite(item.deadline_mono) else BATCH_FALLBACK_WAIT_S):
             item.owner.dropped(item, DropReason.QUEUE_FULL)
 
     return run_locally
@@ -138,7 +144,8 @@ class _Router(Protocol):
 
     def accept_new(self, request: _Request) -> bool: ...
 
-    def failed(self, request: _Request, client: "OffloadClient", reason: DropReason, reroutable: bool) -> None: ...
+    def failed(self, request: _Request, client: Optional["OffloadClient"], reason: DropReason,
+               reroutable: bool) -> None: ...
 
 
 class OffloadPort:
@@ -161,11 +168,14 @@ class OffloadPort:
         self._router = router
 
     def submit(self, item: WorkItem, wait_s: float = 0.0) -> bool:
-        """Hand the item to the tier(s); False when out of credit for `wait_s`."""
+        """Hand the item to the tier(s). Out of credit for `wait_s` (a saturated tier, or a dead
+        one not yet marked down), it takes the fallback like a failed request (reason queue-full):
+        with `fallback: local` it runs here instead of being dropped."""
         give_up = time.monotonic() + wait_s
         while not self._router.accept_new(_Request(item, self)):
             if time.monotonic() >= give_up:
-                return False
+                self._router.failed(_Request(item, self), None, DropReason.QUEUE_FULL, reroutable=False)
+                return True
             time.sleep(0.005)
         return True
 
@@ -331,7 +341,8 @@ class OffloadClient:
             return True
         return self.try_accept(request)
 
-    def failed(self, request: _Request, client: "OffloadClient", reason: DropReason, reroutable: bool) -> None:
+    def failed(self, request: _Request, client: Optional["OffloadClient"], reason: DropReason,
+               reroutable: bool) -> None:
         self.callbacks.defer(lambda: self._give_up(request, reason))
 
     def _give_up(self, request: _Request, reason: DropReason) -> None:
@@ -705,8 +716,9 @@ class TierGroup:
             self.stats.out_of_credit += 1
         return False
 
-    def failed(self, request: _Request, client: OffloadClient, reason: DropReason, reroutable: bool) -> None:
-        if reroutable and time.monotonic() < request.item.deadline_mono:
+    def failed(self, request: _Request, client: Optional[OffloadClient], reason: DropReason,
+               reroutable: bool) -> None:
+        if reroutable and client is not None and time.monotonic() < request.item.deadline_mono:
             for other in self._candidates(exclude=request.tiers_tried):
                 if other.try_accept(request):
                     with self._lock:

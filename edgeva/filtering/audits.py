@@ -1,0 +1,116 @@
+"""Audits: the model runs on a random share of the frames the filter skipped, and the agreement
+of the reused result with what the model said is the filter's measured accuracy online.
+
+The share is sized for statistical power rather than fixed: enough audits that a fall of the
+query's overall agreement to `target - detect_drop` is detected within `detect_within_s`.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+Z_ALPHA = 1.645   # one-sided 5 % false alarm
+Z_POWER = 0.842   # 80 % power
+
+
+def wilson_lower_bound(successes: int, n: int, z: float = 1.96) -> float:
+    if n <= 0:
+        return 0.0
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = p + z * z / (2 * n)
+    margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - margin) / denom)
+
+
+@dataclass
+class AuditTracker:
+    """Agreement of reused results with what the model would have said, from random audits.
+
+    The query's accuracy target is a mean agreement, so the decisions use the mean of the last
+    `window` audits with a normal-approximation confidence interval: `needs_retune` when even
+    its upper end is below the target (confidently too lossy), `can_relax` when its lower end is
+    above the target plus a margin. `wilson_low` (share of audits that agreed fully, at
+    `agree_level`) is reported for operators.
+    """
+
+    window: int = 200
+    # Ten audits already tell a 0.67 from a 0.9 with the interval below; waiting for thirty let
+    # a short busy stretch pass unaudited.
+    min_samples: int = 10
+    agree_level: float = 0.999
+    z: float = 1.96
+    relax_margin: float = 0.02
+    total: int = 0
+    agreement_sum: float = 0.0
+    recent: deque = field(default_factory=deque)
+
+    def record(self, agreement: float) -> None:
+        self.total += 1
+        self.agreement_sum += agreement
+        self.recent.append(float(agreement))
+        while len(self.recent) > self.window:
+            self.recent.popleft()
+
+    def reset_window(self) -> None:
+        self.recent.clear()
+
+    @property
+    def mean_agreement(self) -> Optional[float]:
+        return self.agreement_sum / self.total if self.total else None
+
+    def wilson_low(self) -> Optional[float]:
+        if not self.recent:
+            return None
+        return wilson_lower_bound(sum(v >= self.agree_level for v in self.recent), len(self.recent), self.z)
+
+    def interval(self, reused_share: float = 1.0) -> Optional[tuple[float, float]]:
+        """(low, high) of the window's mean agreement; None below min_samples.
+
+        With `reused_share` < 1 the interval is of the query's overall agreement: inferred
+        frames agree fully, so overall = 1 - reused_share * (1 - mean audited agreement)."""
+        n = len(self.recent)
+        if n < self.min_samples:
+            return None
+        mean = sum(self.recent) / n
+        var = sum((v - mean) ** 2 for v in self.recent) / max(1, n - 1)
+        half = self.z * math.sqrt(var / n)
+        low, high = mean - half, mean + half
+        return 1 - reused_share * (1 - low), 1 - reused_share * (1 - high)
+
+    def needs_retune(self, target: float, reused_share: float = 1.0) -> bool:
+        bounds = self.interval(reused_share)
+        return bounds is not None and bounds[1] < target
+
+    def can_relax(self, target: float, reused_share: float = 1.0) -> bool:
+        bounds = self.interval(reused_share)
+        return bounds is not None and bounds[0] >= min(1.0, target + self.relax_margin)
+
+    def spread(self, prior: float = 0.3) -> float:
+        """Standard deviation of one audit's agreement (a prior until there are enough)."""
+        n = len(self.recent)
+        if n < self.min_samples:
+            return prior
+        mean = sum(self.recent) / n
+        return max(0.05, math.sqrt(sum((v - mean) ** 2 for v in self.recent) / (n - 1)))
+
+
+def audits_needed(spread: float, reused_share: float, detect_drop: float = 0.05) -> int:
+    """Audits for a one-sided test to see the overall agreement fall by `detect_drop` (5 % false
+    alarms, 80 % power). A drop of d overall is a drop of d / reused_share among reused frames."""
+    if reused_share <= 0:
+        return 0
+    effect = detect_drop / reused_share
+    return math.ceil(((Z_ALPHA + Z_POWER) * spread / effect) ** 2)
+
+
+def audit_fraction_for_power(spread: float, reused_share: float, reused_fps: float,
+                             detect_within_s: float = 180.0, detect_drop: float = 0.05,
+                             lowest: float = 0.005, highest: float = 0.25) -> float:
+    """The share of skipped frames to audit so that `audits_needed` arrive within `detect_within_s`."""
+    if reused_fps <= 0:
+        return highest
+    wanted = audits_needed(spread, reused_share, detect_drop) / (detect_within_s * reused_fps)
+    return min(highest, max(lowest, wanted))

@@ -1,0 +1,407 @@
+"""One query's keep/skip decisions, and how it learns them from its own camera.
+
+Per frame: compare with the query's last inferred frame (the change feature) and infer when the
+change exceeds the current threshold or the reused result reaches the staleness bound.
+
+Where the setting comes from (no hand knobs):
+- A query without a configured threshold first *calibrates*: it infers every frame for
+  `calibration_s`, then tunes (threshold, staleness bound) on that window with the model's own
+  results (edgeva.filtering.tuner) and stores the window as a profile.
+- Every `segment_s` the recent segment's key (its histogram of consecutive-frame differences) is
+  looked up among the profiles; the nearest profiles' setting applies to what follows, so busy
+  stretches infer more and quiet ones less. A segment farther from every profile than the
+  profiles' own pieces were is new: it is profiled the same way (a dense burst) and added.
+- A dense burst also comes every `recalibrate_s`, and at once when the audits say the target is
+  at risk; until that burst is tuned, every setting is tightened (and relaxed again, never past
+  the learned setting, when the audits show headroom).
+
+Decision rule: compare directly with the last inferred frame, not Reducto's cumulative sum of
+consecutive diffs. A slow change (drift, a creeping object) still grows the direct diff because
+the reference stays put, while per-frame sensor noise does not add up.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from edgeva.config import FilterConfig
+
+from .audits import AuditTracker, audit_fraction_for_power
+from .features import FEATURES, Differencer, FeatureName, Prepared
+from .profiles import ProfileTable, Setting, segment_key, tighten
+from .tuner import age_candidates, tune_features
+
+log = logging.getLogger("edgeva.filtering")
+
+KeepReason = str    # first, threshold, stale, disabled, untuned, resized, calibrate
+SkipReason = str    # below_threshold, audit
+
+DEFAULT_FPS = 25.0
+TIGHTEN = 0.7       # audits say too lossy: thresholds and bounds shrink by this factor
+LOWEST_FACTOR = 0.05
+# New-segment profiling starts at most once per this many calibration windows, so dense bursts
+# stay under a fifth of the frames however restless the camera.
+PROFILING_SPACING = 4
+POOLED_WINDOWS = 3          # a window is tuned together with its two nearest profiled windows
+SEGMENT_FEATURE = "pixel"   # segment keys: how much of the picture changes from frame to frame
+
+
+@dataclass(frozen=True)
+class _Tuned:
+    key: Any
+    setting: Setting
+    pieces: list
+    agreement: float
+    frames: list
+    values: list
+
+
+@dataclass
+class _TuningJob:
+    """Everything tuning one window needs, snapshotted: runs on any thread, touches no filter state."""
+
+    segments: list
+    values: list
+    agreement: Callable[[Any, Any], float]
+    target: float
+    differencer: Differencer
+    features: tuple
+    preferred: Optional[str]
+    longest: int
+    key: Any
+    pieces: list
+
+    def run(self) -> _Tuned:
+        try:
+            return self._tune()
+        except Exception:   # a bug in tuning must not leave the query calibrating for ever
+            log.exception("filter tuning failed; inferring every frame until the next profile")
+            return _Tuned(self.key, Setting(0.0, 0, "pixel"), self.pieces, 1.0, self.segments[0], self.values[0])
+
+    def _tune(self) -> _Tuned:
+        result = tune_features(self.segments, self.values, self.agreement, self.target, features=self.features,
+                               preferred=self.preferred, differencer=self.differencer, safety_margin="auto",
+                               segments=True, max_ages=age_candidates(self.longest))[0]
+        setting = (Setting(result.threshold, result.max_age, result.feature) if result.met_target
+                   else Setting(0.0, 0, result.feature))
+        return _Tuned(self.key, setting, self.pieces, result.agreement, self.segments[0], self.values[0])
+
+
+def run_inline(job: Callable[[], None]) -> None:
+    job()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    keep: bool                        # True: run the model on this frame
+    reason: str                       # KeepReason when kept, SkipReason when skipped
+    value: Optional[float]            # feature vs the last inferred frame (None without one)
+    skipped_since_inferred: int       # kept: reuses before this frame; skipped: incl. this one (= age_frames)
+    audit: bool = False               # skipped, but run the model anyway and record_audit() the agreement
+
+
+class _Window:
+    """A densely inferred stretch: its frames in order and the model's result on each."""
+
+    def __init__(self, frames_wanted: int) -> None:
+        self.frames_wanted = frames_wanted
+        self.frames: list[Prepared] = []
+        self.values: dict[int, Any] = {}      # id(prepared) -> result
+        self.waited = 0                        # frames seen since it filled, waiting for results
+
+    @property
+    def full(self) -> bool:
+        return len(self.frames) >= self.frames_wanted
+
+    def complete(self) -> bool:
+        return self.full and all(id(f) in self.values for f in self.frames)
+
+
+class QueryFilter:
+    """Keep/skip decisions for one query against its own last inferred frame."""
+
+    def __init__(self, cfg: FilterConfig, rng_seed: Optional[int] = None,
+                 differencer: Optional[Differencer] = None, audit: Optional[AuditTracker] = None,
+                 agreement: Optional[Callable[[Any, Any], float]] = None, target: float = 0.9,
+                 fps: Optional[float] = None, preferred_feature: Optional[FeatureName] = None,
+                 tune_runner: Callable[[Callable[[], None]], None] = run_inline) -> None:
+        self.cfg = cfg
+        self.differencer = differencer or Differencer(width=cfg.width)
+        self.audits = audit or AuditTracker()
+        self.agreement = agreement
+        self.target = target
+        self.preferred_feature = preferred_feature    # breaks ties between features (the task's default)
+        self.tune_runner = tune_runner
+        self._tuned: deque[_Tuned] = deque()          # finished tuning jobs, applied at the next decision
+        self._tuning = 0                              # jobs started and not yet applied
+        self.fps = fps or DEFAULT_FPS
+        self.profiles = ProfileTable()
+        self._rng = random.Random(rng_seed)
+        self._learned: Optional[Setting] = None       # from config, or the profiles' lookup
+        self._factor = 1.0                            # audits' tightening of the learned setting
+        if cfg.threshold is not None:
+            self._learned = Setting(cfg.threshold, self._configured_age(),
+                                    "area" if cfg.feature == "auto" else cfg.feature)
+        self._window: Optional[_Window] = None
+        if self._learned is None and agreement is not None and cfg.enabled:
+            self._window = _Window(self._frames_for(cfg.calibration_s))
+        self._reference: Optional[Prepared] = None
+        self._previous: Optional[Prepared] = None
+        self._segment: list[float] = []
+        self._since_profiled = 0
+        self._skipped = 0
+        self._kept: dict[str, int] = {}
+        self._reused: dict[str, int] = {}
+        self._max_age_seen = 0
+        self._retunes = 0
+        self._profiled = 0
+        self._novel = 0
+
+    # ------------------------------------------------------------- settings
+    def set_fps(self, fps: Optional[float]) -> None:
+        if fps and fps > 0:
+            self.fps = fps
+
+    def _frames_for(self, seconds: float) -> int:
+        return max(2, int(round(seconds * self.fps)))
+
+    def _age_cap(self) -> int:
+        cap = self._frames_for(self.cfg.max_age_s) if self.cfg.max_age_s is not None else 10 ** 9
+        if self.cfg.max_skip is not None:
+            cap = min(cap, self.cfg.max_skip)
+        return cap
+
+    def _configured_age(self) -> int:
+        if self.cfg.max_age_s is None and self.cfg.max_skip is None:
+            return self._frames_for(self.cfg.tuned_max_age_limit_s)
+        return self._age_cap()
+
+    @property
+    def setting(self) -> Optional[Setting]:
+        """What decides now: the learned setting, tightened by the audits."""
+        if self._learned is None:
+            return None
+        return tighten(self._learned, self._factor) if self._factor < 1.0 else self._learned
+
+    @property
+    def feature(self) -> str:
+        s = self.setting
+        return s.feature if s is not None else self.cfg.feature
+
+    @property
+    def threshold(self) -> Optional[float]:
+        s = self.setting
+        return None if s is None else s.threshold
+
+    @property
+    def calibrating(self) -> bool:
+        return self._window is not None
+
+    # ------------------------------------------------------------- decisions
+    def decide(self, prepared: Prepared) -> Decision:
+        if not self.cfg.enabled:
+            return self._keep("disabled", None)
+        self._track_segment(prepared)
+        if self._reference is None:
+            return self._keep("first", None, prepared)
+        if self._reference.gray.shape != prepared.gray.shape:
+            return self._keep("resized", None, prepared)   # the camera came back at another size or aspect
+        if self._tuned:
+            self._apply_tuned()
+        if self._window is not None or (self._learned is None and self._tuning):
+            return self._keep("calibrate", None, prepared)
+        setting = self.setting
+        if setting is None:
+            return self._keep("untuned", None)
+        value = self.differencer.feature(self._reference, prepared, setting.feature)
+        if math.isfinite(setting.threshold) and value > setting.threshold:
+            return self._keep("threshold", value)
+        if self._skipped >= setting.max_age:
+            return self._keep("stale", value)
+        self._skipped += 1
+        self._max_age_seen = max(self._max_age_seen, self._skipped)
+        audit = self._rng.random() < self.audit_fraction()
+        reason = "audit" if audit else "below_threshold"
+        self._reused[reason] = self._reused.get(reason, 0) + 1
+        return Decision(False, reason, value, self._skipped, audit)
+
+    def _keep(self, reason: str, value: Optional[float], prepared: Optional[Prepared] = None) -> Decision:
+        self._kept[reason] = self._kept.get(reason, 0) + 1
+        window = self._window
+        if window is not None and prepared is not None:
+            if not window.full:
+                window.frames.append(prepared)
+            else:
+                window.waited += 1
+                if window.waited > window.frames_wanted:   # results lost (dropped): tune on what came
+                    self._finish_window()
+        return Decision(True, reason, value, self._skipped)
+
+    def _track_segment(self, prepared: Prepared) -> None:
+        previous, self._previous = self._previous, prepared
+        if previous is None or previous.gray.shape != prepared.gray.shape:
+            return
+        self._segment.append(self.differencer.feature(previous, prepared, SEGMENT_FEATURE))
+        self._since_profiled += 1
+        if len(self._segment) >= self._frames_for(self.cfg.segment_s):
+            self._end_segment()
+
+    def _end_segment(self) -> None:
+        key = segment_key(self._segment)
+        self._segment = []
+        if self._window is not None or self.agreement is None:
+            return
+        if self._since_profiled >= self._frames_for(self.cfg.recalibrate_s):
+            self._start_window()
+            return
+        found = self.profiles.lookup(key)
+        if found is None:
+            return
+        if found.novel and self._since_profiled >= PROFILING_SPACING * self._frames_for(self.cfg.calibration_s):
+            self._novel += 1
+            self._start_window()
+        else:
+            self._learned = found.setting
+
+    def _start_window(self) -> None:
+        self._window = _Window(self._frames_for(self.cfg.calibration_s))
+
+    # ------------------------------------------------------------- results
+    def mark_inferred(self, prepared: Prepared) -> None:
+        """Call when the frame is kept: later skipped frames compare with it and reuse its result."""
+        self._reference = prepared
+        self._skipped = 0
+
+    def forget_reference(self) -> None:
+        """The kept frame never got a result (dropped): the next frame is inferred."""
+        self._reference = None
+        self._skipped = 0
+
+    def record_result(self, prepared: Prepared, value: Any) -> None:
+        """The model's result on a kept frame: calibration windows are tuned on these."""
+        window = self._window
+        if window is None:
+            return
+        window.values[id(prepared)] = value
+        if window.complete():
+            self._finish_window()
+
+    def _finish_window(self) -> None:
+        """Plan the tuning of the finished window (a pure job over a snapshot), run it through
+        `tune_runner` (inline, or on the daemon's tuner thread: it takes ~0.3-1 s and must not
+        hold up the model's callbacks), and apply its result at the next decision."""
+        window, self._window = self._window, None
+        self._since_profiled = 0
+        frames = [f for f in window.frames if id(f) in window.values]
+        if len(frames) < 2 or self.agreement is None:
+            return
+        values = [window.values[id(f)] for f in frames]
+        consecutive = [self.differencer.feature(a, b, SEGMENT_FEATURE) for a, b in zip(frames, frames[1:])]
+        key = segment_key(consecutive)
+        # Tune on this window pooled with the most similar windows profiled before: one short
+        # window holds few changes of the answer, and a setting fitted to those alone is noisy.
+        similar = self.profiles.nearest_windows(key, POOLED_WINDOWS - 1)
+        features = FEATURES if self.cfg.feature == "auto" else (self.cfg.feature,)
+        piece = self._frames_for(self.cfg.segment_s)
+        job = _TuningJob(
+            segments=[frames] + [p.frames for p in similar], values=[values] + [p.values for p in similar],
+            agreement=self.agreement, target=self.target, differencer=self.differencer,
+            features=tuple(f for f in features if f != "foreground" or frames[0].foreground is not None),
+            preferred=self.preferred_feature,
+            longest=min([self._age_cap(), self._frames_for(self.cfg.tuned_max_age_limit_s)]
+                        + [len(frames) - 1] + [len(p.frames) - 1 for p in similar]),
+            key=key, pieces=[segment_key(consecutive[k:k + piece]) for k in range(0, len(consecutive), piece)
+                             if len(consecutive[k:k + piece]) >= piece // 2])
+        self._tuning += 1
+        self.tune_runner(lambda: self._tuned.append(job.run()))
+        self._apply_tuned()
+
+    def _apply_tuned(self) -> None:
+        while self._tuned:
+            tuned = self._tuned.popleft()
+            self._tuning -= 1
+            self.profiles.add(tuned.key, tuned.setting, tuned.pieces, tuned.agreement, tuned.frames, tuned.values)
+            self._learned = tuned.setting
+            self._factor = 1.0
+            self.audits.reset_window()
+            self._profiled += 1
+
+    # ------------------------------------------------------------- audits
+    def reused_share(self) -> float:
+        """Share of decided frames that reused a result (1 before any: audits speak for all)."""
+        kept = sum(self._kept.values())
+        reused = sum(self._reused.values())
+        return reused / (kept + reused) if kept + reused else 1.0
+
+    def audit_fraction(self) -> float:
+        if self.cfg.audit_fraction is not None:
+            return self.cfg.audit_fraction
+        share = self.reused_share()
+        return audit_fraction_for_power(self.audits.spread(), share, share * self.fps)
+
+    def record_audit(self, agreed: float) -> Optional[str]:
+        """Record one audit; returns "tightened" or "relaxed" when the setting changed."""
+        self.audits.record(agreed)
+        share = self.reused_share()
+        if self.audits.needs_retune(self.target, share) and self._learned is not None:
+            self._factor = max(LOWEST_FACTOR, self._factor * TIGHTEN)
+            self.audits.reset_window()
+            self._retunes += 1
+            if self.agreement is not None and self._window is None:
+                self._start_window()
+            return "tightened"
+        if self._factor < 1.0 and self.audits.can_relax(self.target, share):
+            self._factor = min(1.0, self._factor / TIGHTEN)
+            self.audits.reset_window()
+            self._retunes += 1
+            return "relaxed"
+        return None
+
+    def set_threshold(self, threshold: Optional[float], feature: Optional[FeatureName] = None,
+                      max_age: Optional[int] = None) -> None:
+        """Apply a setting from outside (a tool); audits from the old setting no longer apply."""
+        current = self._learned
+        feature = feature or (current.feature if current else ("area" if self.cfg.feature == "auto" else self.cfg.feature))
+        self._learned = None if threshold is None else Setting(
+            threshold, max_age if max_age is not None else (current.max_age if current else self._configured_age()),
+            feature)
+        self._factor = 1.0
+        self.audits.reset_window()
+        self._retunes += 1
+
+    # ------------------------------------------------------------- views
+    def stats(self) -> dict[str, Any]:
+        kept = sum(self._kept.values())
+        reused = sum(self._reused.values())
+        setting = self.setting
+        return {
+            "feature": self.feature,
+            "threshold": None if setting is None or not math.isfinite(setting.threshold) else setting.threshold,
+            "max_age_frames": None if setting is None else setting.max_age,
+            "max_age_s": None if setting is None else round(setting.max_age / self.fps, 3),
+            "state": "off" if not self.cfg.enabled else "calibrating" if self._window is not None else
+                     "tuning" if self._tuning and self._learned is None else
+                     "untuned" if setting is None else "filtering",
+            "enabled": self.cfg.enabled,
+            "frames": kept + reused,
+            "kept": kept,
+            "reused": reused,
+            "kept_by_reason": dict(self._kept),
+            "reused_by_reason": dict(self._reused),
+            "reuse_fraction": reused / (kept + reused) if kept + reused else 0.0,
+            "longest_reuse_frames": self._max_age_seen,
+            "profiles": len(self.profiles),
+            "profiled_windows": self._profiled,
+            "novel_segments": self._novel,
+            "audit_fraction": round(self.audit_fraction(), 4) if self.cfg.enabled else 0.0,
+            "audited": self.audits.total,
+            "audited_agreement": self.audits.mean_agreement,
+            "audit_window": len(self.audits.recent),
+            "wilson_low": self.audits.wilson_low(),
+            "tighten_factor": round(self._factor, 4),
+            "retunes": self._retunes,
+        }

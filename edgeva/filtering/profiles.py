@@ -1,0 +1,126 @@
+"""What a query's filter learned about its camera: profiled segments and the setting that met
+the target on each (Reducto's hash table, learned online).
+
+A segment's key is a histogram of its consecutive-frame difference values (how much the scene
+moves, and how often); its label is the setting the tuner chose on it. A new segment gets the
+label of the profiled segments whose keys are nearest (distance-weighted), or is reported as new
+when it is farther from every profile than that profile's own pieces were from it, in which case
+the filter profiles it (infers it densely and tunes on it) and adds it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+KEY_BINS = 30
+_EDGES = np.concatenate([[0.0], np.geomspace(1e-4, 1.0, KEY_BINS - 1), [np.inf]])
+
+
+def segment_key(values: Sequence[float]) -> np.ndarray:
+    """Normalised 30-bin histogram (0, then log-spaced shares of a frame) of per-frame differences."""
+    hist, _ = np.histogram(np.asarray(values, dtype=np.float64), bins=_EDGES)
+    total = hist.sum()
+    return hist / total if total else hist.astype(np.float64)
+
+
+# Keys closer than this are the same activity level: every difference within a factor of ~2
+# (two log-spaced bins, each a factor of 10**(4/28) = 1.39). Without a floor, a perfectly still
+# profiled segment (all mass in one bin, radius 0) would make every later segment "new".
+SAME_LEVEL = 2.0 / KEY_BINS
+
+
+def activity(key: np.ndarray) -> float:
+    """Mean bin position of a key: higher is busier."""
+    return float((key * np.arange(len(key))).sum() / KEY_BINS)
+
+
+def key_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Earth mover's distance between two keys over bin positions (0..1): shifting all mass by
+    one bin costs 1/30, so nearby activity levels are near, unlike a bin-wise L1."""
+    return float(np.abs(np.cumsum(a - b)).sum() / KEY_BINS)
+
+
+@dataclass(frozen=True)
+class Setting:
+    threshold: float      # math.inf: only the staleness bound
+    max_age: int          # frames a result may be reused
+    feature: str = "area"  # the change feature the threshold applies to
+
+
+@dataclass
+class Profile:
+    key: np.ndarray
+    setting: Setting
+    radius: float         # how far the profiled segment's own pieces were from its key
+    agreement: float      # what the setting reached on it
+    frames: Optional[list] = None    # the profiled window itself (prepared frames), while kept
+    values: Optional[list] = None    # the model's result on each of them
+
+
+@dataclass(frozen=True)
+class Lookup:
+    setting: Setting
+    distance: float       # to the nearest profile
+    novel: bool           # farther than every profile's radius, and busier than the nearest
+
+
+class ProfileTable:
+    """Bounded set of profiles; the oldest goes when full."""
+
+    def __init__(self, capacity: int = 32, neighbours: int = 5, windows_kept: int = 8) -> None:
+        self.capacity = capacity
+        self.neighbours = neighbours
+        self.windows_kept = windows_kept     # profiles that keep their frames for pooled tuning
+        self.profiles: list[Profile] = []
+
+    def __len__(self) -> int:
+        return len(self.profiles)
+
+    def add(self, key: np.ndarray, setting: Setting, pieces: Sequence[np.ndarray], agreement: float,
+            frames: Optional[list] = None, values: Optional[list] = None) -> Profile:
+        radius = max(SAME_LEVEL, max((key_distance(key, p) for p in pieces), default=0.0))
+        profile = Profile(key, setting, radius, agreement, frames, values)
+        self.profiles.append(profile)
+        if len(self.profiles) > self.capacity:
+            self.profiles.pop(0)
+        for old in self.profiles[:-self.windows_kept]:
+            old.frames = old.values = None
+        return profile
+
+    def nearest_windows(self, key: np.ndarray, count: int) -> list[Profile]:
+        """The `count` profiles nearest to `key` that still keep their frames."""
+        kept = [p for p in self.profiles if p.frames is not None]
+        return sorted(kept, key=lambda p: key_distance(key, p.key))[:count]
+
+    def lookup(self, key: np.ndarray) -> Optional[Lookup]:
+        if not self.profiles:
+            return None
+        ranked = sorted(((key_distance(key, p.key), p) for p in self.profiles), key=lambda t: t[0])
+        nearest_d, nearest = ranked[0]
+        # New and busier than the nearest profile: its setting may be too lax. A segment quieter
+        # than every profile it resembles is left to the nearest setting (and the audits).
+        novel = all(d > p.radius for d, p in ranked) and activity(key) > activity(nearest.key)
+        near = ranked[:self.neighbours]
+        # Distance-weighted vote over the neighbours' settings; ties go to the one inferring more.
+        votes: dict[Setting, float] = {}
+        for d, p in near:
+            votes[p.setting] = votes.get(p.setting, 0.0) + 1.0 / max(d, 1e-6)
+        best = max(votes.items(), key=lambda kv: (kv[1], -kv[0].max_age, -_finite(kv[0].threshold)))[0]
+        return Lookup(best, nearest_d, novel)
+
+    def tighten_all(self, factor: float) -> None:
+        """Audits say the labels are too lax: every setting infers more."""
+        for p in self.profiles:
+            p.setting = tighten(p.setting, factor)
+
+
+def tighten(setting: Setting, factor: float) -> Setting:
+    threshold = setting.threshold * factor if math.isfinite(setting.threshold) else setting.threshold
+    return Setting(threshold, max(0, int(setting.max_age * factor)), setting.feature)
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 1e9

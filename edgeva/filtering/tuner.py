@@ -1,0 +1,295 @@
+"""Choosing a query's filter setting on a profiled segment: frames with the model's result on
+every one of them.
+
+A setting is a change threshold and a staleness bound (the most frames a result may be reused).
+Both are chosen together, by replaying the real keep/skip rule over the segment, as the one that
+infers the fewest frames while the agreement with the every-frame results stays at the target
+plus a margin. Because "no threshold, only the staleness bound" is among the settings, the
+choice is never worse on the segment than uniform sampling at the same staleness.
+
+The margin is not a constant: it is the standard error of the chosen setting's agreement
+across the segment's pieces, so a segment where agreement swings between pieces asks for more
+headroom than a steady one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .features import FEATURES, Differencer, FeatureName, FeatureVector, Prepared
+
+PairValue = Callable[[int, int], float]
+NO_THRESHOLD = math.inf    # only the staleness bound decides: uniform sampling
+
+
+@dataclass(frozen=True, slots=True)
+class CurvePoint:
+    threshold: float
+    max_age: int                  # frames a result may be reused
+    skip_fraction: float
+    agreement: float              # mean per-frame agreement with the every-frame reference
+    worst_window_agreement: float  # lowest mean over consecutive windows (default 30 frames)
+    uniform_agreement: float      # every-k sampling inferring as many frames: the baseline to beat
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    feature: FeatureName
+    threshold: Optional[float]    # None when no setting met the target: infer every frame
+    met_target: bool
+    target: float                 # the agreement required, margin included
+    skip_fraction: float
+    agreement: float
+    uniform_agreement: float
+    curve: tuple[CurvePoint, ...]
+    max_age: int = 0              # staleness bound chosen with the threshold (frames)
+    margin: float = 0.0
+
+
+def default_candidates() -> tuple[float, ...]:
+    """0 plus a geometric grid over the range the three features live in (shares of a frame)."""
+    return (0.0,) + tuple(float(x) for x in np.geomspace(1e-4, 0.5, 30))
+
+
+def age_candidates(longest: int) -> tuple[int, ...]:
+    """Staleness bounds from 1 frame to `longest`, roughly geometric (12 steps)."""
+    if longest <= 0:
+        return (0,)
+    return tuple(sorted({int(round(x)) for x in np.geomspace(1, longest, 12)}))
+
+
+def simulate_filter(pair_value: PairValue, n_frames: int, threshold: float, max_skip: int) -> list[int]:
+    """Replay the keep/skip rule; returns for each frame the index of the inferred frame whose
+    result it carries (itself when inferred)."""
+    source: list[int] = []
+    ref = -1
+    skipped = 0
+    for i in range(n_frames):
+        if ref < 0 or skipped >= max_skip or (threshold != NO_THRESHOLD and pair_value(ref, i) > threshold):
+            ref, skipped = i, 0
+        else:
+            skipped += 1
+        source.append(ref)
+    return source
+
+
+def uniform_sources(n_frames: int, n_inferred: int, phase: int = 0) -> list[int]:
+    """Every-k sampling with `n_inferred` evenly spaced inferred frames (the first included),
+    shifted by `phase` frames (frames before the first pick reuse frame 0)."""
+    if n_frames == 0:
+        return []
+    picks = np.unique(np.floor(np.linspace(0, n_frames, max(1, n_inferred), endpoint=False)).astype(int))
+    picks = np.unique(np.concatenate([[0], np.minimum(picks + phase, n_frames - 1)]))
+    return [int(picks[np.searchsorted(picks, i, side="right") - 1]) for i in range(n_frames)]
+
+
+class PairCache:
+    """Memoised pairwise features: candidate walks revisit the same (reference, frame) pairs."""
+
+    def __init__(self, frames: Sequence[Prepared], differencer: Differencer) -> None:
+        self.frames = frames
+        self.differencer = differencer
+        self._vectors: dict[tuple[int, int], FeatureVector] = {}
+
+    def value_fn(self, feature: FeatureName) -> PairValue:
+        def value(i: int, j: int) -> float:
+            vec = self._vectors.get((i, j))
+            if vec is None:
+                vec = self.differencer.features(self.frames[i], self.frames[j])
+                self._vectors[(i, j)] = vec
+            return vec.get(feature)
+        return value
+
+
+class _Scorer:
+    """Per-frame agreement of a replayed setting with the every-frame results (memoised)."""
+
+    def __init__(self, values: Sequence[Any], agreement: Callable[[Any, Any], float]) -> None:
+        self.values = values
+        self.agreement = agreement
+        self._memo: dict[tuple[int, int], float] = {}
+
+    def __call__(self, source: list[int]) -> np.ndarray:
+        out = np.ones(len(source))
+        for i, src in enumerate(source):
+            if i != src:
+                key = (i, src)
+                if key not in self._memo:
+                    self._memo[key] = float(self.agreement(self.values[i], self.values[src]))
+                out[i] = self._memo[key]
+        return out
+
+
+def _worst_window(scores: np.ndarray, window: int) -> float:
+    if not len(scores):
+        return 1.0
+    return float(min(scores[k:k + window].mean() for k in range(0, len(scores), window)))
+
+
+def piece_standard_error(scores: np.ndarray, pieces: int = 4) -> float:
+    """Standard error of the mean agreement, from the spread of its contiguous pieces (frames
+    next to each other are not independent, pieces of a segment nearly are)."""
+    if len(scores) < 2 * pieces:
+        return 0.0
+    means = [float(p.mean()) for p in np.array_split(scores, pieces)]
+    return float(np.std(means, ddof=1) / math.sqrt(pieces))
+
+
+Segment = tuple[Any, Sequence[Any]]   # (prepared frames or a PairValue, the model's result per frame)
+
+
+def tune_threshold(
+    frames: Sequence[Prepared] | PairValue,
+    reference_values: Sequence[Any],
+    agreement: Callable[[Any, Any], float],
+    target: float,
+    **kwargs: Any,
+) -> TuneResult:
+    """Pick the (threshold, staleness bound) for one feature on one profiled segment; see
+    `tune_segments`. `frames` is the segment (prepared frames) or a callable giving the feature
+    between frame i (reference) and frame j; `reference_values[i]` is the model's output on frame i."""
+    if not callable(frames) and len(frames) != len(reference_values):
+        raise ValueError(f"{len(frames)} frames but {len(reference_values)} reference values")
+    return tune_segments([(frames, reference_values)], agreement, target, **kwargs)
+
+
+def tune_segments(
+    segments: Sequence[Segment],
+    agreement: Callable[[Any, Any], float],
+    target: float,
+    *,
+    feature: FeatureName = "area",
+    max_skip: int = 30,
+    max_ages: Optional[Sequence[int]] = None,
+    candidates: Optional[Sequence[float]] = None,
+    safety_margin: float | str = 0.0,
+    window: int = 30,
+    differencer: Optional[Differencer] = None,
+    caches: Optional[Sequence[Optional[PairCache]]] = None,
+) -> TuneResult:
+    """Pick the (threshold, staleness bound) for `feature` that infers least while keeping agreement
+    over one or more profiled segments (each replayed on its own, their frames pooled).
+
+    Every setting is simulated with the real rule (reference = last inferred frame, staleness
+    bound); a skipped frame scores agreement(values[i], values[source]).
+
+    For each staleness bound, only thresholds such that they *and every smaller candidate* reach
+    the required agreement are trusted (an isolated lucky point above a failing one is not), as is
+    no threshold at all when even that passes. Among the trusted settings, the one inferring
+    fewest frames wins, preferring the lowest threshold and bound among near-ties. `max_ages`
+    defaults to just `max_skip`. `safety_margin="auto"` derives the margin from the data: the
+    standard error of the first choice's agreement across the segments (across four pieces of a
+    single segment). If no setting meets the target the result says threshold None (infer every
+    frame) and met_target False.
+    """
+    walks: list[tuple[PairValue, int, _Scorer]] = []
+    observed: list[float] = []
+    for k, (frames, values) in enumerate(segments):
+        if callable(frames):
+            pair_value = frames
+        else:
+            cache = caches[k] if caches is not None and caches[k] is not None else None
+            pair_value = (cache or PairCache(frames, differencer or Differencer())).value_fn(feature)
+        walks.append((pair_value, len(values), _Scorer(values, agreement)))
+    ages = tuple(max_ages) if max_ages is not None else (max_skip,)
+    for pair_value, length, _ in walks:
+        lags = sorted({1, *(a for a in ages if a > 0)})
+        observed.extend(pair_value(i - lag, i) for i in range(length) for lag in lags if i - lag >= 0)
+    # How much change the segments showed between a frame and an earlier one: a threshold up
+    # to this was tested by them (changes that large came, and the agreement says whether they
+    # mattered); above it, it was not.
+    tested = float(np.percentile(observed, 95)) if observed else 0.0
+    n = sum(w[1] for w in walks)
+    grid = sorted(set(float(c) for c in (candidates if candidates is not None else default_candidates())))
+    grid.append(NO_THRESHOLD)
+
+    curve: list[CurvePoint] = []
+    per_point_scores: list[list[np.ndarray]] = []
+    for age in ages:
+        for thr in grid:
+            parts, uniform_parts, inferred = [], [], 0
+            for pair_value, length, score in walks:
+                source = simulate_filter(pair_value, length, thr, age)
+                seg_inferred = sum(1 for i, s in enumerate(source) if i == s)
+                inferred += seg_inferred
+                parts.append(score(source))
+                uniform_parts.append(score(uniform_sources(length, seg_inferred)))
+            scores = np.concatenate(parts) if parts else np.ones(0)
+            uniform = np.concatenate(uniform_parts) if uniform_parts else np.ones(0)
+            curve.append(CurvePoint(thr, age, 1.0 - inferred / n if n else 0.0,
+                                    float(scores.mean()) if n else 1.0, _worst_window(scores, window),
+                                    float(uniform.mean()) if n else 1.0))
+            per_point_scores.append(parts)
+
+    slack = max(1, n // 50) / n if n else 0.0
+
+    def choose(required: float) -> Optional[int]:
+        """The setting that skips most, then, among those within `slack` of it, the largest
+        threshold the segments tested (see `tested`), else the lowest: a threshold above every
+        change the segments showed is untested by them, and would miss the first change they lacked."""
+        meeting: list[int] = []
+        for age in ages:
+            ok = None
+            for k, point in enumerate(curve):
+                if point.max_age != age:
+                    continue
+                if point.agreement < required:
+                    break
+                ok = k
+            if ok is not None:
+                meeting.extend(k for k, p in enumerate(curve) if p.max_age == age and k <= ok)
+        if not meeting:
+            return None
+        most = max(curve[k].skip_fraction for k in meeting)
+        near = [k for k in meeting if curve[k].skip_fraction >= most - slack]
+        within = [k for k in near if curve[k].threshold <= tested]
+        if within:      # the largest tested threshold: changes that large did not hurt
+            return max(within, key=lambda k: (curve[k].threshold, -curve[k].max_age, curve[k].agreement))
+        return min(near, key=lambda k: (curve[k].threshold, curve[k].max_age, -curve[k].agreement))
+
+    margin = 0.0 if safety_margin == "auto" else float(safety_margin)
+    best = choose(target + margin)
+    if safety_margin == "auto" and best is not None:
+        parts = per_point_scores[best]
+        if len(parts) >= 2:
+            means = [float(p.mean()) for p in parts if len(p)]
+            margin = float(np.std(means, ddof=1) / math.sqrt(len(means))) if len(means) >= 2 else 0.0
+        else:
+            margin = piece_standard_error(parts[0])
+        best = choose(target + margin)
+    required = target + margin
+    if best is None:
+        return TuneResult(feature, None, False, required, 0.0, 1.0, 1.0, tuple(curve), 0, margin)
+    point = curve[best]
+    return TuneResult(feature, point.threshold, True, required, point.skip_fraction, point.agreement,
+                      point.uniform_agreement, tuple(curve), point.max_age, margin)
+
+
+def tune_features(
+    frames: Sequence[Prepared] | Sequence[Sequence[Prepared]],
+    reference_values: Sequence[Any],
+    agreement: Callable[[Any, Any], float],
+    target: float,
+    *,
+    features: Sequence[FeatureName] = FEATURES,
+    preferred: Optional[FeatureName] = None,
+    differencer: Optional[Differencer] = None,
+    segments: bool = False,
+    **kwargs: Any,
+) -> list[TuneResult]:
+    """Tune each feature on the same data (pair features computed once) and return the results
+    best first: meeting the target, then most skipped, then the preferred feature. With
+    `segments=True`, `frames` and `reference_values` are lists of segments."""
+    differencer = differencer or Differencer()
+    if not segments:
+        frames, reference_values = [frames], [reference_values]   # type: ignore[list-item]
+    if any(len(f) and getattr(f[0], "foreground", 0.0) is None for f in frames):
+        features = [f for f in features if f != "foreground"]     # not prepared by a SceneTracker
+    caches = [PairCache(f, differencer) for f in frames]
+    data = list(zip(frames, reference_values))
+    results = [tune_segments(data, agreement, target, feature=f, caches=caches, differencer=differencer,
+                             **kwargs) for f in features]
+    return sorted(results, key=lambda r: (not r.met_target, -r.skip_fraction, r.feature != preferred))

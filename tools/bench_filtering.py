@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""Frame filtering against the strongest simple baselines, on real clips, with the strict metric.
+
+For each clip and query (vehicle count car/bus/truck, person count, person presence; the real
+INT8 detector at confidence 0.3; target 0.9), every policy is replayed over the detector's cached
+every-frame outputs (tools/reference_cache.py) and scored with the task's own agreement:
+  (a) edgeva: the daemon's QueryFilter, run as a user would: no threshold configured (it
+      calibrates on the camera), or `--tuned-first-third` (settings tuned on the clip's first
+      third, as `edgeva tune` then `edgeva run` does); audit inferences count as inferences;
+  (b) uniform sampling: infer every k-th frame, averaged over the phase;
+  (c) motion-gated (Frigate-like): infer when any changed region exceeds a fixed area;
+  (d) the hindsight oracle: infer exactly when the reused answer would pull the running mean
+      agreement below the target.
+Reported per pair: inferences and agreement of (a), what (b) needs for the same agreement, the
+ratio, and (d)'s ratio. Plus a PNG of the curves.
+
+    .venv/bin/python tools/bench_filtering.py [--clips eval|tune] [--plot out/filter_curves.png]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+from edgeva.config import FilterConfig  # noqa: E402
+from edgeva.filtering import Differencer, QueryFilter, SceneTracker, default_feature  # noqa: E402
+from edgeva.models.tasks import CountTask, PresenceTask  # noqa: E402
+from reference_cache import SHARED, ClipReference, load_or_compute  # noqa: E402
+
+TARGET = 0.9
+CONFIDENCE = 0.3
+QUERIES: dict[str, tuple[type, list[str]]] = {
+    "vehicles": (CountTask, ["car", "bus", "truck"]),
+    "persons": (CountTask, ["person"]),
+    "person-present": (PresenceTask, ["person"]),
+}
+QUERY_TASK = {"vehicles": "count", "persons": "count", "person-present": "presence"}
+FRIGATE_THRESHOLD = 30        # Frigate's defaults: intensity change, and a contour area in a 100-px-high frame
+FRIGATE_CONTOUR_AREA = 10
+
+
+def query_values(ref: ClipReference, query: str) -> list[Any]:
+    task, classes = QUERIES[query]
+    ids = [ref.class_names.index(c) for c in classes]
+    out = []
+    for d in ref.detections:
+        confident = d.class_ids[d.scores >= CONFIDENCE]
+        if task is CountTask:
+            out.append({ref.class_names[i]: int((confident == i).sum()) for i in ids})
+        else:
+            out.append(bool(np.isin(confident, ids).any()))
+    return out
+
+
+def decode(clip: Path) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(clip))
+    frames = []
+    while True:
+        ok, image = cap.read()
+        if not ok:
+            break
+        frames.append(image)
+    cap.release()
+    return frames
+
+
+def mean_agreement(agree: Callable[[Any, Any], float], values: list[Any], source: list[int]) -> float:
+    return float(np.mean([agree(values[i], values[s]) for i, s in enumerate(source)]))
+
+
+@dataclass
+class Run:
+    inferences: int     # model runs whose result is the query's answer (calibration included)
+    agreement: float
+    audits: int = 0     # model runs that only checked a reused answer
+
+
+def run_edgeva(prepared, prepared_by, values, agree, fps: float, cfg: FilterConfig, preferred, seed: int = 0) -> Run:
+    """The daemon's QueryFilter over the clip, the model answering instantly from the cache."""
+    filt = QueryFilter(cfg, rng_seed=seed, differencer=prepared_by.differencer, agreement=agree,
+                       target=TARGET, fps=fps, preferred_feature=preferred)
+    ref = -1
+    inferences = audits = 0
+    total = 0.0
+    for i, p in enumerate(prepared):
+        decision = filt.decide(p)
+        if decision.keep or ref < 0:
+            filt.mark_inferred(p)
+            filt.record_result(p, values[i])
+            ref = i
+            inferences += 1
+        elif decision.audit:
+            audits += 1
+            filt.record_audit(agree(values[i], values[ref]))
+        total += agree(values[i], values[ref])
+    return Run(inferences, total / len(prepared), audits)
+
+
+def tuned_on_first_third(prepared, values, agree, fps: float, cfg: FilterConfig) -> FilterConfig:
+    """What `edgeva tune --seconds <a third of the clip> --write` puts into the config."""
+    from edgeva.config import parse_config
+    from edgeva.tuning import tune_query
+
+    third = len(prepared) // 3
+    q = parse_config({"cameras": [{"id": "c", "source": "rtsp://x/y"}],
+                      "queries": [{"id": "q", "camera": "c", "model": "yolov8n", "accuracy_target": TARGET,
+                                   "task": {"type": "count", "classes": ["car"]}}]}).queries[0]
+    tuned = tune_query(q, prepared[:third], values[:third], agree, fps, Differencer(width=cfg.width)).best
+    if tuned.threshold is None:
+        return replace(cfg, threshold=0.0, max_age_s=0.0, feature=tuned.feature)
+    return replace(cfg, threshold=tuned.threshold, max_age_s=tuned.max_age / fps, feature=tuned.feature)
+
+
+def uniform_curve(values, agree) -> list[tuple[float, float]]:
+    """(inferences, agreement) of every-k sampling, averaged over up to 8 phases per k."""
+    n = len(values)
+    points = []
+    for k in range(1, n + 1):
+        phases = sorted({int(p) for p in np.linspace(0, k - 1, min(k, 8))})
+        runs = []
+        for phase in phases:
+            source = [0 if i < phase else phase + ((i - phase) // k) * k for i in range(n)]
+            runs.append(mean_agreement(agree, values, source))
+        inferred = np.mean([len(set([0] + list(range(ph, n, k)))) for ph in phases])
+        points.append((float(inferred), float(np.mean(runs))))
+        if np.mean(runs) < 0.5 or k > 600:
+            break
+    return points
+
+
+def uniform_needs(curve, agreement: float) -> float:
+    """Fewest inferences with which uniform sampling reaches `agreement` (interpolated)."""
+    pts = sorted(curve)                      # by inferences, ascending
+    best = pts[-1][0]
+    for (n0, a0), (n1, a1) in zip(pts, pts[1:]):
+        if a1 >= agreement > a0:
+            best = min(best, n0 + (n1 - n0) * (agreement - a0) / (a1 - a0))
+    for n_, a_ in pts:
+        if a_ >= agreement:
+            best = min(best, n_)
+    return best
+
+
+def motion_gated_curve(frames, values, agree) -> list[tuple[float, float]]:
+    """Frigate-style: 100-px-high gray frame vs a running-average background; infer when any
+    motion contour exceeds an area (swept), else reuse."""
+    small = []
+    for f in frames:
+        h, w = f.shape[:2]
+        g = cv2.cvtColor(cv2.resize(f, (max(1, round(w * 100 / h)), 100), interpolation=cv2.INTER_NEAREST),
+                         cv2.COLOR_BGR2GRAY)
+        small.append(cv2.GaussianBlur(g, (3, 3), 0))
+    areas = [0.0]
+    bg = small[0].astype(np.float32)
+    for g in small[1:]:
+        mask = cv2.threshold(cv2.absdiff(cv2.convertScaleAbs(bg), g), FRIGATE_THRESHOLD, 255, cv2.THRESH_BINARY)[1]
+        mask = cv2.dilate(mask, None, iterations=2)
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        areas.append(max((cv2.contourArea(c) for c in contours), default=0.0))
+        cv2.accumulateWeighted(g.astype(np.float32), bg, 0.2 if areas[-1] == 0 else 0.01)
+    points = []
+    for area in sorted({FRIGATE_CONTOUR_AREA, *np.geomspace(1, 4000, 25)}):
+        source, ref = [], 0
+        for i, a in enumerate(areas):
+            if i == 0 or a > area:
+                ref = i
+            source.append(ref)
+        points.append((float(len(set(source))), mean_agreement(agree, values, source)))
+    return points
+
+
+def oracle(values, agree, target: float = TARGET) -> Run:
+    ref, total, inferred = 0, 0.0, 0
+    for i, v in enumerate(values):
+        a = agree(v, values[ref]) if i else 1.0
+        if i == 0 or (total + a) / (i + 1) < target:
+            ref, a = i, 1.0
+            inferred += 1
+        total += a
+    return Run(inferred, total / len(values))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clips", default="eval", help="eval, tune, or a folder of clips")
+    ap.add_argument("--tuned-first-third", action="store_true",
+                    help="(a) uses settings tuned on each clip's first third instead of calibrating online")
+    ap.add_argument("--plot", type=Path)
+    ap.add_argument("--calibration-s", type=float, default=FilterConfig.calibration_s)
+    args = ap.parse_args()
+    folder = SHARED / "videos" / args.clips if args.clips in ("eval", "tune") else Path(args.clips)
+    clips = sorted(p for p in folder.glob("*") if p.suffix in (".mp4", ".avi", ".mkv", ".mov"))
+    if not clips:
+        sys.exit(f"no clips in {folder}")
+    rows = []
+    curves: dict[str, dict[str, Any]] = {}
+    for clip in clips:
+        ref = load_or_compute(clip)
+        frames = decode(clip)[:len(ref)]
+        scene = SceneTracker(Differencer())
+        prepared = [scene.prepare(f) for f in frames]
+        for query, (task, _) in QUERIES.items():
+            values = query_values(ref, query)[:len(frames)]
+            agree = task.agreement
+            if all(agree(values[i], values[0]) == 1.0 for i in range(len(values))):
+                rows.append((clip.name, query, len(values), None))
+                continue
+            cfg = FilterConfig(calibration_s=args.calibration_s)
+            if args.tuned_first_third:
+                cfg = tuned_on_first_third(prepared, values, agree, ref.fps, cfg)
+            run = run_edgeva(prepared, scene, values, agree, ref.fps, cfg, default_feature(QUERY_TASK[query]))
+            uni = uniform_curve(values, agree)
+            need = uniform_needs(uni, run.agreement)
+            orc = oracle(values, agree)
+            orc_need = uniform_needs(uni, orc.agreement)
+            rows.append((clip.name, query, len(values), (run, need, orc, orc_need)))
+            curves[f"{clip.stem[:24]} {query}"] = {
+                "uniform": uni, "motion": motion_gated_curve(frames, values, agree),
+                "edgeva": (run.inferences, run.agreement), "oracle": (orc.inferences, orc.agreement),
+                "n": len(values)}
+            print(f"{clip.name[:34]:34} {query:15} edgeva {run.inferences:4d} (+{run.audits} audits) @ {run.agreement:.3f}  "
+                  f"uniform needs {need:6.1f}  ratio {run.inferences / need:.2f}  "
+                  f"oracle {orc.inferences}/{orc_need:.0f} = {orc.inferences / orc_need:.2f}", flush=True)
+    _summary(rows)
+    if args.plot:
+        _plot(curves, args.plot)
+
+
+def _summary(rows) -> None:
+    changing = [r for r in rows if r[3] is not None]
+    print()
+    print("| clip | query | frames | edgeva inferences | + audits | agreement | uniform, same agreement | ratio | ratio with audits | oracle ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for clip, query, n, res in rows:
+        if res is None:
+            print(f"| {clip} | {query} | {n} | answer never changes | | | | | | |")
+            continue
+        run, need, orc, orc_need = res
+        print(f"| {clip} | {query} | {n} | {run.inferences} ({100 * run.inferences / n:.1f} %) | {run.audits} | "
+              f"{run.agreement:.3f} | {need:.0f} | {run.inferences / need:.2f} | "
+              f"{(run.inferences + run.audits) / need:.2f} | {orc.inferences / orc_need:.2f} |")
+    if changing:
+        total = sum(r[3][0].inferences for r in changing)
+        audits = sum(r[3][0].audits for r in changing)
+        total_uniform = sum(r[3][1] for r in changing)
+        total_oracle = sum(r[3][2].inferences for r in changing)
+        total_oracle_uniform = sum(r[3][3] for r in changing)
+        missed = [f"{r[0]}/{r[1]}" for r in changing if r[3][0].agreement < TARGET]
+        print(f"\nover the {len(changing)} pairs whose answer changes: edgeva {total} inferences (+{audits} audits), "
+              f"uniform at the same agreement {total_uniform:.0f} (ratio {total / total_uniform:.2f}, "
+              f"{(total + audits) / total_uniform:.2f} with audits); oracle ratio "
+              f"{total_oracle / total_oracle_uniform:.2f}; target {TARGET} missed on: {', '.join(missed) or 'none'}")
+
+
+def _plot(curves, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 3
+    rows = (len(curves) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (name, c) in zip(axes.flat, curves.items()):
+        n = c["n"]
+        for label, pts, style in (("uniform (phase-averaged)", c["uniform"], "-"), ("motion-gated", c["motion"], ":")):
+            pts = sorted(pts)
+            ax.plot([100 * p[0] / n for p in pts], [p[1] for p in pts], style, label=label)
+        ax.plot(100 * c["edgeva"][0] / n, c["edgeva"][1], "o", label="edgeva")
+        ax.plot(100 * c["oracle"][0] / n, c["oracle"][1], "*", markersize=10, label="oracle")
+        ax.axhline(TARGET, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_xscale("log")
+        ax.set_ylim(max(0.0, min(0.6, c["edgeva"][1] - 0.05)), 1.005)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("frames inferred (%)")
+        ax.set_ylabel("strict agreement")
+    for ax in list(axes.flat)[len(curves):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
