@@ -105,7 +105,7 @@ class ModelPool:
 
         for key, (i, q) in wanted.items():
             loaded = model_of(key)
-            if loaded is None or (key not in staged and loaded.input_size != _wanted_size(q, loaded)):
+            if loaded is None or (key not in staged and _resized(q, loaded)):
                 # not loaded yet, or loaded at another input size: a new model (the running one is untouched)
                 where = f"queries[{i}].weights" if q.weights else f"queries[{i}].model"
                 try:
@@ -317,12 +317,16 @@ def _probe(model: Any, where: str, query_id: str) -> None:
         raise ConfigError(where, f"query {query_id!r}: the model returned {len(outputs)} outputs for one frame")
 
 
-def _wanted_size(q: Any, loaded: Any) -> int:
-    """The input size the query asks for: its own, else what a fresh build of a torch model has
-    (an export keeps the size it was exported at)."""
+def _resized(q: Any, loaded: Any) -> bool:
+    """The query asks for another input size than the loaded model runs at: its own, else what a
+    fresh build of a torch model has (an export keeps the size it was exported at; a model
+    without a size has nothing to change)."""
+    have = getattr(loaded, "input_size", None)
+    if have is None:
+        return False
     if q.input_size is not None:
-        return q.input_size
-    return zoo.default_input_size(q.model) if getattr(loaded, "is_torch", False) else loaded.input_size
+        return have != q.input_size
+    return bool(getattr(loaded, "is_torch", False)) and have != zoo.default_input_size(q.model)
 
 
 def _check_bundle(cfg: Config, meta: dict[str, Any]) -> None:
