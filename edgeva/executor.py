@@ -16,7 +16,9 @@ from collections import deque
 from typing import Any, Callable, TypeVar
 
 from edgeva.messages import DropReason
-from edgeva.work import LatencyProfile, Predictor, WorkItem, deliver, drop_item, plan_batch, take
+from edgeva.work import (
+    LatencyProfile, Predictor, WorkItem, deliver, drop_item, plan_batch, predict_each_frame_once, take,
+)
 
 log = logging.getLogger("edgeva.executor")
 T = TypeVar("T")
@@ -133,7 +135,7 @@ class ModelWorker:
                 continue
             started = time.monotonic()
             try:
-                outputs = self.model.predict([item.frame.image for item in batch])
+                outputs, ran = predict_each_frame_once(self.model.predict, batch)
             except Exception:
                 log.exception("model %s failed on a batch of %d", self.key, len(batch))
                 for item in batch:
@@ -142,9 +144,9 @@ class ModelWorker:
             finished = time.monotonic()
             self._last_run_mono = finished
             if self.batches:   # the first call pays one-time set-up (allocator, kernels): not a profile sample
-                self.profile.observe(len(batch), finished - started)
+                self.profile.observe(ran, finished - started)
             self.batches += 1
-            self.frames += len(batch)
+            self.frames += ran
             self.busy_s += finished - started
             self.batch_sizes.append(len(batch))
             deliver(self.key, batch, outputs, finished, drop_item)

@@ -27,7 +27,7 @@ from edgeva.memory import (DEFAULT_BANDWIDTH_BYTES_PER_S, DEFAULT_GROUP_MIN_BYTE
                            Granularity, MemoryEvent, MemoryManager)
 from edgeva.messages import DropReason
 from edgeva.models.base import ZooModel
-from edgeva.work import BatchPlan, LatencyProfile, WorkItem, deliver, plan_batch, take
+from edgeva.work import BatchPlan, LatencyProfile, WorkItem, deliver, plan_batch, predict_each_frame_once, take
 
 log = logging.getLogger("edgeva.scheduler")
 T = TypeVar("T")
@@ -362,9 +362,9 @@ class SwapScheduler:
         return sorted(self._states, key=lambda k: (next_need(self._states[k]), k))
 
     def _execute(self, state: _ModelState, batch: list[WorkItem]) -> None:
-        images = [item.frame.image for item in batch]
         try:
-            outputs, timing = self.memory.run(state.key, lambda: state.model.predict(images))
+            (outputs, ran), timing = self.memory.run(
+                state.key, lambda: predict_each_frame_once(state.model.predict, batch))
         except Exception:
             log.exception("model %s failed on a batch of %d", state.key, len(batch))
             for item in batch:
@@ -373,10 +373,10 @@ class SwapScheduler:
         finished = self.clock()
         with self._cond:
             if state.last_run is not None:     # the first run pays one-time initialisation
-                state.profile.observe(len(batch), max(timing.run_s, 1e-6))
+                state.profile.observe(ran, max(timing.run_s, 1e-6))
             state.last_run = finished
             state.batches += 1
-            state.frames += len(batch)
+            state.frames += ran
             state.batch_sizes.append(len(batch))
             for item in batch[:len(outputs)]:   # the rest get no output: dropped with `error` below
                 within = finished <= item.deadline_mono

@@ -122,6 +122,30 @@ def take(queue: deque[WorkItem], plan: BatchPlan) -> None:
     queue.extend(kept)
 
 
+def predict_each_frame_once(predict: Callable[[list[Any]], Sequence[Any]],
+                            batch: Sequence[WorkItem]) -> tuple[list[Any], int]:
+    """Run the model once per distinct frame of the batch and give each item its frame's output,
+    in order; also returns how many images ran. Queries of one camera receive the same Frame
+    object, so a frame that several of them keep (or audit) on one model is inferred once. A
+    model returning too few outputs yields a short list: `deliver` drops the items past it."""
+    slot: dict[int, int] = {}
+    images: list[Any] = []
+    index: list[int] = []
+    for item in batch:
+        key = id(item.frame)
+        if key not in slot:
+            slot[key] = len(images)
+            images.append(item.frame.image)
+        index.append(slot[key])
+    distinct = predict(images)
+    outputs: list[Any] = []
+    for k in index:
+        if k >= len(distinct):
+            break
+        outputs.append(distinct[k])
+    return outputs, len(images)
+
+
 def deliver(model_key: str, batch: Sequence[WorkItem], outputs: Sequence[Any], finished_mono: float,
             drop: Callable[[WorkItem, DropReason], None]) -> list[WorkItem]:
     """Hand each item its output; an item the model returned no output for is dropped with

@@ -443,3 +443,32 @@ def test_the_staleness_bound_holds_when_a_kept_frame_is_dropped(street):
     assert s["dropped"] == {"deadline": 4}
     query.submit(FrameView(_frame("street", 8, image), fps=10.0))
     assert submitted[-1].frame.seq == 8                                # the next frame is inferred
+
+
+def test_a_frame_kept_by_several_queries_of_one_model_is_inferred_once():
+    class _Counting:
+        name = "counting"
+
+        def __init__(self):
+            self.images = 0
+
+        def predict(self, images):
+            self.images += len(images)
+            return [Detections.empty() for _ in images]
+
+    model = _Counting()
+    worker = ModelWorker("counting", model, max_batch=16, capacity=64)
+    owners = [_Owner(f"q{i}") for i in range(3)]
+    frames = [_frame("c", i) for i in range(4)]
+    for frame in frames:                        # three queries of one camera keep every frame
+        for owner in owners:                    # (queued before the worker starts: one batch of 12)
+            assert worker.submit(WorkItem(owner, frame, time.monotonic() + 30.0))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while sum(len(o.done) for o in owners) < 12 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        worker.stop()
+    assert [sorted(o.done) for o in owners] == [[0, 1, 2, 3]] * 3    # every query got every result
+    assert model.images == 4                                           # the model saw each frame once
