@@ -65,3 +65,15 @@ def test_no_module_reads_another_modules_private_attributes():
             if node.attr not in own:
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: .{node.attr}")
     assert not offenders, "private attributes read across modules:\n" + "\n".join(offenders)
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or through others, at module level or inside a
+    function (a function-level import that dodges a cycle is still a cycle). A package and its
+    own submodules are exempt: the package re-exports them."""
+    import grimp
+
+    graph = grimp.build_graph("edgeva")
+    cycles = [f"{a} -> {b}" for a in sorted(graph.modules) for b in sorted(graph.find_modules_directly_imported_by(a))
+              if not (a.startswith(b + ".") or b.startswith(a + ".")) and graph.chain_exists(importer=b, imported=a)]
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
