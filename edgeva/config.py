@@ -99,7 +99,7 @@ class TaskConfig:
 @dataclass
 class FilterConfig:
     enabled: bool = True
-    feature: Literal["pixel", "area", "edge"] = "area"
+    feature: Literal["auto", "pixel", "area", "edge", "foreground"] = "auto"   # auto: the tuner picks
     threshold: Optional[float] = None    # None: calibrate on the camera (infer densely, tune, then filter)
     max_age_s: Optional[float] = None    # staleness bound; None: chosen by the tuner (at most tuned_max_age_limit_s)
     max_skip: Optional[int] = None       # optional hard cap on reuses in frames (older configs)

@@ -265,7 +265,7 @@ class Daemon:
     def _build_query(self, q: QueryConfig, backpressure: bool = False) -> QueryRuntime:
         if q.task.type == "passthrough":
             return PassthroughQuery(q, self.stats, self.hub)
-        from edgeva.filtering import QueryFilter
+        from edgeva.filtering import QueryFilter, default_feature
         from edgeva.models.tasks import build_task
 
         worker = self.models.port(model_key(q))
@@ -275,7 +275,8 @@ class Daemon:
         if not route.local:
             worker = self._offload_port(q, route, worker)
         query_filter = QueryFilter(q.filter, rng_seed=audit_seed(q.id), agreement=task.agreement,
-                                   target=q.accuracy_target) if q.filter.enabled else None
+                                   target=q.accuracy_target, preferred_feature=default_feature(q.task.type)
+                                   ) if q.filter.enabled else None
         runtime = ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
         self._announce_weights(q, model)
         return runtime

@@ -48,6 +48,7 @@ class CameraPipeline:
         self.buffer = FrameBuffer(cfg.buffer, on_drop=lambda frame: self._drop(frame, DropReason.BUFFER_FULL))
         self.reader = CameraReader(cfg, self.buffer, stats, on_undelivered=self._drop)
         self._stop = threading.Event()
+        self._scenes: dict = {}      # the camera's background per filter differencer (dispatcher thread only)
         self._dispatcher = threading.Thread(target=self._dispatch, name=f"dispatch-{cfg.id}", daemon=True)
 
     @property
@@ -108,7 +109,7 @@ class CameraPipeline:
             frame = self.buffer.get(timeout=0.2)
             if frame is None:
                 continue
-            view = FrameView(frame, fps=self.reader.fps)
+            view = FrameView(frame, fps=self.reader.fps, scenes=self._scenes)
             for query in self.queries:
                 try:
                     query.submit(view)

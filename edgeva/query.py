@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from edgeva.config import QueryConfig
-from edgeva.filtering import Decision, QueryFilter
+from edgeva.filtering import Decision, QueryFilter, SceneTracker
 from edgeva.messages import DropReason, Frame, Outcome, QueryResult
 from edgeva.results import ResultHub
 from edgeva.stats import QueryStats, StatsRegistry
@@ -33,18 +33,22 @@ def audit_seed(query_id: str) -> int:
 class FrameView:
     """One delivered frame plus what its camera's queries derive from it, computed once."""
 
-    __slots__ = ("frame", "fps", "_prepared")
+    __slots__ = ("frame", "fps", "_scenes", "_prepared")
 
-    def __init__(self, frame: Frame, fps: Optional[float] = None):
+    def __init__(self, frame: Frame, fps: Optional[float] = None, scenes: Optional[dict[Any, SceneTracker]] = None):
         self.frame = frame
         self.fps = fps                    # the camera's frame rate: staleness bounds are in seconds
+        self._scenes = scenes if scenes is not None else {}   # the camera's background per differencer
         self._prepared: dict[Any, Any] = {}
 
     def prepared(self, differencer: Any) -> Any:
         """The filter's downscaled frame for this differencer (shared by queries using the same one)."""
         p = self._prepared.get(differencer)
         if p is None:
-            p = self._prepared[differencer] = differencer.prepare(self.frame.image)
+            scene = self._scenes.get(differencer)
+            if scene is None:
+                scene = self._scenes[differencer] = SceneTracker(differencer)
+            p = self._prepared[differencer] = scene.prepare(self.frame.image)
         return p
 
 

@@ -21,7 +21,9 @@ import numpy as np
 import yaml
 
 from edgeva.config import Config, QueryConfig, is_file_source
-from edgeva.filtering import Differencer, TuneResult, age_candidates, default_feature, tune_features
+from edgeva.filtering import (
+    FEATURES, Differencer, SceneTracker, TuneResult, age_candidates, default_feature, tune_features,
+)
 from edgeva.recordings import playable
 from edgeva.redaction import redact
 
@@ -81,7 +83,7 @@ class _QueryProfile:
     cfg: QueryConfig
     model: Any
     task: Any
-    differencer: Differencer
+    scene: SceneTracker
     prepared: list[Any]
     values: list[Any]
 
@@ -93,8 +95,10 @@ def tune_query(q: QueryConfig, prepared: list[Any], values: list[Any], agreement
         longest = min(longest, int(round(q.filter.max_age_s * fps)))
     if q.filter.max_skip is not None:
         longest = min(longest, q.filter.max_skip)
-    results = tune_features(prepared, values, agreement, q.accuracy_target,
-                            features=tuple(features or ("pixel", "area", "edge")),
+    if features is None:
+        features = [q.filter.feature] if q.filter.feature != "auto" else list(FEATURES)
+    features = [f for f in features if f != "foreground" or (prepared and prepared[0].foreground is not None)]
+    results = tune_features(prepared, values, agreement, q.accuracy_target, features=tuple(features),
                             preferred=default_feature(q.task.type), differencer=differencer,
                             max_ages=age_candidates(max(0, longest)), safety_margin="auto")
     return QueryTuning(q.id, q.camera, len(prepared), results[0], results[1:], fps)
@@ -117,7 +121,7 @@ def tune_config(cfg: Config, seconds: float, start_s: float = 0.0,
             if key not in models:
                 models[key] = build_model(q.model, q.weights, q.download, cfg.gpu.device)
             profiles.append(_QueryProfile(q, models[key], build_task(q.task, models[key], q.id),
-                                          Differencer(width=q.filter.width), [], []))
+                                          SceneTracker(Differencer(width=q.filter.width)), [], []))
         fps, frames = iter_segment(cam.source, seconds, start_s)
         pending: list[np.ndarray] = []
         for image in _with_end(frames):
@@ -128,7 +132,7 @@ def tune_config(cfg: Config, seconds: float, start_s: float = 0.0,
                 pending = []
         log.info("camera %s: %d profiling frames", cam.id, len(profiles[0].values))
         for p in profiles:
-            yield tune_query(p.cfg, p.prepared, p.values, p.task.agreement, fps, p.differencer)
+            yield tune_query(p.cfg, p.prepared, p.values, p.task.agreement, fps, p.scene.differencer)
 
 
 def _with_end(frames: Iterator[np.ndarray]) -> Iterator[Optional[np.ndarray]]:
@@ -143,7 +147,7 @@ def _profile_batch(profiles: list[_QueryProfile], images: list[np.ndarray]) -> N
         if id(p.model) not in outputs:
             outputs[id(p.model)] = p.model.predict(images)
         p.values.extend(p.task.value(out) for out in outputs[id(p.model)])
-        p.prepared.extend(p.differencer.prepare(image) for image in images)
+        p.prepared.extend(p.scene.prepare(image) for image in images)
 
 
 def write_thresholds(config_path: str, tunings: list[QueryTuning]) -> Path:

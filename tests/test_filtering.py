@@ -10,8 +10,9 @@ import pytest
 
 from edgeva.config import FilterConfig
 from edgeva.filtering import (
-    AuditTracker, Differencer, QueryFilter, default_feature, simulate_filter, tune_features,
-    tune_threshold, wilson_lower_bound,
+    AuditTracker, Differencer, QueryFilter, SceneTracker, age_candidates, audit_fraction_for_power,
+    audits_needed, default_feature, simulate_filter, tune_features, tune_segments, tune_threshold,
+    wilson_lower_bound,
 )
 
 W, H = 320, 180
@@ -337,7 +338,7 @@ def test_tune_features_ranks_results(street_prepared):
     best = results[0]
     assert best.met_target
     assert all(best.skip_fraction >= r.skip_fraction for r in results if r.met_target)
-    assert default_feature("detect") == "edge" and default_feature("count") == "area"
+    assert default_feature("detect") == "edge" and default_feature("count") == "foreground"
 
 
 def test_tuner_on_the_shared_synthetic_street():
@@ -388,3 +389,105 @@ def test_a_camera_that_changes_size_keeps_its_filter_working():
     assert decision.keep and decision.reason == "resized"
     filt.mark_inferred(square)
     assert not filt.decide(d.prepare(np.zeros((480, 480, 3), np.uint8))).keep
+
+
+# ------------------------------------------------------------------ learning on the camera
+
+def test_scene_tracker_measures_foreground_and_ignores_brightness_shifts():
+    d = Differencer()
+    scene = SceneTracker(d)
+    bg = background(5)
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        quiet = scene.prepare(noisy(bg, rng))
+    assert quiet.foreground < 0.005
+    brighter = scene.prepare(noisy(bg, rng, shift=40.0))      # auto-exposure: the whole frame shifts
+    assert brighter.foreground < 0.01
+    with_car = bg.copy()
+    draw_car(with_car, 100, 60, w=60, h=40)
+    arrived = scene.prepare(noisy(with_car, rng))
+    assert arrived.foreground > 0.02                           # the car is not background
+    assert d.feature(quiet, arrived, "foreground") == pytest.approx(arrived.foreground - quiet.foreground)
+    for _ in range(120):                                       # a parked car becomes background
+        parked = scene.prepare(noisy(with_car, rng))
+    assert parked.foreground < 0.005
+    with pytest.raises(ValueError, match="SceneTracker"):
+        d.feature(d.prepare(bg), d.prepare(bg), "foreground")
+
+
+def test_tuner_considers_uniform_sampling_so_it_never_loses_to_it_on_the_segment():
+    # The change feature says nothing about the answer (noise), the answer changes every 6 frames:
+    # only the staleness bound can help, and the tuner must find it rather than infer every frame.
+    rng = np.random.default_rng(0)
+    n = 240
+    noise = rng.random((n, n))
+    values = [(i // 6) % 2 for i in range(n)]
+    agree = lambda a, b: float(a == b)   # noqa: E731
+    res = tune_threshold(lambda i, j: float(noise[i, j]), values, agree, 0.8,
+                         max_ages=age_candidates(30), candidates=[0.0, 0.5, 0.9])
+    assert res.met_target and math.isinf(res.threshold) and 1 <= res.max_age < 6
+    assert res.skip_fraction > 0.5 and res.agreement >= 0.8
+
+
+def test_tuning_pools_segments_without_reusing_across_them():
+    values_a, values_b = [0] * 50, [1] * 50
+    agree = lambda a, b: float(a == b)   # noqa: E731
+    still = lambda i, j: 0.0             # noqa: E731
+    res = tune_segments([(still, values_a), (still, values_b)], agree, 0.99, max_ages=[49])
+    # Each segment is replayed on its own: one inference each, nothing carried from a to b.
+    assert res.met_target and res.agreement == 1.0 and res.skip_fraction == pytest.approx(98 / 100)
+
+
+def test_audits_are_sized_to_see_a_five_point_drop_within_minutes():
+    assert audits_needed(0.3, 1.0) == math.ceil(((1.645 + 0.842) * 0.3 / 0.05) ** 2)
+    # Skipping less means a given overall drop is a larger drop among reused frames: fewer audits.
+    assert audits_needed(0.3, 0.5) < audits_needed(0.3, 0.9)
+    busy = audit_fraction_for_power(0.3, 0.9, reused_fps=0.9 * 25)
+    assert 0.005 <= busy <= 0.25
+    assert audit_fraction_for_power(0.3, 0.9, reused_fps=0.9 * 5) > busy   # slower camera: audit more of it
+
+
+def _calibrating_filter(fps=10.0, **cfg):
+    return QueryFilter(FilterConfig(**{"calibration_s": 3.0, "segment_s": 1.0, **cfg}), rng_seed=1,
+                       differencer=Differencer(), agreement=count_agreement, target=0.9, fps=fps,
+                       preferred_feature="foreground")
+
+
+def _replay(filt, frames, counts):
+    scene = SceneTracker(filt.differencer)
+    reasons, source, ref = [], [], -1
+    for i, image in enumerate(frames):
+        p = scene.prepare(image)
+        dec = filt.decide(p)
+        if dec.keep:
+            filt.mark_inferred(p)
+            filt.record_result(p, counts[i])
+            ref = i
+        elif dec.audit:
+            filt.record_audit(count_agreement(counts[i], counts[ref]))
+        reasons.append(dec.reason)
+        source.append(ref)
+    return reasons, source
+
+
+def test_a_query_without_a_threshold_calibrates_then_filters_and_meets_its_target():
+    frames, counts = street()
+    filt = _calibrating_filter()
+    reasons, source = _replay(filt, frames, counts)
+    assert reasons[0] == "first" and set(reasons[1:30]) == {"calibrate"}     # 3 s at 10 fps, inferred
+    assert filt.stats()["profiled_windows"] >= 1 and filt.setting is not None
+    skipped = sum(r in ("below_threshold", "audit") for r in reasons)
+    assert skipped > 0.4 * len(frames)
+    agreement = np.mean([count_agreement(counts[i], counts[s]) for i, s in enumerate(source)])
+    assert agreement >= 0.9
+
+
+def test_a_busier_scene_than_any_profiled_is_profiled_again():
+    frames, counts = street()
+    filt = _calibrating_filter(calibration_s=2.0)
+    # Long empty street first (the only profile is of a still scene), then the traffic.
+    still = [frames[0]] * 120
+    reasons, _ = _replay(filt, still + frames[100:], [0] * 120 + counts[100:])
+    s = filt.stats()
+    assert s["novel_segments"] >= 1 and s["profiled_windows"] >= 2
+    assert "calibrate" in reasons[140:]

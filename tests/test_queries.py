@@ -16,6 +16,7 @@ from edgeva.executor import ModelWorker
 from edgeva.work import LatencyProfile, WorkItem
 from edgeva.messages import DropReason, Frame
 from edgeva.filtering import Differencer
+from edgeva.models.outputs import Detections
 from edgeva.models.tasks import build_task
 from edgeva.sinks import read_results
 from edgeva.synthetic import PRESETS, render_background, write_clip
@@ -232,12 +233,13 @@ def test_tune_command_writes_thresholds_and_plots(street, tmp_path, monkeypatch)
     clip, model = street
     monkeypatch.setattr("edgeva.models.build_model", lambda *a, **k: model)
     cfg_path = tmp_path / "edgeva.yaml"
-    cfg_path.write_text(yaml.safe_dump({
+    cfg_path.write_text("# the street camera, tuned by edgeva tune\n" + yaml.safe_dump({
         "cameras": [{"id": "street", "source": str(clip)}],
         "queries": [{"id": "cars", "camera": "street", "model": "yolov8n", "accuracy_target": 0.9,
                      "task": {"type": "count", "classes": ["car"]}},
                     {"id": "any-car", "camera": "street", "model": "yolov8n", "accuracy_target": 0.95,
-                     "task": {"type": "presence", "classes": ["car"]}}]}))
+                     "task": {"type": "presence", "classes": ["car"]}}]}).replace(
+        "accuracy_target: 0.9\n", "accuracy_target: 0.9   # agreement with every-frame inference\n"))
     tunings = list(tune_config(load_config(cfg_path), seconds=100))
     assert [t.query for t in tunings] == ["cars", "any-car"]
     assert all(t.best.met_target and t.best.agreement >= t.best.target for t in tunings)
@@ -246,9 +248,14 @@ def test_tune_command_writes_thresholds_and_plots(street, tmp_path, monkeypatch)
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     write_thresholds(str(cfg_path), tunings)
     cfg = load_config(cfg_path)
-    assert cfg.queries[0].filter.threshold == pytest.approx(tunings[0].best.threshold, rel=1e-4)
+    best = tunings[0].best
+    assert cfg.queries[0].filter.threshold == pytest.approx(best.threshold, rel=1e-4)
+    assert cfg.queries[0].filter.max_age_s == pytest.approx(best.max_age / tunings[0].fps, abs=1e-3)
     assert cfg.queries[1].filter.feature == tunings[1].best.feature
     assert (tmp_path / "edgeva.yaml.bak").exists()
+    text = cfg_path.read_text()                       # the user's comments survive --write
+    assert text.startswith("# the street camera, tuned by edgeva tune")
+    assert "# agreement with every-frame inference" in text
 
 
 def test_reload_changes_a_model_query_and_rejects_bad_weights(street, tmp_path, monkeypatch):
@@ -392,3 +399,47 @@ def test_a_rejected_reload_loads_nothing_it_keeps(street, tmp_path, monkeypatch)
     cfg.queries[1].task.classes = ["car"]
     planned = pool.plan(cfg)
     assert set(planned.models) == {"yolov8n@init", "yolov8s@init"} and pool.models == {}   # planned, not kept
+
+
+def test_the_staleness_bound_holds_when_a_kept_frame_is_dropped(street):
+    """Frames waiting on a kept frame that is then dropped must not reuse a result older than the
+    bound: they are dropped with the same reason, and the next frame is inferred."""
+    from edgeva.config import parse_config
+    from edgeva.filtering import QueryFilter
+    from edgeva.query import FrameView, ModelQuery
+    from edgeva.results import ResultHub
+    from edgeva.stats import StatsRegistry
+
+    _, blob = street
+    submitted = []
+
+    class _Port:
+        key, model = "blob", blob
+
+        def submit(self, item, wait_s=0.0):
+            submitted.append(item)
+            return True
+
+    cfg = parse_config({"cameras": [{"id": "street", "source": "rtsp://x/y"}],
+                        "queries": [{"id": "cars", "camera": "street", "model": "yolov8n",
+                                     "task": {"type": "count", "classes": ["car"]},
+                                     "filter": {"threshold": 0.5, "max_age_s": 0.3, "audit_fraction": 0.0}}]}).queries[0]
+    task = build_task(cfg.task, blob, "cars")
+    stats = StatsRegistry()
+    query = ModelQuery(cfg, stats, ResultHub(), _Port(), task, QueryFilter(cfg.filter, fps=10.0))
+    image = np.zeros((90, 160, 3), np.uint8)
+    query.submit(FrameView(_frame("street", 0, image), fps=10.0))      # kept: first
+    query.complete(submitted[0], Detections.empty(), time.monotonic())
+    for seq in range(1, 4):                                             # reused, bound is 3 frames
+        query.submit(FrameView(_frame("street", seq, image), fps=10.0))
+    query.submit(FrameView(_frame("street", 4, image), fps=10.0))      # kept: stale
+    kept = submitted[-1]
+    for seq in range(5, 8):                                             # wait on frame 4's result
+        query.submit(FrameView(_frame("street", seq, image), fps=10.0))
+    query.dropped(kept, DropReason.DEADLINE)                            # ...which never comes
+    s = stats.snapshot()["queries"]["cars"]
+    # Frame 0's result is 5-7 frames old for frames 5-7: past the bound, so they are dropped.
+    assert s["reused"] == 3 and s["inferred"] == 1
+    assert s["dropped"] == {"deadline": 4}
+    query.submit(FrameView(_frame("street", 8, image), fps=10.0))
+    assert submitted[-1].frame.seq == 8                                # the next frame is inferred

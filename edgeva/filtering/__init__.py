@@ -6,17 +6,17 @@ Skipped frames reuse the last result; a random share of them is audited (the mod
 so the filter's agreement with every-frame inference is measured online.
 """
 from .audits import AuditTracker, audit_fraction_for_power, audits_needed, wilson_lower_bound
-from .features import FEATURES, Differencer, FeatureName, FeatureVector, Prepared, default_feature
+from .features import FEATURES, Differencer, FeatureName, FeatureVector, Prepared, SceneTracker, default_feature
 from .policy import Decision, QueryFilter
 from .profiles import ProfileTable, Setting, segment_key
 from .tuner import (
     NO_THRESHOLD, CurvePoint, PairCache, TuneResult, age_candidates, default_candidates, simulate_filter,
-    tune_features, tune_threshold, uniform_sources,
+    tune_features, tune_segments, tune_threshold, uniform_sources,
 )
 
 __all__ = [
     "AuditTracker", "CurvePoint", "Decision", "Differencer", "FEATURES", "FeatureName", "FeatureVector",
-    "NO_THRESHOLD", "PairCache", "Prepared", "ProfileTable", "QueryFilter", "Setting", "TuneResult",
+    "NO_THRESHOLD", "PairCache", "Prepared", "ProfileTable", "QueryFilter", "SceneTracker", "Setting", "TuneResult",
     "age_candidates", "audit_fraction_for_power", "audits_needed", "default_candidates", "default_feature",
-    "segment_key", "simulate_filter", "tune_features", "tune_threshold", "uniform_sources", "wilson_lower_bound",
+    "segment_key", "simulate_filter", "tune_features", "tune_segments", "tune_threshold", "uniform_sources", "wilson_lower_bound",
 ]

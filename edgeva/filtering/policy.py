@@ -29,9 +29,9 @@ from typing import Any, Callable, Optional
 from edgeva.config import FilterConfig
 
 from .audits import AuditTracker, audit_fraction_for_power
-from .features import Differencer, FeatureName, Prepared
+from .features import FEATURES, Differencer, FeatureName, Prepared
 from .profiles import ProfileTable, Setting, segment_key, tighten
-from .tuner import age_candidates, tune_threshold
+from .tuner import age_candidates, tune_features
 
 KeepReason = str    # first, threshold, stale, disabled, untuned, resized, calibrate
 SkipReason = str    # below_threshold, audit
@@ -42,6 +42,8 @@ LOWEST_FACTOR = 0.05
 # New-segment profiling starts at most once per this many calibration windows, so dense bursts
 # stay under a fifth of the frames however restless the camera.
 PROFILING_SPACING = 4
+POOLED_WINDOWS = 3          # a window is tuned together with its two nearest profiled windows
+SEGMENT_FEATURE = "pixel"   # segment keys: how much of the picture changes from frame to frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,20 +78,21 @@ class QueryFilter:
     def __init__(self, cfg: FilterConfig, rng_seed: Optional[int] = None,
                  differencer: Optional[Differencer] = None, audit: Optional[AuditTracker] = None,
                  agreement: Optional[Callable[[Any, Any], float]] = None, target: float = 0.9,
-                 fps: Optional[float] = None) -> None:
+                 fps: Optional[float] = None, preferred_feature: Optional[FeatureName] = None) -> None:
         self.cfg = cfg
-        self.feature: FeatureName = cfg.feature
         self.differencer = differencer or Differencer(width=cfg.width)
         self.audits = audit or AuditTracker()
         self.agreement = agreement
         self.target = target
+        self.preferred_feature = preferred_feature    # breaks ties between features (the task's default)
         self.fps = fps or DEFAULT_FPS
         self.profiles = ProfileTable()
         self._rng = random.Random(rng_seed)
         self._learned: Optional[Setting] = None       # from config, or the profiles' lookup
         self._factor = 1.0                            # audits' tightening of the learned setting
         if cfg.threshold is not None:
-            self._learned = Setting(cfg.threshold, self._configured_age())
+            self._learned = Setting(cfg.threshold, self._configured_age(),
+                                    "area" if cfg.feature == "auto" else cfg.feature)
         self._window: Optional[_Window] = None
         if self._learned is None and agreement is not None and cfg.enabled:
             self._window = _Window(self._frames_for(cfg.calibration_s))
@@ -132,6 +135,11 @@ class QueryFilter:
         return tighten(self._learned, self._factor) if self._factor < 1.0 else self._learned
 
     @property
+    def feature(self) -> str:
+        s = self.setting
+        return s.feature if s is not None else self.cfg.feature
+
+    @property
     def threshold(self) -> Optional[float]:
         s = self.setting
         return None if s is None else s.threshold
@@ -151,10 +159,10 @@ class QueryFilter:
             return self._keep("resized", None, prepared)   # the camera came back at another size or aspect
         if self._window is not None:
             return self._keep("calibrate", None, prepared)
-        value = self.differencer.feature(self._reference, prepared, self.feature)
         setting = self.setting
         if setting is None:
-            return self._keep("untuned", value)
+            return self._keep("untuned", None)
+        value = self.differencer.feature(self._reference, prepared, setting.feature)
         if math.isfinite(setting.threshold) and value > setting.threshold:
             return self._keep("threshold", value)
         if self._skipped >= setting.max_age:
@@ -182,7 +190,7 @@ class QueryFilter:
         previous, self._previous = self._previous, prepared
         if previous is None or previous.gray.shape != prepared.gray.shape:
             return
-        self._segment.append(self.differencer.feature(previous, prepared, self.feature))
+        self._segment.append(self.differencer.feature(previous, prepared, SEGMENT_FEATURE))
         self._since_profiled += 1
         if len(self._segment) >= self._frames_for(self.cfg.segment_s):
             self._end_segment()
@@ -234,16 +242,27 @@ class QueryFilter:
         if len(frames) < 2 or self.agreement is None:
             return
         values = [window.values[id(f)] for f in frames]
-        result = tune_threshold(frames, values, self.agreement, self.target, feature=self.feature,
-                                max_ages=age_candidates(min(self._age_cap(), len(frames) - 1,
-                                                            self._frames_for(self.cfg.tuned_max_age_limit_s))),
-                                safety_margin="auto", differencer=self.differencer)
-        setting = Setting(result.threshold, result.max_age) if result.met_target else Setting(0.0, 0)
-        consecutive = [self.differencer.feature(a, b, self.feature) for a, b in zip(frames, frames[1:])]
+        consecutive = [self.differencer.feature(a, b, SEGMENT_FEATURE) for a, b in zip(frames, frames[1:])]
+        key = segment_key(consecutive)
+        # Tune on this window pooled with the most similar windows profiled before: one short
+        # window holds few changes of the answer, and a setting fitted to those alone is noisy.
+        similar = self.profiles.nearest_windows(key, POOLED_WINDOWS - 1)
+        segments = [frames] + [p.frames for p in similar]
+        segment_values = [values] + [p.values for p in similar]
+        features = FEATURES if self.cfg.feature == "auto" else (self.cfg.feature,)
+        features = tuple(f for f in features if f != "foreground" or frames[0].foreground is not None)
+        longest = min([self._age_cap(), self._frames_for(self.cfg.tuned_max_age_limit_s)]
+                      + [len(seg) - 1 for seg in segments])
+        result = tune_features(segments, segment_values, self.agreement, self.target, features=features,
+                               preferred=self.preferred_feature, differencer=self.differencer,
+                               safety_margin="auto", segments=True,
+                               max_ages=age_candidates(longest))[0]
+        setting = (Setting(result.threshold, result.max_age, result.feature) if result.met_target
+                   else Setting(0.0, 0, result.feature))
         piece = self._frames_for(self.cfg.segment_s)
         pieces = [segment_key(consecutive[k:k + piece]) for k in range(0, len(consecutive), piece)
                   if len(consecutive[k:k + piece]) >= piece // 2]
-        self.profiles.add(segment_key(consecutive), setting, pieces, result.agreement)
+        self.profiles.add(key, setting, pieces, result.agreement, frames, values)
         self._learned = setting
         self._factor = 1.0
         self.audits.reset_window()
@@ -283,11 +302,11 @@ class QueryFilter:
     def set_threshold(self, threshold: Optional[float], feature: Optional[FeatureName] = None,
                       max_age: Optional[int] = None) -> None:
         """Apply a setting from outside (a tool); audits from the old setting no longer apply."""
-        if feature is not None:
-            self.feature = feature
         current = self._learned
+        feature = feature or (current.feature if current else ("area" if self.cfg.feature == "auto" else self.cfg.feature))
         self._learned = None if threshold is None else Setting(
-            threshold, max_age if max_age is not None else (current.max_age if current else self._configured_age()))
+            threshold, max_age if max_age is not None else (current.max_age if current else self._configured_age()),
+            feature)
         self._factor = 1.0
         self.audits.reset_window()
         self._retunes += 1

@@ -47,6 +47,7 @@ def key_distance(a: np.ndarray, b: np.ndarray) -> float:
 class Setting:
     threshold: float      # math.inf: only the staleness bound
     max_age: int          # frames a result may be reused
+    feature: str = "area"  # the change feature the threshold applies to
 
 
 @dataclass
@@ -55,6 +56,8 @@ class Profile:
     setting: Setting
     radius: float         # how far the profiled segment's own pieces were from its key
     agreement: float      # what the setting reached on it
+    frames: Optional[list] = None    # the profiled window itself (prepared frames), while kept
+    values: Optional[list] = None    # the model's result on each of them
 
 
 @dataclass(frozen=True)
@@ -67,21 +70,30 @@ class Lookup:
 class ProfileTable:
     """Bounded set of profiles; the oldest goes when full."""
 
-    def __init__(self, capacity: int = 32, neighbours: int = 5) -> None:
+    def __init__(self, capacity: int = 32, neighbours: int = 5, windows_kept: int = 8) -> None:
         self.capacity = capacity
         self.neighbours = neighbours
+        self.windows_kept = windows_kept     # profiles that keep their frames for pooled tuning
         self.profiles: list[Profile] = []
 
     def __len__(self) -> int:
         return len(self.profiles)
 
-    def add(self, key: np.ndarray, setting: Setting, pieces: Sequence[np.ndarray], agreement: float) -> Profile:
+    def add(self, key: np.ndarray, setting: Setting, pieces: Sequence[np.ndarray], agreement: float,
+            frames: Optional[list] = None, values: Optional[list] = None) -> Profile:
         radius = max(SAME_LEVEL, max((key_distance(key, p) for p in pieces), default=0.0))
-        profile = Profile(key, setting, radius, agreement)
+        profile = Profile(key, setting, radius, agreement, frames, values)
         self.profiles.append(profile)
         if len(self.profiles) > self.capacity:
             self.profiles.pop(0)
+        for old in self.profiles[:-self.windows_kept]:
+            old.frames = old.values = None
         return profile
+
+    def nearest_windows(self, key: np.ndarray, count: int) -> list[Profile]:
+        """The `count` profiles nearest to `key` that still keep their frames."""
+        kept = [p for p in self.profiles if p.frames is not None]
+        return sorted(kept, key=lambda p: key_distance(key, p.key))[:count]
 
     def lookup(self, key: np.ndarray) -> Optional[Lookup]:
         if not self.profiles:
@@ -107,7 +119,7 @@ class ProfileTable:
 
 def tighten(setting: Setting, factor: float) -> Setting:
     threshold = setting.threshold * factor if math.isfinite(setting.threshold) else setting.threshold
-    return Setting(threshold, max(0, int(setting.max_age * factor)))
+    return Setting(threshold, max(0, int(setting.max_age * factor)), setting.feature)
 
 
 def _finite(x: float) -> float:

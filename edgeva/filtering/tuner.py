@@ -138,9 +138,26 @@ def piece_standard_error(scores: np.ndarray, pieces: int = 4) -> float:
     return float(np.std(means, ddof=1) / math.sqrt(pieces))
 
 
+Segment = tuple[Any, Sequence[Any]]   # (prepared frames or a PairValue, the model's result per frame)
+
+
 def tune_threshold(
     frames: Sequence[Prepared] | PairValue,
     reference_values: Sequence[Any],
+    agreement: Callable[[Any, Any], float],
+    target: float,
+    **kwargs: Any,
+) -> TuneResult:
+    """Pick the (threshold, staleness bound) for one feature on one profiled segment; see
+    `tune_segments`. `frames` is the segment (prepared frames) or a callable giving the feature
+    between frame i (reference) and frame j; `reference_values[i]` is the model's output on frame i."""
+    if not callable(frames) and len(frames) != len(reference_values):
+        raise ValueError(f"{len(frames)} frames but {len(reference_values)} reference values")
+    return tune_segments([(frames, reference_values)], agreement, target, **kwargs)
+
+
+def tune_segments(
+    segments: Sequence[Segment],
     agreement: Callable[[Any, Any], float],
     target: float,
     *,
@@ -151,53 +168,68 @@ def tune_threshold(
     safety_margin: float | str = 0.0,
     window: int = 30,
     differencer: Optional[Differencer] = None,
-    cache: Optional[PairCache] = None,
+    caches: Optional[Sequence[Optional[PairCache]]] = None,
 ) -> TuneResult:
-    """Pick the (threshold, staleness bound) for `feature` that infers least while keeping agreement.
+    """Pick the (threshold, staleness bound) for `feature` that infers least while keeping agreement
+    over one or more profiled segments (each replayed on its own, their frames pooled).
 
-    `frames` is the profiling segment (prepared frames) or a callable giving the feature between
-    frame i (reference) and frame j. `reference_values[i]` is the model's output on frame i.
     Every setting is simulated with the real rule (reference = last inferred frame, staleness
-    bound); a skipped frame scores agreement(reference_values[i], reference_values[source]).
+    bound); a skipped frame scores agreement(values[i], values[source]).
 
     For each staleness bound, only thresholds such that they *and every smaller candidate* reach
     the required agreement are trusted (an isolated lucky point above a failing one is not), as is
     no threshold at all when even that passes. Among the trusted settings, the one inferring
-    fewest frames wins, preferring the lowest threshold and bound among near-ties. `max_ages` defaults to just `max_skip`. `safety_margin="auto"`
-    derives the margin from the segment (piece_standard_error of the first choice). If no setting
-    meets the target the result says threshold None (infer every frame) and met_target False.
+    fewest frames wins, preferring the lowest threshold and bound among near-ties. `max_ages`
+    defaults to just `max_skip`. `safety_margin="auto"` derives the margin from the data: the
+    standard error of the first choice's agreement across the segments (across four pieces of a
+    single segment). If no setting meets the target the result says threshold None (infer every
+    frame) and met_target False.
     """
-    n = len(reference_values)
-    if callable(frames):
-        pair_value = frames
-    else:
-        if len(frames) != n:
-            raise ValueError(f"{len(frames)} frames but {n} reference values")
-        pair_value = (cache or PairCache(frames, differencer or Differencer())).value_fn(feature)
+    walks: list[tuple[PairValue, int, _Scorer]] = []
+    observed: list[float] = []
+    for k, (frames, values) in enumerate(segments):
+        if callable(frames):
+            pair_value = frames
+        else:
+            cache = caches[k] if caches is not None and caches[k] is not None else None
+            pair_value = (cache or PairCache(frames, differencer or Differencer())).value_fn(feature)
+        walks.append((pair_value, len(values), _Scorer(values, agreement)))
+    ages = tuple(max_ages) if max_ages is not None else (max_skip,)
+    for pair_value, length, _ in walks:
+        lags = sorted({1, *(a for a in ages if a > 0)})
+        observed.extend(pair_value(i - lag, i) for i in range(length) for lag in lags if i - lag >= 0)
+    # How much change the segments showed between a frame and an earlier one: a threshold up
+    # to this was tested by them (changes that large came, and the agreement says whether they
+    # mattered); above it, it was not.
+    tested = float(np.percentile(observed, 95)) if observed else 0.0
+    n = sum(w[1] for w in walks)
     grid = sorted(set(float(c) for c in (candidates if candidates is not None else default_candidates())))
     grid.append(NO_THRESHOLD)
-    ages = tuple(max_ages) if max_ages is not None else (max_skip,)
-    score = _Scorer(reference_values, agreement)
 
     curve: list[CurvePoint] = []
-    per_point_scores: list[np.ndarray] = []
+    per_point_scores: list[list[np.ndarray]] = []
     for age in ages:
         for thr in grid:
-            source = simulate_filter(pair_value, n, thr, age)
-            scores = score(source)
-            inferred = sum(1 for i, s in enumerate(source) if i == s)
-            uniform = score(uniform_sources(n, inferred))
+            parts, uniform_parts, inferred = [], [], 0
+            for pair_value, length, score in walks:
+                source = simulate_filter(pair_value, length, thr, age)
+                seg_inferred = sum(1 for i, s in enumerate(source) if i == s)
+                inferred += seg_inferred
+                parts.append(score(source))
+                uniform_parts.append(score(uniform_sources(length, seg_inferred)))
+            scores = np.concatenate(parts) if parts else np.ones(0)
+            uniform = np.concatenate(uniform_parts) if uniform_parts else np.ones(0)
             curve.append(CurvePoint(thr, age, 1.0 - inferred / n if n else 0.0,
                                     float(scores.mean()) if n else 1.0, _worst_window(scores, window),
                                     float(uniform.mean()) if n else 1.0))
-            per_point_scores.append(scores)
+            per_point_scores.append(parts)
 
     slack = max(1, n // 50) / n if n else 0.0
 
     def choose(required: float) -> Optional[int]:
-        """The setting that skips most, then, among those within `slack` of it, the one with
-        the lowest threshold and then the shortest bound: a threshold (or bound) larger than the
-        segment needed is untested by it, and would miss the first change the segment lacked."""
+        """The setting that skips most, then, among those within `slack` of it, the largest
+        threshold the segments tested (see `tested`), else the lowest: a threshold above every
+        change the segments showed is untested by them, and would miss the first change they lacked."""
         meeting: list[int] = []
         for age in ages:
             ok = None
@@ -213,12 +245,20 @@ def tune_threshold(
             return None
         most = max(curve[k].skip_fraction for k in meeting)
         near = [k for k in meeting if curve[k].skip_fraction >= most - slack]
+        within = [k for k in near if curve[k].threshold <= tested]
+        if within:      # the largest tested threshold: changes that large did not hurt
+            return max(within, key=lambda k: (curve[k].threshold, -curve[k].max_age, curve[k].agreement))
         return min(near, key=lambda k: (curve[k].threshold, curve[k].max_age, -curve[k].agreement))
 
     margin = 0.0 if safety_margin == "auto" else float(safety_margin)
     best = choose(target + margin)
     if safety_margin == "auto" and best is not None:
-        margin = piece_standard_error(per_point_scores[best])
+        parts = per_point_scores[best]
+        if len(parts) >= 2:
+            means = [float(p.mean()) for p in parts if len(p)]
+            margin = float(np.std(means, ddof=1) / math.sqrt(len(means))) if len(means) >= 2 else 0.0
+        else:
+            margin = piece_standard_error(parts[0])
         best = choose(target + margin)
     required = target + margin
     if best is None:
@@ -229,7 +269,7 @@ def tune_threshold(
 
 
 def tune_features(
-    frames: Sequence[Prepared],
+    frames: Sequence[Prepared] | Sequence[Sequence[Prepared]],
     reference_values: Sequence[Any],
     agreement: Callable[[Any, Any], float],
     target: float,
@@ -237,11 +277,19 @@ def tune_features(
     features: Sequence[FeatureName] = FEATURES,
     preferred: Optional[FeatureName] = None,
     differencer: Optional[Differencer] = None,
+    segments: bool = False,
     **kwargs: Any,
 ) -> list[TuneResult]:
-    """Tune each feature on the same segment (pair features computed once) and return the
-    results best first: meeting the target, then most skipped, then the preferred feature."""
-    cache = PairCache(frames, differencer or Differencer())
-    results = [tune_threshold(frames, reference_values, agreement, target, feature=f,
-                              cache=cache, **kwargs) for f in features]
+    """Tune each feature on the same data (pair features computed once) and return the results
+    best first: meeting the target, then most skipped, then the preferred feature. With
+    `segments=True`, `frames` and `reference_values` are lists of segments."""
+    differencer = differencer or Differencer()
+    if not segments:
+        frames, reference_values = [frames], [reference_values]   # type: ignore[list-item]
+    if any(len(f) and getattr(f[0], "foreground", 0.0) is None for f in frames):
+        features = [f for f in features if f != "foreground"]     # not prepared by a SceneTracker
+    caches = [PairCache(f, differencer) for f in frames]
+    data = list(zip(frames, reference_values))
+    results = [tune_segments(data, agreement, target, feature=f, caches=caches, differencer=differencer,
+                             **kwargs) for f in features]
     return sorted(results, key=lambda r: (not r.met_target, -r.skip_fraction, r.feature != preferred))
