@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("models", nargs="+", help="zoo names (torchvision classifiers)")
     profile.add_argument("--input", type=int, default=224, help="square input side")
     profile.add_argument("--repeats", type=int, default=5)
+    profile.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     profile.add_argument("-o", "--output", help="append the profiles to this YAML file (hierarchy 'models:' format)")
     profile.set_defaults(func=cmd_profile)
 
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _profile_yaml(name: str, prof, side: int) -> dict:
     """A measured profile in the hierarchy file's `models:` format (MB = 1e6 bytes, as the loader reads it)."""
     from edgeva.placement.model import MB as mb
-    return {"name": name, "source": f"edgeva profile on this machine, input {side}x{side}",
+    return {"name": name, "source": f"edgeva profile: {prof.source}",
             "split_points": [{"name": sp.name, "head_ms": round(sp.head_ms, 3), "tail_ms": round(sp.tail_ms, 3),
                               "activation_bytes": int(sp.activation_bytes),
                               "head_weight_mb": round(sp.head_weight_bytes / mb, 4),
@@ -210,17 +211,19 @@ def _profile_yaml(name: str, prof, side: int) -> dict:
 def cmd_profile(args: argparse.Namespace) -> int:
     import yaml
 
-    from edgeva.models import build_model
+    from edgeva.models import build_model, resolve_device
     from edgeva.placement import profile_model
 
+    device = resolve_device(args.device)
     profiles = []
     for name in args.models:
-        module = build_model(name).module
+        module = build_model(name, place=False).module
         if module is None:
             print(f"edgeva profile: {name} has no torch module to split", file=sys.stderr)
             return 1
         try:
-            prof = profile_model(module.eval(), (1, 3, args.input, args.input), repeats=args.repeats)
+            prof = profile_model(module.eval(), (1, 3, args.input, args.input), repeats=args.repeats,
+                                 device=device)
         except ValueError as exc:
             print(f"edgeva profile: {name}: {exc}", file=sys.stderr)
             return 1

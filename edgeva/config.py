@@ -63,6 +63,8 @@ class CameraConfig:
     open_timeout_s: float = 10.0
     read_timeout_s: float = 5.0
     enabled: bool = True
+    # auto: NVDEC when a CUDA device and torchcodec/PyNvVideoCodec are present, else OpenCV.
+    decode: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self, path: str) -> None:
         _identifier(self.id, f"{path}.id")
@@ -181,6 +183,10 @@ class GPUConfig:
     # Without CUDA the budget is enforced by edgeva's own accounting and host-to-device
     # copies are simulated at this bandwidth, so swapping behaves (and is testable) as on a GPU.
     simulated_bandwidth_gbps: float = 12.0
+    # Per model at load: reduced precision (autocast) is kept only when its outputs agree with
+    # float32 on calibration frames at least this well. auto: fp16 on CUDA, fp32 on the CPU.
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    precision_min_agreement: float = 0.98
 
     def validate(self, path: str) -> None:
         d = self.device
@@ -192,6 +198,8 @@ class GPUConfig:
         if self.max_batch < 1:
             raise ConfigError(f"{path}.max_batch", "must be >= 1")
         _positive(self.simulated_bandwidth_gbps, f"{path}.simulated_bandwidth_gbps")
+        if not 0.0 <= self.precision_min_agreement <= 1.0:
+            raise ConfigError(f"{path}.precision_min_agreement", "must be within [0, 1]")
 
 
 @dataclass

@@ -74,6 +74,7 @@ class Daemon:
         self.stats.sections["daemon"] = self._daemon_section
         self.stats.sections["models"] = self.models.stats
         self.stats.sections["memory"] = self.models.memory_stats
+        self.stats.sections["device"] = self.models.device_stats
         self.stats.sections["offload"] = self._offload_section
         self.stats.sections["results"] = self.hub.stats
         self._open_sinks()
@@ -300,6 +301,8 @@ class Daemon:
         fallback = local_fallback(local) if self.cfg.placement.fallback == "local" else drop_fallback
         split = self.splits.get(q.id)
         split_model, split_at = (split.model, split.index) if split is not None else (None, None)
+        if split_model is not None:      # the head runs inside the local executor (the memory manager's run)
+            split_model = split_model.running_in(local.call)
         log.info("query %s: %s", q.id, route.describe())
         return group.port(model_key(q), fallback, model=local.model, split_at=split_at,
                           split_model=split_model)

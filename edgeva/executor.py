@@ -13,12 +13,13 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from edgeva.messages import DropReason
 from edgeva.work import LatencyProfile, Predictor, WorkItem, deliver, drop_item, plan_batch, take
 
 log = logging.getLogger("edgeva.executor")
+T = TypeVar("T")
 
 
 class ModelWorker:
@@ -55,6 +56,10 @@ class ModelWorker:
         with self._cond:
             self.max_batch, self.capacity = max_batch, capacity
             self._cond.notify_all()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` with this model (e.g. a split head): its weights stay on the device."""
+        return fn()
 
     def submit(self, item: WorkItem, wait_s: float = 0.0) -> bool:
         """Queue an item, waiting up to `wait_s` for room; False when the queue stayed full

@@ -9,10 +9,17 @@ Units:
     in execution order. A forward pre-hook on the module waits until its block is loaded,
     so any nn.Module runs block by block unchanged while later blocks are still in transit.
 
-On CUDA the device copies are real (allocated by the loader on a copy stream from pinned
-host copies; execution waits on per-group CUDA events). On the CPU the "device" is edgeva's
-own accounting and a transfer takes bytes / bandwidth of simulated time (a sleep on the
-loader thread, so compute proceeds meanwhile), which makes everything testable here.
+This module is the policy: what is resident, what to evict, in which order to load and when
+execution must wait. How bytes move is a `TransferBackend` (`transfer.py`): real copies on
+CUDA (pinned host copies, a side stream, events), simulated on the CPU, so every policy
+behaviour is tested without a device.
+
+The manager is the only thing that puts a registered model's weights on the device: register
+models built on the host, and `close()` hands every tensor back as a plain host tensor.
+Registered modules run only inside `run` (a forward pre-hook refuses any other use).
+
+One module of ~700 lines: residency, eviction, load planning and the pipelined run share one
+lock and one set of slot states, and splitting them would spread that invariant over files.
 """
 from __future__ import annotations
 
@@ -26,6 +33,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 import torch
 from torch import nn
+
+from edgeva.gpu import nvml_device_stats  # noqa: F401  (re-exported: callers import it from here)
+from edgeva.transfer import SlotState, TensorOwner, TensorSlot, TransferBackend, make_backend
 
 log = logging.getLogger("edgeva.memory")
 
@@ -43,6 +53,11 @@ class BudgetExceededError(RuntimeError):
     """Resident bytes went over the budget: a bug in the manager, never expected."""
 
 
+class OutsideRunError(RuntimeError):
+    """A registered model's module ran outside `MemoryManager.run`: its weights may be on the
+    host or being rebound by an eviction (on CUDA: a device mismatch or a read of freed memory)."""
+
+
 class Granularity(str, enum.Enum):
     BLOCK = "block"      # evict single tensors (layers) by policy
     MODEL = "model"      # evict whole models (the classic time-sharing baseline)
@@ -51,42 +66,6 @@ class Granularity(str, enum.Enum):
 class EvictionPolicy(str, enum.Enum):
     BELADY = "belady"    # farthest next use in the upcoming schedule
     LRU = "lru"
-
-
-class SlotState(enum.Enum):
-    HOST = "host"
-    LOADING = "loading"
-    RESIDENT = "resident"
-
-
-@dataclass(frozen=True)
-class _TensorOwner:
-    """One place a slot's tensor is referenced from: module.<name>, as a view of the storage."""
-
-    module: nn.Module
-    name: str
-    is_param: bool
-    dtype: torch.dtype
-    offset: int
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-
-
-@dataclass(eq=False)
-class TensorSlot:
-    key: int
-    nbytes: int
-    owners: list[_TensorOwner] = field(default_factory=list)
-    users: set[tuple[str, int]] = field(default_factory=set)      # (model key, block index)
-    state: SlotState = SlotState.HOST
-    ready: threading.Event = field(default_factory=threading.Event)
-    last_used: float = 0.0
-    host_flat: Optional[torch.Tensor] = None     # CUDA only: pinned uint8 copy of the storage
-    device_flat: Optional[torch.Tensor] = None
-    cuda_ready: Any = None                       # CUDA only: event recorded after its copy
-
-    def models(self) -> set[str]:
-        return {m for m, _ in self.users}
 
 
 @dataclass(eq=False)
@@ -158,8 +137,12 @@ class _LoadJob:
     busy_s: float = 0.0
     started: Optional[float] = None
     ended: Optional[float] = None
-    cuda_start: Any = None
+    sent_bytes: int = 0
+    cuda_start: Any = None       # set by the CUDA backend
     cuda_end: Any = None
+
+    def slots(self) -> list[TensorSlot]:
+        return [s for g in self.groups for _, slots in g for s in slots]
 
 
 @dataclass
@@ -169,6 +152,7 @@ class _ActiveRun:
     job: Optional[_LoadJob]
     block_by_module: dict[int, Block]
     fired: list[int] = field(default_factory=list)
+    waited: set[int] = field(default_factory=set)    # slots made visible to this run's stream
     stall_before_s: float = 0.0     # waiting for the whole load before execution
     stall_inside_s: float = 0.0     # waits in pre-hooks during execution
 
@@ -203,16 +187,18 @@ class MemoryManager:
                  pipelined: bool = True,
                  group_min_bytes: int = DEFAULT_GROUP_MIN_BYTES,
                  listeners: Sequence[Callable[[MemoryEvent], None]] = (),
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 simulate_copies: bool = False,
+                 backend: Optional[TransferBackend] = None):
         if budget_bytes <= 0:
             raise ValueError(f"memory budget must be positive, got {budget_bytes} bytes")
         self.budget_bytes = int(budget_bytes)
-        self.device = torch.device(device)
-        self.on_cuda = self.device.type == "cuda"
-        if self.on_cuda and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device} requested but CUDA is not available")
         self.bandwidth_bytes_per_s = float(bandwidth_bytes_per_s)
         self.simulate_transfer = simulate_transfer
+        self.backend = backend if backend is not None else make_backend(
+            torch.device(device), self.bandwidth_bytes_per_s, simulate_transfer=simulate_transfer,
+            simulate_copies=simulate_copies, clock=clock)
+        self.device = self.backend.device
         self.granularity = Granularity(granularity)
         self.eviction = EvictionPolicy(eviction)
         self.pipelined = pipelined
@@ -222,7 +208,8 @@ class MemoryManager:
         self.resident_bytes = 0
         self.counters = _Counters()
         self._layouts: dict[str, ModelLayout] = {}
-        self._slots: dict[int, TensorSlot] = {}            # storage data_ptr -> slot
+        self._slots: list[TensorSlot] = []
+        self._slot_by_ptr: dict[int, TensorSlot] = {}      # data_ptr of a slot's host or device copy
         self._hooks: list[Any] = []
         self._hooked_modules: set[int] = set()
         self._upcoming: list[str] = []
@@ -231,10 +218,12 @@ class MemoryManager:
         self._active: Optional[_ActiveRun] = None
         self._jobs: "queue.Queue[Optional[_LoadJob]]" = queue.Queue()
         self._loader: Optional[threading.Thread] = None
-        self._measured_bandwidth: Optional[float] = None
-        if self.on_cuda:
-            self._copy_stream = torch.cuda.Stream(self.device)
-            self._compute_stream = torch.cuda.default_stream(self.device)
+        self._run_lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.backend.name == "cuda"
 
     # ------------------------------------------------------------------ registration
     def register(self, key: str, module: nn.Module) -> ModelLayout:
@@ -250,6 +239,9 @@ class MemoryManager:
                 f"{_mib(self.budget_bytes)}; raise gpu.memory_budget_mb to at least "
                 f"{size / 2**20:.1f} or drop the model")
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the memory manager is closed")
+            originals: dict[int, TensorSlot] = {}   # this module's storages as it was built
             blocks: list[Block] = []
             for name, mod in module.named_modules():
                 tensors = [(n, t, True) for n, t in mod.named_parameters(recurse=False)]
@@ -258,7 +250,7 @@ class MemoryManager:
                 for attr, tensor, is_param in tensors:
                     if tensor.numel() == 0:
                         continue
-                    slot = self._slot_for(mod, attr, tensor, is_param)
+                    slot = self._slot_for(mod, attr, tensor, is_param, originals)
                     slot.users.add((key, len(blocks)))
                     slots.setdefault(id(slot), slot)
                 if slots:
@@ -274,23 +266,21 @@ class MemoryManager:
                  _mib(self.budget_bytes))
         return layout
 
-    def _slot_for(self, mod: nn.Module, attr: str, tensor: torch.Tensor, is_param: bool) -> TensorSlot:
+    def _slot_for(self, mod: nn.Module, attr: str, tensor: torch.Tensor, is_param: bool,
+                  originals: dict[int, TensorSlot]) -> TensorSlot:
         storage = tensor.untyped_storage()
         ptr = storage.data_ptr()
-        slot = self._slots.get(ptr)
+        slot = self._slot_by_ptr.get(ptr) or originals.get(ptr)
         if slot is None:
             slot = TensorSlot(ptr, storage.nbytes())
-            self._slots[ptr] = slot
-            if self.on_cuda:
-                host = torch.empty(slot.nbytes, dtype=torch.uint8).pin_memory()
-                host.untyped_storage().copy_(storage)
-                slot.host_flat = host
-                self._slots[host.untyped_storage().data_ptr()] = slot
-        owner = _TensorOwner(mod, attr, is_param, tensor.dtype, tensor.storage_offset(),
-                             tuple(tensor.shape), tuple(tensor.stride()))
+            self.backend.adopt(slot, storage)
+            self._slots.append(slot)
+            originals[ptr] = slot     # other owners of this storage in the module still point at it
+            self._slot_by_ptr[slot.host.data_ptr()] = slot
+        owner = TensorOwner(mod, attr, is_param, tensor.dtype, tensor.storage_offset(),
+                            tuple(tensor.shape), tuple(tensor.stride()))
         slot.owners.append(owner)
-        if slot.host_flat is not None:
-            _rebind(owner, slot.host_flat)      # frees the device copy the model was built with
+        self.backend.attach(slot, owner)       # on CUDA: the built copy is freed once all are rebound
         return slot
 
     def _hook(self, mod: nn.Module) -> None:
@@ -305,7 +295,7 @@ class MemoryManager:
         return list(self._layouts)
 
     def total_registered_bytes(self) -> int:
-        return sum({id(s): s.nbytes for s in self._slots.values()}.values())
+        return sum(s.nbytes for s in self._slots)
 
     # ------------------------------------------------------------------ residency queries
     def missing_bytes(self, key: str) -> int:
@@ -320,12 +310,10 @@ class MemoryManager:
             return sum(s.nbytes for s in self._layouts[key].slots if s.state is not SlotState.HOST)
 
     def effective_bandwidth(self) -> float:
-        if self.on_cuda and self._measured_bandwidth:
-            return self._measured_bandwidth
-        return self.bandwidth_bytes_per_s
+        return getattr(self.backend, "measured_bandwidth", None) or self.bandwidth_bytes_per_s
 
     def predicted_load_s(self, key: str) -> float:
-        if not self.on_cuda and not self.simulate_transfer:
+        if self.backend.name == "none":
             return 0.0
         return self.missing_bytes(key) / self.effective_bandwidth()
 
@@ -366,8 +354,7 @@ class MemoryManager:
 
     def _eviction_groups(self, protected: set[int]) -> list[tuple[tuple, list[TensorSlot]]]:
         """(sort key: evict smallest first, tensors) for every evictable group."""
-        evictable = [s for s in {id(s): s for s in self._slots.values()}.values()
-                     if s.state is SlotState.RESIDENT and id(s) not in protected]
+        evictable = [s for s in self._slots if s.state is SlotState.RESIDENT and id(s) not in protected]
         position = {k: i for i, k in enumerate(self._upcoming)}
         never = len(position) + len(self._layouts)
         if self.granularity is Granularity.MODEL:
@@ -395,10 +382,8 @@ class MemoryManager:
                 continue
             s.state = SlotState.HOST
             s.ready.clear()
-            if self.on_cuda:
-                for owner in s.owners:
-                    _rebind(owner, s.host_flat)
-                s.device_flat, s.cuda_ready = None, None
+            self._unindex_device(s)
+            self.backend.evict(s)
             self.resident_bytes -= s.nbytes
             self.counters.evictions += 1
             self.counters.bytes_evicted += s.nbytes
@@ -410,19 +395,34 @@ class MemoryManager:
     # ------------------------------------------------------------------ running
     def run(self, key: str, fn: Callable[[], T]) -> tuple[T, RunTiming]:
         """Make `key` resident (evicting by policy), and call `fn` (which runs the model's
-        module) while its missing blocks stream in; block k's forward waits for block k."""
+        module) while its missing blocks stream in; block k's forward waits for block k.
+
+        Runs are serialised: another thread (a split model's head) may call it too."""
+        with self._run_lock:
+            if self._closed:
+                raise RuntimeError("the memory manager is closed")
+            return self._run(key, fn)
+
+    def _run(self, key: str, fn: Callable[[], T]) -> tuple[T, RunTiming]:
         layout = self._layouts[key]
         started = self.clock()
         job = self._reserve_and_load(layout)
         pipelined = self.pipelined and layout.learned
         active = _ActiveRun(threading.get_ident(), layout, job,
                             {id(b.module): b for b in layout.blocks})
+        loading = {id(s) for s in job.slots()} if job is not None else set()
+        for slot in layout.slots:
+            if id(slot) not in loading:      # loaded by an earlier job, maybe still copying
+                self._wait_visible(active, slot)
         if job is not None and not pipelined:
             active.stall_before_s += self._wait_job(job)
-        if self.on_cuda:
-            run_start = torch.cuda.Event(enable_timing=True)
-            run_end = torch.cuda.Event(enable_timing=True)
-            run_start.record(self._compute_stream)
+            # Every slot, not only those whose module's hook will fire: a parameter used by its
+            # parent's forward would otherwise be read before its copy finished.
+            for slot in job.slots():
+                self._wait_visible(active, slot)
+        run_clock = self.backend.run_clock()
+        if run_clock is not None:
+            run_clock.start()
         self._active = active
         fn_start = self.clock()
         try:
@@ -430,14 +430,13 @@ class MemoryManager:
         finally:
             self._active = None
         fn_end = self.clock()
-        if self.on_cuda:
-            run_end.record(self._compute_stream)
+        if run_clock is not None:
+            run_clock.stop()
         if job is not None:
             self._wait_job(job)        # normally done already: every block had to be ready
         if not layout.learned:
             self._learn_order(layout, active.fired)
-        timing = self._timing(job, active, started, fn_start, fn_end,
-                              (run_start, run_end) if self.on_cuda else None)
+        timing = self._timing(job, active, started, fn_start, fn_end, run_clock)
         with self._lock:
             now = self.clock()
             for s in layout.slots:
@@ -498,7 +497,8 @@ class MemoryManager:
     def _before_module(self, module: nn.Module, args: Any) -> None:
         active = self._active
         if active is None or active.thread_id != threading.get_ident():
-            return
+            raise OutsideRunError(f"{type(module).__name__} of a model under the memory budget ran outside "
+                                  f"MemoryManager.run; its weights may not be on the device")
         if module is active.layout.root and active.layout.wait_at_root:
             for index in sorted(active.layout.wait_at_root):
                 self._wait_block(active, active.layout.blocks[index])
@@ -518,8 +518,12 @@ class MemoryManager:
                         if not slot.ready.is_set():   # no load will ever fill it
                             raise RuntimeError(f"{active.layout.key}: a layer was never loaded")
                 active.stall_inside_s += self.clock() - waited_from
-            if self.on_cuda and slot.cuda_ready is not None:
-                torch.cuda.current_stream(self.device).wait_event(slot.cuda_ready)
+            self._wait_visible(active, slot)
+
+    def _wait_visible(self, active: _ActiveRun, slot: TensorSlot) -> None:
+        if id(slot) not in active.waited:
+            self.backend.wait(slot)
+            active.waited.add(id(slot))
 
     def _wait_job(self, job: _LoadJob) -> float:
         waited_from = self.clock()
@@ -544,22 +548,19 @@ class MemoryManager:
         layout.learned = True
 
     def _timing(self, job: Optional[_LoadJob], active: _ActiveRun, started: float, fn_start: float,
-                fn_end: float, cuda_run: Optional[tuple[Any, Any]]) -> RunTiming:
+                fn_end: float, run_clock: Any) -> RunTiming:
         wall = self.clock() - started
         if job is None:
-            return RunTiming(0.0, fn_end - fn_start, 0.0, 0.0, wall, 0)
-        nbytes = sum(s.nbytes for g in job.groups for _, slots in g for s in slots)
-        if cuda_run is not None and job.cuda_start is not None:
-            torch.cuda.synchronize(self.device)
-            run_start, run_end = cuda_run
-            load_s = job.cuda_start.elapsed_time(job.cuda_end) / 1e3
-            run_s = run_start.elapsed_time(run_end) / 1e3
+            run_s = run_clock.elapsed_s() if run_clock is not None else fn_end - fn_start
+            return RunTiming(0.0, run_s, 0.0, 0.0, wall, 0)
+        nbytes = sum(s.nbytes for s in job.slots())
+        device_load_s = self.backend.job_load_s(job)
+        run_from = run_clock.started_after_s(job) if run_clock is not None else None
+        if device_load_s is not None and run_from is not None:
+            run_s = run_clock.elapsed_s()
             # Both intervals measured from the copy's start: the overlap is their intersection.
-            run_from = job.cuda_start.elapsed_time(run_start) / 1e3
-            hidden = max(0.0, min(load_s, run_from + run_s) - max(0.0, run_from))
-            if load_s > 0:
-                self._measured_bandwidth = nbytes / load_s
-            return RunTiming(load_s, run_s, max(0.0, load_s - hidden), hidden, wall, nbytes)
+            hidden = max(0.0, min(device_load_s, run_from + run_s) - max(0.0, run_from))
+            return RunTiming(device_load_s, run_s, max(0.0, device_load_s - hidden), hidden, wall, nbytes)
         load_s = job.busy_s
         run_s = max(0.0, (fn_end - fn_start) - active.stall_inside_s)
         hidden = max(0.0, load_s - active.stall_s)
@@ -594,55 +595,39 @@ class MemoryManager:
                     for slot in slots:
                         if slot.state is SlotState.LOADING:
                             slot.state = SlotState.HOST
+                            self._unindex_device(slot)
+                            self.backend.evict(slot)
                             self.resident_bytes -= slot.nbytes
 
     def _load(self, job: _LoadJob) -> None:
         job.started = self.clock()
-        if self.on_cuda:
-            job.cuda_start = torch.cuda.Event(enable_timing=True)
-            job.cuda_end = torch.cuda.Event(enable_timing=True)
-            job.cuda_start.record(self._copy_stream)
-        sent = 0
+        self.backend.begin_job(job)
         for group in job.groups:
             group_start = self.clock()
-            nbytes = sum(s.nbytes for _, slots in group for s in slots)
-            if self.on_cuda:
-                self._copy_group(group)
-            elif self.simulate_transfer:
-                sent += nbytes
-                # Sleep to the cumulative deadline so sleep overshoot does not add up.
-                delay = job.started + sent / self.bandwidth_bytes_per_s - self.clock()
-                if delay > 0:
-                    time.sleep(delay)
+            slots = [s for _, ss in group for s in ss]
+            nbytes = sum(s.nbytes for s in slots)
+            self.backend.load_group(slots, job)
             group_end = self.clock()
             with self._lock:
-                for _, slots in group:
-                    for s in slots:
-                        s.state = SlotState.RESIDENT
-                        s.ready.set()
+                for s in slots:
+                    self._index_device(s)
+                    s.state = SlotState.RESIDENT
+                    s.ready.set()
                 self.counters.loads += 1
                 self.counters.bytes_loaded += nbytes
                 self._emit(MemoryEvent("load", job.model_key, group_start, group_end, nbytes,
                                        self.resident_bytes))
-        if self.on_cuda:
-            job.cuda_end.record(self._copy_stream)
+        self.backend.end_job(job)
         job.ended = self.clock()
         job.busy_s = job.ended - job.started
 
-    def _copy_group(self, group: list[tuple[Block, list[TensorSlot]]]) -> None:
-        with torch.cuda.stream(self._copy_stream):
-            slots = [s for _, ss in group for s in ss]
-            for s in slots:
-                flat = torch.empty(s.nbytes, dtype=torch.uint8, device=self.device)
-                flat.copy_(s.host_flat, non_blocking=True)
-                flat.record_stream(self._compute_stream)   # freed on eviction only after its last use
-                s.device_flat = flat
-                for owner in s.owners:
-                    _rebind(owner, flat)
-            event = torch.cuda.Event()
-            event.record(self._copy_stream)
-            for s in slots:
-                s.cuda_ready = event
+    def _index_device(self, slot: TensorSlot) -> None:
+        if slot.device is not None:
+            self._slot_by_ptr[slot.device.data_ptr()] = slot
+
+    def _unindex_device(self, slot: TensorSlot) -> None:
+        if slot.device is not None:
+            self._slot_by_ptr.pop(slot.device.data_ptr(), None)
 
     # ------------------------------------------------------------------ invariants, stats
     def _check_budget(self) -> None:
@@ -665,7 +650,7 @@ class MemoryManager:
                 "registered_bytes": self.total_registered_bytes(),
                 "granularity": self.granularity.value, "eviction": self.eviction.value,
                 "pipelined": self.pipelined,
-                "transfer": "cuda" if self.on_cuda else ("simulated" if self.simulate_transfer else "none"),
+                "transfer": self.backend.name,
                 "bandwidth_gbps": round(self.effective_bandwidth() / 1e9, 3),
                 "runs": c.runs, "loads": c.loads, "evictions": c.evictions,
                 "bytes_loaded": c.bytes_loaded, "bytes_evicted": c.bytes_evicted,
@@ -677,29 +662,28 @@ class MemoryManager:
                                "bytes_loaded": l.bytes_loaded}
                            for k, l in self._layouts.items()},
             }
-        if self.on_cuda:
-            out["cuda_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
-            out["cuda_reserved_bytes"] = torch.cuda.memory_reserved(self.device)
-            out.update(nvml_device_stats(self.device.index or 0))
+        out.update(self.backend.stats())
         return out
 
     def close(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-        self._hooked_modules.clear()
-        if self._loader is not None and self._loader.is_alive():
-            self._jobs.put(None)
-            self._loader.join(timeout=5.0)
-
-
-def _rebind(owner: _TensorOwner, flat: torch.Tensor) -> None:
-    view = torch.empty(0, dtype=owner.dtype, device=flat.device).set_(
-        flat.untyped_storage(), owner.offset, owner.size, owner.stride)
-    if owner.is_param:
-        getattr(owner.module, owner.name).data = view
-    else:
-        setattr(owner.module, owner.name, view)   # a registered buffer: Module.__setattr__ rebinds it
+        """Stop loading and give every registered module back as plain host tensors (device
+        copies freed, hooks removed), so the models can be placed or registered again."""
+        with self._run_lock:          # never while a run is using the device copies
+            if self._loader is not None and self._loader.is_alive():
+                self._jobs.put(None)
+                self._loader.join(timeout=5.0)
+            with self._lock:
+                for slot in self._slots:
+                    self._unindex_device(slot)
+                    self.backend.restore(slot)
+                    slot.state = SlotState.HOST
+                    slot.ready.clear()
+                self.resident_bytes = 0
+                for handle in self._hooks:
+                    handle.remove()
+                self._hooks.clear()
+                self._hooked_modules.clear()
+                self._closed = True
 
 
 def unique_bytes(modules: Iterable[nn.Module]) -> int:
@@ -711,33 +695,6 @@ def unique_bytes(modules: Iterable[nn.Module]) -> int:
                 s = t.untyped_storage()
                 storages[s.data_ptr()] = s.nbytes()
     return sum(storages.values())
-
-
-def nvml_device_stats(index: int) -> dict[str, Any]:
-    """Device memory, utilisation and temperature from NVML; {} when unavailable."""
-    try:
-        import pynvml
-    except ImportError:
-        return {}
-    try:
-        pynvml.nvmlInit()
-    except Exception:
-        return {}
-    try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-        temp = pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
-        return {"nvml_memory_used_bytes": int(mem.used), "nvml_memory_total_bytes": int(mem.total),
-                "nvml_gpu_util_pct": int(util.gpu), "nvml_memory_util_pct": int(util.memory),
-                "nvml_temperature_c": int(temp)}
-    except Exception:
-        return {}
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
 
 
 def _mib(nbytes: float) -> str:

@@ -4,6 +4,11 @@ It builds and validates the workload's models (weights loaded, every task fits i
 merged bundles match the config, each model fits the memory budget) before anything is
 replaced, then keeps one ModelWorker per model, or one SwapScheduler for all of them under
 `gpu.memory_budget_mb`, in step with the config across reloads, and reports their memory.
+
+Models are built on the host. Without a budget the pool places each on the device; with one
+it leaves them on the host and the scheduler's memory manager is the only thing that puts
+weights on the device, so a workload larger than the device starts within the budget. Before
+an executor starts, each model's precision is chosen and checked (which warms it up).
 """
 from __future__ import annotations
 
@@ -16,11 +21,13 @@ import torch
 
 from edgeva.config import Config, ConfigError, model_key
 from edgeva.executor import ModelWorker
+from edgeva.gpu import device_report
 from edgeva.memory import nvml_device_stats, unique_bytes
 from edgeva.merging import BundleError, load_bundle
 from edgeva import models as zoo     # zoo.build_model looked up per call, so a stand-in can replace it
 from edgeva.models.device import resolve_device
 from edgeva.models.errors import ModelLoadError, TaskError
+from edgeva.models.precision import choose_precision
 from edgeva.models.tasks import build_task
 from edgeva.scheduler import SwapOptions, SwapScheduler
 
@@ -41,10 +48,13 @@ class PoolPlan:
     bandwidth_gbps: float
     bundle_path: Optional[str]
     bundle_report: dict[str, Any] = field(default_factory=dict)
+    device: torch.device = torch.device("cpu")   # where the models run (they are built on the host)
+    precision: str = "auto"
+    precision_min_agreement: float = 0.98
 
     def scheduler_signature(self) -> tuple[Any, ...]:
         return (tuple((k, id(self.models[k])) for k in sorted(self.models)), self.budget_mb, self.max_batch,
-                self.bandwidth_gbps)
+                self.bandwidth_gbps, self.precision, self.precision_min_agreement)
 
 
 class ModelPool:
@@ -65,6 +75,8 @@ class ModelPool:
         self._stopped = False
         self.bundle_path: Optional[str] = None
         self.bundle_report: dict[str, Any] = {}
+        self.device: Optional[torch.device] = None
+        self._precision_checked: dict[str, tuple[Any, ...]] = {}   # key -> (model id, precision, threshold)
 
     # ------------------------------------------------------------------ plan
     def plan(self, cfg: Config) -> PoolPlan:
@@ -88,7 +100,7 @@ class ModelPool:
             if model_of(key) is None:
                 where = f"queries[{i}].weights" if q.weights else f"queries[{i}].model"
                 try:
-                    staged[key] = zoo.build_model(q.model, q.weights, q.download, cfg.gpu.device)
+                    staged[key] = zoo.build_model(q.model, q.weights, q.download, cfg.gpu.device, place=False)
                 except ModelLoadError as exc:
                     raise ConfigError(where, f"query {q.id!r}: {exc}") from None
                 _probe(staged[key], where, q.id)
@@ -106,7 +118,8 @@ class ModelPool:
         return PoolPlan(models, capacities, cfg.gpu.max_batch, cfg.gpu.memory_budget_mb,
                         cfg.gpu.simulated_bandwidth_gbps,
                         cfg.merging.bundle if bundle is not None else self.bundle_path,
-                        bundle.report if bundle is not None else self.bundle_report)
+                        bundle.report if bundle is not None else self.bundle_report,
+                        _device(cfg), cfg.gpu.precision, cfg.gpu.precision_min_agreement)
 
     def replaced_by(self, plan: PoolPlan) -> set[str]:
         """The keys whose port `apply(plan)` will replace (their queries must be rebuilt): a new
@@ -126,8 +139,12 @@ class ModelPool:
         """Make the pool what the plan says: start what is new, stop what is no longer used.
         Returns `replaced_by(plan)` as it was before applying."""
         replaced = self.replaced_by(plan)
+        self.device = plan.device
+        if plan.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True    # fixed input shapes per camera: autotune once
         for key in [k for k in self.models if k not in plan.models]:
             self.models.pop(key)
+            self._precision_checked.pop(key, None)
             worker = self.workers.pop(key, None)
             if worker is not None:
                 worker.stop()
@@ -152,6 +169,9 @@ class ModelPool:
             if worker is not None and worker.model is not model:
                 self.workers.pop(key).stop()   # a new (merged) model: a fresh worker
                 worker = None
+            if worker is None and callable(getattr(model, "place", None)):      # torch zoo models
+                model.place()
+            self._check_precision(plan, key, model, lambda fn: fn())     # new model or new precision setting
             if worker is None:
                 worker = ModelWorker(key, model, max_batch=plan.max_batch, capacity=plan.capacities[key])
                 worker.start()
@@ -162,9 +182,11 @@ class ModelPool:
     def _read_bundle(self, cfg: Config, keys: set[str]) -> Any:
         """A merged bundle's models: shared layers are the same tensors in every model using them."""
         try:
-            bundle = load_bundle(cfg.merging.bundle, device=str(_device(cfg)))
+            bundle = load_bundle(cfg.merging.bundle, device="cpu")    # placed (or budgeted) like any model
         except (BundleError, OSError, RuntimeError, KeyError) as exc:
             raise ConfigError("merging.bundle", f"cannot load {cfg.merging.bundle}: {exc}") from None
+        for model in bundle.models.values():
+            model.device = _device(cfg)
         unused = sorted(set(bundle.models) - keys)
         if unused:
             raise ConfigError("merging.bundle", f"the bundle has models no query uses: {', '.join(unused)} "
@@ -179,12 +201,28 @@ class ModelPool:
         self.workers.clear()
         self._stop_scheduler()
         options = SwapOptions(max_batch=plan.max_batch, bandwidth_bytes_per_s=plan.bandwidth_gbps * 1e9,
-                              capacity=max(plan.capacities.values()))
+                              capacity=max(plan.capacities.values()), simulate_copies=True)
+        for model in plan.models.values():   # placed by an earlier configuration without a budget: back to the host
+            if callable(getattr(model, "to_host", None)):
+                model.to_host().prepare_layout()
         # plan() checked each model is a torch module within the budget: the scheduler accepts them.
         self.scheduler = SwapScheduler({k: plan.models[k] for k in sorted(plan.models)},
-                                       int(plan.budget_mb * 2**20), options=options)
+                                       int(plan.budget_mb * 2**20), device=plan.device, options=options)
+        for key in sorted(plan.models):     # also the learning run of each model's load order
+            self._check_precision(plan, key, plan.models[key], self.scheduler.port(key).call, force=True)
         self.scheduler.start()
         self._budget_signature = plan.scheduler_signature()
+
+    def _check_precision(self, plan: PoolPlan, key: str, model: Any, run: Any, force: bool = False) -> None:
+        signature = (id(model), plan.precision, plan.precision_min_agreement)
+        if not force and self._precision_checked.get(key) == signature:
+            return
+        try:
+            choose_precision(model, plan.precision, plan.precision_min_agreement, run=run)
+        except Exception:      # a model that cannot run calibration frames fails its batches visibly later
+            log.exception("model %s: the precision check and warm-up failed; it runs in float32", key)
+            model.autocast_dtype = None
+        self._precision_checked[key] = signature
 
     def _stop_scheduler(self) -> None:
         if self.scheduler is not None:
@@ -204,8 +242,19 @@ class ModelPool:
     def stats(self) -> dict[str, Any]:
         scheduler = self.scheduler
         if scheduler is not None:
-            return {k: scheduler.port(k).stats() for k in list(self.models)}
-        return {k: w.stats() for k, w in list(self.workers.items())}
+            out = {k: scheduler.port(k).stats() for k in list(self.models)}
+        else:
+            out = {k: w.stats() for k, w in list(self.workers.items())}
+        for key, section in out.items():
+            model = self.models.get(key)
+            precision = getattr(model, "precision", None)
+            section["device"] = str(getattr(model, "device", "?"))
+            section["precision"] = precision.as_dict() if precision is not None else None
+        return out
+
+    def device_stats(self) -> dict[str, Any]:
+        """The `device` section of `edgeva stats`: the device and, on CUDA, NVML's figures."""
+        return device_report(self.device or "cpu")
 
     def memory_stats(self) -> dict[str, Any]:
         if self.scheduler is not None:
@@ -236,13 +285,22 @@ class ModelPool:
 
 def _probe(model: Any, where: str, query_id: str) -> None:
     """Weights that load but cannot run (a garbage or truncated export is read lazily) fail here,
-    at start-up or reload, instead of dropping every frame with `error` afterwards."""
+    at start-up or reload, instead of dropping every frame with `error` afterwards. A torch
+    model built on the host runs its probe there (nothing goes to the device before the pool
+    places it or the memory manager loads it)."""
+    device = getattr(model, "device", None)
+    on_host = callable(getattr(model, "to_host", None))
+    if on_host:
+        model.device = torch.device("cpu")
     try:
         outputs = model.predict([PROBE_FRAME])
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0][:300]
         raise ConfigError(where, f"query {query_id!r}: the model cannot run a frame "
                                  f"({type(exc).__name__}: {first_line})") from None
+    finally:
+        if on_host:
+            model.device = device
     if len(outputs) != 1:
         raise ConfigError(where, f"query {query_id!r}: the model returned {len(outputs)} outputs for one frame")
 

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 
@@ -30,6 +30,7 @@ from edgeva.models.base import ZooModel
 from edgeva.work import BatchPlan, LatencyProfile, WorkItem, deliver, plan_batch, take
 
 log = logging.getLogger("edgeva.scheduler")
+T = TypeVar("T")
 
 _MIN_COST_S = 1e-4
 # A model whose profile has kept it from running this long gets its profile ignored for one
@@ -53,6 +54,8 @@ class SwapOptions:
     max_batch: int = 8
     capacity: int = 64                       # per model queue
     group_min_bytes: int = DEFAULT_GROUP_MIN_BYTES
+    # CPU only: real device copies that read as NaN until waited on (see transfer.py).
+    simulate_copies: bool = False
 
     @classmethod
     def whole_model_round_robin(cls, **overrides: Any) -> "SwapOptions":
@@ -121,6 +124,11 @@ class ModelPort:
     def stats(self) -> dict[str, Any]:
         return self._scheduler.model_stats(self.key)
 
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` (which uses this model's module, e.g. a split head) with its weights on the
+        device, between the scheduler's batches: the memory manager serialises runs."""
+        return self._scheduler.memory.run(self.key, fn)[0]
+
 
 @dataclass(frozen=True)
 class _Plan:
@@ -153,7 +161,8 @@ class SwapScheduler:
                                     simulate_transfer=options.simulate_transfer,
                                     granularity=options.granularity, eviction=options.eviction,
                                     pipelined=options.pipelined, group_min_bytes=options.group_min_bytes,
-                                    listeners=listeners, clock=clock)
+                                    listeners=listeners, clock=clock,
+                                    simulate_copies=options.simulate_copies)
         try:
             for key, model in models.items():
                 self.memory.register(key, model.module)

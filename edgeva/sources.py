@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import cv2
 import numpy as np
@@ -200,6 +200,7 @@ class CameraReader(threading.Thread):
         self.fps: Optional[float] = cfg.fps   # nominal; the container's rate once opened
         self.frames_read = 0
         self.state: CameraState | None = None
+        self.decoder: Any = None               # DecoderChoice of the last open
         self._seq = 0
         self._stop_event = threading.Event()
         self._backoff = BackoffTimer(cfg.reconnect)
@@ -302,6 +303,8 @@ class CameraReader(threading.Thread):
         return False
 
     def _open(self) -> tuple[cv2.VideoCapture | None, str]:
+        from edgeva.decode import open_capture
+
         source = self.cfg.source.strip()
         if self.kind is SourceKind.FILE:
             if self.folder and not self.clips:
@@ -309,15 +312,23 @@ class CameraReader(threading.Thread):
             path = self.clips[self.clip_index] if self.clips else self._file_path()
             if not os.path.isfile(path):
                 return None, f"file not found: {path}"
-            cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG)
+            source = path
+
+            def open_opencv() -> cv2.VideoCapture:
+                return cv2.VideoCapture(path, cv2.CAP_FFMPEG)
         elif self.kind is SourceKind.STREAM:
             params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.cfg.open_timeout_s * 1000),
                       cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.cfg.read_timeout_s * 1000)]
-            cap = cv2.VideoCapture(source, cv2.CAP_FFMPEG, params)
+
+            def open_opencv() -> cv2.VideoCapture:
+                return cv2.VideoCapture(source, cv2.CAP_FFMPEG, params)
         else:
             api = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
             index = usb_index(source)
-            cap = cv2.VideoCapture(index if index is not None else source, api)
+
+            def open_opencv() -> cv2.VideoCapture:
+                return cv2.VideoCapture(index if index is not None else source, api)
+        cap, self.decoder = open_capture(source, self.kind.value, self.cfg.decode, open_opencv, camera=self.camera)
         if not cap.isOpened():
             cap.release()
             return None, f"cannot open {self.kind.value} {redact(source)}"

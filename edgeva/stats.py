@@ -369,8 +369,10 @@ def format_table(snapshot: dict[str, Any]) -> str:
         if isinstance(filt, dict) and filt.get("enabled"):
             audit = filt.get("audited_agreement")
             low = filt.get("wilson_low")
-            lines.append(f"  filter: {filt.get('feature')} > {filt.get('threshold')}, max age "
-                         f"{filt.get('max_age_frames')}, audited {filt.get('audited')}"
+            lines.append(f"  filter: {filt.get('state')}, {filt.get('feature')} > {filt.get('threshold')}, max age "
+                         f"{filt.get('max_age_frames')} frames ({filt.get('max_age_s')} s), "
+                         f"profiles {filt.get('profiles', 0)}, audit share {filt.get('audit_fraction')}, "
+                         f"audited {filt.get('audited')}"
                          + (f" agreement {audit:.3f} (low {low:.3f})" if audit is not None and low is not None else "")
                          + f", retunes {filt.get('retunes', 0)}")
     for section in sorted(set(snapshot) - {"time", "uptime_s", "cameras", "queries"}):

@@ -50,7 +50,10 @@ def test_model_larger_than_the_budget_is_refused_at_start(tmp_path):
     daemon.models.stop()
 
 
-def test_daemon_runs_a_merged_bundle_with_shared_tensors_counted_once(tmp_path):
+@pytest.mark.parametrize("budget_mb", [None, 12])
+def test_daemon_runs_a_merged_bundle_with_shared_tensors_counted_once(tmp_path, budget_mb):
+    """With a budget the bundle's models are registered from the host (shared tensors once)
+    and loaded only by the memory manager."""
     import torch
 
     from edgeva.memory import unique_bytes
@@ -87,13 +90,19 @@ def test_daemon_runs_a_merged_bundle_with_shared_tensors_counted_once(tmp_path):
                      "task": {"type": "classify"}, "filter": {"enabled": False}, "sla": {"fps": 5}}
                     for i, p in enumerate(paths)],
         "merging": {"bundle": str(bundle)},
-        "gpu": {"device": "cpu"},
+        "gpu": {"device": "cpu", **({"memory_budget_mb": budget_mb} if budget_mb else {})},
         "stats": {"endpoint": f"ipc://{tmp_path}/ctl.sock"}}))
     daemon = Daemon(load_config(cfg_path), notifier=Notifier({}))
     daemon.start()
     try:
-        resident = daemon.stats.snapshot()["memory"]["resident_bytes"]
-        assert expected > 2**20 and resident == separate - expected   # measured storage bytes, not shapes
+        memory = daemon.stats.snapshot()["memory"]
+        if budget_mb is None:
+            resident = memory["resident_bytes"]
+            assert expected > 2**20 and resident == separate - expected   # measured storage bytes, not shapes
+        else:
+            registered = memory["memory"]["registered_bytes"]
+            assert expected > 2**20 and registered == separate - expected
+            assert separate - expected > budget_mb * 2**20 >= memory["memory"]["peak_resident_bytes"]
         daemon.serve(max_runtime_s=3)
     finally:
         daemon.request_stop()

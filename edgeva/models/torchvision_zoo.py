@@ -18,7 +18,7 @@ from .coco import COCO91_TO_80, COCO_NAMES
 from .errors import ModelLoadError
 from .offline import network_timeout
 from .outputs import ClassProbs, Detections, Output
-from .preprocess import resize_normalise, to_rgb_tensors
+from .preprocess import resize_normalise, resize_normalise_tensor, to_rgb_tensors, upload_frames
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +129,15 @@ class TorchvisionClassifier(TorchZooModel):
 
     def __init__(self, name: str, module: nn.Module, class_names: list[str], input_size: int,
                  weights: Optional[str], device: torch.device) -> None:
-        super().__init__(device, module)
+        super().__init__(device, module, place=False)
         self.name, self.class_names, self.input_size, self.weights = name, class_names, input_size, weights
 
     def _predict(self, images: list[np.ndarray]) -> list[Output]:
-        x = resize_normalise(images, self.input_size).to(self.device)
-        logits = self._module(x)
+        if self.device.type == "cuda":     # uint8 frames go up once; resizing runs on the device
+            x = resize_normalise_tensor(images, self.input_size, self.device)
+        else:
+            x = resize_normalise(images, self.input_size)
+        logits = self._module(self.input_layout(x))
         logits = getattr(logits, "logits", logits)  # inception in train mode returns a named tuple
         probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
         return [ClassProbs(p) for p in probs]
@@ -145,7 +148,7 @@ class TorchvisionDetector(TorchZooModel):
 
     def __init__(self, name: str, module: nn.Module, class_names: list[str], input_size: int,
                  weights: Optional[str], device: torch.device) -> None:
-        super().__init__(device, module)
+        super().__init__(device, module, place=False)
         self.name, self.class_names, self.input_size, self.weights = name, class_names, input_size, weights
         # Label 0 is background; a 91-label COCO head uses the original sparse category ids.
         predictor = getattr(getattr(module, "roi_heads", None), "box_predictor", None)
@@ -155,7 +158,11 @@ class TorchvisionDetector(TorchZooModel):
         self._label_to_class = np.asarray(mapping, dtype=np.int64)
 
     def _predict(self, images: list[np.ndarray]) -> list[Output]:
-        results = self._module([t.to(self.device) for t in to_rgb_tensors(images)])
+        if self.device.type == "cuda":
+            inputs = [f.permute(2, 0, 1).flip(0).float().div_(255.0) for f in upload_frames(images, self.device)]
+        else:
+            inputs = to_rgb_tensors(images)
+        results = self._module(inputs)
         outputs: list[Output] = []
         for r in results:
             labels = r["labels"].cpu().numpy()

@@ -15,7 +15,7 @@ from .coco import COCO_NAMES
 from .errors import ModelLoadError
 from .offline import allow_downloads, import_ultralytics
 from .outputs import Detections, Output
-from .preprocess import letterbox_batch
+from .preprocess import letterbox_batch, letterbox_tensor
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class UltralyticsTorchDetector(TorchZooModel):
     kind = "detector"
 
     def __init__(self, name: str, module: nn.Module, weights: Optional[str], device: torch.device) -> None:
-        super().__init__(device, module.float())
+        super().__init__(device, module.float(), place=False)
         self.name, self.weights, self.input_size = name, weights, INPUT_SIZE
         nc = int(getattr(module, "nc", 0) or module.yaml.get("nc", 80))
         self.class_names = _class_names(getattr(module, "names", None), nc)
@@ -150,8 +150,13 @@ class UltralyticsTorchDetector(TorchZooModel):
     def _predict(self, images: list[np.ndarray]) -> list[Output]:
         from ultralytics.utils.nms import non_max_suppression
 
-        x, boxes_in = letterbox_batch(images, self.input_size, self._stride)
-        raw = self._module(x.to(self.device))
+        if self.device.type == "cuda":     # uint8 frames go up once; letterboxing runs on the device
+            x, boxes_in = letterbox_tensor(images, self.input_size, self._stride, self.device)
+        else:
+            x, boxes_in = letterbox_batch(images, self.input_size, self._stride)
+        raw = self._module(self.input_layout(x))
+        raw = raw[0] if isinstance(raw, (list, tuple)) else raw
+        raw = raw.float()
         per_image = non_max_suppression(raw, conf_thres=self.min_score, iou_thres=NMS_IOU,
                                         nc=len(self.class_names), max_det=300)
         outputs: list[Output] = []

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from .base import ZooModel
+from .base import TorchZooModel, ZooModel
 from .device import resolve_device
 from .errors import UnknownModelError
 from .torchvision_zoo import TORCHVISION_SPECS
@@ -30,7 +30,7 @@ def zoo_kind(name: str) -> str:
 
 
 def build_model(name: str, weights: Optional[str] = None, download: bool = False,
-                device: str | torch.device = "cpu") -> ZooModel:
+                device: str | torch.device = "cpu", place: bool = True) -> ZooModel:
     """Build a zoo model.
 
     weights=None, download=False: the architecture with random weights (never touches the network).
@@ -38,6 +38,9 @@ def build_model(name: str, weights: Optional[str] = None, download: bool = False
       an ultralytics .pt checkpoint, or an ultralytics export (directory or file; `is_torch` False).
     download=True: the library's own named weights (torchvision "DEFAULT" or an enum name such as
       "IMAGENET1K_V2"; ultralytics "<name>.pt") when `weights` is not an existing file.
+    The network is built on the host; `place=True` then moves it to `device`. With
+    `place=False` it stays on the host (for a memory manager to load under its budget) while
+    `model.device` already names where it will run.
     Raises ModelLoadError (UnknownModelError for a name not in the zoo).
     """
     _check_name(name)
@@ -51,6 +54,8 @@ def build_model(name: str, weights: Optional[str] = None, download: bool = False
         from .torchvision_zoo import build_torchvision
 
         model = build_torchvision(name, weights, download, dev)
+    if place and isinstance(model, TorchZooModel):
+        model.place()
     log.debug("built %r", model)
     return model
 

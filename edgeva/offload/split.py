@@ -7,7 +7,7 @@ build the chain the same way, so the index on the wire means the same cut on bot
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,13 +27,21 @@ __all__ = ["SPLITTABLE", "SplitError", "SplitModel"]
 class SplitModel:
     """Head and tail of one zoo classifier; shares the model's module, adds no weights."""
 
-    def __init__(self, model: ZooModel):
+    def __init__(self, model: ZooModel, run: Optional[Callable[[Callable[[], Any]], Any]] = None):
+        """`run` wraps the head's forward: the local executor's `call`, so that under a memory
+        budget the head runs inside the memory manager (weights on the device, no eviction
+        racing it), never beside it."""
         if model.name not in SPLITTABLE or model.kind != "classifier" or model.module is None:
             raise SplitError(f"{model.name} cannot be split; splittable models: {', '.join(SPLITTABLE)}")
         self.model = model
+        self._run_head = run or (lambda fn: fn())
         self.layers = chain_layers(model.module)
         self.split_points = split_point_names(self.layers)
         self._flatten = [needs_flatten(layer) for _, layer in self.layers]
+
+    def running_in(self, run: Callable[[Callable[[], Any]], Any]) -> "SplitModel":
+        """The same split with its head run through `run` (an executor's `call`)."""
+        return SplitModel(self.model, run=run)
 
     @property
     def num_layers(self) -> int:
@@ -50,9 +58,13 @@ class SplitModel:
     def head(self, images: Sequence[np.ndarray], split_at: int) -> torch.Tensor:
         """Preprocess and run layers [0, split_at) on the model's device; a CPU float32 tensor."""
         self.check_split(split_at)
-        with torch.inference_mode():
-            x = resize_normalise(list(images), self.model.input_size).to(self.model.device)
-            return self._run(x, 0, split_at).float().cpu().contiguous()
+
+        def head() -> torch.Tensor:
+            with torch.inference_mode():
+                x = resize_normalise(list(images), self.model.input_size).to(self.model.device)
+                return self._run(x, 0, split_at).float().cpu().contiguous()
+
+        return self._run_head(head)
 
     def tail(self, activations: torch.Tensor, split_at: int) -> list[ClassProbs]:
         """Run layers [split_at, n) and the softmax: one ClassProbs per batch row."""

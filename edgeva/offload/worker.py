@@ -43,7 +43,8 @@ class WorkerOptions:
     models: Optional[list[str]] = None          # allowed "name" (any weights) or "name@weights"; None: any zoo name
     curve_secret_key: Optional[str] = None      # this worker's .key_secret; turns CURVE on
     allow_clients_dir: Optional[str] = None     # public keys (.key) of the daemons allowed in
-    device: str = "cpu"
+    device: str = "auto"
+    precision: str = "auto"                     # as gpu.precision: checked against fp32 per model at load
     max_batch: int = 8
     queue_size: int = 64
     max_payload_bytes: int = 32 * 1024 * 1024
@@ -71,9 +72,11 @@ class ModelCache:
     MAX_MODELS = 8          # least recently used ones beyond this are unloaded
     MAX_FAILURES = 256
 
-    def __init__(self, allowed: Optional[Sequence[str]], device: str, download: bool, retry_after_s: float = 10.0):
+    def __init__(self, allowed: Optional[Sequence[str]], device: str, download: bool, retry_after_s: float = 10.0,
+                 precision: str = "auto"):
         self.allowed = list(allowed) if allowed else None
         self.device = device
+        self.precision = precision
         self.download = download
         self.retry_after_s = retry_after_s
         self._models: dict[str, Any] = {}   # insertion order = recency (moved to the end on use)
@@ -110,6 +113,13 @@ class ModelCache:
             self._failures[key.text] = (time.monotonic(), message)
             log.warning("%s", message)
             raise p.ProtocolError(p.ErrorCode.MODEL_UNAVAILABLE, message) from None
+        from edgeva.models.precision import choose_precision
+
+        try:      # on CUDA also the warm-up, before the first request is timed
+            choose_precision(model, self.precision)
+        except Exception:
+            log.exception("%s: precision check failed; it runs in float32", key.text)
+            model.autocast_dtype = None
         log.info("loaded %s in %.2f s", key.text, time.monotonic() - started)
         self._models[key.text] = model
         while len(self._models) > self.MAX_MODELS:
@@ -137,7 +147,7 @@ class OffloadWorker:
 
     def __init__(self, options: WorkerOptions, context: Optional[zmq.Context] = None):
         self.options = options
-        self.models = ModelCache(options.models, options.device, options.download)
+        self.models = ModelCache(options.models, options.device, options.download, precision=options.precision)
         self.counters: dict[str, int] = {"requests": 0, "results": 0, "errors": 0, "heartbeats": 0,
                                          "unroutable": 0, "refused_handshakes": 0}
         self.errors_by_code: dict[str, int] = {}
@@ -471,7 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated models served: 'name' (any weights path) or 'name@weights'; default: the whole zoo")
     ap.add_argument("--curve-secret-key", default=None, help="this worker's secret key file (edgeva keys); requires CURVE")
     ap.add_argument("--allow-clients-dir", default=None, help="folder of public key files (.key) of allowed daemons")
-    ap.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: CUDA when present)")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                    help="autocast precision, kept per model only if it agrees with fp32 (default auto: fp16 on CUDA)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--queue", type=int, default=64, help="requests waiting for the model before 'busy' replies")
     ap.add_argument("--max-payload-bytes", type=int, default=32 * 1024 * 1024)
@@ -493,7 +505,8 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> int:
     options = WorkerOptions(bind=args.bind,
                             models=[m.strip() for m in args.models.split(",") if m.strip()] if args.models else None,
                             curve_secret_key=args.curve_secret_key, allow_clients_dir=args.allow_clients_dir,
-                            device=args.device, max_batch=max(1, args.max_batch), queue_size=max(1, args.queue),
+                            device=args.device, precision=args.precision, max_batch=max(1, args.max_batch),
+                            queue_size=max(1, args.queue),
                             max_payload_bytes=args.max_payload_bytes, download=args.download)
     if args.name:
         options.name = args.name

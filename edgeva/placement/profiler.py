@@ -48,14 +48,16 @@ def profile_model(model: nn.Module, input_shape: Sequence[int],
         for r in range(warmup + repeats):
             h = x
             outputs = []
+            clocks = []
             for i, ((_, layer), flat) in enumerate(zip(layers, flatten)):
-                _sync(device)
-                t0 = time.perf_counter()
+                clock = _LayerClock(device)
                 h = run_layer(layer, h, flat)
-                _sync(device)
-                if r >= warmup:
-                    times[i].append((time.perf_counter() - t0) * 1e3)
+                clock.stop()
+                clocks.append(clock)
                 outputs.append(h)
+            if r >= warmup:
+                for i, clock in enumerate(clocks):
+                    times[i].append(clock.elapsed_ms())
     layer_ms = [statistics.median(t) for t in times]
     layer_weights = [_module_bytes(m) for _, m in layers]
     names = split_point_names(layers)
@@ -73,10 +75,38 @@ def profile_model(model: nn.Module, input_shape: Sequence[int],
     points[0] = SplitPoint(points[0].name, 0.0, total_ms, points[0].activation_bytes, 0, total_w)
     points[-1] = SplitPoint(points[-1].name, total_ms, 0.0, points[-1].activation_bytes, total_w, 0)
     return ModelProfile(name or type(model).__name__.lower(), points,
-                        source=f"profile_model on {torch.get_num_threads()} CPU threads, "
+                        source=f"profile_model on {_where(device)}, "
                                f"input {list(input_shape)}, median of {repeats}")
 
 
-def _sync(device: Union[str, torch.device]) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+class _LayerClock:
+    """One layer's time: CUDA events on the current stream (read once the run is over, no
+    synchronize between layers), or the wall clock on the CPU."""
+
+    def __init__(self, device: Union[str, torch.device]):
+        self._cuda = torch.device(device).type == "cuda"
+        if self._cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._cuda:
+            self._end.record()
+        else:
+            self._t1 = time.perf_counter()
+
+    def elapsed_ms(self) -> float:
+        if self._cuda:
+            self._end.synchronize()
+            return self._start.elapsed_time(self._end)
+        return (self._t1 - self._t0) * 1e3
+
+
+def _where(device: Union[str, torch.device]) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{torch.get_num_threads()} CPU threads"

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""The filter as a user runs it: `edgeva run --until-end` on each clip with the real detector and
+three queries (vehicle count, person count, person presence; confidence 0.3; target 0.9), no
+threshold configured (each query calibrates on the camera) or, with --tune, after
+`edgeva tune --seconds <a third of the clip> --write`. Every SQLite result is then compared
+with the detector's own output on that frame (tools/reference_cache.py) with the task's strict
+agreement.
+
+    .venv/bin/python tools/check_filter_daemon.py [--clips eval] [--tune]
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+from bench_filtering import QUERIES, TARGET, query_values  # noqa: E402
+from edgeva.sinks import read_results  # noqa: E402
+from reference_cache import DEFAULT_WEIGHTS, SHARED, load_or_compute  # noqa: E402
+
+EDGEVA = [sys.executable, "-m", "edgeva.cli"] if not (REPO / ".venv/bin/edgeva").exists() else [str(REPO / ".venv/bin/edgeva")]
+TASKS = {"vehicles": ("count", ["car", "bus", "truck"]), "persons": ("count", ["person"]),
+         "person-present": ("presence", ["person"])}
+
+
+def config_for(clip: Path, db: Path, workdir: Path) -> Path:
+    cfg = {
+        "cameras": [{"id": "cam", "source": str(clip), "replay": "fast"}],
+        "queries": [{"id": q, "camera": "cam", "model": "yolov8n", "weights": str(DEFAULT_WEIGHTS),
+                     "task": {"type": t, "classes": c, "confidence": 0.3}, "accuracy_target": TARGET,
+                     "sla": {"latency_ms": 600000}} for q, (t, c) in TASKS.items()],
+        "stats": {"endpoint": f"ipc://{workdir}/ctl.sock"},
+        "sinks": {"sqlite": str(db), "batch": 64, "flush_s": 0.2},
+    }
+    path = workdir / "edgeva.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clips", default="eval")
+    ap.add_argument("--tune", action="store_true", help="edgeva tune on the first third, then run")
+    args = ap.parse_args()
+    folder = SHARED / "videos" / args.clips if args.clips in ("eval", "tune") else Path(args.clips)
+    print("| clip | query | frames | inferred | reused | dropped | agreement |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for clip in sorted(p for p in folder.glob("*") if p.suffix in (".mp4", ".avi")):
+        ref = load_or_compute(clip)
+        with tempfile.TemporaryDirectory(prefix="edgeva-check-") as tmp:
+            workdir = Path(tmp)
+            db = workdir / "results.db"
+            cfg = config_for(clip, db, workdir)
+            if args.tune:
+                seconds = len(ref) / ref.fps / 3
+                subprocess.run([*EDGEVA, "tune", "--config", str(cfg), "--seconds", f"{seconds:.2f}", "--write"],
+                               check=False, stdout=subprocess.DEVNULL)
+            subprocess.run([*EDGEVA, "run", "--config", str(cfg), "--until-end", "--log-level", "warning"],
+                           check=True, timeout=1800)
+            for q, (task, _) in QUERIES.items():
+                reference = query_values(ref, q)
+                rows = {r["seq"]: r for r in read_results(db, q, limit=10 * len(reference))}
+                outcomes = [r["outcome"] for r in rows.values()]
+                scored = [task.agreement(reference[s], r["value"]) for s, r in rows.items()
+                          if r["outcome"] != "dropped" and s < len(reference)]
+                # A frame without a result counts as a miss: agreement 0.
+                missing = len(reference) - len(scored)
+                agreement = (sum(scored)) / len(reference) if reference else 1.0
+                print(f"| {clip.name} | {q} | {len(reference)} | {outcomes.count('inferred')} | "
+                      f"{outcomes.count('reused')} | {missing} | {agreement:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
