@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from edgeva import __version__
@@ -56,6 +57,8 @@ class Daemon:
         self._reload = threading.Event()
         self._lock = threading.Lock()
         self.progress: BatchProgress | None = None   # a batch run (--until-end)
+        # Filters tune their calibration windows here, off the model callbacks (~0.3-1 s each).
+        self.filter_tuner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="filter-tuner")
         self.reloads = 0
         self.reload_errors = 0
         self.camera_restarts = 0
@@ -167,6 +170,7 @@ class Daemon:
         self._stop_pipelines(pipelines)
         self._stop_tier_groups(set(self.tier_groups))   # their fallbacks submit to the local models
         self.models.stop()
+        self.filter_tuner.shutdown(wait=False, cancel_futures=True)
         self.hub.close()
         if self.control is not None:
             self.control.stop()
@@ -276,8 +280,8 @@ class Daemon:
         if not route.local:
             worker = self._offload_port(q, route, worker)
         query_filter = QueryFilter(q.filter, rng_seed=audit_seed(q.id), agreement=task.agreement,
-                                   target=q.accuracy_target, preferred_feature=default_feature(q.task.type)
-                                   ) if q.filter.enabled else None
+                                   target=q.accuracy_target, preferred_feature=default_feature(q.task.type),
+                                   tune_runner=self.filter_tuner.submit) if q.filter.enabled else None
         runtime = ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
         self._announce_weights(q, model)
         return runtime

@@ -491,3 +491,22 @@ def test_a_busier_scene_than_any_profiled_is_profiled_again():
     s = filt.stats()
     assert s["novel_segments"] >= 1 and s["profiled_windows"] >= 2
     assert "calibrate" in reasons[140:]
+
+
+def test_tuning_runs_where_the_daemon_says_and_applies_at_the_next_decision():
+    frames, counts = street()
+    jobs = []
+    filt = QueryFilter(FilterConfig(calibration_s=3.0), rng_seed=1, differencer=Differencer(),
+                       agreement=count_agreement, target=0.9, fps=10.0, tune_runner=jobs.append)
+    scene = SceneTracker(filt.differencer)
+    for i in range(40):
+        p = scene.prepare(frames[i])
+        dec = filt.decide(p)
+        assert dec.keep and dec.reason in ("first", "calibrate")   # no setting until the job ran
+        filt.mark_inferred(p)
+        filt.record_result(p, counts[i])
+    assert len(jobs) == 1 and filt.setting is None and filt.stats()["state"] == "tuning"
+    jobs.pop()()                                                  # the tuner thread runs it
+    assert filt.setting is None                                   # applied by the decision thread...
+    filt.decide(scene.prepare(frames[40]))
+    assert filt.setting is not None and filt.stats()["profiled_windows"] == 1   # ...at its next decision

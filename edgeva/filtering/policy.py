@@ -21,8 +21,10 @@ the reference stays put, while per-frame sensor noise does not add up.
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -32,6 +34,8 @@ from .audits import AuditTracker, audit_fraction_for_power
 from .features import FEATURES, Differencer, FeatureName, Prepared
 from .profiles import ProfileTable, Setting, segment_key, tighten
 from .tuner import age_candidates, tune_features
+
+log = logging.getLogger("edgeva.filtering")
 
 KeepReason = str    # first, threshold, stale, disabled, untuned, resized, calibrate
 SkipReason = str    # below_threshold, audit
@@ -44,6 +48,51 @@ LOWEST_FACTOR = 0.05
 PROFILING_SPACING = 4
 POOLED_WINDOWS = 3          # a window is tuned together with its two nearest profiled windows
 SEGMENT_FEATURE = "pixel"   # segment keys: how much of the picture changes from frame to frame
+
+
+@dataclass(frozen=True)
+class _Tuned:
+    key: Any
+    setting: Setting
+    pieces: list
+    agreement: float
+    frames: list
+    values: list
+
+
+@dataclass
+class _TuningJob:
+    """Everything tuning one window needs, snapshotted: runs on any thread, touches no filter state."""
+
+    segments: list
+    values: list
+    agreement: Callable[[Any, Any], float]
+    target: float
+    differencer: Differencer
+    features: tuple
+    preferred: Optional[str]
+    longest: int
+    key: Any
+    pieces: list
+
+    def run(self) -> _Tuned:
+        try:
+            return self._tune()
+        except Exception:   # a bug in tuning must not leave the query calibrating for ever
+            log.exception("filter tuning failed; inferring every frame until the next profile")
+            return _Tuned(self.key, Setting(0.0, 0, "pixel"), self.pieces, 1.0, self.segments[0], self.values[0])
+
+    def _tune(self) -> _Tuned:
+        result = tune_features(self.segments, self.values, self.agreement, self.target, features=self.features,
+                               preferred=self.preferred, differencer=self.differencer, safety_margin="auto",
+                               segments=True, max_ages=age_candidates(self.longest))[0]
+        setting = (Setting(result.threshold, result.max_age, result.feature) if result.met_target
+                   else Setting(0.0, 0, result.feature))
+        return _Tuned(self.key, setting, self.pieces, result.agreement, self.segments[0], self.values[0])
+
+
+def run_inline(job: Callable[[], None]) -> None:
+    job()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +127,17 @@ class QueryFilter:
     def __init__(self, cfg: FilterConfig, rng_seed: Optional[int] = None,
                  differencer: Optional[Differencer] = None, audit: Optional[AuditTracker] = None,
                  agreement: Optional[Callable[[Any, Any], float]] = None, target: float = 0.9,
-                 fps: Optional[float] = None, preferred_feature: Optional[FeatureName] = None) -> None:
+                 fps: Optional[float] = None, preferred_feature: Optional[FeatureName] = None,
+                 tune_runner: Callable[[Callable[[], None]], None] = run_inline) -> None:
         self.cfg = cfg
         self.differencer = differencer or Differencer(width=cfg.width)
         self.audits = audit or AuditTracker()
         self.agreement = agreement
         self.target = target
         self.preferred_feature = preferred_feature    # breaks ties between features (the task's default)
+        self.tune_runner = tune_runner
+        self._tuned: deque[_Tuned] = deque()          # finished tuning jobs, applied at the next decision
+        self._tuning = 0                              # jobs started and not yet applied
         self.fps = fps or DEFAULT_FPS
         self.profiles = ProfileTable()
         self._rng = random.Random(rng_seed)
@@ -157,7 +210,9 @@ class QueryFilter:
             return self._keep("first", None, prepared)
         if self._reference.gray.shape != prepared.gray.shape:
             return self._keep("resized", None, prepared)   # the camera came back at another size or aspect
-        if self._window is not None:
+        if self._tuned:
+            self._apply_tuned()
+        if self._window is not None or (self._learned is None and self._tuning):
             return self._keep("calibrate", None, prepared)
         setting = self.setting
         if setting is None:
@@ -236,6 +291,9 @@ class QueryFilter:
             self._finish_window()
 
     def _finish_window(self) -> None:
+        """Plan the tuning of the finished window (a pure job over a snapshot), run it through
+        `tune_runner` (inline, or on the daemon's tuner thread: it takes ~0.3-1 s and must not
+        hold up the model's callbacks), and apply its result at the next decision."""
         window, self._window = self._window, None
         self._since_profiled = 0
         frames = [f for f in window.frames if id(f) in window.values]
@@ -247,26 +305,30 @@ class QueryFilter:
         # Tune on this window pooled with the most similar windows profiled before: one short
         # window holds few changes of the answer, and a setting fitted to those alone is noisy.
         similar = self.profiles.nearest_windows(key, POOLED_WINDOWS - 1)
-        segments = [frames] + [p.frames for p in similar]
-        segment_values = [values] + [p.values for p in similar]
         features = FEATURES if self.cfg.feature == "auto" else (self.cfg.feature,)
-        features = tuple(f for f in features if f != "foreground" or frames[0].foreground is not None)
-        longest = min([self._age_cap(), self._frames_for(self.cfg.tuned_max_age_limit_s)]
-                      + [len(seg) - 1 for seg in segments])
-        result = tune_features(segments, segment_values, self.agreement, self.target, features=features,
-                               preferred=self.preferred_feature, differencer=self.differencer,
-                               safety_margin="auto", segments=True,
-                               max_ages=age_candidates(longest))[0]
-        setting = (Setting(result.threshold, result.max_age, result.feature) if result.met_target
-                   else Setting(0.0, 0, result.feature))
         piece = self._frames_for(self.cfg.segment_s)
-        pieces = [segment_key(consecutive[k:k + piece]) for k in range(0, len(consecutive), piece)
-                  if len(consecutive[k:k + piece]) >= piece // 2]
-        self.profiles.add(key, setting, pieces, result.agreement, frames, values)
-        self._learned = setting
-        self._factor = 1.0
-        self.audits.reset_window()
-        self._profiled += 1
+        job = _TuningJob(
+            segments=[frames] + [p.frames for p in similar], values=[values] + [p.values for p in similar],
+            agreement=self.agreement, target=self.target, differencer=self.differencer,
+            features=tuple(f for f in features if f != "foreground" or frames[0].foreground is not None),
+            preferred=self.preferred_feature,
+            longest=min([self._age_cap(), self._frames_for(self.cfg.tuned_max_age_limit_s)]
+                        + [len(frames) - 1] + [len(p.frames) - 1 for p in similar]),
+            key=key, pieces=[segment_key(consecutive[k:k + piece]) for k in range(0, len(consecutive), piece)
+                             if len(consecutive[k:k + piece]) >= piece // 2])
+        self._tuning += 1
+        self.tune_runner(lambda: self._tuned.append(job.run()))
+        self._apply_tuned()
+
+    def _apply_tuned(self) -> None:
+        while self._tuned:
+            tuned = self._tuned.popleft()
+            self._tuning -= 1
+            self.profiles.add(tuned.key, tuned.setting, tuned.pieces, tuned.agreement, tuned.frames, tuned.values)
+            self._learned = tuned.setting
+            self._factor = 1.0
+            self.audits.reset_window()
+            self._profiled += 1
 
     # ------------------------------------------------------------- audits
     def reused_share(self) -> float:
@@ -322,6 +384,7 @@ class QueryFilter:
             "max_age_frames": None if setting is None else setting.max_age,
             "max_age_s": None if setting is None else round(setting.max_age / self.fps, 3),
             "state": "off" if not self.cfg.enabled else "calibrating" if self._window is not None else
+                     "tuning" if self._tuning and self._learned is None else
                      "untuned" if setting is None else "filtering",
             "enabled": self.cfg.enabled,
             "frames": kept + reused,
