@@ -155,6 +155,9 @@ class QueryConfig:
     # and plan files name it, or the number of layers before the cut; edgeva.models.splits).
     split_at: Optional[Union[int, str]] = None
     queue: int = 16                      # frames waiting for the executor
+    # network input side in pixels (classifiers: the square; detectors: the long side); None:
+    # the model's own. Part of what a merged bundle was checked at.
+    input_size: Optional[int] = None
 
     def validate(self, path: str) -> None:
         _identifier(self.id, f"{path}.id")
@@ -164,6 +167,8 @@ class QueryConfig:
             raise ConfigError(f"{path}.model", f"a {self.task.type} task needs a model")
         if self.queue < 1:
             raise ConfigError(f"{path}.queue", "must be >= 1")
+        if self.input_size is not None and not 16 <= self.input_size <= 4096:
+            raise ConfigError(f"{path}.input_size", "must be within [16, 4096] pixels")
         self.task.validate(f"{path}.task")
         self.sla.validate(f"{path}.sla")
         self.filter.validate(f"{path}.filter")
@@ -367,6 +372,7 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
             q.weights = _fetched_weights(cfg.weights_dir, q.model, base_dir)
         if q.weights and not q.download and base_dir is not None:
             q.weights = _readable_file(q.weights, base_dir, f"queries[{i}].weights", allow_dir=True)
+    _one_input_size_per_model(cfg.queries)
     cfg.gpu.validate("gpu")
     for i, t in enumerate(cfg.tiers):
         t.validate(f"tiers[{i}]")
@@ -387,6 +393,20 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
         cfg.merging.bundle = _readable_file(cfg.merging.bundle, base_dir, "merging.bundle")
     if cfg.sinks.sqlite and base_dir is not None and not os.path.isabs(cfg.sinks.sqlite):
         cfg.sinks.sqlite = str((base_dir / cfg.sinks.sqlite).resolve())
+
+
+def _one_input_size_per_model(queries: list[QueryConfig]) -> None:
+    """Queries with the same model and weights run one loaded model, so one input size."""
+    first: dict[tuple[Any, Any], tuple[int, QueryConfig]] = {}
+    for i, q in enumerate(queries):
+        if not q.model:
+            continue
+        j, other = first.setdefault((q.model, q.weights), (i, q))
+        if other.input_size != q.input_size:
+            raise ConfigError(f"queries[{i}].input_size",
+                              f"query {q.id!r} runs {q.model} ({q.weights or 'no weights'}) at "
+                              f"{q.input_size or 'its default'} px but query {other.id!r} runs the same model at "
+                              f"{other.input_size or 'its default'} px; one loaded model has one input size")
 
 
 def is_file_source(source: str) -> bool:

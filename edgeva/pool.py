@@ -24,6 +24,7 @@ from edgeva.executor import ModelWorker
 from edgeva.gpu import device_report
 from edgeva.memory import nvml_device_stats, unique_bytes
 from edgeva.merging import BundleError, load_bundle
+from edgeva.merging.bundle import bundle_mismatches
 from edgeva import models as zoo     # zoo.build_model looked up per call, so a stand-in can replace it
 from edgeva.models.device import resolve_device
 from edgeva.models.errors import ModelLoadError, TaskError
@@ -51,6 +52,7 @@ class PoolPlan:
     device: torch.device = torch.device("cpu")   # where the models run (they are built on the host)
     precision: str = "auto"
     precision_min_agreement: float = 0.98
+    bundle_meta: dict[str, Any] = field(default_factory=dict)   # model key -> ModelMeta of the bundle
 
     def scheduler_signature(self) -> tuple[Any, ...]:
         return (tuple((k, id(self.models[k])) for k in sorted(self.models)), self.budget_mb, self.max_batch,
@@ -75,6 +77,7 @@ class ModelPool:
         self._stopped = False
         self.bundle_path: Optional[str] = None
         self.bundle_report: dict[str, Any] = {}
+        self.bundle_meta: dict[str, Any] = {}
         self.device: Optional[torch.device] = None
         self._precision_checked: dict[str, tuple[Any, ...]] = {}   # key -> (model id, precision, threshold)
 
@@ -90,19 +93,27 @@ class ModelPool:
         staged: dict[str, Any] = {}
         bundle = None
         if wanted and cfg.merging.bundle and cfg.merging.bundle != self.bundle_path:
-            bundle = self._read_bundle(cfg, set(wanted))
-            staged.update(bundle.models)
+            bundle = self._read_bundle(cfg)
+            for key, meta in bundle.meta.items():   # under the config's keys (the merge's config may differ)
+                user = next(q for q in cfg.queries if (q.model, q.weights) == (meta.architecture, meta.weights))
+                staged[model_key(user)] = bundle.models[key]
+        elif wanted and cfg.merging.bundle:      # the same bundle, maybe changed queries: it must still fit
+            _check_bundle(cfg, self.bundle_meta)
 
         def model_of(key: str) -> Any:
             return staged[key] if key in staged else self.models.get(key)
 
         for key, (i, q) in wanted.items():
-            if model_of(key) is None:
+            loaded = model_of(key)
+            if loaded is None or (key not in staged and _resized(q, loaded)):
+                # not loaded yet, or loaded at another input size: a new model (the running one is untouched)
                 where = f"queries[{i}].weights" if q.weights else f"queries[{i}].model"
                 try:
                     staged[key] = zoo.build_model(q.model, q.weights, q.download, cfg.gpu.device, place=False)
                 except ModelLoadError as exc:
                     raise ConfigError(where, f"query {q.id!r}: {exc}") from None
+                if q.input_size is not None:
+                    staged[key].input_size = q.input_size
                 _probe(staged[key], where, q.id)
         for i, q in enumerate(cfg.queries):
             if q.task.type != "passthrough":
@@ -119,7 +130,8 @@ class ModelPool:
                         cfg.gpu.simulated_bandwidth_gbps,
                         cfg.merging.bundle if bundle is not None else self.bundle_path,
                         bundle.report if bundle is not None else self.bundle_report,
-                        _device(cfg), cfg.gpu.precision, cfg.gpu.precision_min_agreement)
+                        _device(cfg), cfg.gpu.precision, cfg.gpu.precision_min_agreement,
+                        bundle.meta if bundle is not None else self.bundle_meta)
 
     def replaced_by(self, plan: PoolPlan) -> set[str]:
         """The keys whose port `apply(plan)` will replace (their queries must be rebuilt): a new
@@ -149,7 +161,7 @@ class ModelPool:
             if worker is not None:
                 worker.stop()
         self.models.update(plan.models)
-        self.bundle_path, self.bundle_report = plan.bundle_path, plan.bundle_report
+        self.bundle_path, self.bundle_report, self.bundle_meta = plan.bundle_path, plan.bundle_report, plan.bundle_meta
         if not plan.models:
             self._stop_scheduler()
         elif plan.budget_mb is not None:
@@ -179,18 +191,15 @@ class ModelPool:
             else:
                 worker.reconfigure(max_batch=plan.max_batch, capacity=plan.capacities[key])
 
-    def _read_bundle(self, cfg: Config, keys: set[str]) -> Any:
+    def _read_bundle(self, cfg: Config) -> Any:
         """A merged bundle's models: shared layers are the same tensors in every model using them."""
         try:
             bundle = load_bundle(cfg.merging.bundle, device="cpu")    # placed (or budgeted) like any model
-        except (BundleError, OSError, RuntimeError, KeyError) as exc:
+        except (BundleError, OSError, RuntimeError, KeyError, TypeError) as exc:
             raise ConfigError("merging.bundle", f"cannot load {cfg.merging.bundle}: {exc}") from None
+        _check_bundle(cfg, bundle.meta)
         for model in bundle.models.values():
             model.device = _device(cfg)
-        unused = sorted(set(bundle.models) - keys)
-        if unused:
-            raise ConfigError("merging.bundle", f"the bundle has models no query uses: {', '.join(unused)} "
-                                                f"(merged for another config?)")
         return bundle
 
     def _apply_scheduler(self, plan: PoolPlan, replaced: set[str]) -> None:
@@ -263,9 +272,12 @@ class ModelPool:
             return self._last_memory_stats
         if not self.models:
             return {"budget_bytes": None, "resident_bytes": 0}
-        stats: dict[str, Any] = {"budget_bytes": None, "merged_bundle": self.bundle_path,
-                                 "resident_bytes": unique_bytes([m.module for m in self.models.values()
-                                                                 if getattr(m, "module", None) is not None])}
+        modules = [m.module for m in self.models.values() if getattr(m, "module", None) is not None]
+        resident = unique_bytes(modules)
+        unshared = sum(unique_bytes([m]) for m in modules)   # each model alone: what it would hold unmerged
+        stats: dict[str, Any] = {"budget_bytes": None, "merged_bundle": self.bundle_path, "resident_bytes": resident,
+                                 "unshared_bytes": unshared, "bytes_saved_by_sharing": unshared - resident,
+                                 "saved_fraction": round((unshared - resident) / unshared, 4) if unshared else 0.0}
         devices = {m.device for m in self.models.values() if getattr(m, "device", None) is not None}
         for device in devices:
             if getattr(device, "type", None) == "cuda":
@@ -303,6 +315,24 @@ def _probe(model: Any, where: str, query_id: str) -> None:
             model.device = device
     if len(outputs) != 1:
         raise ConfigError(where, f"query {query_id!r}: the model returned {len(outputs)} outputs for one frame")
+
+
+def _resized(q: Any, loaded: Any) -> bool:
+    """The query asks for another input size than the loaded model runs at: its own, else what a
+    fresh build of a torch model has (an export keeps the size it was exported at; a model
+    without a size has nothing to change)."""
+    have = getattr(loaded, "input_size", None)
+    if have is None:
+        return False
+    if q.input_size is not None:
+        return have != q.input_size
+    return bool(getattr(loaded, "is_torch", False)) and have != zoo.default_input_size(q.model)
+
+
+def _check_bundle(cfg: Config, meta: dict[str, Any]) -> None:
+    problems = bundle_mismatches(meta, cfg.queries)
+    if problems:
+        raise ConfigError("merging.bundle", f"{cfg.merging.bundle} does not match the config: " + "; ".join(problems))
 
 
 def _check_budget(models: dict[str, Any], budget_mb: float) -> None:

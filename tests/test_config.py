@@ -97,7 +97,22 @@ def test_cli_exits_nonzero_naming_the_key_before_starting(tmp_path, clip):
         assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "example.yaml", "gemel_workload.yaml"])
+def test_one_model_runs_at_one_input_size(tmp_path, clip):
+    data = _base(clip)
+    data["queries"] = [{"id": "a", "camera": "cam1", "model": "resnet18", "task": {"type": "classify"}, "input_size": 224},
+                       {"id": "b", "camera": "cam1", "model": "resnet18", "task": {"type": "classify"}, "input_size": 160}]
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, data))
+    assert err.value.path == "queries[1].input_size" and "query 'b'" in err.value.reason and "'a'" in err.value.reason
+    data["queries"][1]["input_size"] = 224
+    assert load_config(_write(tmp_path, data)).queries[1].input_size == 224
+    data["queries"][1]["input_size"] = 8
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, data))
+    assert err.value.path == "queries[1].input_size"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "example.yaml", "gemel_workload.yaml", "family.yaml"])
 def test_shipped_configs_are_valid(name):
     raw = yaml.safe_load((REPO / "configs" / name).read_text())
     cfg = parse_config(raw)  # without base_dir: the clips need not exist for this check

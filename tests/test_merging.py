@@ -284,12 +284,14 @@ def test_cli_analyze_merge_resume_and_load(tmp_path):
     cfg.write_text(f"""
 cameras: [{{id: street, source: {video.name}}}]
 queries:
-  - {{id: a, camera: street, model: mobilenet_v3_small, weights: m0.pt, task: {{type: classify}}, accuracy_target: 0.5}}
-  - {{id: b, camera: street, model: mobilenet_v3_small, weights: m1.pt, task: {{type: classify}}, accuracy_target: 0.5}}
+  - {{id: a, camera: street, model: mobilenet_v3_small, weights: m0.pt, task: {{type: classify}}, accuracy_target: 0.5,
+      input_size: 64}}
+  - {{id: b, camera: street, model: mobilenet_v3_small, weights: m1.pt, task: {{type: classify}}, accuracy_target: 0.5,
+      input_size: 64}}
 """)
     assert merge_main(["--analyze", str(cfg), "--json"]) == 0
     out = tmp_path / "out"
-    common = [str(cfg), "--out", str(out), "--frames", "12", "--input-size", "64", "--steps", "4", "--eval-every", "2",
+    common = [str(cfg), "--out", str(out), "--frames", "12", "--min-heldout", "4", "--steps", "4", "--eval-every", "2",
               "--batch", "4"]
     assert merge_main([*common, "--max-trials", "1"]) == 0
     assert len(json.loads((out / "progress.json").read_text())["attempts"]) == 1
@@ -300,3 +302,129 @@ queries:
     bundle = load_bundle(out / "bundle.pt")
     assert len(bundle.models) == 2
     assert bundle.resident_bytes() == report["memory"]["bytes_after"]
+
+
+# ------------------------------------------------- block chains, scoped retraining, resolution
+
+def test_block_chain_reproduces_resnet_and_falls_back_for_a_custom_forward():
+    from edgeva.merging.blocks import BlockChain
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=3).eval()
+    x = torch.randn(2, 3, 64, 64)
+    chain = BlockChain.of(net, x)
+    names = chain.block_names()
+    assert "layer4.1" in names and "layer1.0" in names and names[-1] == "fc"
+    assert chain.block_of("layer4.1.conv2") == names.index("layer4.1")
+    with torch.no_grad():
+        want = net(x)
+        for k in (0, names.index("layer3.0"), names.index("fc")):
+            assert torch.allclose(chain.run(chain.run(x, 0, k), k), want, atol=1e-5)
+    fingerprints = chain.fingerprints("s")
+    with torch.no_grad():
+        net.layer4[1].conv2.weight.add_(1e-3)
+    after = chain.fingerprints("s")
+    k = names.index("layer4.1")
+    assert after[:k + 1] == fingerprints[:k + 1] and after[k + 1] != fingerprints[k + 1]
+    assert len(BlockChain.of(TinyNet().eval(), torch.randn(2, 3, SIZE, SIZE))) == 1   # relu between its heads
+
+
+def test_share_group_mean_init_starts_at_the_members_mean():
+    from edgeva.merging.sharing import share_group
+
+    a, b = TinyNet(), TinyNet()
+    wa, wb = a.head.weight.detach().clone(), b.head.weight.detach().clone()
+    group = next(g for g in analyse_modules({"a": a, "b": b}).groups if g.members[0].path == "head")
+    share_group({"a": a, "b": b}, group, init="mean")
+    assert a.head.weight is b.head.weight
+    assert torch.allclose(a.head.weight, (wa + wb) / 2)
+
+
+def _resnet_family(camera: CameraFrames, n: int = 2) -> dict[str, TorchvisionClassifier]:
+    """Copies of one base whose layer3/layer4/fc drifted, as per-camera fine-tuning leaves them. The
+    base's head splits the camera's frames along their features' main direction, so the answers
+    vary from frame to frame (a random-init head would answer one class everywhere)."""
+    from edgeva.models.preprocess import resize_normalise
+
+    torch.manual_seed(5)
+    net = torchvision.models.resnet18(num_classes=2).eval()
+    with torch.no_grad():
+        net.fc = nn.Identity()
+        feats = net(resize_normalise(camera.train, 64))
+        centred = feats - feats.mean(0)
+        direction = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+        proj = centred @ direction
+        scale = 4.0 / proj.std()
+        net.fc = nn.Linear(512, 2)
+        net.fc.weight.copy_(torch.stack([direction, -direction]) * scale)
+        middle = (feats.mean(0) @ direction + proj.median()) * scale
+        net.fc.bias.copy_(torch.stack([-middle, middle]))
+    base = net.state_dict()
+    models = {}
+    for i in range(n):
+        copy = torchvision.models.resnet18(num_classes=2)
+        g = torch.Generator().manual_seed(10 + i)
+        state = {k: (v + 0.3 * v.std() * torch.randn(v.shape, generator=g)
+                     if k.startswith(("layer3", "layer4")) and v.is_floating_point() and v.ndim > 1 else v)
+                 for k, v in base.items()}
+        copy.load_state_dict(state)
+        models[f"resnet18@copy{i}"] = TorchvisionClassifier("resnet18", copy.eval(), ["a", "b"], 64, None,
+                                                            torch.device("cpu"))
+    return models
+
+
+def test_a_step_retrains_only_the_blocks_from_its_first_shared_layer_on_cached_activations(camera):
+    models = _resnet_family(camera)
+    before = {k: {n: p.detach().clone() for n, p in m.module.named_parameters()} for k, m in models.items()}
+    queries = [QuerySpec(f"q{i}", k, "cam", TaskConfig(type="classify"), 1.0) for i, k in enumerate(models)]
+    wl = Workload(models, queries, {"cam": camera}, {k: "resnet18" for k in models})
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=4, eval_every=2, batch_size=4, patience=5))
+    state = merger.initial_state()
+    first = state.queue[0]
+    assert all(p.startswith("layer4.") for g in first.groups for p in [g.members[0].path])
+    state.queue = deque([first])
+    hits = merger.cache.hits
+    state = merger.run(state)
+    attempt = state.attempts[0]
+    assert attempt.train_steps > 0                      # a target of 1.0 is not met by sharing alone
+    start = min(attempt.trained_from.values())
+    assert start.startswith("layer4.")
+    scoped = {n for n, _ in models["resnet18@copy0"].module.named_parameters()
+              if n.startswith(start + ".") or n.startswith(("layer4.1", "fc"))}
+    per_model = sum(p.numel() * 4 for n, p in models["resnet18@copy0"].module.named_parameters() if n in scoped)
+    shared = sum(g.signature.param_bytes for g in first.groups)
+    assert attempt.trained_bytes == 2 * per_model - shared   # both models' blocks, the shared tensors once
+    assert merger.cache.hits > hits                         # held-out and training activations came from the cache
+    if attempt.outcome != "accepted":                       # rolled back bit for bit
+        for k, m in models.items():
+            for n, p in m.module.named_parameters():
+                assert torch.equal(p, before[k][n]), n
+    for k, m in models.items():                             # blocks before the step never change
+        for n, p in m.module.named_parameters():
+            if n.startswith(("conv1", "bn1", "layer1", "layer2", "layer3")):
+                assert torch.equal(p, before[k][n]), n
+
+
+def test_heldout_split_keeps_at_least_min_heldout_frames(tmp_path):
+    from edgeva.merging.workload import read_camera_frames
+    from edgeva.synthetic import SceneSpec, write_clip
+
+    clip = write_clip(SceneSpec(width=64, height=64, seconds=5, fps=8, seed=1), tmp_path / "c.mp4")
+    frames = read_camera_frames(str(clip), 40, None, min_heldout=25)
+    assert len(frames.heldout) == 25 and len(frames.train) == 15
+    assert read_camera_frames(str(clip), 40, None).heldout.__len__() == 12     # 30 % by default
+
+
+def test_distil_on_all_cameras_trains_each_model_on_every_cameras_frames(specialised, camera):
+    other = CameraFrames(train=make_frames(40, seed=7), heldout=make_frames(12, seed=8))
+    models = {k: copy_model(specialised[k]) for k in ("tiny@quadrant", "tiny@channel")}
+    queries = [QuerySpec("q-a", "tiny@quadrant", "cam", TaskConfig(type="classify"), 0.5),
+               QuerySpec("q-b", "tiny@channel", "side", TaskConfig(type="classify"), 0.5)]
+    wl = Workload(models, queries, {"cam": camera, "side": other}, {k: "tinynet" for k in models})
+    own = IncrementalMerger(wl, MergeSettings(train_steps=0))
+    assert len(own.teachers["tiny@quadrant"].inputs) == len(camera.train)
+    assert len(own.teachers["tiny@channel"].inputs) == len(other.train)
+    everywhere = IncrementalMerger(wl, MergeSettings(train_steps=0, distil_on="all"))
+    for key in models:
+        assert len(everywhere.teachers[key].inputs) == len(camera.train) + len(other.train)
+    assert len(everywhere.references["q-b"]) == len(other.heldout)     # agreement stays on the query's camera

@@ -1,24 +1,30 @@
 #!/usr/bin/env python
-"""Benchmark Gemel-style merging on configs/gemel_workload.yaml.
+"""Benchmark Gemel-style merging the way a fleet would use it.
 
-Part 1 (analysis, seconds): builds every model of the workload (architecture only), lists the
-groups of identical layers, and measures resident weight bytes before/after sharing *all* of
-them (Gemel's MaxMerge, no retraining; distinct storages on CPU, CUDA allocation when present).
+Part 1 (analysis, seconds): configs/gemel_workload.yaml's models (architecture only): groups of
+identical layers, and resident bytes measured before/after sharing all of them (MaxMerge).
 
-Part 2 (incremental merge, --time-budget): a retrainable variant of the workload, one
-architecture (--arch) with different weights per camera: each copy starts from its own seed and
-is briefly trained toward its own synthetic target on its camera's frames (quartile of a region
-contrast: diagonal / left-right / top-bottom), so outputs differ and are not degenerate. Then the same code
-path as `edgeva merge` runs with the budget; resident bytes before/after (measured), per-query
-agreement and merge time are printed.
+Part 2 (merge): the model family of configs/family.yaml (tools/make_family.py builds it into
+var/family/ the first time: a detector-labelled ResNet18 base and five per-camera / per-task
+copies fine-tuned from it on three cameras) merged by `edgeva merge` within --time-budget seconds (the whole
+command: frames, originals' outputs, merge steps, final check) at each query's configured input
+size (224 px), agreement checked on >= 200 held-out frames per camera.
 
-    .venv/bin/python tools/bench_merge.py --time-budget 150
+Part 3 (daemon): `edgeva run` on the eval/ clips (never used for tuning or merging), once with
+the unmerged weights and once with the bundle, every frame inferred; `edgeva stats` of the
+merged run gives the resident bytes the daemon measured after loading the bundle, and the two
+runs' per-frame results are compared with each query's own agreement function.
+
+    nice -n 10 .venv/bin/python tools/bench_merge.py --time-budget 1200
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,33 +38,22 @@ import yaml  # noqa: E402
 
 from edgeva.config import load_config  # noqa: E402
 from edgeva.merging import analyse_modules, format_analysis, merge_main, resident_weight_bytes  # noqa: E402
+from edgeva.merging.merger import wilson_lower_bound  # noqa: E402
 from edgeva.merging.sharing import share_group  # noqa: E402
-from edgeva.merging.workload import read_camera_frames, workload_from_config  # noqa: E402
-from edgeva.models import build_model  # noqa: E402
-from edgeva.models.preprocess import resize_normalise  # noqa: E402
+from edgeva.merging.workload import workload_from_config  # noqa: E402
+from edgeva.models.tasks import TASKS  # noqa: E402
 
-
-def region_feature(kind: str, img: np.ndarray) -> float:
-    g = img.mean(axis=2)
-    h, w = g.shape[0] // 2, g.shape[1] // 2
-    if kind == "quadrant":       # diagonal contrast
-        return float(g[:h, :w].mean() + g[h:, w:].mean() - g[:h, w:].mean() - g[h:, :w].mean())
-    if kind == "strip":          # left vs right
-        return float(g[:, :w].mean() - g[:, w:].mean())
-    return float(g[:h].mean() - g[h:].mean())  # band: top vs bottom
-
-
-def quartile_labels(kind: str, frames: list[np.ndarray]) -> torch.Tensor:
-    """4 balanced classes on every camera: the quartile of a region contrast among its frames."""
-    values = np.array([region_feature(kind, f) for f in frames])
-    edges = np.quantile(values, [0.25, 0.5, 0.75])
-    return torch.tensor(np.searchsorted(edges, values), dtype=torch.long)
+EVAL = REPO_ROOT.parent / "shared" / "videos" / "eval"
+EVAL_CAMERAS = {   # family camera -> the eval clip it watches in part 3 (the two shortest: ~1700 inferences a run)
+    "highway": "degirum_Traffic.mp4",
+    "crossing": "intel_car-detection.mp4",
+    "corridor": "intel_car-detection.mp4",
+}
 
 
 def part1_analysis(config: Path) -> dict:
     t0 = time.monotonic()
-    cfg = load_config(config)
-    wl = workload_from_config(cfg, read_frames=False)
+    wl = workload_from_config(load_config(config), read_frames=False)
     analysis = analyse_modules(wl.modules, wl.architectures)
     print(format_analysis(analysis, limit=15))
     before = resident_weight_bytes(wl.modules.values())
@@ -67,97 +62,137 @@ def part1_analysis(config: Path) -> dict:
     after = resident_weight_bytes(wl.modules.values())
     out = {"models": len(wl.models), "groups": len(analysis.groups), "analysed_saving": analysis.total_bytes_saved,
            "measured_before": before, "measured_after": after, "seconds": round(time.monotonic() - t0, 1)}
-    if torch.cuda.is_available():
-        import copy
-
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        merged = [m.to("cuda") for m in copy.deepcopy(list(wl.modules.values()))]
-        out["cuda_merged_bytes"] = torch.cuda.memory_allocated() - base
-        del merged
     print(f"\nMaxMerge (all groups, no retraining): resident weights {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
           f"measured (saved {(before - after) / 2**20:.1f} MiB = {100 * (before - after) / before:.1f}%; analysed "
           f"{analysis.total_bytes_saved / 2**20:.1f} MiB) in {out['seconds']}s")
     return out
 
 
-def specialise(arch: str, seed: int, frames: list[np.ndarray], target: str, size: int, steps: int) -> dict:
-    torch.manual_seed(seed)
-    model = build_model(arch)
-    net = model.module.train()
-    x = resize_normalise(frames, size)
-    y = quartile_labels(target, frames)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(len(x), (16,), generator=gen)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-        opt.step()
-    net.eval()
-    with torch.no_grad():
-        top1 = net(x).argmax(1)
-    print(f"  {arch} seed {seed} -> {target}: train accuracy {(top1 == y).float().mean():.2f}, "
-          f"{len(set(top1.tolist()))} distinct labels")
-    return net.state_dict()
-
-
-def part2_merge(config: Path, args: argparse.Namespace) -> dict:
+def part2_merge(config: Path, out: Path, args: argparse.Namespace) -> dict:
     cfg = load_config(config)
-    work = REPO_ROOT / "var" / "merge_bench"
-    (work / "weights").mkdir(parents=True, exist_ok=True)
-    cameras = [c for c in cfg.cameras if c.id in ("highway", "junction", "crossing")]
-    targets = ["quadrant", "strip", "band"]
+    missing = [q.weights for q in cfg.queries if q.weights and not Path(q.weights).exists()]
+    if missing:
+        print(f"building the family (missing {len(missing)} weights files) ...", flush=True)
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_family.py")], check=True)
+        print(f"family built in {time.monotonic() - t0:.0f}s")
+    argv = [str(config), "--out", str(out), "--time-budget", str(args.time_budget), "--steps", str(args.steps),
+            "--eval-every", str(args.eval_every), "--lr", str(args.lr), "--batch", str(args.batch),
+            "--threads", str(args.threads), "--distil-on", args.distil_on]
     t0 = time.monotonic()
-    queries = []
-    for i, (cam, target) in enumerate(zip(cameras, targets)):
-        weights = work / "weights" / f"{args.arch}_{cam.id}.pt"
-        if not weights.exists() or args.refresh:
-            frames = read_camera_frames(cam.source, 96, 160).train
-            torch.save(specialise(args.arch, 100 + i, frames, target, args.input_size, args.specialise_steps), weights)
-        queries.append({"id": f"{target}-{cam.id}", "camera": cam.id, "model": args.arch, "weights": str(weights),
-                        "task": {"type": "classify"}, "accuracy_target": args.target})
-    derived = {"cameras": [{"id": c.id, "source": c.source} for c in cameras], "queries": queries}
-    derived_path = work / "retrain.yaml"
-    derived_path.write_text(yaml.safe_dump(derived, sort_keys=False))
-    print(f"specialised weights ready in {time.monotonic() - t0:.1f}s; derived config {derived_path}")
-    out = work / "out"
-    argv = [str(derived_path), "--out", str(out), "--frames", str(args.frames), "--input-size", str(args.input_size),
-            "--steps", str(args.steps), "--eval-every", "10", "--lr", str(args.lr), "--threads", str(args.threads)]
-    if args.time_budget:
-        argv += ["--time-budget", str(args.time_budget)]
     merge_main(argv)
-    return json.loads((out / "report.json").read_text())
+    wall = time.monotonic() - t0
+    report = json.loads((out / "report.json").read_text())
+    report["time"]["bench_wall_s"] = round(wall, 1)
+    return report
+
+
+def _run_daemon(cfg: dict, tmp: Path, name: str) -> tuple[dict, Path, float]:
+    """`edgeva run` until the clips end; `edgeva stats --json` taken once the models are loaded."""
+    db = tmp / f"{name}.db"
+    endpoint = f"ipc://{tmp}/{name}.sock"
+    cfg = dict(cfg, stats={"endpoint": endpoint}, sinks={"sqlite": str(db), "flush_s": 0.5})
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    exe = [sys.executable, "-m", "edgeva"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen([*exe, "run", "--config", str(path), "--until-end"], env=dict(os.environ),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stats = None
+    while proc.poll() is None:
+        time.sleep(2)
+        got = subprocess.run([*exe, "stats", "--json", "--endpoint", endpoint, "--timeout", "5"],
+                             capture_output=True, text=True)
+        if got.returncode == 0:
+            snap = json.loads(got.stdout)
+            if snap.get("memory", {}).get("resident_bytes"):
+                stats = snap
+                latest = snap
+                while proc.poll() is None:            # keep the last snapshot for the frame counts
+                    time.sleep(3)
+                    again = subprocess.run([*exe, "stats", "--json", "--endpoint", endpoint, "--timeout", "5"],
+                                           capture_output=True, text=True)
+                    if again.returncode == 0:
+                        latest = json.loads(again.stdout)
+                stats["last"] = latest
+                break
+    _, err = proc.communicate()
+    if proc.returncode != 0 or stats is None:
+        raise RuntimeError(f"edgeva run ({name}) failed: rc {proc.returncode}\n{err[-2000:]}")
+    return stats, db, time.monotonic() - t0
+
+
+def part3_daemon(config: Path, bundle: Path) -> dict:
+    from edgeva.sinks import read_results
+
+    raw = yaml.safe_load(config.read_text())
+    base = config.parent
+    cams = {c["id"]: c for c in raw["cameras"]}
+    eval_cfg = {
+        "cameras": [{"id": cid, "source": str(EVAL / EVAL_CAMERAS[cid]), "replay": "fast"} for cid in cams],
+        "queries": [dict(q, weights=str((base / q["weights"]).resolve()), filter={"enabled": False},
+                         sla={"latency_ms": 600000}, queue=64) for q in raw["queries"]],
+        "gpu": {"device": "cpu", "max_batch": 8},
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="edgeva-merge-run-"))
+    unmerged, db_a, secs_a = _run_daemon(eval_cfg, tmp, "unmerged")
+    merged, db_b, secs_b = _run_daemon(dict(eval_cfg, merging={"bundle": str(bundle.resolve())}), tmp, "merged")
+    per_query = {}
+    for q in raw["queries"]:
+        agree = TASKS[q["task"]["type"]].agreement
+        a = {r["seq"]: r["value"] for r in read_results(db_a, q["id"], limit=10**6) if r["outcome"] == "inferred"}
+        b = {r["seq"]: r["value"] for r in read_results(db_b, q["id"], limit=10**6) if r["outcome"] == "inferred"}
+        both = sorted(set(a) & set(b))
+        values = [agree(a[s], b[s]) for s in both]
+        mean = float(np.mean(values)) if values else float("nan")
+        labels_a = [a[s]["label"] if isinstance(a[s], dict) else a[s] for s in both]
+        per_query[q["id"]] = {"frames": len(both), "agreement": round(mean, 4),
+                              "lower_bound": round(wilson_lower_bound(mean, len(both)), 4),
+                              "unmerged_majority_fraction": round(max(labels_a.count(v) for v in set(labels_a))
+                                                                  / len(labels_a), 3) if labels_a else None,
+                              "clip": EVAL_CAMERAS[q["camera"]]}
+    mem_a, mem_b = unmerged["memory"], merged["memory"]
+    return {"unmerged_resident_bytes": mem_a["resident_bytes"], "merged_resident_bytes": mem_b["resident_bytes"],
+            "merged_stats_bytes_saved_by_sharing": mem_b.get("bytes_saved_by_sharing"),
+            "merged_stats_unshared_bytes": mem_b.get("unshared_bytes"),
+            "saved_fraction": round(1 - mem_b["resident_bytes"] / mem_a["resident_bytes"], 4),
+            "seconds": {"unmerged": round(secs_a, 1), "merged": round(secs_b, 1)},
+            "queries": per_query,
+            "frames_in": {q: s["frames_in"] for q, s in merged["last"]["queries"].items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "gemel_workload.yaml")
+    p.add_argument("--analysis-config", type=Path, default=REPO_ROOT / "configs" / "gemel_workload.yaml")
+    p.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "family.yaml")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "var" / "merge" / "family")
     p.add_argument("--skip-analysis", action="store_true")
-    p.add_argument("--skip-merge", action="store_true")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--input-size", type=int, default=64)
-    p.add_argument("--frames", type=int, default=60)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--target", type=float, default=0.9)
-    p.add_argument("--specialise-steps", type=int, default=60)
-    p.add_argument("--time-budget", type=float, default=150.0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--refresh", action="store_true", help="re-train the specialised weights")
+    p.add_argument("--skip-merge", action="store_true", help="reuse the bundle in --out")
+    p.add_argument("--skip-daemon", action="store_true")
+    p.add_argument("--time-budget", type=float, default=1200.0)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--distil-on", choices=("own", "all"), default="all")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    summary = {}
+    summary: dict = {}
     if not args.skip_analysis:
-        summary["analysis"] = part1_analysis(args.config)
+        summary["analysis"] = part1_analysis(args.analysis_config)
     if not args.skip_merge:
-        report = part2_merge(args.config, args)
+        report = part2_merge(args.config, args.out, args)
         mem = report["memory"]
         summary["merge"] = {"bytes_before": mem["bytes_before"], "bytes_after": mem["bytes_after"],
                             "saved_fraction": round(mem["saved_fraction"], 4), "groups_merged": report["groups_merged"],
-                            "trials": len(report["attempts"]), "merge_s": report["time"]["merge_s"],
-                            "agreement": {q: v["agreement_after"] for q, v in report["queries"].items()}}
+                            "trials": len(report["attempts"]), "time": report["time"],
+                            "agreement": {q: [v["agreement_after"], v["lower_bound_after"], v["heldout_frames"]]
+                                          for q, v in report["queries"].items()}}
+    if not args.skip_daemon:
+        summary["daemon"] = part3_daemon(args.config, args.out / "bundle.pt")
     print("\nsummary:", json.dumps(summary, indent=1))
+    (args.out / "bench_summary.json").write_text(json.dumps(summary, indent=1))
     return 0
 
 

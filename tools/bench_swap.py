@@ -1,19 +1,25 @@
 #!/usr/bin/env python3
-"""Swap-aware scheduling benchmark: fraction of frames processed within their SLA when a
-workload's weights get only a fraction (default 50%) of their size as device memory.
+"""Swap-scheduling ablation: frames processed within their SLA when the model family of
+configs/family.yaml (five ResNet18 copies fine-tuned from one base, tools/make_family.py) gets
+only a fraction (default 50 %) of its unmerged weights as device memory. Each row adds one
+mechanism to the one above; same queries, frames (the family's own camera clips), fps, SLA,
+budget and simulated bandwidth:
 
-Modes (same queries, frames, budget):
-  a  whole-model round-robin swap: LRU whole-model eviction, load then run, fixed order
-  b  a + merged layers: the two resnet18 queries share their conv layers (Gemel-style:
-     identical Conv2d modules become one object; BatchNorm and heads stay private)
-  c  b + layer-granular Belady eviction, swap-aware order, pipelined (PipeSwitch) loads
+  lru      whole-model swaps, LRU eviction, load then run, fixed round-robin order
+  belady   whole-model swaps, Belady eviction (farthest next use in the known cycle; MRU for a
+           round robin): the strongest whole-model policy
+  layers   + layer granularity: evict single layer tensors, Belady
+  order    + swap-aware order: the next model by deadline urgency and bytes it must load
+  pipe     + pipelined loads: a model's layers load in execution order while earlier ones run
+  merged   + merged layers: the models come from the bundle `edgeva merge configs/family.yaml`
+           wrote (tools/bench_merge.py), so layers they share are resident once
 
-On the CPU transfers are simulated at --bandwidth-gbps (sleeps on the loader thread, so
-compute continues meanwhile); on CUDA they are real and measured. The default 1 GB/s keeps
-the load/run ratio of a V100 on PCIe Gen3 (ResNet50: 8.3 ms load vs 2.7 ms run, about 3x):
-one shared core here runs ResNet50 at 64 px in ~30 ms, and 102 MB at 1 GB/s takes ~100 ms.
+On the CPU transfers are simulated at --bandwidth-gbps (sleeps on the loader thread, so compute
+continues meanwhile); on CUDA they are real. The default 0.25 GB/s puts a ResNet18's load at ~3x
+its run at 224 px on one shared core here, the load/run ratio of a V100 on PCIe Gen3 (ResNet50:
+8.3 ms load vs 2.7 ms run).
 
-  .venv/bin/python tools/bench_swap.py --duration 20 --plot /tmp/swap_timeline.png
+  nice -n 10 .venv/bin/python tools/bench_swap.py --plot out/swap_timeline.png
 """
 from __future__ import annotations
 
@@ -27,28 +33,30 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
 
-from edgeva.work import WorkItem  # noqa: E402
-from edgeva.memory import MemoryEvent, unique_bytes  # noqa: E402
+from edgeva.config import load_config, model_key  # noqa: E402
+from edgeva.memory import EvictionPolicy, Granularity, MemoryEvent, unique_bytes  # noqa: E402
+from edgeva.merging import load_bundle  # noqa: E402
+from edgeva.merging.workload import read_camera_frames  # noqa: E402
 from edgeva.messages import DropReason, Frame  # noqa: E402
 from edgeva.models.base import ZooModel  # noqa: E402
 from edgeva.models.device import resolve_device  # noqa: E402
 from edgeva.models.zoo import build_model  # noqa: E402
-from edgeva.scheduler import SwapOptions, SwapScheduler  # noqa: E402
+from edgeva.scheduler import ExecutionOrder, SwapOptions, SwapScheduler  # noqa: E402
+from edgeva.work import WorkItem  # noqa: E402
 
-QUERIES = {  # query -> (zoo model, classes in its head)
-    "r18-cars": ("resnet18", 1000),
-    "r18-people": ("resnet18", 10),
-    "r50-trucks": ("resnet50", 1000),
-    "mnv3-bikes": ("mobilenet_v3_large", 1000),
-}
-MODES = {
-    "a": ("whole-model round-robin", False, SwapOptions.whole_model_round_robin()),
-    "b": ("+ merged layers", True, SwapOptions.whole_model_round_robin()),
-    "c": ("+ swap-aware order, Belady layers, pipelined loads", True, SwapOptions()),
+WHOLE, LAYER = Granularity.MODEL, Granularity.BLOCK
+RR, AWARE = ExecutionOrder.ROUND_ROBIN, ExecutionOrder.SWAP_AWARE
+MODES = {  # name -> (label, from the bundle, granularity, eviction, pipelined, order)
+    "lru": ("whole-model LRU", False, WHOLE, EvictionPolicy.LRU, False, RR),
+    "belady": ("whole-model Belady", False, WHOLE, EvictionPolicy.BELADY, False, RR),
+    "layers": ("+ layer granularity", False, LAYER, EvictionPolicy.BELADY, False, RR),
+    "order": ("+ swap-aware order", False, LAYER, EvictionPolicy.BELADY, False, AWARE),
+    "pipe": ("+ pipelined loads", False, LAYER, EvictionPolicy.BELADY, True, AWARE),
+    "merged": ("+ merged layers (edgeva merge bundle)", True, LAYER, EvictionPolicy.BELADY, True, AWARE),
 }
 
 
@@ -80,40 +88,33 @@ class Tally:
         return self.within_sla / self.generated if self.generated else 0.0
 
 
-def build_workload(size: int, merged: bool, device: torch.device) -> dict[str, ZooModel]:
-    torch.manual_seed(0)
-    models: dict[str, ZooModel] = {}
-    for query, (name, classes) in QUERIES.items():
-        model = build_model(name, device="cpu")
-        if classes != 1000:
-            model.module.fc = nn.Linear(model.module.fc.in_features, classes)
-            model.class_names = [str(i) for i in range(classes)]
-        model.input_size = size
-        models[query] = model
-    if merged:
-        share_identical_convs(models["r18-cars"].module, models["r18-people"].module)
+def build_workload(config: Path, bundle: Optional[Path], device: torch.device) -> dict[str, ZooModel]:
+    """query id -> model: the config's weights at its input sizes, or the bundle's merged models."""
+    cfg = load_config(config)
+    queries = [q for q in cfg.queries if q.model]
+    if bundle is not None:
+        merged = load_bundle(bundle)
+        models = {q.id: merged.models[model_key(q)] for q in queries}
+    else:
+        models = {}
+        for q in queries:
+            models[q.id] = build_model(q.model, q.weights)
+            if q.input_size:
+                models[q.id].input_size = q.input_size
     for model in models.values():
         model.to(device)
     return models
 
 
-def share_identical_convs(base: nn.Module, other: nn.Module) -> int:
-    """Make `other` use `base`'s Conv2d/Linear objects where the paths and definitions match
-    (what a Gemel merge ends with); returns the number of shared layers."""
-    base_modules = dict(base.named_modules())
-    shared = 0
-    for name, module in list(other.named_modules()):
-        twin = base_modules.get(name)
-        if (isinstance(module, (nn.Conv2d, nn.Linear)) and type(twin) is type(module)
-                and repr(twin) == repr(module)):
-            parent_name, _, attr = name.rpartition(".")
-            setattr(other.get_submodule(parent_name) if parent_name else other, attr, twin)
-            shared += 1
-    return shared
+def camera_frames(config: Path, per_camera: int) -> dict[str, list[np.ndarray]]:
+    """query id -> real frames of its camera (from the clip's training part)."""
+    cfg = load_config(config)
+    frames = {c.id: read_camera_frames(c.source, per_camera * 2, None).train[:per_camera] for c in cfg.cameras}
+    return {q.id: frames[q.camera] for q in cfg.queries if q.model}
 
 
 def generate(ports: dict[str, Any], tallies: dict[str, Tally], fps: float, sla_s: float, duration_s: float,
-             images: list[np.ndarray], stop: threading.Event) -> None:
+             images: dict[str, list[np.ndarray]], stop: threading.Event) -> None:
     """Frames for every query at `fps`, phases spread over one frame interval."""
     start = time.monotonic()
     interval = 1.0 / fps
@@ -128,7 +129,7 @@ def generate(ports: dict[str, Any], tallies: dict[str, Tally], fps: float, sla_s
             time.sleep(delay)
         key = keys[q]
         now = time.monotonic()
-        frame = Frame(key, seq, time.time(), now, images[seq % len(images)])
+        frame = Frame(key, seq, time.time(), now, images[key][seq % len(images[key])])
         tally = tallies[key]
         with tally.lock:
             tally.generated += 1
@@ -149,18 +150,18 @@ class ModeResult:
 
 
 def run_mode(mode: str, args: argparse.Namespace, device: torch.device, budget: int,
-             images: list[np.ndarray]) -> ModeResult:
-    label, merged, options = MODES[mode]
-    options = SwapOptions(**{**options.__dict__, "bandwidth_bytes_per_s": args.bandwidth_gbps * 1e9,
-                             "max_batch": args.max_batch})
-    models = build_workload(args.size, merged, device)
+             images: dict[str, list[np.ndarray]]) -> ModeResult:
+    label, merged, granularity, eviction, pipelined, order = MODES[mode]
+    options = SwapOptions(granularity=granularity, eviction=eviction, pipelined=pipelined, order=order,
+                          bandwidth_bytes_per_s=args.bandwidth_gbps * 1e9, max_batch=args.max_batch)
+    models = build_workload(args.config, args.bundle if merged else None, device)
     events: list[MemoryEvent] = []
     scheduler = SwapScheduler(models, budget, device=device, options=options, listeners=[events.append])
     scheduler.start()
     warm = {k: Tally(k) for k in models}
     for key in models:                       # one learning run each: profiles and block order
         for _ in range(2):
-            scheduler.port(key).submit(WorkItem(warm[key], Frame(key, -1, 0, time.monotonic(), images[0]),
+            scheduler.port(key).submit(WorkItem(warm[key], Frame(key, -1, 0, time.monotonic(), images[key][0]),
                                                 time.monotonic() + 60))
     while scheduler.pending():
         time.sleep(0.05)
@@ -185,7 +186,7 @@ def plot_timeline(results: list[ModeResult], budget: int, path: Path, window_s: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(QUERIES)
+    keys = sorted({e.model_key for r in results for e in r.events})
     fig, axes = plt.subplots(2 * len(results), 1, figsize=(12, 3.2 * len(results)),
                              gridspec_kw={"height_ratios": [2, 1] * len(results)})
     colours = dict(zip(keys, plt.cm.tab10.colors))
@@ -222,52 +223,62 @@ def plot_timeline(results: list[ModeResult], budget: int, path: Path, window_s: 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=REPO_ROOT / "configs" / "family.yaml")
+    parser.add_argument("--bundle", type=Path, default=REPO_ROOT / "var" / "merge" / "family" / "bundle.pt",
+                        help="the bundle `edgeva merge` wrote for --config")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of frames per mode")
-    parser.add_argument("--fps", type=float, default=10.0, help="frames per second per query")
-    parser.add_argument("--sla-ms", type=float, default=250.0)
-    parser.add_argument("--size", type=int, default=64, help="network input side")
+    parser.add_argument("--fps", type=float, default=4.0, help="frames per second per query")
+    parser.add_argument("--sla-ms", type=float, default=500.0)
     parser.add_argument("--budget-fraction", type=float, default=0.5,
-                        help="device memory budget as a fraction of the unmerged workload's weights")
-    parser.add_argument("--bandwidth-gbps", type=float, default=1.0, help="simulated host-to-device GB/s (CPU)")
-    parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--modes", default="abc")
+                        help="device memory budget as a fraction of the unmerged family's weights")
+    parser.add_argument("--bandwidth-gbps", type=float, default=0.25, help="simulated host-to-device GB/s (CPU)")
+    parser.add_argument("--max-batch", type=int, default=4)
+    parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: spinning OpenMP threads on a shared 2-core box are 20x slower)")
     parser.add_argument("--plot", type=Path, help="timeline PNG")
-    parser.add_argument("--plot-window", type=float, default=3.0)
+    parser.add_argument("--plot-window", type=float, default=8.0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    modes = args.modes.split(",")
+    if "merged" in modes and not args.bundle.exists():
+        parser.error(f"no bundle at {args.bundle}: run tools/bench_merge.py (or edgeva merge) first")
     device = resolve_device(args.device)
-    workload = build_workload(args.size, merged=False, device=torch.device("cpu"))
-    total = unique_bytes(m.module for m in workload.values())
-    merged_total = unique_bytes(m.module for m in build_workload(args.size, True, torch.device("cpu")).values())
+    unmerged = build_workload(args.config, None, torch.device("cpu"))
+    total = unique_bytes(m.module for m in unmerged.values())
+    merged_total = (unique_bytes(m.module for m in build_workload(args.config, args.bundle, torch.device("cpu")).values())
+                    if args.bundle.exists() else None)
     budget = int(total * args.budget_fraction)
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8) for _ in range(8)]
+    images = camera_frames(args.config, 16)
     transfer = "measured (CUDA)" if device.type == "cuda" else f"simulated at {args.bandwidth_gbps} GB/s"
-    print(f"workload: {', '.join(f'{q}={n}' for q, (n, _) in QUERIES.items())}; weights {total / 2**20:.1f} MiB "
-          f"({merged_total / 2**20:.1f} MiB merged); budget {budget / 2**20:.1f} MiB "
-          f"({args.budget_fraction:.0%}); {args.fps:g} fps/query, SLA {args.sla_ms:g} ms, "
-          f"input {args.size}px, device {device}, transfer {transfer}")
+    sizes = sorted({m.input_size for m in unmerged.values()})
+    print(f"workload: {len(unmerged)} queries of {args.config.name} at {sizes} px; weights {total / 2**20:.1f} MiB"
+          + (f" ({merged_total / 2**20:.1f} MiB merged)" if merged_total else "")
+          + f"; budget {budget / 2**20:.1f} MiB ({args.budget_fraction:.0%}); {args.fps:g} fps/query, "
+          f"SLA {args.sla_ms:g} ms, device {device}, transfer {transfer}")
     results = []
-    for mode in args.modes:
+    for mode in modes:
         result = run_mode(mode, args, device, budget, images)
         m = result.stats["memory"]
         batches = [s["mean_batch"] for s in result.stats["models"].values() if s["mean_batch"]]
-        print(f"({mode}) {result.label:52s} within SLA {result.fraction:6.1%}  per query {result.per_query}")
-        print(f"     loaded {m['bytes_loaded'] / 2**20:8.1f} MiB in {m['loads']} groups, "
+        print(f"{mode:>7} {result.label:40s} within SLA {result.fraction:6.1%}  per query {result.per_query}")
+        print(f"        loaded {m['bytes_loaded'] / 2**20:8.1f} MiB in {m['loads']} groups, "
               f"load {m['load_s']:.2f}s run {m['run_s']:.2f}s hidden {m['hidden_load_s']:.2f}s "
               f"(overlap {m['overlap']}), peak resident {m['peak_resident_bytes'] / 2**20:.1f} MiB, "
-              f"mean batch {np.mean(batches) if batches else 0:.2f}")
+              f"mean batch {np.mean(batches) if batches else 0:.2f}", flush=True)
         results.append(result)
-    base = next((r for r in results if r.mode == "a"), None)
-    if base is not None and base.fraction > 0:
-        for r in results:
-            if r is not base:
-                print(f"ratio ({r.mode})/(a) = {r.fraction / base.fraction:.2f}x")
+    print("\n| mode | within SLA | vs whole-model LRU | vs whole-model Belady | MiB loaded |")
+    print("| --- | --- | --- | --- | --- |")
+    by_mode = {r.mode: r for r in results}
+    for r in results:
+        ratios = [f"{r.fraction / by_mode[b].fraction:.2f}x" if b in by_mode and by_mode[b].fraction else "-"
+                  for b in ("lru", "belady")]
+        print(f"| {r.mode}: {r.label} | {r.fraction:.1%} | {ratios[0]} | {ratios[1]} | "
+              f"{r.stats['memory']['bytes_loaded'] / 2**20:.0f} |")
     if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_timeline(results, budget, args.plot, args.plot_window)
         print(f"timeline: {args.plot}")
     return 0

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from .memory import resident_weight_bytes
 from .workload import ModelBuilder, default_builder
 
 BUNDLE_FORMAT = "edgeva-merged-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2     # 2: each model records the input size it was checked at and its weights' sha256
 
 
 class BundleError(RuntimeError):
@@ -35,6 +35,9 @@ class ModelMeta:
     architecture: str
     weights: Optional[str]
     kind: str
+    input_size: int                         # the size agreement was checked at; the daemon must run it so
+    weights_digest: Optional[str] = None    # sha256 of the original weights file when merged
+    queries: list[str] = field(default_factory=list)   # the queries it was merged for
 
 
 @dataclass
@@ -51,6 +54,7 @@ class MergedBundle:
     models: dict[str, ZooModel]
     shared: list[SharedTensors]
     report: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, ModelMeta] = field(default_factory=dict)
 
     @property
     def modules(self) -> dict[str, nn.Module]:
@@ -92,7 +96,8 @@ def read_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path} is not an edgeva merged bundle")
     if data.get("version") != BUNDLE_VERSION:
-        raise BundleError(f"{path}: bundle version {data.get('version')} (this edgeva reads {BUNDLE_VERSION})")
+        raise BundleError(f"{path}: bundle version {data.get('version')} (this edgeva reads {BUNDLE_VERSION}; "
+                          f"version 1 bundles do not record the input size they were checked at: merge again)")
     return data
 
 
@@ -123,16 +128,47 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu",
                 builder: ModelBuilder = default_builder) -> MergedBundle:
     data = read_bundle(path)
     models: dict[str, ZooModel] = {}
-    for key, meta in data["models"].items():
-        weights = meta["weights"]
-        if weights is not None and not Path(weights).exists():
-            raise BundleError(f"model {key}: its original weights file {weights} (needed for the architecture "
+    metas = {key: ModelMeta(**meta) for key, meta in data["models"].items()}
+    for key, meta in metas.items():
+        if meta.weights is not None and not Path(meta.weights).exists():
+            raise BundleError(f"model {key}: its original weights file {meta.weights} (needed for the architecture "
                               f"and class names) is missing")
-        models[key] = builder(meta["architecture"], weights, False, "cpu")
+        models[key] = builder(meta.architecture, meta.weights, False, "cpu")
+        models[key].input_size = meta.input_size
     records = install_state({k: m.module for k, m in models.items()}, data)
     for m in models.values():
         m.to(device)  # Module.to keeps Parameter objects, so sharing survives the move
-    return MergedBundle(models, records, json.loads(data.get("report") or "{}"))
+    return MergedBundle(models, records, json.loads(data.get("report") or "{}"), metas)
+
+
+def bundle_mismatches(meta: Mapping[str, ModelMeta], queries: Iterable[Any]) -> list[str]:
+    """Why a bundle cannot serve these queries (empty: it can). Each of its models must be used by
+    a query of the same architecture and weights file, unchanged since the merge, run at the input
+    size the merge checked agreement at."""
+    from ..models.zoo import default_input_size
+    from .workload import file_digest
+
+    problems: list[str] = []
+    digests: dict[str, Optional[str]] = {}
+    for key, m in meta.items():
+        users = [q for q in queries if q.task.type != "passthrough" and q.model == m.architecture
+                 and q.weights == m.weights]
+        if not users:
+            problems.append(f"no query runs its model {m.architecture} with weights {m.weights} "
+                            f"(merged for {', '.join(m.queries) or 'another config'})")
+            continue
+        for q in users:
+            size = q.input_size or default_input_size(q.model)
+            if size != m.input_size:
+                problems.append(f"query {q.id!r} runs {q.model} at {size} px but the bundle was merged and "
+                                f"checked at {m.input_size} px (set input_size: {m.input_size} or merge again)")
+            if m.weights_digest is not None and q.weights:
+                if q.weights not in digests:
+                    digests[q.weights] = file_digest(q.weights)
+                if digests[q.weights] != m.weights_digest:
+                    problems.append(f"query {q.id!r}: weights file {q.weights} changed since the bundle was "
+                                    f"merged (the bundle holds weights trained from the old file; merge again)")
+    return problems
 
 
 def apply_bundle(model: ZooModel, module: nn.Module) -> ZooModel:

@@ -1,7 +1,13 @@
 """`edgeva merge`: analyse a config's models for identical layers, or merge them incrementally.
 
     edgeva merge --analyze CONFIG [--json] [--limit N]
-    edgeva merge CONFIG [--out DIR] [--time-budget S] [--resume] [--frames N] [--input-size PX] ...
+    edgeva merge CONFIG [--out DIR] [--time-budget S] [--resume] [--frames N] [--min-heldout N] ...
+
+Every model runs at its query's configured input size (`input_size`, else the model's own), and
+agreement is checked there on at least --min-heldout held-out frames per camera (the end of each
+clip); the bundle records that size, and the daemon refuses it for a config that differs.
+--time-budget covers the whole command: reading frames, the originals' outputs, the merge steps
+and the final check through each model's own predict.
 
 The merge writes DIR/bundle.pt (load with `edgeva.merging.load_bundle`), DIR/report.json,
 DIR/report.txt, and after every trial DIR/progress.json (+ DIR/checkpoint.pt after every
@@ -36,9 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default var/merge/<config name>)")
     p.add_argument("--time-budget", type=float, help="seconds for the merge loop; stops between steps")
     p.add_argument("--resume", action="store_true", help="continue from the progress saved in --out")
-    p.add_argument("--frames", type=int, default=48, help="frames sampled per camera (70%% train, 30%% held out)")
-    p.add_argument("--frame-size", type=int, default=160, help="long side the sampled frames are shrunk to")
-    p.add_argument("--input-size", type=int, help="network input size for merging (originals and merged alike)")
+    p.add_argument("--frames", type=int, default=600,
+                   help="frames sampled per camera, evenly over the clip (default 600)")
+    p.add_argument("--min-heldout", type=int, default=200,
+                   help="held out per camera: the clip's last 30%% of frames, and at least this many (default 200)")
+    p.add_argument("--frame-size", type=int, help="shrink sampled frames to this long side (default: native size)")
+    p.add_argument("--init", choices=("mean", "anchor"), default="mean",
+                   help="a shared tensor starts at the members' mean (default) or the first member's weights (Gemel)")
+    p.add_argument("--distil-on", choices=("own", "all"), default="own",
+                   help="distil each model on its own cameras' frames (default) or on every camera's")
     p.add_argument("--steps", type=int, default=60, help="most retraining steps per trial")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--batch", type=int, default=16)
@@ -69,17 +81,22 @@ def merge_main(argv: Optional[list[str]] = None) -> int:
     out = args.out or Path("var/merge") / Path(args.config).stem
     started = time.monotonic()
     workload = workload_from_config(cfg, frames_per_camera=args.frames, frame_long_side=args.frame_size,
-                                    input_size=args.input_size, device=args.device)
+                                    min_heldout=args.min_heldout, device=args.device)
     settings = MergeSettings(train_steps=args.steps, eval_every=args.eval_every, batch_size=args.batch, lr=args.lr,
-                             time_budget_s=args.time_budget, max_trials=args.max_trials, seed=args.seed)
+                             init=args.init, distil_on=args.distil_on, max_trials=args.max_trials, seed=args.seed)
     merger = IncrementalMerger(workload, settings, out_dir=out, progress=lambda m: print(m, file=sys.stderr, flush=True))
     state = merger.resume() if args.resume else None
     setup_s = time.monotonic() - started
-    print(f"{len(workload.models)} models, {len(workload.queries)} queries, {len(merger.analysis.groups)} candidate "
-          f"groups ({merger.analysis.total_bytes_saved / 2**20:.1f} MiB at most); setup {setup_s:.1f}s",
-          file=sys.stderr)
+    if args.time_budget is not None:   # what is left after setup, less the final check (as long as the originals' run)
+        merger.settings.time_budget_s = max(0.0, args.time_budget - setup_s - merger.reference_seconds)
+    sizes = ", ".join(sorted({f"{m.input_size} px" for m in workload.models.values()}))
+    heldout = ", ".join(f"{c} {len(f.heldout)}" for c, f in workload.frames.items())
+    print(f"{len(workload.models)} models at {sizes}, {len(workload.queries)} queries, held-out frames: {heldout}; "
+          f"{len(merger.analysis.groups)} candidate groups ({merger.analysis.total_bytes_saved / 2**20:.1f} MiB at "
+          f"most); setup {setup_s:.1f}s", file=sys.stderr)
     state = merger.run(state)
-    report = build_report(merger, state, setup_s, config=str(args.config))
+    report = build_report(merger, state, setup_s, config=str(args.config), total_budget_s=args.time_budget)
+    report["time"]["total_s"] = round(time.monotonic() - started, 2)
     save_bundle(out / "bundle.pt", merger.modules, state.accepted, merger.meta(), report)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     text = format_report(report)

@@ -16,6 +16,7 @@ from ..models.preprocess import letterbox_batch, resize_normalise
 
 class DistillAdapter(Protocol):
     def inputs(self, frames: list[np.ndarray]) -> torch.Tensor: ...
+    def head(self, raw: object) -> torch.Tensor: ...
     def outputs(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor: ...
     def loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor: ...
 
@@ -30,9 +31,11 @@ class ClassifierAdapter:
     def inputs(self, frames: list[np.ndarray]) -> torch.Tensor:
         return resize_normalise(frames, self.input_size)
 
+    def head(self, raw: object) -> torch.Tensor:
+        return getattr(raw, "logits", raw).float()
+
     def outputs(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        out = module(x)
-        return getattr(out, "logits", out).float()
+        return self.head(module(x))
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         t = self.temperature
@@ -51,9 +54,11 @@ class UltralyticsAdapter:
     def inputs(self, frames: list[np.ndarray]) -> torch.Tensor:
         return letterbox_batch(frames, self.input_size, self.stride)[0]
 
+    def head(self, raw: object) -> torch.Tensor:
+        return (raw[0] if isinstance(raw, (tuple, list)) else raw).float()
+
     def outputs(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        out = module(x)
-        return (out[0] if isinstance(out, (tuple, list)) else out).float()
+        return self.head(module(x))
 
     def loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         s_box, s_cls = student[:, :4] / self.input_size, student[:, 4:]

@@ -1,13 +1,17 @@
 """Incremental merging (Gemel's heuristic) with label-free retraining by distillation.
 
-Each trial shares one candidate's layers, checks every affected query's agreement with its
-original on held-out frames, retrains the affected models jointly (distilling from the
-originals' cached outputs, loss weighted toward lagging queries) until all targets hold or the
-step budget ends, then accepts the trial or undoes it and backs off.
+Each trial shares one candidate's layers (starting from the members' mean, or the anchor's
+weights), checks every affected query's agreement with its original on held-out frames at the
+model's configured input size, retrains only what the trial changed -- the blocks from the
+first shared layer on, fed with cached activations of the untouched blocks before it -- jointly
+for all affected models (distilling from the originals' cached outputs, loss weighted toward
+lagging queries) until all targets hold, the step budget ends or agreement stops improving,
+then accepts the trial or undoes it and backs off.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -19,16 +23,30 @@ import torch
 
 from ..models.tasks import Task, build_task
 from .analysis import Analysis, SharingGroup, analyse_modules
+from .blocks import ActivationCache
 from .bundle import ModelMeta, install_state, read_bundle, save_bundle
-from .distill import DistillAdapter, TeacherCache, adapter_for
+from .distill import adapter_for
 from .memory import MemoryMeasurement, cuda_loaded_bytes, resident_weight_bytes
 from .planner import Candidate, back_off, plan_candidates
+from .runner import ModelRunner
 from .sharing import Snapshot, share_group, sharing_closure
-from .workload import Workload
+from .workload import Workload, file_digest
 
 CHECKPOINT_BUNDLE = "checkpoint.pt"
+Z_95 = 1.96
 PROGRESS_FILE = "progress.json"
 Progress = Callable[[str], None]
+
+
+def wilson_lower_bound(mean: float, n: int, z: float = Z_95) -> float:
+    """Wilson score lower bound of an agreement measured as a mean over n frames (exact for 0/1
+    agreements; for fractional ones their variance is at most mean * (1 - mean), so it is safe)."""
+    if n <= 0:
+        return 0.0
+    denom = 1.0 + z * z / n
+    centre = mean + z * z / (2 * n)
+    margin = z * math.sqrt(max(0.0, mean * (1 - mean)) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - margin) / denom)
 
 
 @dataclass
@@ -39,6 +57,10 @@ class MergeSettings:
     lr: float = 3e-4
     lag_floor: float = 0.05          # epsilon in the loss weight max(0, target - agreement) + epsilon
     max_layers_per_step: int = 8
+    init: str = "mean"               # shared tensor starts at: mean (of the members) | anchor (Gemel)
+    patience: int = 2                # checks without a better worst gap before a trial gives up
+    distil_on: str = "own"           # frames a model is distilled on: own (its queries' cameras) | all cameras
+    cache_bytes: int = 2 * 2**30     # cached activations entering blocks (LRU beyond this)
     time_budget_s: Optional[float] = None
     max_trials: Optional[int] = None
     seed: int = 0
@@ -58,6 +80,10 @@ class Attempt:
     seconds: float
     outcome: str                            # accepted | backed off: ... | skipped | aborted (time budget)
     failing_queries: list[str] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)          # module paths shared (in the first model)
+    lower_bound_final: dict[str, float] = field(default_factory=dict)   # Wilson 95 % lower bound
+    trained_from: dict[str, str] = field(default_factory=dict)          # model -> first retrained block
+    trained_bytes: int = 0                  # distinct parameter bytes the retraining changed
 
 
 @dataclass
@@ -84,13 +110,25 @@ class IncrementalMerger:
         self.tasks: dict[str, Task] = {q.query_id: build_task(q.task, workload.models[q.model_key], q.query_id)
                                        for q in workload.queries}
         self.targets = {q.query_id: q.target for q in workload.queries}
-        self.references = {q.query_id: self._values(q.model_key, q.camera, q.query_id) for q in workload.queries}
-        self.adapters: dict[str, Optional[DistillAdapter]] = {k: adapter_for(m) for k, m in workload.models.items()}
-        self.teachers: dict[str, TeacherCache] = {}
-        for key, adapter in self.adapters.items():
-            frames = workload.train_frames_of(key)
-            if adapter is not None and frames:
-                self.teachers[key] = TeacherCache.build(adapter, self.modules[key], frames, self.device)
+        self.cache = ActivationCache(settings.cache_bytes)
+        plan = plan_candidates(self.analysis.groups, settings.max_layers_per_step)
+        self.runners: dict[str, ModelRunner] = {}
+        for key, model in workload.models.items():
+            cameras = list(dict.fromkeys(q.camera for q in workload.queries_of(key)))
+            # "all": the merged model must agree with its original on any camera's frames, not
+            # only its own (a model meets other scenes when cameras are re-pointed or moved)
+            distil = list(workload.frames) if settings.distil_on == "all" else cameras
+            runner = ModelRunner(key, model, adapter_for(model), {c: workload.frames[c].heldout for c in cameras},
+                                 [f for c in distil for f in workload.frames[c].train], distil, self.cache)
+            # the activations the planned steps start from are kept while the originals run
+            runner.stash_at({runner.start_of([m.path for g in c.groups for m in g.members if m.model == key])
+                             for c in plan if key in c.models})
+            runner.prepare()
+            self.runners[key] = runner
+        started = time.monotonic()
+        self.references = {q.query_id: self._values(q.query_id) for q in workload.queries}
+        self.reference_seconds = time.monotonic() - started
+        self.teachers = {k: r.teacher for k, r in self.runners.items() if r.teacher is not None}
 
     # ------------------------------------------------------------------ run
     def initial_state(self) -> MergeState:
@@ -136,47 +174,95 @@ class IncrementalMerger:
     # --------------------------------------------------------------- trial
     def _try(self, candidate: Candidate, state: MergeState, index: int, deadline: Optional[float]) -> Attempt:
         t0 = time.monotonic()
-        affected = sharing_closure([*state.accepted, *candidate.groups], candidate.models)
-        snapshot = Snapshot.take(self.modules, affected)
+        closure = sharing_closure([*state.accepted, *candidate.groups], candidate.models)
+        snapshot = Snapshot.take(self.modules, closure)
         for g in candidate.groups:
-            share_group(self.modules, g)
-        shared = self._agreements(affected)
+            share_group(self.modules, g, init=self.settings.init)
+        starts, trainable = self._scope(candidate, closure)
+        shared = self._agreements(starts)
         final, steps, aborted = dict(shared), 0, False
-        if not self._all_met(final):
-            if all(k in self.teachers for k in affected):
-                final, steps, aborted = self._retrain(affected, final, deadline, seed=self.settings.seed + index)
+        if not self._all_met(final) and all(k in self.teachers for k in starts):
+            final, steps, aborted = self._retrain(starts, trainable, final, deadline, seed=self.settings.seed + index)
         failing = [q for q, a in final.items() if a < self.targets[q]]
         if aborted or failing:
             snapshot.restore(self.modules, candidate.groups)
         outcome = "aborted (time budget)" if aborted else ("accepted" if not failing else "failed")
+        n = {q.query_id: len(self.references[q.query_id]) for q in self.workload.queries}
         return Attempt(index, candidate.origin, candidate.describe(), list(candidate.models),
                        [g.group_id for g in candidate.groups], candidate.bytes_saved, shared, final, steps,
-                       round(time.monotonic() - t0, 2), outcome, failing)
+                       round(time.monotonic() - t0, 2), outcome, failing,
+                       layers=[g.members[0].path for g in candidate.groups],
+                       lower_bound_final={q: round(wilson_lower_bound(a, n[q]), 4) for q, a in final.items()},
+                       trained_from={k: self.runners[k].block_name(s) for k, s in starts.items()},
+                       trained_bytes=sum(p.numel() * p.element_size() for p in trainable))
 
-    def _retrain(self, affected: set[str], agreement: dict[str, float], deadline: Optional[float], seed: int
-                 ) -> tuple[dict[str, float], int, bool]:
+    def _scope(self, candidate: Candidate, closure: set[str]) -> tuple[dict[str, int], list[torch.nn.Parameter]]:
+        """Which models a trial changes and from which block, and the parameters it may retrain:
+        every block from the first shared layer on in the candidate's models; in the others only
+        the tensors they share with those."""
+        starts: dict[str, int] = {}
+        for key in candidate.models:
+            paths = [m.path for g in candidate.groups for m in g.members if m.model == key]
+            starts[key] = self.runners[key].start_of(paths)
+        trainable = {id(p): p for k, s in starts.items() for p in self.runners[k].trainable(s)}
+        for key in closure - set(starts):
+            runner = self.runners[key]
+            touched = [runner.start_of([path]) for path, p in runner.model.module.named_parameters() if id(p) in trainable]
+            if touched:
+                starts[key] = min(touched)
+        return starts, list(trainable.values())
+
+    def _retrain(self, starts: dict[str, int], trainable: list[torch.nn.Parameter], agreement: dict[str, float],
+                 deadline: Optional[float], seed: int) -> tuple[dict[str, float], int, bool]:
         s = self.settings
-        keys = sorted(affected)
-        params = {id(p): p for k in keys for p in self.modules[k].parameters() if p.requires_grad}
-        optimiser = torch.optim.Adam(params.values(), lr=s.lr)
+        keys = sorted(starts)
+        chosen = {id(p) for p in trainable}
+        flags = {id(p): (p, p.requires_grad) for k in keys for p in self.modules[k].parameters()}
+        inputs = {k: self.runners[k].train_prefix(starts[k]) for k in keys}
+        optimiser = torch.optim.Adam(trainable, lr=s.lr)
         generator = torch.Generator().manual_seed(seed)
         weights = self._lag_weights(keys, agreement)
-        for step in range(1, s.train_steps + 1):
-            if deadline is not None and time.monotonic() >= deadline:
-                return agreement, step - 1, True
-            optimiser.zero_grad(set_to_none=True)
-            for key in keys:
-                cache, adapter = self.teachers[key], self.adapters[key]
-                idx = torch.randint(len(cache.inputs), (min(s.batch_size, len(cache.inputs)),), generator=generator)
-                out = adapter.outputs(self.modules[key], cache.inputs[idx].to(self.device))
-                (weights[key] * adapter.loss(out, cache.targets[idx].to(self.device))).backward()
-            optimiser.step()
-            if step % s.eval_every == 0 or step == s.train_steps:
-                agreement = self._agreements(affected)
-                if self._all_met(agreement):
-                    return agreement, step, False
-                weights = self._lag_weights(keys, agreement)
-        return agreement, s.train_steps, False
+        # the best state seen (by worst gap to target) is what the trial keeps: retraining that
+        # makes things worse is undone, not accepted or blamed on the layers
+        best_gap, stale = self._worst_gap(agreement), 0
+        best = (agreement, [p.detach().clone() for p in trainable])
+        step = 0
+        try:
+            for p, _ in flags.values():
+                p.requires_grad_(id(p) in chosen)
+            for step in range(1, s.train_steps + 1):
+                if deadline is not None and time.monotonic() >= deadline:
+                    return agreement, step - 1, True
+                optimiser.zero_grad(set_to_none=True)
+                for key in keys:
+                    runner, teacher = self.runners[key], self.teachers[key]
+                    idx = torch.randint(len(teacher.inputs), (min(s.batch_size, len(teacher.inputs)),),
+                                        generator=generator)
+                    out = runner.student(inputs[key][idx], starts[key])
+                    (weights[key] * runner.adapter.loss(out, teacher.targets[idx].to(runner.device))).backward()
+                optimiser.step()
+                if step % s.eval_every == 0 or step == s.train_steps:
+                    agreement = self._agreements(starts)
+                    if self._all_met(agreement):
+                        return agreement, step, False
+                    gap = self._worst_gap(agreement)
+                    if gap < best_gap - 1e-9:
+                        best_gap, stale, best = gap, 0, (agreement, [p.detach().clone() for p in trainable])
+                    else:
+                        stale += 1
+                    if stale >= s.patience:
+                        break
+                    weights = self._lag_weights(keys, agreement)
+            with torch.no_grad():
+                for p, value in zip(trainable, best[1]):
+                    p.copy_(value)
+            return best[0], step, False
+        finally:
+            for p, flag in flags.values():
+                p.requires_grad_(flag)
+
+    def _worst_gap(self, agreement: dict[str, float]) -> float:
+        return max((self.targets[q] - a for q, a in agreement.items()), default=0.0)
 
     def _lag_weights(self, keys: list[str], agreement: dict[str, float]) -> dict[str, float]:
         raw = {k: sum(max(0.0, self.targets[q.query_id] - agreement.get(q.query_id, 1.0)) + self.settings.lag_floor
@@ -185,25 +271,37 @@ class IncrementalMerger:
         return {k: v / mean for k, v in raw.items()}
 
     # ----------------------------------------------------------- measuring
-    def _values(self, key: str, camera: str, query_id: str) -> list[Any]:
-        frames = self.workload.frames[camera].heldout
+    def _values(self, query_id: str, start: int = 0) -> list[Any]:
+        q = self._query(query_id)
         task = self.tasks[query_id]
-        values: list[Any] = []
-        for i in range(0, len(frames), 16):
-            values.extend(task.value(o) for o in self.workload.models[key].predict(frames[i:i + 16]))
-        return values
+        return [task.value(o) for o in self.runners[q.model_key].outputs(q.camera, start)]
 
-    def _agreements(self, models: set[str]) -> dict[str, float]:
+    def _agreements(self, starts: dict[str, int]) -> dict[str, float]:
+        """Mean agreement with the originals of the queries of the models in `starts`, each model
+        run from its given block on (the blocks before it are unchanged)."""
         out = {}
         for q in self.workload.queries:
-            if q.model_key in models:
-                values = self._values(q.model_key, q.camera, q.query_id)
+            if q.model_key in starts:
+                values = self._values(q.query_id, starts[q.model_key])
                 task = self.tasks[q.query_id]
                 out[q.query_id] = float(np.mean([task.agreement(a, b) for a, b in zip(values, self.references[q.query_id])]))
         return out
 
     def agreements(self) -> dict[str, float]:
-        return self._agreements(set(self.workload.models))
+        return self._agreements({k: 0 for k in self.workload.models})
+
+    def predict_agreements(self) -> dict[str, float]:
+        """The final check, through each model's own `predict` on the held-out frames (the path
+        the daemon runs), not the cached block chain."""
+        out = {}
+        for q in self.workload.queries:
+            model, frames, task = self.workload.models[q.model_key], self.workload.frames[q.camera].heldout, self.tasks[q.query_id]
+            values = [task.value(o) for i in range(0, len(frames), 16) for o in model.predict(frames[i:i + 16])]
+            out[q.query_id] = float(np.mean([task.agreement(a, b) for a, b in zip(values, self.references[q.query_id])]))
+        return out
+
+    def lower_bounds(self, agreement: dict[str, float]) -> dict[str, float]:
+        return {q: wilson_lower_bound(a, len(self.references[q])) for q, a in agreement.items()}
 
     def _all_met(self, agreement: dict[str, float]) -> bool:
         return all(a >= self.targets[q] for q, a in agreement.items())
@@ -240,7 +338,9 @@ class IncrementalMerger:
 
     # -------------------------------------------------------- checkpoints
     def meta(self) -> dict[str, ModelMeta]:
-        return {k: ModelMeta(self.workload.architectures.get(k, m.name), self.workload.weights.get(k, m.weights), m.kind)
+        return {k: ModelMeta(self.workload.architectures.get(k, m.name), self.workload.weights.get(k, m.weights), m.kind,
+                             input_size=m.input_size, weights_digest=self.workload.digests.get(k),
+                             queries=[q.query_id for q in self.workload.queries_of(k)])
                 for k, m in self.workload.models.items()}
 
     def _checkpoint(self, state: MergeState, bundle: bool) -> None:

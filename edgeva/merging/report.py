@@ -7,21 +7,32 @@ from typing import Any
 from .merger import IncrementalMerger, MergeState
 
 
-def build_report(merger: IncrementalMerger, state: MergeState, setup_s: float, config: str = "") -> dict[str, Any]:
-    final = merger.agreements()
+def build_report(merger: IncrementalMerger, state: MergeState, setup_s: float, config: str = "",
+                 total_budget_s: float | None = None) -> dict[str, Any]:
+    """The final agreement is measured again through each model's own `predict` (the path the
+    daemon runs) on the held-out frames, with a Wilson 95 % lower bound."""
+    import time
+
+    t0 = time.monotonic()
+    final = merger.predict_agreements()
+    check_s = time.monotonic() - t0
+    lower = merger.lower_bounds(final)
     memory = merger.memory()
     cuda = merger.cuda_memory()
     analysis = merger.analysis
     queries = {q.query_id: {"model": q.model_key, "camera": q.camera, "target": q.target,
+                            "input_size": merger.workload.models[q.model_key].input_size,
+                            "heldout_frames": len(merger.references[q.query_id]),
                             "agreement_before": 1.0, "agreement_after": round(final[q.query_id], 4),
+                            "lower_bound_after": round(lower[q.query_id], 4),
                             "met": final[q.query_id] >= q.target}
                for q in merger.workload.queries}
     accepted_bytes = sum(g.bytes_saved for g in state.accepted)
     return {
         "config": config,
         "stopped": merger.stopped_reason,
-        "time": {"setup_s": round(setup_s, 2), "merge_s": round(state.elapsed_s, 2),
-                 "budget_s": merger.settings.time_budget_s},
+        "time": {"setup_s": round(setup_s, 2), "merge_s": round(state.elapsed_s, 2), "final_check_s": round(check_s, 2),
+                 "budget_s": total_budget_s if total_budget_s is not None else merger.settings.time_budget_s},
         "settings": asdict(merger.settings),
         "models": list(merger.workload.models),
         "candidate_groups": len(analysis.groups),
@@ -58,17 +69,28 @@ def format_report(report: dict[str, Any]) -> str:
         c = report["memory_cuda"]
         lines.append(f"CUDA allocated: {_mib(c['bytes_before'])} -> {_mib(c['bytes_after'])}")
     lines.append("")
-    lines.append(f"{'query':<24} {'target':>6} {'before':>7} {'after':>7}  met")
+    lines.append("final agreement with the unmerged models, through predict on the held-out frames "
+                 "(mean; Wilson 95 % lower bound):")
+    lines.append(f"{'query':<24} {'size':>5} {'frames':>6} {'target':>6} {'after':>7} {'lower':>7}  met")
     for qid, q in report["queries"].items():
-        lines.append(f"{qid:<24} {q['target']:>6.3f} {q['agreement_before']:>7.3f} {q['agreement_after']:>7.3f}  "
+        lines.append(f"{qid:<24} {q.get('input_size', '-'):>5} {q.get('heldout_frames', '-'):>6} {q['target']:>6.3f} "
+                     f"{q['agreement_after']:>7.3f} {q.get('lower_bound_after', float('nan')):>7.3f}  "
                      f"{'yes' if q['met'] else 'NO'}")
     lines.append("")
-    lines.append("trials:")
+    lines.append("trials (saved: bytes the step would save; agreement per query right after sharing -> after "
+                 "retraining, lower bound in brackets):")
     for a in report["attempts"]:
-        worst = min(a["agreement_final"].values()) if a["agreement_final"] else 1.0
         fail = f" failing: {', '.join(a['failing_queries'])}" if a["failing_queries"] else ""
-        lines.append(f"  {a['index'] + 1:>3} [{a['origin']}] {a['layer']} ({_mib(a['bytes_saved'])}): {a['outcome']}; "
-                     f"min agreement {worst:.3f} after {a['train_steps']} steps, {a['seconds']:.1f}s{fail}")
+        trained = sorted(set(a.get("trained_from", {}).values()))
+        scope = (f", retrained from {'/'.join(trained)} ({_mib(a.get('trained_bytes', 0))})"
+                 if a["train_steps"] else "")
+        lines.append(f"  {a['index'] + 1:>3} [{a['origin']}] {a['layer']} [{', '.join(a.get('layers', []))}] "
+                     f"saves {_mib(a['bytes_saved'])}: {a['outcome']} after {a['train_steps']} steps{scope}, "
+                     f"{a['seconds']:.1f}s{fail}")
+        lows = a.get("lower_bound_final", {})
+        per_query = ", ".join(f"{q} {a['agreement_shared'].get(q, float('nan')):.3f}->{v:.3f} [{lows.get(q, float('nan')):.3f}]"
+                              for q, v in a["agreement_final"].items())
+        lines.append(f"        {per_query}")
     return "\n".join(lines)
 
 

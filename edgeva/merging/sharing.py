@@ -1,7 +1,9 @@
 """Physically sharing layers: every member of a group holds the anchor's nn.Parameter objects.
 
-The anchor is the group's first member (workload model order), so that model's weights are
-unchanged when sharing starts; the others adopt them and are retrained to fit.
+The anchor is the group's first member (workload model order). `init="anchor"` (Gemel's way)
+keeps the anchor's weights, so the others adopt them and are retrained to fit; `init="mean"`
+starts the shared tensor at the members' mean, which for copies fine-tuned from one base is
+closer to every member than any one of them is, so less retraining is needed.
 """
 from __future__ import annotations
 
@@ -18,8 +20,15 @@ def layer_of(modules: Mapping[str, nn.Module], ref: LayerRef) -> nn.Module:
     return modules[ref.model].get_submodule(ref.path)
 
 
-def share_group(modules: Mapping[str, nn.Module], group: SharingGroup) -> None:
+def share_group(modules: Mapping[str, nn.Module], group: SharingGroup, init: str = "anchor") -> None:
     anchor = layer_of(modules, group.members[0])
+    if init == "mean":
+        with torch.no_grad():
+            for spec in group.signature.params:
+                values = [getattr(layer_of(modules, ref), spec.name) for ref in group.members]
+                getattr(anchor, spec.name).copy_(torch.stack([v.detach() for v in values]).mean(0))
+    elif init != "anchor":
+        raise ValueError(f"unknown shared-layer initialisation {init!r} (anchor | mean)")
     for ref in group.members[1:]:
         layer = layer_of(modules, ref)
         for spec in group.signature.params:

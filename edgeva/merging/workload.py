@@ -2,7 +2,9 @@
 accuracy targets, and frames from each camera split into training and held-out parts."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import cv2
@@ -39,6 +41,7 @@ class Workload:
     frames: dict[str, CameraFrames]               # camera id -> frames
     architectures: dict[str, str] = field(default_factory=dict)
     weights: dict[str, Optional[str]] = field(default_factory=dict)
+    digests: dict[str, Optional[str]] = field(default_factory=dict)   # sha256 of each weights file
 
     def queries_of(self, key: str) -> list[QuerySpec]:
         return [q for q in self.queries if q.model_key == key]
@@ -52,10 +55,11 @@ class Workload:
         return {k: m.module for k, m in self.models.items()}
 
 
-def read_camera_frames(source: str, count: int, long_side: Optional[int], heldout_fraction: float = 0.3
-                       ) -> CameraFrames:
-    """`count` frames spread evenly over the whole file; the last `heldout_fraction` of the clip's
-    time is held out (neighbouring frames are near-copies, so an interleaved split would flatter)."""
+def read_camera_frames(source: str, count: int, long_side: Optional[int], heldout_fraction: float = 0.3,
+                       min_heldout: int = 0) -> CameraFrames:
+    """`count` frames spread evenly over the whole file (all of them when it has fewer); the last
+    `heldout_fraction` of the clip's time, and at least `min_heldout` frames, is held out
+    (neighbouring frames are near-copies, so an interleaved split would flatter)."""
     source = playable(source)
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
@@ -79,7 +83,8 @@ def read_camera_frames(source: str, count: int, long_side: Optional[int], heldou
         cap.release()
     if len(frames) < 4:
         raise RuntimeError(f"camera source {source} gave only {len(frames)} frames")
-    split = max(1, min(len(frames) - 1, round(len(frames) * (1 - heldout_fraction))))
+    heldout = max(round(len(frames) * heldout_fraction), min_heldout)
+    split = max(1, min(len(frames) - 1, len(frames) - heldout))
     return CameraFrames(frames[:split], frames[split:])
 
 
@@ -95,30 +100,44 @@ def default_builder(name: str, weights: Optional[str], download: bool, device: s
     return zoo.build_model(name, weights, download, device)
 
 
-def workload_from_config(cfg: Config, *, frames_per_camera: int = 48, frame_long_side: Optional[int] = 160,
-                         input_size: Optional[int] = None, device: str = "cpu",
-                         builder: ModelBuilder = default_builder, read_frames: bool = True) -> Workload:
-    """Build each distinct model of the config's model queries once; read frames per camera.
+def file_digest(path: Optional[str]) -> Optional[str]:
+    """sha256 of a weights file (None for no file, or an export directory)."""
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
-    `input_size` overrides every model's network input size (original and merged alike) so
-    retraining fits a CPU; agreement is then measured at that size.
-    """
+
+def workload_from_config(cfg: Config, *, frames_per_camera: int = 600, frame_long_side: Optional[int] = None,
+                         min_heldout: int = 200, device: str = "cpu", builder: ModelBuilder = default_builder,
+                         read_frames: bool = True) -> Workload:
+    """Build each distinct model of the config's model queries once, at the query's configured
+    input size (merged models are checked at the size the daemon will run them); read frames
+    per camera at their native size unless `frame_long_side` shrinks them."""
     models: dict[str, ZooModel] = {}
     queries: list[QuerySpec] = []
     archs: dict[str, str] = {}
     weights: dict[str, Optional[str]] = {}
+    digests: dict[str, Optional[str]] = {}
     for q in cfg.queries:
         if q.task.type == "passthrough" or not q.model:
             continue
         key = model_key(q)
         if key not in models:
             models[key] = builder(q.model, q.weights, q.download, device)
-            if input_size is not None:
-                models[key].input_size = input_size
-            archs[key], weights[key] = q.model, q.weights
+            if q.input_size is not None:
+                models[key].input_size = q.input_size
+            archs[key], weights[key], digests[key] = q.model, q.weights, file_digest(q.weights)
         queries.append(QuerySpec(q.id, key, q.camera, q.task, q.accuracy_target))
     frames: dict[str, CameraFrames] = {}
     if read_frames:
         for cam_id in dict.fromkeys(q.camera for q in queries):
-            frames[cam_id] = read_camera_frames(cfg.camera(cam_id).source, frames_per_camera, frame_long_side)
-    return Workload(models, queries, frames, archs, weights)
+            frames[cam_id] = read_camera_frames(cfg.camera(cam_id).source, frames_per_camera, frame_long_side,
+                                                min_heldout=min_heldout)
+    return Workload(models, queries, frames, archs, weights, digests)

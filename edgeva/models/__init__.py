@@ -11,10 +11,10 @@ from .device import resolve_device  # noqa: E402
 from .errors import ModelLoadError, TaskError, UnknownModelError  # noqa: E402
 from .outputs import ClassProbs, Detections, Output  # noqa: E402
 from .tasks import Task, build_task  # noqa: E402
-from .zoo import build_model, zoo_kind, zoo_names  # noqa: E402
+from .zoo import build_model, default_input_size, zoo_kind, zoo_names  # noqa: E402
 
 __all__ = [
     "COCO_NAMES", "ClassProbs", "Detections", "ModelLoadError", "Output", "Task", "TaskError",
     "UnknownModelError", "ZooModel", "build_model", "build_task", "make_ultralytics_offline_safe",
-    "resolve_device", "zoo_kind", "zoo_names",
+    "default_input_size", "resolve_device", "zoo_kind", "zoo_names",
 ]

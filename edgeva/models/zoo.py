@@ -29,6 +29,16 @@ def zoo_kind(name: str) -> str:
     return ZOO_KINDS[name]
 
 
+def default_input_size(name: str) -> int:
+    """The network input size a zoo model runs at unless a query sets one."""
+    _check_name(name)
+    if name in YOLO_NAMES:
+        from .ultralytics_zoo import INPUT_SIZE
+
+        return INPUT_SIZE
+    return TORCHVISION_SPECS[name].input_size
+
+
 def build_model(name: str, weights: Optional[str] = None, download: bool = False,
                 device: str | torch.device = "cpu", place: bool = True) -> ZooModel:
     """Build a zoo model.
