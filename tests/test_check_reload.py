@@ -111,6 +111,13 @@ def _broken(name: str, tmp_path: Path, clips: dict[str, Path]) -> tuple[dict[str
         (export / "yolov8n.bin").write_bytes(data[: len(data) // 2])
         query.update(model="yolov8n", task={"type": "count", "classes": ["car"]}, weights=str(export))
         return cfg, "queries[0].weights"
+    if name == "garbage-tier-key":
+        for name_, suffix in (("server_public_key", "edge1.key"), ("client_secret_key", "box.key_secret")):
+            key = tmp_path / suffix
+            key.write_text("not a certificate\n")
+            cfg["tiers"][0][name_] = str(key)
+        query["placement"] = "edge1"
+        return cfg, "tiers[0].server_public_key"
     if name == "unwritable-sqlite":
         cfg["sinks"] = {"sqlite": "/proc/x.db"}
         return cfg, "sinks.sqlite"
@@ -118,7 +125,7 @@ def _broken(name: str, tmp_path: Path, clips: dict[str, Path]) -> tuple[dict[str
 
 
 BROKEN = ["unsplittable-split", "unsplittable-query-split", "split-out-of-range", "garbage-openvino-export",
-          "truncated-openvino-bin", "unwritable-sqlite"]
+          "truncated-openvino-bin", "garbage-tier-key", "unwritable-sqlite"]
 
 
 def _edgeva(*args: str) -> subprocess.CompletedProcess:
@@ -132,7 +139,11 @@ def test_check_exits_2_on_every_broken_config(tmp_path, clips, name, capsys):
     cfg, key = _broken(name, tmp_path, clips)
     path = tmp_path / "edgeva.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert cli_main(["check", "--config", str(path)]) == 2
+    try:
+        code = cli_main(["check", "--config", str(path)])
+    except SystemExit as exc:        # an error the config loader itself finds
+        code = exc.code
+    assert code == 2
     err = capsys.readouterr().err
     assert f"config error at {key}" in err and "Traceback" not in err
 

@@ -34,7 +34,7 @@ PYTHON="${PYTHON:-python3}"
 # Real weights for the demo (yolov8n.pt, MobileNetV3 IMAGENET1K) through the libraries' own
 # downloads into weights/. Offline this fails, and setup carries on: the demo then runs with
 # random weights and says so at start-up and in `edgeva stats`.
-if ! .venv/bin/python tools/fetch_weights.py --out weights; then
+if ! timeout 300 .venv/bin/python tools/fetch_weights.py --out weights; then   # bounded: a network that drops packets
   echo "setup: WARNING: real weights could not be fetched (offline?); the demo runs with RANDOM weights" \
        "(its counts are noise). Re-run tools/setup.sh on a connected machine to fetch them." >&2
 fi
