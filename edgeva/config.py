@@ -125,6 +125,11 @@ class FilterConfig:
             raise ConfigError(f"{path}.max_age_s", "must be >= 0")
         for name in ("calibration_s", "segment_s", "recalibrate_s", "tuned_max_age_limit_s"):
             _positive(getattr(self, name), f"{path}.{name}")
+        if self.segment_s > self.calibration_s:
+            raise ConfigError(f"{path}.segment_s", f"must be at most calibration_s ({self.calibration_s}): "
+                              "a calibration window is cut into segments to judge what is new")
+        if self.recalibrate_s < self.calibration_s:
+            raise ConfigError(f"{path}.recalibrate_s", f"must be at least calibration_s ({self.calibration_s})")
 
 
 @dataclass
@@ -356,6 +361,8 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
                                                           f"({', '.join(sorted(VIDEO_EXTENSIONS))})")
     camera_ids = {c.id for c in cfg.cameras}
     tier_names = {t.name for t in cfg.tiers} | {"local"}
+    if cfg.weights_dir:
+        _weights_folder(cfg.weights_dir, base_dir)
     for i, q in enumerate(cfg.queries):
         q.validate(f"queries[{i}]")
         if q.camera not in camera_ids:
@@ -414,9 +421,16 @@ def is_file_source(source: str) -> bool:
     return "://" not in source and not source.startswith(("/dev/", "usb:")) and not source.isdigit()
 
 
+def _weights_folder(weights_dir: str, base_dir: Path | None) -> Path:
+    folder = Path(weights_dir) if os.path.isabs(weights_dir) or base_dir is None else base_dir / weights_dir
+    if folder.exists() and not folder.is_dir():   # absent is fine (offline: random weights, said loudly)
+        raise ConfigError("weights_dir", f"{folder} is a file, not a folder")
+    return folder
+
+
 def _fetched_weights(weights_dir: str, model: str, base_dir: Path | None) -> Optional[str]:
     """<weights_dir>/<model>.pt (ultralytics) or .pth (torchvision state dict), if fetched."""
-    folder = Path(weights_dir) if os.path.isabs(weights_dir) or base_dir is None else base_dir / weights_dir
+    folder = _weights_folder(weights_dir, base_dir)
     for suffix in (".pt", ".pth"):
         candidate = folder / f"{model}{suffix}"
         if candidate.is_file():

@@ -270,7 +270,7 @@ class Daemon:
     def _build_query(self, q: QueryConfig, backpressure: bool = False) -> QueryRuntime:
         if q.task.type == "passthrough":
             return PassthroughQuery(q, self.stats, self.hub)
-        from edgeva.filtering import QueryFilter, default_feature
+        from edgeva.filtering import QueryFilter, default_feature, run_inline
         from edgeva.models.tasks import build_task
 
         worker = self.models.port(model_key(q))
@@ -281,7 +281,9 @@ class Daemon:
             worker = self._offload_port(q, route, worker)
         query_filter = QueryFilter(q.filter, rng_seed=audit_seed(q.id), agreement=task.agreement,
                                    target=q.accuracy_target, preferred_feature=default_feature(q.task.type),
-                                   tune_runner=self.filter_tuner.submit) if q.filter.enabled else None
+                                   # batch replay tunes inline: its results must not depend on this box's speed
+                                   tune_runner=run_inline if backpressure else self.filter_tuner.submit,
+                                   ) if q.filter.enabled else None
         runtime = ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
         self._announce_weights(q, model)
         return runtime

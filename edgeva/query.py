@@ -175,11 +175,11 @@ class ModelQuery:
             latest.waiting.append((frame, decision))
             return
         source = self._last_done
-        if source is None or not self._within_bound(frame, source):
-            # Nothing inferred yet, or only a result older than the staleness bound: the kept
-            # frame it should reuse was dropped, for that frame's reason.
-            reason = latest.failed if latest is not None and latest.failed else DropReason.ERROR
-            self.drop(frame, reason)
+        failed = latest.failed if latest is not None else None
+        if source is None or (failed and not self._within_bound(frame, source)):
+            # Nothing inferred yet, or the kept frame it should reuse was dropped and the result
+            # before it is older than the staleness bound: dropped, for that frame's reason.
+            self.drop(frame, failed or DropReason.ERROR)
             return
         self._emit_reused(frame, source)
 
@@ -212,8 +212,6 @@ class ModelQuery:
         frame = item.frame
         with self._lock:
             inference.value, inference.done = value, True
-            if self.filter is not None and inference.prepared is not None:
-                self.filter.record_result(inference.prepared, value)
             if self._last_done is None or inference.seq > self._last_done.seq:
                 self._last_done = inference
             latency = finished_mono - frame.t_mono
@@ -224,6 +222,11 @@ class ModelQuery:
             waiting, inference.waiting = inference.waiting, []
             for waiting_frame, _ in waiting:
                 self._emit_reused(waiting_frame, inference)
+            if self.filter is not None and inference.prepared is not None:
+                try:        # the frame has its record; a filter bug must not take it back
+                    self.filter.record_result(inference.prepared, value)
+                except Exception:
+                    log.exception("query %s: the filter failed on the result of %s", self.query_id, frame.frame_id)
 
     def dropped(self, item: WorkItem, reason: DropReason) -> None:
         if item.audit:
@@ -264,4 +267,5 @@ class ModelQuery:
     def _filter_stats(self) -> dict[str, Any]:
         if self.filter is None:
             return {"enabled": False}
-        return self.filter.stats()
+        with self._lock:     # the filter's audit window changes under this lock
+            return self.filter.stats()

@@ -102,15 +102,18 @@ def plan_batch(queued: Iterable[WorkItem], now: float, max_batch: int, run_s: Ca
     alone_s = load_s + run_s(1) if trust_prediction else 0.0
     batch: list[WorkItem] = []
     late: list[WorkItem] = []
+    frames: set[int] = set()          # a frame several queries keep runs once: cost is per frame
     for item in sorted(queued, key=lambda i: i.deadline_mono):
         if now + alone_s > item.deadline_mono:
             late.append(item)
             continue
         if len(batch) >= max_batch:
             break
-        if batch and now + load_s + run_s(len(batch) + 1) > batch[0].deadline_mono:
+        images = len(frames | {id(item.frame)})
+        if batch and now + load_s + run_s(images) > batch[0].deadline_mono:
             break
         batch.append(item)
+        frames.add(id(item.frame))
     return BatchPlan(batch, late)
 
 

@@ -66,6 +66,12 @@ def test_valid_config_converts_types_and_resolves_paths(tmp_path, clip):
     (lambda c: c.update(stats={"max_request_bytes": -1}), "stats.max_request_bytes", ">= 64"),
     (lambda c: c["queries"][0].update(weights="missing.pt", model="resnet18"), "queries[0].weights",
      "file not found"),
+    (lambda c: c["queries"][0].update(filter={"segment_s": 5, "calibration_s": 3}), "queries[0].filter.segment_s",
+     "at most calibration_s"),
+    (lambda c: c["queries"][0].update(filter={"recalibrate_s": 1}), "queries[0].filter.recalibrate_s",
+     "at least calibration_s"),
+    (lambda c: c["queries"][0].update(filter={"calibration_s": 0}), "queries[0].filter.calibration_s", "> 0"),
+    (lambda c: c.update(weights_dir="cam.mp4"), "weights_dir", "is a file, not a folder"),
 ])
 def test_bad_config_names_key_and_reason(tmp_path, clip, mutate, path, reason):
     data = _base(clip)

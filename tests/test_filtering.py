@@ -510,3 +510,39 @@ def test_tuning_runs_where_the_daemon_says_and_applies_at_the_next_decision():
     assert filt.setting is None                                   # applied by the decision thread...
     filt.decide(scene.prepare(frames[40]))
     assert filt.setting is not None and filt.stats()["profiled_windows"] == 1   # ...at its next decision
+
+
+def test_seconds_follow_the_camera_frame_rate_once_it_is_known():
+    # Filters are built before the camera opens; its rate arrives with the first frame.
+    fixed = QueryFilter(FilterConfig(threshold=0.01, max_age_s=2.0), preferred_feature="foreground")
+    fixed.set_fps(10.0)
+    assert fixed.setting.max_age == 20 and fixed.stats()["max_age_s"] == 2.0
+    assert fixed.setting.feature == "foreground"       # auto with a threshold: the task's default
+    learning = QueryFilter(FilterConfig(calibration_s=3.0), agreement=count_agreement)
+    learning.set_fps(12.5)
+    frames, counts = street()
+    scene = SceneTracker(learning.differencer)
+    reasons = []
+    for i in range(60):
+        p = scene.prepare(frames[i])
+        dec = learning.decide(p)
+        reasons.append(dec.reason)
+        if dec.keep:
+            learning.mark_inferred(p)
+            learning.record_result(p, counts[i])
+    assert reasons.count("calibrate") == round(3.0 * 12.5) - 1     # 3 s at 12.5 fps, not at 25
+
+
+def test_a_configured_threshold_stays_fixed_past_recalibrate_s():
+    # README: a threshold in the config fixes the setting; only audits tighten and relax it.
+    filt = QueryFilter(FilterConfig(threshold=0.5, max_age_s=2.0, recalibrate_s=5.0, audit_fraction=0.0),
+                       agreement=count_agreement, fps=10.0)
+    frames, _ = street()
+    scene = SceneTracker(filt.differencer)
+    for i in range(400):                          # 40 s: eight recalibration periods
+        p = scene.prepare(frames[i % len(frames)])
+        if filt.decide(p).keep:
+            filt.mark_inferred(p)
+            filt.record_result(p, 0)
+    assert filt.setting.threshold == 0.5 and filt.setting.max_age == 20
+    assert filt.stats()["profiled_windows"] == 0 and "calibrate" not in filt.stats()["kept_by_reason"]

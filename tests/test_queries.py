@@ -185,7 +185,7 @@ def test_without_a_threshold_the_query_calibrates_on_its_camera_then_filters(str
     assert s["frames_in"] == n and s["dropped_total"] == 0
     filt = s["filter"]
     assert filt["kept_by_reason"]["calibrate"] >= 10 - 2           # calibration_s at the clip's 10 fps
-    assert filt["profiled_windows"] >= 1 and filt["state"] in ("filtering", "calibrating")
+    assert filt["profiled_windows"] >= 1 and filt["state"] in ("filtering", "calibrating"), repr(filt)
     assert filt["max_age_frames"] is not None                      # then it decides with what it learned
     rows = {r["seq"]: r for r in read_results(db, "cars", limit=10 * n)}
     assert sorted(rows) == list(range(n))
@@ -472,3 +472,41 @@ def test_a_frame_kept_by_several_queries_of_one_model_is_inferred_once():
         worker.stop()
     assert [sorted(o.done) for o in owners] == [[0, 1, 2, 3]] * 3    # every query got every result
     assert model.images == 4                                           # the model saw each frame once
+
+
+def test_a_rate_limited_query_reuses_results_without_dropping(street):
+    """sla.fps below the camera's rate: frames between decisions reuse the last result (the
+    staleness bound counts decided frames), they are not dropped."""
+    from edgeva.config import parse_config
+    from edgeva.filtering import QueryFilter
+    from edgeva.query import FrameView, ModelQuery
+    from edgeva.results import ResultHub
+    from edgeva.stats import StatsRegistry
+
+    _, blob = street
+    submitted = []
+
+    class _Port:
+        key, model = "blob", blob
+
+        def submit(self, item, wait_s=0.0):
+            submitted.append(item)
+            return True
+
+    cfg = parse_config({"cameras": [{"id": "street", "source": "rtsp://x/y"}],
+                        "queries": [{"id": "cars", "camera": "street", "model": "yolov8n",
+                                     "task": {"type": "count", "classes": ["car"]}, "sla": {"fps": 5},
+                                     "filter": {"threshold": 0.5, "max_age_s": 2.0, "audit_fraction": 0.0}}]}).queries[0]
+    stats = StatsRegistry()
+    query = ModelQuery(cfg, stats, ResultHub(), _Port(), build_task(cfg.task, blob, "cars"),
+                       QueryFilter(cfg.filter, fps=25.0))
+    image = np.zeros((90, 160, 3), np.uint8)
+    t0 = time.monotonic()
+    for seq in range(250):                    # 10 s of a still 25 fps camera
+        frame = Frame("street", seq, time.time(), t0 + seq / 25.0, image)
+        query.submit(FrameView(frame, fps=25.0))
+        for item in submitted:
+            if not item.context.done:
+                query.complete(item, Detections.empty(), time.monotonic())
+    s = stats.snapshot()["queries"]["cars"]
+    assert s["dropped_total"] == 0 and s["inferred"] + s["reused"] == 250

@@ -46,16 +46,30 @@ class AuditTracker:
     total: int = 0
     agreement_sum: float = 0.0
     recent: deque = field(default_factory=deque)
+    _sum: float = 0.0       # of `recent`, kept as audits come and go: spread() runs on every skip
+    _sum_sq: float = 0.0
 
     def record(self, agreement: float) -> None:
+        value = float(agreement)
         self.total += 1
-        self.agreement_sum += agreement
-        self.recent.append(float(agreement))
+        self.agreement_sum += value
+        self.recent.append(value)
+        self._sum += value
+        self._sum_sq += value * value
         while len(self.recent) > self.window:
-            self.recent.popleft()
+            old = self.recent.popleft()
+            self._sum -= old
+            self._sum_sq -= old * old
 
     def reset_window(self) -> None:
         self.recent.clear()
+        self._sum = self._sum_sq = 0.0
+
+    def _mean_var(self) -> tuple[float, float]:
+        n = len(self.recent)
+        mean = self._sum / n
+        var = max(0.0, (self._sum_sq - n * mean * mean) / max(1, n - 1))
+        return mean, var
 
     @property
     def mean_agreement(self) -> Optional[float]:
@@ -74,8 +88,7 @@ class AuditTracker:
         n = len(self.recent)
         if n < self.min_samples:
             return None
-        mean = sum(self.recent) / n
-        var = sum((v - mean) ** 2 for v in self.recent) / max(1, n - 1)
+        mean, var = self._mean_var()
         half = self.z * math.sqrt(var / n)
         low, high = mean - half, mean + half
         return 1 - reused_share * (1 - low), 1 - reused_share * (1 - high)
@@ -90,11 +103,9 @@ class AuditTracker:
 
     def spread(self, prior: float = 0.3) -> float:
         """Standard deviation of one audit's agreement (a prior until there are enough)."""
-        n = len(self.recent)
-        if n < self.min_samples:
+        if len(self.recent) < self.min_samples:
             return prior
-        mean = sum(self.recent) / n
-        return max(0.05, math.sqrt(sum((v - mean) ** 2 for v in self.recent) / (n - 1)))
+        return max(0.05, math.sqrt(self._mean_var()[1]))
 
 
 def audits_needed(spread: float, reused_share: float, detect_drop: float = 0.05) -> int:

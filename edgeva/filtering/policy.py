@@ -47,7 +47,8 @@ LOWEST_FACTOR = 0.05
 # stay under a fifth of the frames however restless the camera.
 PROFILING_SPACING = 4
 POOLED_WINDOWS = 3          # a window is tuned together with its two nearest profiled windows
-SEGMENT_FEATURE = "pixel"   # segment keys: how much of the picture changes from frame to frame
+SEGMENT_FEATURE = "pixel"
+RESULT_PATIENCE = 4         # a window waits this many window lengths of frames for its results   # segment keys: how much of the picture changes from frame to frame
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,7 @@ class QueryFilter:
         self._learned: Optional[Setting] = None       # from config, or the profiles' lookup
         self._factor = 1.0                            # audits' tightening of the learned setting
         if cfg.threshold is not None:
-            self._learned = Setting(cfg.threshold, self._configured_age(),
-                                    "area" if cfg.feature == "auto" else cfg.feature)
+            self._learned = Setting(cfg.threshold, self._configured_age(), self._configured_feature())
         self._window: Optional[_Window] = None
         if self._learned is None and agreement is not None and cfg.enabled:
             self._window = _Window(self._frames_for(cfg.calibration_s))
@@ -163,21 +163,38 @@ class QueryFilter:
 
     # ------------------------------------------------------------- settings
     def set_fps(self, fps: Optional[float]) -> None:
-        if fps and fps > 0:
-            self.fps = fps
+        """The camera's frame rate (known once its source opened): everything configured in
+        seconds is re-expressed in frames at this rate."""
+        if not fps or fps <= 0 or fps == self.fps:
+            return
+        self.fps = fps
+        if self._learned is not None and not self.profiles and self.cfg.threshold is not None:
+            self._learned = Setting(self.cfg.threshold, self._configured_age(), self._learned.feature)
+        if self._window is not None and not self._window.full:
+            self._window.frames_wanted = self._frames_for(self.cfg.calibration_s)
+
+    def _configured_feature(self) -> str:
+        """`feature: auto` with a configured threshold: the task's default feature."""
+        if self.cfg.feature != "auto":
+            return self.cfg.feature
+        return self.preferred_feature or "area"
 
     def _frames_for(self, seconds: float) -> int:
         return max(2, int(round(seconds * self.fps)))
 
+    def _age_frames(self, seconds: float) -> int:
+        """A staleness bound in frames: 0 s is 0 frames (infer every frame that comes)."""
+        return max(0, int(round(seconds * self.fps)))
+
     def _age_cap(self) -> int:
-        cap = self._frames_for(self.cfg.max_age_s) if self.cfg.max_age_s is not None else 10 ** 9
+        cap = self._age_frames(self.cfg.max_age_s) if self.cfg.max_age_s is not None else 10 ** 9
         if self.cfg.max_skip is not None:
             cap = min(cap, self.cfg.max_skip)
         return cap
 
     def _configured_age(self) -> int:
         if self.cfg.max_age_s is None and self.cfg.max_skip is None:
-            return self._frames_for(self.cfg.tuned_max_age_limit_s)
+            return self._age_frames(self.cfg.tuned_max_age_limit_s)
         return self._age_cap()
 
     @property
@@ -198,6 +215,12 @@ class QueryFilter:
         return None if s is None else s.threshold
 
     @property
+    def learns(self) -> bool:
+        """A query without a configured threshold learns its setting on the camera; a configured
+        threshold is fixed (only the audits tighten and relax it)."""
+        return self.cfg.threshold is None and self.agreement is not None
+
+    @property
     def calibrating(self) -> bool:
         return self._window is not None
 
@@ -209,6 +232,8 @@ class QueryFilter:
         if self._reference is None:
             return self._keep("first", None, prepared)
         if self._reference.gray.shape != prepared.gray.shape:
+            if self._window is not None:       # a window's frames must share one size
+                self._start_window()
             return self._keep("resized", None, prepared)   # the camera came back at another size or aspect
         if self._tuned:
             self._apply_tuned()
@@ -237,7 +262,9 @@ class QueryFilter:
                 window.frames.append(prepared)
             else:
                 window.waited += 1
-                if window.waited > window.frames_wanted:   # results lost (dropped): tune on what came
+                # Results lag the decisions by the model's queue (batch replay runs far ahead);
+                # only when they are long overdue were some lost (dropped): tune on what came.
+                if window.waited > RESULT_PATIENCE * window.frames_wanted:
                     self._finish_window()
         return Decision(True, reason, value, self._skipped)
 
@@ -253,7 +280,10 @@ class QueryFilter:
     def _end_segment(self) -> None:
         key = segment_key(self._segment)
         self._segment = []
-        if self._window is not None or self.agreement is None:
+        if not self.learns or self._window is not None or self._tuning:
+            return
+        if not self.profiles:           # no window has been tuned yet (its results were lost): again
+            self._start_window()
             return
         if self._since_profiled >= self._frames_for(self.cfg.recalibrate_s):
             self._start_window()
@@ -284,7 +314,7 @@ class QueryFilter:
     def record_result(self, prepared: Prepared, value: Any) -> None:
         """The model's result on a kept frame: calibration windows are tuned on these."""
         window = self._window
-        if window is None:
+        if window is None or not any(f is prepared for f in window.frames):
             return
         window.values[id(prepared)] = value
         if window.complete():
@@ -297,8 +327,8 @@ class QueryFilter:
         window, self._window = self._window, None
         self._since_profiled = 0
         frames = [f for f in window.frames if id(f) in window.values]
-        if len(frames) < 2 or self.agreement is None:
-            return
+        if len(frames) < max(2, window.frames_wanted // 2) or self.agreement is None:
+            return                          # too little came back to tune on; profiled again soon
         values = [window.values[id(f)] for f in frames]
         consecutive = [self.differencer.feature(a, b, SEGMENT_FEATURE) for a, b in zip(frames, frames[1:])]
         key = segment_key(consecutive)
@@ -312,12 +342,15 @@ class QueryFilter:
             agreement=self.agreement, target=self.target, differencer=self.differencer,
             features=tuple(f for f in features if f != "foreground" or frames[0].foreground is not None),
             preferred=self.preferred_feature,
-            longest=min([self._age_cap(), self._frames_for(self.cfg.tuned_max_age_limit_s)]
+            longest=min([self._age_cap(), self._age_frames(self.cfg.tuned_max_age_limit_s)]
                         + [len(frames) - 1] + [len(p.frames) - 1 for p in similar]),
             key=key, pieces=[segment_key(consecutive[k:k + piece]) for k in range(0, len(consecutive), piece)
                              if len(consecutive[k:k + piece]) >= piece // 2])
+        try:
+            self.tune_runner(lambda: self._tuned.append(job.run()))
+        except RuntimeError:        # the tuner is shutting down (stop, reload): nothing to tune for
+            return
         self._tuning += 1
-        self.tune_runner(lambda: self._tuned.append(job.run()))
         self._apply_tuned()
 
     def _apply_tuned(self) -> None:
@@ -351,7 +384,7 @@ class QueryFilter:
             self._factor = max(LOWEST_FACTOR, self._factor * TIGHTEN)
             self.audits.reset_window()
             self._retunes += 1
-            if self.agreement is not None and self._window is None:
+            if self.learns and self._window is None and not self._tuning:
                 self._start_window()
             return "tightened"
         if self._factor < 1.0 and self.audits.can_relax(self.target, share):
@@ -365,7 +398,7 @@ class QueryFilter:
                       max_age: Optional[int] = None) -> None:
         """Apply a setting from outside (a tool); audits from the old setting no longer apply."""
         current = self._learned
-        feature = feature or (current.feature if current else ("area" if self.cfg.feature == "auto" else self.cfg.feature))
+        feature = feature or (current.feature if current else self._configured_feature())
         self._learned = None if threshold is None else Setting(
             threshold, max_age if max_age is not None else (current.max_age if current else self._configured_age()),
             feature)

@@ -111,11 +111,6 @@ class ProfileTable:
         best = max(votes.items(), key=lambda kv: (kv[1], -kv[0].max_age, -_finite(kv[0].threshold)))[0]
         return Lookup(best, nearest_d, novel)
 
-    def tighten_all(self, factor: float) -> None:
-        """Audits say the labels are too lax: every setting infers more."""
-        for p in self.profiles:
-            p.setting = tighten(p.setting, factor)
-
 
 def tighten(setting: Setting, factor: float) -> Setting:
     threshold = setting.threshold * factor if math.isfinite(setting.threshold) else setting.threshold
