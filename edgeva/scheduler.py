@@ -57,12 +57,6 @@ class SwapOptions:
     # CPU only: real device copies that read as NaN until waited on (see transfer.py).
     simulate_copies: bool = False
 
-    @classmethod
-    def whole_model_round_robin(cls, **overrides: Any) -> "SwapOptions":
-        """The classic time-sharing baseline: whole-model LRU swaps, load then run, fixed order."""
-        return cls(**{"granularity": Granularity.MODEL, "eviction": EvictionPolicy.LRU,
-                      "pipelined": False, "order": ExecutionOrder.ROUND_ROBIN, **overrides})
-
 
 @dataclass
 class _SLACounts:

@@ -101,14 +101,17 @@ class Differencer:
     def _changed(self, ref: Prepared, cur: Prepared) -> np.ndarray:
         if ref.gray.shape != cur.gray.shape:
             raise ValueError(f"frames prepared at different sizes: {ref.gray.shape} vs {cur.gray.shape}")
-        ref_gray = ref.gray
-        shift = round(cur.mean - ref.mean) if self.compensate_brightness else 0
+        return self.change_mask(ref.gray, ref.mean, cur.gray, cur.mean)
+
+    def change_mask(self, ref_gray: np.ndarray, ref_mean: float, cur_gray: np.ndarray, cur_mean: float) -> np.ndarray:
+        """255 where `cur_gray` differs from `ref_gray` by more than the pixel threshold, after
+        removing the global brightness shift between them."""
+        shift = round(cur_mean - ref_mean) if self.compensate_brightness else 0
         if shift > 0:
             ref_gray = cv2.add(ref_gray, shift)
         elif shift < 0:
             ref_gray = cv2.subtract(ref_gray, -shift)
-        _, mask = cv2.threshold(cv2.absdiff(ref_gray, cur.gray), self.pixel_threshold, 255,
-                                cv2.THRESH_BINARY)
+        _, mask = cv2.threshold(cv2.absdiff(ref_gray, cur_gray), self.pixel_threshold, 255, cv2.THRESH_BINARY)
         return mask
 
     def pixel(self, ref: Prepared, cur: Prepared) -> float:
@@ -184,13 +187,7 @@ class SceneTracker:
         if self._background is None or self._background.shape != gray.shape:
             self._background = gray.astype(np.float32)
         background = cv2.convertScaleAbs(self._background)
-        shift = round(prepared.mean - float(cv2.mean(background)[0]))
-        if shift > 0:
-            background = cv2.add(background, shift)
-        elif shift < 0:
-            background = cv2.subtract(background, -shift)
-        _, mask = cv2.threshold(cv2.absdiff(background, gray), self.differencer.pixel_threshold, 255,
-                                cv2.THRESH_BINARY)
+        mask = self.differencer.change_mask(background, float(cv2.mean(background)[0]), gray, prepared.mean)
         cv2.accumulateWeighted(gray, self._background, self.ALPHA)
         prepared.foreground = cv2.countNonZero(mask) / mask.size
         return prepared

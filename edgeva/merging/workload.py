@@ -46,10 +46,6 @@ class Workload:
     def queries_of(self, key: str) -> list[QuerySpec]:
         return [q for q in self.queries if q.model_key == key]
 
-    def train_frames_of(self, key: str) -> list[np.ndarray]:
-        cameras = dict.fromkeys(q.camera for q in self.queries_of(key))
-        return [f for cam in cameras for f in self.frames[cam].train]
-
     @property
     def modules(self) -> dict[str, Any]:
         return {k: m.module for k, m in self.models.items()}
