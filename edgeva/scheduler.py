@@ -27,7 +27,9 @@ from edgeva.memory import (DEFAULT_BANDWIDTH_BYTES_PER_S, DEFAULT_GROUP_MIN_BYTE
                            Granularity, MemoryEvent, MemoryManager)
 from edgeva.messages import DropReason
 from edgeva.models.base import ZooModel
-from edgeva.work import BatchPlan, LatencyProfile, WorkItem, deliver, plan_batch, predict_each_frame_once, take
+from edgeva.work import (
+    BatchPlan, LatencyProfile, WorkItem, deliver, drop_item, plan_batch, predict_each_frame_once, take,
+)
 
 log = logging.getLogger("edgeva.scheduler")
 T = TypeVar("T")
@@ -385,10 +387,7 @@ class SwapScheduler:
         with self._cond:
             state.counts.dropped[reason.value] += 1
             self._query_counts(item).dropped[reason.value] += 1
-        try:
-            item.owner.dropped(item, reason)
-        except Exception:
-            log.exception("query %s failed on a dropped item", getattr(item.owner, "query_id", "?"))
+        drop_item(item, reason)
 
     def _query_counts(self, item: WorkItem) -> _SLACounts:
         query = getattr(item.owner, "query_id", "?")

@@ -22,7 +22,8 @@ import yaml
 
 from edgeva.config import Config, QueryConfig, is_file_source
 from edgeva.filtering import (
-    FEATURES, Differencer, SceneTracker, TuneResult, age_candidates, default_feature, tune_features,
+    Differencer, SceneTracker, TuneResult, age_candidates, default_feature, longest_age, tune_features,
+    tunable_features,
 )
 from edgeva.recordings import playable
 from edgeva.redaction import redact
@@ -90,13 +91,9 @@ class _QueryProfile:
 
 def tune_query(q: QueryConfig, prepared: list[Any], values: list[Any], agreement: Any, fps: float,
                differencer: Differencer, features: Optional[list[str]] = None) -> QueryTuning:
-    longest = min(len(prepared) - 1, int(round(q.filter.tuned_max_age_limit_s * fps)))
-    if q.filter.max_age_s is not None:
-        longest = min(longest, int(round(q.filter.max_age_s * fps)))
-    if q.filter.max_skip is not None:
-        longest = min(longest, q.filter.max_skip)
+    longest = min(len(prepared) - 1, longest_age(q.filter, fps))
     if features is None:
-        features = [q.filter.feature] if q.filter.feature != "auto" else list(FEATURES)
+        features = list(tunable_features(q.filter, prepared))
     features = [f for f in features if f != "foreground" or (prepared and prepared[0].foreground is not None)]
     results = tune_features(prepared, values, agreement, q.accuracy_target, features=tuple(features),
                             preferred=default_feature(q.task.type), differencer=differencer,

@@ -401,12 +401,12 @@ def test_a_rejected_reload_loads_nothing_it_keeps(street, tmp_path, monkeypatch)
     assert set(planned.models) == {"yolov8n@init", "yolov8s@init"} and pool.models == {}   # planned, not kept
 
 
-def test_the_staleness_bound_holds_when_a_kept_frame_is_dropped(street):
-    """Frames waiting on a kept frame that is then dropped must not reuse a result older than the
-    bound: they are dropped with the same reason, and the next frame is inferred."""
+def _query_on_a_recording_port(street, query_keys: dict, fps: float):
+    """A filtered car-count ModelQuery whose executor only records what it is handed: the tests
+    complete or drop those items themselves. Returns (query, stats, submitted items)."""
     from edgeva.config import parse_config
     from edgeva.filtering import QueryFilter
-    from edgeva.query import FrameView, ModelQuery
+    from edgeva.query import ModelQuery
     from edgeva.results import ResultHub
     from edgeva.stats import StatsRegistry
 
@@ -422,11 +422,20 @@ def test_the_staleness_bound_holds_when_a_kept_frame_is_dropped(street):
 
     cfg = parse_config({"cameras": [{"id": "street", "source": "rtsp://x/y"}],
                         "queries": [{"id": "cars", "camera": "street", "model": "yolov8n",
-                                     "task": {"type": "count", "classes": ["car"]},
-                                     "filter": {"threshold": 0.5, "max_age_s": 0.3, "audit_fraction": 0.0}}]}).queries[0]
-    task = build_task(cfg.task, blob, "cars")
+                                     "task": {"type": "count", "classes": ["car"]}, **query_keys}]}).queries[0]
     stats = StatsRegistry()
-    query = ModelQuery(cfg, stats, ResultHub(), _Port(), task, QueryFilter(cfg.filter, fps=10.0))
+    query = ModelQuery(cfg, stats, ResultHub(), _Port(), build_task(cfg.task, blob, "cars"),
+                       QueryFilter(cfg.filter, fps=fps))
+    return query, stats, submitted
+
+
+def test_the_staleness_bound_holds_when_a_kept_frame_is_dropped(street):
+    """Frames waiting on a kept frame that is then dropped must not reuse a result older than the
+    bound: they are dropped with the same reason, and the next frame is inferred."""
+    from edgeva.query import FrameView
+
+    query, stats, submitted = _query_on_a_recording_port(
+        street, {"filter": {"threshold": 0.5, "max_age_s": 0.3, "audit_fraction": 0.0}}, fps=10.0)
     image = np.zeros((90, 160, 3), np.uint8)
     query.submit(FrameView(_frame("street", 0, image), fps=10.0))      # kept: first
     query.complete(submitted[0], Detections.empty(), time.monotonic())
@@ -477,29 +486,11 @@ def test_a_frame_kept_by_several_queries_of_one_model_is_inferred_once():
 def test_a_rate_limited_query_reuses_results_without_dropping(street):
     """sla.fps below the camera's rate: frames between decisions reuse the last result (the
     staleness bound counts decided frames), they are not dropped."""
-    from edgeva.config import parse_config
-    from edgeva.filtering import QueryFilter
-    from edgeva.query import FrameView, ModelQuery
-    from edgeva.results import ResultHub
-    from edgeva.stats import StatsRegistry
+    from edgeva.query import FrameView
 
-    _, blob = street
-    submitted = []
-
-    class _Port:
-        key, model = "blob", blob
-
-        def submit(self, item, wait_s=0.0):
-            submitted.append(item)
-            return True
-
-    cfg = parse_config({"cameras": [{"id": "street", "source": "rtsp://x/y"}],
-                        "queries": [{"id": "cars", "camera": "street", "model": "yolov8n",
-                                     "task": {"type": "count", "classes": ["car"]}, "sla": {"fps": 5},
-                                     "filter": {"threshold": 0.5, "max_age_s": 2.0, "audit_fraction": 0.0}}]}).queries[0]
-    stats = StatsRegistry()
-    query = ModelQuery(cfg, stats, ResultHub(), _Port(), build_task(cfg.task, blob, "cars"),
-                       QueryFilter(cfg.filter, fps=25.0))
+    query, stats, submitted = _query_on_a_recording_port(
+        street, {"sla": {"fps": 5}, "filter": {"threshold": 0.5, "max_age_s": 2.0, "audit_fraction": 0.0}},
+        fps=25.0)
     image = np.zeros((90, 160, 3), np.uint8)
     t0 = time.monotonic()
     for seq in range(250):                    # 10 s of a still 25 fps camera

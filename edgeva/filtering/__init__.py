@@ -8,7 +8,7 @@ so the filter's agreement with every-frame inference is measured online.
 """
 from .audits import AuditTracker, audit_fraction_for_power, audits_needed, wilson_lower_bound
 from .features import FEATURES, Differencer, FeatureName, FeatureVector, Prepared, SceneTracker, default_feature
-from .policy import Decision, QueryFilter, run_inline
+from .policy import Decision, QueryFilter, longest_age, run_inline, tunable_features
 from .profiles import ProfileTable, Setting, segment_key
 from .tuner import (
     NO_THRESHOLD, CurvePoint, PairCache, TuneResult, age_candidates, default_candidates, simulate_filter,
@@ -17,7 +17,7 @@ from .tuner import (
 
 __all__ = [
     "AuditTracker", "CurvePoint", "Decision", "Differencer", "FEATURES", "FeatureName", "FeatureVector",
-    "NO_THRESHOLD", "PairCache", "Prepared", "ProfileTable", "QueryFilter", "SceneTracker", "run_inline", "Setting", "TuneResult",
+    "NO_THRESHOLD", "PairCache", "Prepared", "ProfileTable", "QueryFilter", "SceneTracker", "longest_age", "run_inline", "tunable_features", "Setting", "TuneResult",
     "age_candidates", "audit_fraction_for_power", "audits_needed", "default_candidates", "default_feature",
     "segment_key", "simulate_filter", "tune_features", "tune_segments", "tune_threshold", "uniform_sources", "wilson_lower_bound",
 ]

@@ -26,7 +26,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from edgeva.config import FilterConfig
 
@@ -94,6 +94,28 @@ class _TuningJob:
 
 def run_inline(job: Callable[[], None]) -> None:
     job()
+
+
+def longest_age(cfg: FilterConfig, fps: float) -> int:
+    """The longest staleness bound (frames at `fps`) the tuner may choose under this config:
+    `tuned_max_age_limit_s`, and `max_age_s` and `max_skip` when set. Shared by the daemon's
+    calibration and `edgeva tune`, so both choose among the same settings."""
+    def frames(seconds: float) -> int:
+        return max(0, int(round(seconds * fps)))
+
+    longest = frames(cfg.tuned_max_age_limit_s)
+    if cfg.max_age_s is not None:
+        longest = min(longest, frames(cfg.max_age_s))
+    if cfg.max_skip is not None:
+        longest = min(longest, cfg.max_skip)
+    return longest
+
+
+def tunable_features(cfg: FilterConfig, frames: Sequence[Prepared]) -> tuple[FeatureName, ...]:
+    """The features the tuner tries: the configured one, or all with `auto`; `foreground` only
+    on frames a SceneTracker prepared."""
+    features = FEATURES if cfg.feature == "auto" else (cfg.feature,)
+    return tuple(f for f in features if f != "foreground" or (frames and frames[0].foreground is not None))
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,15 +357,13 @@ class QueryFilter:
         # Tune on this window pooled with the most similar windows profiled before: one short
         # window holds few changes of the answer, and a setting fitted to those alone is noisy.
         similar = self.profiles.nearest_windows(key, POOLED_WINDOWS - 1)
-        features = FEATURES if self.cfg.feature == "auto" else (self.cfg.feature,)
         piece = self._frames_for(self.cfg.segment_s)
         job = _TuningJob(
             segments=[frames] + [p.frames for p in similar], values=[values] + [p.values for p in similar],
             agreement=self.agreement, target=self.target, differencer=self.differencer,
-            features=tuple(f for f in features if f != "foreground" or frames[0].foreground is not None),
+            features=tunable_features(self.cfg, frames),
             preferred=self.preferred_feature,
-            longest=min([self._age_cap(), self._age_frames(self.cfg.tuned_max_age_limit_s)]
-                        + [len(frames) - 1] + [len(p.frames) - 1 for p in similar]),
+            longest=min([longest_age(self.cfg, self.fps), len(frames) - 1] + [len(p.frames) - 1 for p in similar]),
             key=key, pieces=[segment_key(consecutive[k:k + piece]) for k in range(0, len(consecutive), piece)
                              if len(consecutive[k:k + piece]) >= piece // 2])
         try:
