@@ -57,13 +57,18 @@ class CameraCopy:
     clip: str
     classes: tuple[str, ...]
     input_size: int = INPUT
+    steps: int = 150
+    lr: float = 1e-4
 
 
 FAMILY = (
     CameraCopy("highway", "bgslibrary_video03_highway.avi", VEHICLES),
     CameraCopy("junction", "ahmetozlu_vehicle_counting_input_video.mp4", VEHICLES),
-    # Aerial view: people are a few pixels tall, so this camera keeps the full 640 px.
-    CameraCopy("crossing", "degirum_aerial_crossing_pedestrians_bikes_cropped.mp4", ("person", "bicycle"), 640),
+    # Aerial view: people are a few pixels tall, so this camera keeps the full 640 px. Only 219
+    # training frames, and the scene's end differs from its start: at 150 steps of 1e-4 the copy
+    # fell to 0.51 count agreement with the detector on its held-out end (the base: 0.89).
+    CameraCopy("crossing", "degirum_aerial_crossing_pedestrians_bikes_cropped.mp4", ("person", "bicycle"), 640,
+               steps=100, lr=3e-5),
     CameraCopy("corridor", "intel_one-by-one-person-detection.mp4", ("person",)),
 )
 
@@ -211,8 +216,8 @@ def report(out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "var" / "family" / "detectors")
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--steps", type=int, help="fine-tuning steps of every copy (default: each copy's own)")
+    p.add_argument("--lr", type=float, help="learning rate of every copy (default: each copy's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only measure the cached family")
@@ -231,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             importer.save_checkpoint(importer.build_checkpoint(EXPORT), base, EXPORT)
         for k, copy in enumerate(FAMILY):
             if not (args.out / f"{copy.camera}.pt").exists():
-                fine_tune(base, copy, args.out / f"{copy.camera}.pt", args.steps, args.lr, args.seed + k)
+                fine_tune(base, copy, args.out / f"{copy.camera}.pt", args.steps or copy.steps, args.lr or copy.lr,
+                          args.seed + k)
     rows = report(args.out)
     (args.out / "report.json").write_text(json.dumps(rows, indent=1))
     print(f"done in {time.monotonic() - t0:.0f}s", file=sys.stderr)
