@@ -118,7 +118,8 @@ def test_one_model_runs_at_one_input_size(tmp_path, clip):
     assert err.value.path == "queries[1].input_size"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "example.yaml", "gemel_workload.yaml", "family.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "example.yaml", "gemel_workload.yaml", "family.yaml",
+                                  "detector_family.yaml"])
 def test_shipped_configs_are_valid(name):
     raw = yaml.safe_load((REPO / "configs" / name).read_text())
     cfg = parse_config(raw)  # without base_dir: the clips need not exist for this check

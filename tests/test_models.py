@@ -32,7 +32,7 @@ SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 SHARED_WEIGHTS = SHARED / "weights"
 TUNE_VIDEO = SHARED / "videos" / "tune" / "ahmetozlu_vehicle_counting_input_video.mp4"
 ZOO = ["yolov8n", "yolov8s", "yolo11n", "yolo11s", "resnet18", "resnet50", "vgg16", "alexnet",
-       "mobilenet_v3_small", "mobilenet_v3_large", "inception_v3", "fasterrcnn_resnet50_fpn"]
+       "mobilenet_v3_small", "mobilenet_v3_large", "inception_v3", "fasterrcnn_resnet50_fpn", "yolov8n-cls"]
 
 
 # ------------------------------------------------------------------ fixtures

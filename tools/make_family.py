@@ -1,24 +1,24 @@
 #!/usr/bin/env python
-"""Build a realistic model family for merging: one ResNet18 base, then per-camera / per-task
-copies fine-tuned from it, all labelled by the real INT8 detector. Everything is cached under
---out (default var/family, gitignored), so later runs only rebuild what is missing.
+"""Build a realistic classifier family for merging: one pretrained base, then per-camera /
+per-task copies fine-tuned from it, all labelled by the real INT8 detector. Everything is cached
+under --out (default var/family, gitignored), so later runs only rebuild what is missing.
 
-Stages (each skipped when its output exists, unless --refresh names it):
+Stages (each skipped when its output exists):
   1. labels  YOLOv8n INT8 (../shared/weights) on frames sampled from each tune/ clip, split into
              train / held-out exactly as `edgeva merge` splits them (the held-out part is never
              trained on); frames are cached resized to 224x224 (the classifier's input).
-  2. base    the shared "pretrained" ResNet18: multi-label presence / count buckets of COCO classes
-             over the train frames of every camera (no weights can be downloaded, so this is the
-             family's ImageNet stand-in). Trained at 112 px to fit a 2-core CPU.
-  3. copies  NoScope-style specialised models, one per FAMILY entry: the base's stem..layer3 kept
-             frozen (last-stage fine-tuning, the usual transfer-learning recipe and what fits two
-             shared CPU cores); a new head fitted on the frozen features, then layer4 (75 % of
-             the weights) and the head fine-tuned together at 224 px with a small learning rate
-             (LP-FT), so the copies stay close to the base as real per-camera specialisation
-             does. Each copy is a state dict with its class names.
+  2. base    a `yolov8n-cls` whose backbone (layers 0-8) is the real COCO detector's, dequantised
+             from its INT8 export (tools/import_openvino_detector.py): pretrained features, as a
+             fleet starts from ImageNet or COCO weights. Its head is fitted on multi-label presence
+             / count targets over every camera's train frames (backbone frozen).
+  3. copies  NoScope-style specialised models, one per FAMILY entry: layers 0-6 kept (their
+             features cached), a new head fitted on the frozen features (linear probe), then
+             layers 7-8 (the last stage, 67 % of the weights) and the head fine-tuned together at
+             224 px with a small learning rate (LP-FT), so the copies stay close to the base as
+             real per-camera specialisation does. Each copy is a state dict with its class names.
   4. config  configs/family.yaml's queries point at these weights (input_size 224).
 
-    nice -n 10 .venv/bin/python tools/make_family.py            # ~15-25 min on 2 busy cores
+    nice -n 10 .venv/bin/python tools/make_family.py            # ~5-10 min on 2 busy cores
     .venv/bin/python tools/make_family.py --report              # label balance, accuracy, variety
 """
 from __future__ import annotations
@@ -39,16 +39,16 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import torchvision  # noqa: E402
 
 from edgeva.merging.workload import read_camera_frames  # noqa: E402
-from edgeva.models.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from edgeva.models.yolo_classifier import yolo_classifier_network  # noqa: E402
 
 SHARED = REPO_ROOT.parent / "shared"
 TUNE = SHARED / "videos" / "tune"
 DETECTOR = SHARED / "weights" / "yolov8n_int8_openvino_model"
 INPUT = 224
-BASE_INPUT = 112
+ARCH = "yolov8n-cls"
+FROZEN = 7                       # layers 0..6 stay the base's in every copy
 FRAMES_PER_CAMERA = 600          # the same sampling and split `edgeva merge --frames 600` uses
 MIN_HELDOUT = 200
 CAMERAS = {
@@ -110,10 +110,19 @@ def load_camera(out: Path, cam: str) -> CameraData:
 
 
 def normalise(images: np.ndarray, size: int = INPUT) -> torch.Tensor:
+    """The yolov8n-cls input: RGB in [0, 1], no mean/std (edgeva.models.yolo_classifier)."""
     if size != images.shape[1]:
         images = np.stack([cv2.resize(i, (size, size), interpolation=cv2.INTER_AREA) for i in images])
-    x = torch.from_numpy(images[..., ::-1].copy()).permute(0, 3, 1, 2).float().div_(255.0)
-    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return torch.from_numpy(images[..., ::-1].copy()).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def network(classes: int) -> torch.nn.Sequential:
+    return yolo_classifier_network(ARCH, classes)
+
+
+def run_layers(net: torch.nn.Sequential, x: torch.Tensor, start: int, stop: int, batch: int = 32) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([net[start:stop](x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
 # -------------------------------------------------------------------- base
@@ -126,40 +135,51 @@ def base_targets(data: CameraData) -> np.ndarray:
     return np.stack(cols, 1).astype(np.float32)
 
 
+def detector_backbone(out: Path) -> dict[str, torch.Tensor]:
+    """Layers 0-8 of the real COCO YOLOv8n, keyed as in the yolov8n-cls network."""
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import import_openvino_detector as importer
+
+    detector = importer.build_checkpoint(DETECTOR)
+    return {k[len("model."):]: v for k, v in detector.state_dict().items()
+            if k.startswith("model.") and int(k.split(".")[1]) < 9}
+
+
 def stage_base(out: Path, epochs: int, seed: int) -> None:
-    path = out / "base_resnet18.pt"
+    path = out / "base_yolov8n_cls.pt"
     if path.exists():
         return
     t0 = time.monotonic()
+    targets = ["present:" + c for c in BASE_CLASSES] + ["vehicles>2", "vehicles>5", "people>2", "people>5"]
+    net = network(len(targets))
+    missing, unexpected = net.load_state_dict(detector_backbone(out), strict=False)
+    assert not unexpected and all(k.startswith("9.") for k in missing), (missing, unexpected)
+    net.eval()
     xs, ys = [], []
     for cam in CAMERAS:
         data = load_camera(out, cam)
-        xs.append(normalise(data.images[:data.n_train], BASE_INPUT))
-        ys.append(torch.from_numpy(base_targets(data)[:data.n_train]))
-    x, y = torch.cat(xs), torch.cat(ys)
-    torch.manual_seed(seed)
-    net = torchvision.models.resnet18(num_classes=y.shape[1])
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps = epochs * (len(x) // 32)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+        x = normalise(data.images[:data.n_train])
+        xs += [run_layers(net, x, 0, 9), run_layers(net, x.flip(3), 0, 9)]
+        y = torch.from_numpy(base_targets(data)[:data.n_train])
+        ys += [y, y]
+    feats, y = torch.cat(xs), torch.cat(ys)
+    head = net[9]
+    head.train()
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
     pos = y.mean(0).clamp(0.02, 0.98)
     gen = torch.Generator().manual_seed(seed)
-    net.train()
+    steps = epochs * (len(feats) // 64)
     for step in range(steps):
-        idx = torch.randint(len(x), (32,), generator=gen)
-        batch = x[idx]
-        if step % 2:
-            batch = batch.flip(3)
-        loss = F.binary_cross_entropy_with_logits(net(batch), y[idx], pos_weight=(1 - pos) / pos)
+        idx = torch.randint(len(feats), (64,), generator=gen)
+        loss = F.binary_cross_entropy_with_logits(head(feats[idx]), y[idx], pos_weight=(1 - pos) / pos)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        sched.step()
-        if step % 20 == 0:
-            print(f"base step {step}/{steps} loss {loss.item():.3f} ({time.monotonic() - t0:.0f}s)", flush=True)
-    torch.save({"state_dict": net.state_dict(), "targets": ["present:" + c for c in BASE_CLASSES]
-                + ["vehicles>2", "vehicles>5", "people>2", "people>5"]}, path)
-    print(f"base trained in {time.monotonic() - t0:.0f}s", flush=True)
+        if step % 50 == 0:
+            print(f"base head step {step}/{steps} loss {loss.item():.3f} ({time.monotonic() - t0:.0f}s)", flush=True)
+    net.eval()
+    torch.save({"state_dict": net.state_dict(), "class_names": targets}, path)
+    print(f"base: the detector's backbone, head fitted in {time.monotonic() - t0:.0f}s", flush=True)
 
 
 # ------------------------------------------------------------------ copies
@@ -189,14 +209,14 @@ FAMILY = (
 
 
 def specialised_weights(out: Path, spec: Specialised) -> Path:
-    return out / f"{spec.name}.pt"
+    return out / ARCH / f"{spec.name}.pt"
 
 
 def stage_copies(out: Path, steps: int, lr: float, seed: int) -> None:
     """Linear probe, then fine-tune (LP-FT): the new head is first fitted on the base's frozen
-    features, so the joint fine-tuning of layer4 + head starts from a sensible head and its small
-    learning rate keeps layer4 close to the base."""
-    base = torch.load(out / "base_resnet18.pt", weights_only=True)["state_dict"]
+    features, so the joint fine-tuning of layers 7-8 + head starts from a sensible head and its
+    small learning rate keeps those layers close to the base."""
+    base = torch.load(out / "base_yolov8n_cls.pt", weights_only=True)["state_dict"]
     features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for k, spec in enumerate(FAMILY):
         path = specialised_weights(out, spec)
@@ -205,39 +225,41 @@ def stage_copies(out: Path, steps: int, lr: float, seed: int) -> None:
         t0 = time.monotonic()
         data = load_camera(out, spec.camera)
         labels = torch.from_numpy(spec.label(data)[:data.n_train]).long()
-        net = torchvision.models.resnet18(num_classes=len(spec.classes))
-        net.load_state_dict({k2: v for k2, v in base.items() if not k2.startswith("fc.")}, strict=False)
+        net = network(len(spec.classes))
+        net.load_state_dict({k2: v for k2, v in base.items() if not k2.startswith("9.linear.")}, strict=False)
         net.eval()     # batch-norm statistics stay the base's
         if spec.camera not in features:    # the frozen part runs once per frame (and per camera)
-            stem = torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
-            train = data.images[:data.n_train]
-            with torch.no_grad():
-                features[spec.camera] = (
-                    torch.cat([stem(normalise(train[i:i + 32])) for i in range(0, len(train), 32)]),
-                    torch.cat([stem(normalise(train[i:i + 32, :, ::-1])) for i in range(0, len(train), 32)]))
+            x = normalise(data.images[:data.n_train])
+            features[spec.camera] = (run_layers(net, x, 0, FROZEN), run_layers(net, x.flip(3), 0, FROZEN))
         feats, flipped = features[spec.camera]
         freq = torch.bincount(labels, minlength=len(spec.classes)).float().clamp_min(1)
         weight = (freq.sum() / freq) / (freq.sum() / freq).mean()
+        head = net[9]
         with torch.no_grad():
-            pooled = torch.flatten(net.avgpool(net.layer4(torch.cat([feats, flipped]))), 1)
-        probe = torch.optim.Adam(net.fc.parameters(), lr=1e-2)
+            pooled = torch.cat([head.pool(head.conv(run_layers(net, f, FROZEN, 9))).flatten(1) for f in (feats, flipped)])
+        probe = torch.optim.Adam(head.linear.parameters(), lr=1e-2)
         both = torch.cat([labels, labels])
         for _ in range(300):                # full-batch linear probe on cached features
             probe.zero_grad()
-            F.cross_entropy(net.fc(pooled), both, weight=weight).backward()
+            F.cross_entropy(head.linear(pooled), both, weight=weight).backward()
             probe.step()
-        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+        tuned = [p for layer in net[FROZEN:] for p in layer.parameters()]
+        opt = torch.optim.SGD(tuned, lr=lr, momentum=0.9, weight_decay=1e-4)
         gen = torch.Generator().manual_seed(seed + k)
         losses = []
         for step in range(steps):
             idx = torch.randint(len(feats), (16,), generator=gen)
             f = (flipped if step % 2 else feats)[idx]
-            logits = net.fc(torch.flatten(net.avgpool(net.layer4(f)), 1))
-            loss = F.cross_entropy(logits, labels[idx], weight=weight)
+            loss = F.cross_entropy(net[FROZEN:](f), labels[idx], weight=weight)
             opt.zero_grad()
             loss.backward()
+            # the detector's batch norms are folded into its convolutions, so nothing rescales
+            # the gradients of layers 7-8: a small learning rate and a clipped norm keep it stable
+            torch.nn.utils.clip_grad_norm_(tuned, 5.0)
             opt.step()
             losses.append(loss.item())
+        net.eval()
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": net.state_dict(), "class_names": list(spec.classes)}, path)
         print(f"copy {spec.name}: probe + {steps} fine-tuning steps in {time.monotonic() - t0:.0f}s "
               f"(loss {np.mean(losses[:10]):.3f} -> {np.mean(losses[-10:]):.3f})", flush=True)
@@ -249,10 +271,10 @@ def family_report(out: Path) -> dict:
     """Per copy: label balance, accuracy against the detector's labels, and how varied its
     outputs are on the held-out frames (a degenerate model answers one class everywhere)."""
     report = {}
-    base = torch.load(out / "base_resnet18.pt", weights_only=True)["state_dict"]
+    base = torch.load(out / "base_yolov8n_cls.pt", weights_only=True)["state_dict"]
     for spec in FAMILY:
         data = load_camera(out, spec.camera)
-        net = torchvision.models.resnet18(num_classes=len(spec.classes))
+        net = network(len(spec.classes))
         net.load_state_dict(torch.load(specialised_weights(out, spec), weights_only=True)["state_dict"])
         net.eval()
         labels = spec.label(data)
@@ -266,8 +288,8 @@ def family_report(out: Path) -> dict:
         hist = np.bincount(pred[held], minlength=len(spec.classes))
         drift = {}
         for name, w in net.state_dict().items():
-            if name in base and w.dtype.is_floating_point and w.ndim > 1 and not name.startswith("fc."):
-                stage = name.split(".")[0]
+            if name in base and w.dtype.is_floating_point and w.ndim > 1 and not name.startswith("9.linear."):
+                stage = "layer" + name.split(".")[0]
                 d = drift.setdefault(stage, [0.0, 0.0])
                 d[0] += float((w - base[name]).norm() ** 2)
                 d[1] += float(base[name].norm() ** 2)
@@ -288,9 +310,9 @@ def family_report(out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "var" / "family")
-    p.add_argument("--base-epochs", type=int, default=4)
-    p.add_argument("--copy-steps", type=int, default=60)
-    p.add_argument("--copy-lr", type=float, default=1e-2)
+    p.add_argument("--base-epochs", type=int, default=10, help="epochs of the base head")
+    p.add_argument("--copy-steps", type=int, default=150)
+    p.add_argument("--copy-lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stages", default="labels,base,copies,report")

@@ -3,7 +3,7 @@ outputs to match, and the loss that matches a merged model to its frozen origina
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.base import ZooModel
-from ..models.preprocess import letterbox_batch, resize_normalise
+from ..models.preprocess import IMAGENET_MEAN, IMAGENET_STD, letterbox_batch, normalisation, resize_normalise
 
 
 class DistillAdapter(Protocol):
@@ -28,12 +28,14 @@ class ClassifierAdapter:
 
     input_size: int
     temperature: float = 2.0
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
 
     def ready_for_grad(self, module: nn.Module) -> None:
         pass
 
     def inputs(self, frames: list[np.ndarray]) -> torch.Tensor:
-        return resize_normalise(frames, self.input_size)
+        return resize_normalise(frames, self.input_size, self.mean, self.std)
 
     def head(self, raw: object) -> torch.Tensor:
         return getattr(raw, "logits", raw).float()
@@ -88,7 +90,7 @@ def adapter_for(model: ZooModel) -> Optional[DistillAdapter]:
     if not model.is_torch or model.module is None:
         return None
     if model.kind == "classifier":
-        return ClassifierAdapter(model.input_size)
+        return ClassifierAdapter(model.input_size, 2.0, *normalisation(model))
     if hasattr(model, "_stride"):  # ultralytics DetectionModel wrapper
         return UltralyticsAdapter(model.input_size, int(getattr(model, "_stride")))
     return None

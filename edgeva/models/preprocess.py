@@ -70,6 +70,11 @@ def letterbox_batch(images: Sequence[np.ndarray], size: int, stride: int = 32
     return tensor, boxes
 
 
+def normalisation(model: object) -> tuple[Sequence[float], Sequence[float]]:
+    """The (mean, std) a classifier's inputs are normalised with: its own, else ImageNet's."""
+    return getattr(model, "mean", IMAGENET_MEAN), getattr(model, "std", IMAGENET_STD)
+
+
 def resize_normalise(images: Sequence[np.ndarray], size: int,
                      mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
                      ) -> torch.Tensor:

@@ -18,7 +18,8 @@ from .coco import COCO91_TO_80, COCO_NAMES
 from .errors import ModelLoadError
 from .offline import network_timeout
 from .outputs import ClassProbs, Detections, Output
-from .preprocess import resize_normalise, resize_normalise_tensor, to_rgb_tensors, upload_frames
+from .preprocess import (IMAGENET_MEAN, IMAGENET_STD, resize_normalise, resize_normalise_tensor, to_rgb_tensors,
+                         upload_frames)
 
 log = logging.getLogger(__name__)
 
@@ -125,18 +126,23 @@ def _wrap(name: str, spec: TorchvisionSpec, module: nn.Module, names: list[str],
 
 
 class TorchvisionClassifier(TorchZooModel):
+    """A whole-frame classifier: the frame stretched to input_size, normalised by `mean`/`std`
+    (ImageNet's unless the architecture was trained otherwise), softmax of the logits."""
+
     kind = "classifier"
 
     def __init__(self, name: str, module: nn.Module, class_names: list[str], input_size: int,
                  weights: Optional[str], device: torch.device) -> None:
         super().__init__(device, module, place=False)
         self.name, self.class_names, self.input_size, self.weights = name, class_names, input_size, weights
+        self.mean: tuple[float, ...] = IMAGENET_MEAN
+        self.std: tuple[float, ...] = IMAGENET_STD
 
     def _predict(self, images: list[np.ndarray]) -> list[Output]:
         if self.device.type == "cuda":     # uint8 frames go up once; resizing runs on the device
-            x = resize_normalise_tensor(images, self.input_size, self.device)
+            x = resize_normalise_tensor(images, self.input_size, self.device, self.mean, self.std)
         else:
-            x = resize_normalise(images, self.input_size)
+            x = resize_normalise(images, self.input_size, self.mean, self.std)
         logits = self._module(self.input_layout(x))
         logits = getattr(logits, "logits", logits)  # inception in train mode returns a named tuple
         probs = torch.softmax(logits.float(), dim=1).cpu().numpy()

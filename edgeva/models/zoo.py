@@ -11,11 +11,13 @@ from .device import resolve_device
 from .errors import UnknownModelError
 from .torchvision_zoo import TORCHVISION_SPECS
 from .ultralytics_zoo import YOLO_NAMES
+from .yolo_classifier import YOLO_CLASSIFIER_NAMES
 
 log = logging.getLogger(__name__)
 
 ZOO_KINDS: dict[str, str] = {
     **{name: "detector" for name in YOLO_NAMES},
+    **{name: "classifier" for name in YOLO_CLASSIFIER_NAMES},
     **{name: spec.kind for name, spec in TORCHVISION_SPECS.items()},
 }
 
@@ -36,6 +38,10 @@ def default_input_size(name: str) -> int:
         from .ultralytics_zoo import INPUT_SIZE
 
         return INPUT_SIZE
+    if name in YOLO_CLASSIFIER_NAMES:
+        from .yolo_classifier import INPUT_SIZE as CLASSIFIER_INPUT_SIZE
+
+        return CLASSIFIER_INPUT_SIZE
     return TORCHVISION_SPECS[name].input_size
 
 
@@ -60,6 +66,10 @@ def build_model(name: str, weights: Optional[str] = None, download: bool = False
         from .ultralytics_zoo import build_ultralytics
 
         model = build_ultralytics(name, weights, download, dev)
+    elif name in YOLO_CLASSIFIER_NAMES:
+        from .yolo_classifier import build_yolo_classifier
+
+        model = build_yolo_classifier(name, weights, download, dev)
     else:
         from .torchvision_zoo import build_torchvision
 

@@ -14,7 +14,7 @@ import torch
 
 from edgeva.models.base import ZooModel
 from edgeva.models.outputs import ClassProbs
-from edgeva.models.preprocess import resize_normalise
+from edgeva.models.preprocess import normalisation, resize_normalise
 from edgeva.models.splits import (SplitError, SplitSpec, chain_layers, needs_flatten, resolve_split, run_layer,
                                   split_point_names)
 
@@ -61,7 +61,7 @@ class SplitModel:
 
         def head() -> torch.Tensor:
             with torch.inference_mode():
-                x = resize_normalise(list(images), self.model.input_size).to(self.model.device)
+                x = resize_normalise(list(images), self.model.input_size, *normalisation(self.model)).to(self.model.device)
                 return self._run(x, 0, split_at).float().cpu().contiguous()
 
         return self._run_head(head)
