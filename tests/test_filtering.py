@@ -124,6 +124,23 @@ def test_prepare_downscales_to_width_and_rejects_mismatched_sizes():
         d.features(p, other)
 
 
+@pytest.mark.parametrize("size", [(1280, 720), (1920, 1080), (1000, 563), (352, 288), (161, 97), (4000, 3000)])
+@pytest.mark.parametrize("channels", [3, 0])
+def test_prepare_samples_the_pixels_nearest_neighbour_resize_samples(size, channels):
+    """The cheaper row-first downscale is the same picture as cv2.resize(INTER_NEAREST), for
+    any frame size: every feature and every tuned threshold stays what it was."""
+    w, h = size
+    shape = (h, w, channels) if channels else (h, w)
+    image = np.random.default_rng(w + channels).integers(0, 256, shape, dtype=np.uint8)
+    d = Differencer(width=160, blur_kernel=1)
+    out_w = 160
+    out_h = max(1, round(h * out_w / w))
+    expected = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_NEAREST)
+    if channels:
+        expected = cv2.cvtColor(expected, cv2.COLOR_BGR2GRAY)
+    assert np.array_equal(d.prepare(image).gray, expected)
+
+
 def _quiet_scene_keeps(d: Differencer) -> tuple[list[tuple[int, str]], QueryFilter, np.random.Generator]:
     rng = np.random.default_rng(3)
     bg = background(3)
