@@ -563,3 +563,72 @@ def test_a_configured_threshold_stays_fixed_past_recalibrate_s():
             filt.record_result(p, 0)
     assert filt.setting.threshold == 0.5 and filt.setting.max_age == 20
     assert filt.stats()["profiled_windows"] == 0 and "calibrate" not in filt.stats()["kept_by_reason"]
+
+
+# ------------------------------------------------------------- checks at the staleness bound
+
+def _bound_replay(filt: QueryFilter, answers: list[int]) -> list[int]:
+    """A still scene (only the bound decides); returns the frames kept."""
+    scene = SceneTracker(filt.differencer)
+    rng = np.random.default_rng(5)
+    bg = background(5)
+    kept = []
+    for i, answer in enumerate(answers):
+        p = scene.prepare(noisy(bg, rng, sigma=2.0))
+        if filt.decide(p).keep:
+            filt.mark_inferred(p)
+            filt.record_result(p, answer)
+            kept.append(i)
+    return kept
+
+
+def test_a_frame_kept_at_the_bound_that_finds_the_answer_changed_shortens_the_bound():
+    filt = QueryFilter(FilterConfig(threshold=1.0, max_age_s=2.0, audit_fraction=0.0),
+                       agreement=count_agreement, fps=10.0)          # bound 20 frames; the threshold never fires
+    flicker = [i // 5 % 3 for i in range(200)]                      # the answer changes every 5 frames
+    kept = _bound_replay(filt, flicker)
+    gaps = np.diff(kept)
+    assert gaps[0] == 21 and min(gaps) < 10                         # halved after each change it found
+    assert filt.setting.max_age < 20 and filt.stats()["bound_factor"] < 1.0
+    agreement = np.mean([count_agreement(a, flicker[max(k for k in kept if k <= i)]) for i, a in enumerate(flicker)])
+    fixed = np.mean([count_agreement(a, flicker[i - i % 21]) for i, a in enumerate(flicker)])
+    assert agreement > fixed
+
+
+def test_the_bound_comes_back_when_the_answer_settles_but_never_grows_past_the_learned_one():
+    filt = QueryFilter(FilterConfig(threshold=1.0, max_age_s=2.0, audit_fraction=0.0),
+                       agreement=count_agreement, fps=10.0)
+    answers = [i // 5 % 3 for i in range(100)] + [7] * 400          # busy, then the answer stays
+    kept = _bound_replay(filt, answers)
+    late = np.diff([k for k in kept if k >= 200])
+    assert len(late) and set(late) == {21}                          # back to the learned 20 reuses, not more
+    assert filt.setting.max_age == 20 and filt.stats()["bound_factor"] == 1.0
+
+
+def test_the_bound_check_needs_the_reference_result():
+    # A kept frame whose reference never got a result (dropped) is no check.
+    filt = QueryFilter(FilterConfig(threshold=1.0, max_age_s=1.0, audit_fraction=0.0),
+                       agreement=count_agreement, fps=10.0)
+    scene = SceneTracker(filt.differencer)
+    frames = [scene.prepare(background(6)) for _ in range(40)]
+    kept = []
+    for p in frames:
+        if filt.decide(p).keep:
+            filt.mark_inferred(p)
+            kept.append(p)
+            if len(kept) == 1:
+                continue                                            # the first result is lost
+            filt.record_result(p, len(kept))                        # every later answer differs
+    assert len(kept) >= 3
+    assert filt.stats()["bound_factor"] < 1.0                       # checks from the second pair on
+    first_only = QueryFilter(FilterConfig(threshold=1.0, max_age_s=1.0, audit_fraction=0.0),
+                             agreement=count_agreement, fps=10.0)
+    p0, p1 = frames[0], frames[1]
+    first_only.decide(p0)
+    first_only.mark_inferred(p0)
+    for _ in range(10):
+        assert not first_only.decide(p1).keep
+    assert first_only.decide(p1).keep                               # at the bound
+    first_only.mark_inferred(p1)
+    first_only.record_result(p1, 3)                                 # p0's result never came
+    assert first_only.stats()["bound_factor"] == 1.0
