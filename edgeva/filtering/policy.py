@@ -52,8 +52,10 @@ RESULT_PATIENCE = 4         # a window waits this many window lengths of frames 
 
 
 # A frame kept at the staleness bound is a free check of the reused answer at the bound's age:
-# when the answer had changed, the bound halves; when it had not, it doubles back, never past the
-# learned bound (lengthening it was tried on ../shared/videos/tune and lost agreement on a motorway).
+# when the answer had changed, the bound halves; when it had not, it grows back by
+# BOUND_STEP ** ((1 - target) / target), so it settles where a share 1 - target of the checks
+# find a change, and never past the learned bound (lengthening it was tried on
+# ../shared/videos/tune and lost agreement on a motorway).
 BOUND_STEP = 2.0
 _REMEMBERED = 16
 
@@ -381,7 +383,10 @@ class QueryFilter:
         if reference is None or reference[0] is not kept[1]:
             return                              # the reference's result is gone (dropped): no check
         if self.agreement(value, reference[1]) >= 1.0:
-            self._bound_factor = min(1.0, self._bound_factor * BOUND_STEP)
+            # Up by BOUND_STEP ** ((1 - target) / target): the bound settles where a share
+            # 1 - target of the checks find the answer changed.
+            recover = BOUND_STEP ** ((1.0 - self.target) / max(self.target, 1e-6))
+            self._bound_factor = min(1.0, self._bound_factor * recover)
         else:
             self._bound_factor = max(LOWEST_FACTOR, self._bound_factor / BOUND_STEP)
 
