@@ -428,3 +428,31 @@ def test_distil_on_all_cameras_trains_each_model_on_every_cameras_frames(special
     for key in models:
         assert len(everywhere.teachers[key].inputs) == len(camera.train) + len(other.train)
     assert len(everywhere.references["q-b"]) == len(other.heldout)     # agreement stays on the query's camera
+
+
+def test_a_detector_retrains_after_predict_ran_under_inference_mode(camera):
+    """ultralytics' Detect head caches anchors from the last forward; predict() runs under
+    torch.inference_mode, so a retraining step after it must not reuse those tensors."""
+    from edgeva.models import build_model
+
+    models = {}
+    for i in range(2):
+        m = build_model("yolov8n", None)
+        m.input_size, m.min_score = 64, 0.0
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for p in m.module.parameters():
+                p.add_(torch.randn_like(p) * 1e-3)
+        models[f"yolov8n@copy{i}"] = m
+    task = TaskConfig(type="count", classes=["person"], confidence=0.0)
+    # a target above 1 is never met by sharing alone, so the trial always retrains
+    queries = [QuerySpec(f"q{i}", k, "cam", task, 1.01) for i, k in enumerate(models)]
+    wl = Workload(models, queries, {"cam": CameraFrames(camera.train[:8], camera.heldout[:6])},
+                  {k: "yolov8n" for k in models})
+    # the training batch has the shape of predict's last held-out batch, so Detect's cache hits
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=2, eval_every=1, batch_size=6, patience=5))
+    state = merger.initial_state()
+    state.queue = deque([state.queue[0]])
+    state = merger.run(state)
+    attempt = state.attempts[0]
+    assert attempt.train_steps > 0 and attempt.outcome != "accepted"

@@ -44,11 +44,19 @@ from edgeva.merging.workload import workload_from_config  # noqa: E402
 from edgeva.models.tasks import TASKS  # noqa: E402
 
 EVAL = REPO_ROOT.parent / "shared" / "videos" / "eval"
-EVAL_CAMERAS = {   # family camera -> the eval clip it watches in part 3 (the two shortest: ~1700 inferences a run)
-    "highway": "degirum_Traffic.mp4",
-    "crossing": "intel_car-detection.mp4",
-    "corridor": "intel_car-detection.mp4",
+EVAL_CAMERAS = {   # family camera -> the eval clips it watches in part 3 (each query runs once per clip)
+    "highway": ("bgslibrary_video02_highway_cctv.avi", "degirum_Traffic.mp4"),   # another highway; a junction
+    "junction": ("degirum_Traffic.mp4",),
+    "crossing": ("bgslibrary_video02_highway_cctv.avi",),                         # the eval clip with walkers
+    "corridor": ("intel_car-detection.mp4",),
 }
+
+
+FAMILY_BUILDERS = {"family.yaml": "make_family.py", "detector_family.yaml": "make_detector_family.py"}
+
+
+def _stem(clip: str) -> str:
+    return clip.split(".")[0].split("_")[0]
 
 
 def part1_analysis(config: Path) -> dict:
@@ -74,7 +82,8 @@ def part2_merge(config: Path, out: Path, args: argparse.Namespace) -> dict:
     if missing:
         print(f"building the family (missing {len(missing)} weights files) ...", flush=True)
         t0 = time.monotonic()
-        subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "make_family.py")], check=True)
+        builder = FAMILY_BUILDERS.get(config.name, "make_family.py")
+        subprocess.run([sys.executable, str(REPO_ROOT / "tools" / builder)], check=True)
         print(f"family built in {time.monotonic() - t0:.0f}s")
     argv = [str(config), "--out", str(out), "--time-budget", str(args.time_budget), "--steps", str(args.steps),
             "--eval-every", str(args.eval_every), "--lr", str(args.lr), "--batch", str(args.batch),
@@ -128,29 +137,34 @@ def part3_daemon(config: Path, bundle: Path) -> dict:
     raw = yaml.safe_load(config.read_text())
     base = config.parent
     cams = {c["id"]: c for c in raw["cameras"]}
+    eval_cameras = {f"{cid}@{_stem(clip)}": (cid, clip) for cid in cams for clip in EVAL_CAMERAS[cid]}
+    eval_queries = [dict(q, id=f"{q['id']}@{_stem(clip)}", camera=eid, weights=str((base / q["weights"]).resolve()),
+                         filter={"enabled": False}, sla={"latency_ms": 600000}, queue=64)
+                    for q in raw["queries"] for eid, (cid, clip) in eval_cameras.items() if cid == q["camera"]]
     eval_cfg = {
-        "cameras": [{"id": cid, "source": str(EVAL / EVAL_CAMERAS[cid]), "replay": "fast"} for cid in cams],
-        "queries": [dict(q, weights=str((base / q["weights"]).resolve()), filter={"enabled": False},
-                         sla={"latency_ms": 600000}, queue=64) for q in raw["queries"]],
+        "cameras": [{"id": eid, "source": str(EVAL / clip), "replay": "fast"} for eid, (_, clip) in eval_cameras.items()],
+        "queries": eval_queries,
         "gpu": {"device": "cpu", "max_batch": 8},
     }
     tmp = Path(tempfile.mkdtemp(prefix="edgeva-merge-run-"))
     unmerged, db_a, secs_a = _run_daemon(eval_cfg, tmp, "unmerged")
     merged, db_b, secs_b = _run_daemon(dict(eval_cfg, merging={"bundle": str(bundle.resolve())}), tmp, "merged")
     per_query = {}
-    for q in raw["queries"]:
+    for q in eval_queries:
         agree = TASKS[q["task"]["type"]].agreement
         a = {r["seq"]: r["value"] for r in read_results(db_a, q["id"], limit=10**6) if r["outcome"] == "inferred"}
         b = {r["seq"]: r["value"] for r in read_results(db_b, q["id"], limit=10**6) if r["outcome"] == "inferred"}
         both = sorted(set(a) & set(b))
         values = [agree(a[s], b[s]) for s in both]
         mean = float(np.mean(values)) if values else float("nan")
-        labels_a = [a[s]["label"] if isinstance(a[s], dict) else a[s] for s in both]
+        answers = [json.dumps(a[s]["label"] if isinstance(a[s], dict) and "label" in a[s] else a[s], sort_keys=True)
+                   for s in both]
         per_query[q["id"]] = {"frames": len(both), "agreement": round(mean, 4),
                               "lower_bound": round(wilson_lower_bound(mean, len(both)), 4),
-                              "unmerged_majority_fraction": round(max(labels_a.count(v) for v in set(labels_a))
-                                                                  / len(labels_a), 3) if labels_a else None,
-                              "clip": EVAL_CAMERAS[q["camera"]]}
+                              "unmerged_majority_fraction": round(max(answers.count(v) for v in set(answers))
+                                                                  / len(answers), 3) if answers else None,
+                              "distinct_unmerged_answers": len(set(answers)),
+                              "clip": eval_cameras[q["camera"]][1]}
     mem_a, mem_b = unmerged["memory"], merged["memory"]
     return {"unmerged_resident_bytes": mem_a["resident_bytes"], "merged_resident_bytes": mem_b["resident_bytes"],
             "merged_stats_bytes_saved_by_sharing": mem_b.get("bytes_saved_by_sharing"),

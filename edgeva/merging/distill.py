@@ -15,6 +15,7 @@ from ..models.preprocess import letterbox_batch, resize_normalise
 
 
 class DistillAdapter(Protocol):
+    def ready_for_grad(self, module: nn.Module) -> None: ...
     def inputs(self, frames: list[np.ndarray]) -> torch.Tensor: ...
     def head(self, raw: object) -> torch.Tensor: ...
     def outputs(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor: ...
@@ -27,6 +28,9 @@ class ClassifierAdapter:
 
     input_size: int
     temperature: float = 2.0
+
+    def ready_for_grad(self, module: nn.Module) -> None:
+        pass
 
     def inputs(self, frames: list[np.ndarray]) -> torch.Tensor:
         return resize_normalise(frames, self.input_size)
@@ -50,6 +54,15 @@ class UltralyticsAdapter:
 
     input_size: int
     stride: int
+
+    def ready_for_grad(self, module: nn.Module) -> None:
+        """`predict` runs under torch.inference_mode, and the Detect head caches its anchors and
+        strides from the last forward at an input shape; cached inference tensors cannot enter
+        a differentiable forward, so they are dropped and recomputed."""
+        for m in module.modules():
+            anchors = getattr(m, "anchors", None)
+            if isinstance(anchors, torch.Tensor) and anchors.is_inference() and hasattr(m, "shape"):
+                m.shape = None
 
     def inputs(self, frames: list[np.ndarray]) -> torch.Tensor:
         return letterbox_batch(frames, self.input_size, self.stride)[0]

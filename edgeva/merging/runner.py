@@ -111,6 +111,7 @@ class ModelRunner:
     def student(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Differentiable output from block `start` (for distillation)."""
         assert self.chain is not None and self.adapter is not None
+        self.adapter.ready_for_grad(self.model.module)
         return self.adapter.head(self.chain.run(x.to(self.device), start))
 
     # -------------------------------------------------------------- values
