@@ -18,6 +18,9 @@ Where the setting comes from (no hand knobs):
 Decision rule: compare directly with the last inferred frame, not Reducto's cumulative sum of
 consecutive diffs. A slow change (drift, a creeping object) still grows the direct diff because
 the reference stays put, while per-frame sensor noise does not add up.
+
+One module (over 400 lines) because the decisions, the windows they open, the results that close
+them and the checks at the bound all read and change one query's filter state under its lock.
 """
 from __future__ import annotations
 
