@@ -124,6 +124,23 @@ def test_prepare_downscales_to_width_and_rejects_mismatched_sizes():
         d.features(p, other)
 
 
+@pytest.mark.parametrize("size", [(1280, 720), (1920, 1080), (1000, 563), (352, 288), (161, 97), (4000, 3000)])
+@pytest.mark.parametrize("channels", [3, 0])
+def test_prepare_samples_the_pixels_nearest_neighbour_resize_samples(size, channels):
+    """The cheaper row-first downscale is the same picture as cv2.resize(INTER_NEAREST), for
+    any frame size: every feature and every tuned threshold stays what it was."""
+    w, h = size
+    shape = (h, w, channels) if channels else (h, w)
+    image = np.random.default_rng(w + channels).integers(0, 256, shape, dtype=np.uint8)
+    d = Differencer(width=160, blur_kernel=1)
+    out_w = 160
+    out_h = max(1, round(h * out_w / w))
+    expected = cv2.resize(image, (out_w, out_h), interpolation=cv2.INTER_NEAREST)
+    if channels:
+        expected = cv2.cvtColor(expected, cv2.COLOR_BGR2GRAY)
+    assert np.array_equal(d.prepare(image).gray, expected)
+
+
 def _quiet_scene_keeps(d: Differencer) -> tuple[list[tuple[int, str]], QueryFilter, np.random.Generator]:
     rng = np.random.default_rng(3)
     bg = background(3)
@@ -546,3 +563,84 @@ def test_a_configured_threshold_stays_fixed_past_recalibrate_s():
             filt.record_result(p, 0)
     assert filt.setting.threshold == 0.5 and filt.setting.max_age == 20
     assert filt.stats()["profiled_windows"] == 0 and "calibrate" not in filt.stats()["kept_by_reason"]
+
+
+# ------------------------------------------------------------- checks at the staleness bound
+
+def _bound_replay(filt: QueryFilter, answers: list[int]) -> list[int]:
+    """A still scene (only the bound decides); returns the frames kept."""
+    scene = SceneTracker(filt.differencer)
+    rng = np.random.default_rng(5)
+    bg = background(5)
+    images = [noisy(bg, rng, sigma=2.0) for _ in range(8)]
+    kept = []
+    for i, answer in enumerate(answers):
+        p = scene.prepare(images[i % len(images)])
+        if filt.decide(p).keep:
+            filt.mark_inferred(p)
+            filt.record_result(p, answer)
+            kept.append(i)
+    return kept
+
+
+def test_a_frame_kept_at_the_bound_that_finds_the_answer_changed_shortens_the_bound():
+    filt = QueryFilter(FilterConfig(threshold=1.0, max_age_s=2.0, audit_fraction=0.0),
+                       agreement=count_agreement, fps=10.0)          # bound 20 frames; the threshold never fires
+    flicker = [i // 5 % 3 for i in range(200)]                      # the answer changes every 5 frames
+    kept = _bound_replay(filt, flicker)
+    gaps = np.diff(kept)
+    assert gaps[0] == 21 and min(gaps) < 10                         # halved after each change it found
+    assert filt.setting.max_age < 20 and filt.stats()["bound_factor"] < 1.0
+    agreement = np.mean([count_agreement(a, flicker[max(k for k in kept if k <= i)]) for i, a in enumerate(flicker)])
+    fixed = np.mean([count_agreement(a, flicker[i - i % 21]) for i, a in enumerate(flicker)])
+    assert agreement > fixed
+
+
+def test_the_bound_comes_back_when_the_answer_settles_but_never_grows_past_the_learned_one():
+    filt = QueryFilter(FilterConfig(threshold=1.0, max_age_s=2.0, audit_fraction=0.0),
+                       agreement=count_agreement, fps=10.0)
+    answers = [i // 5 % 3 for i in range(100)] + [7] * 1000         # busy, then the answer stays
+    kept = _bound_replay(filt, answers)
+    gaps = np.diff(kept)
+    assert max(gaps) == 21                                          # never more than the learned 20 reuses
+    assert set(np.diff([k for k in kept if k >= 800])) == {21}      # and back there once the answer settled
+    assert filt.setting.max_age == 20 and filt.stats()["bound_factor"] == 1.0
+
+
+def test_the_bound_check_needs_the_reference_result():
+    # A kept frame whose reference never got a result (dropped) is no check.
+    filt = QueryFilter(FilterConfig(threshold=1.0, max_age_s=1.0, audit_fraction=0.0),
+                       agreement=count_agreement, fps=10.0)
+    scene = SceneTracker(filt.differencer)
+    frames = [scene.prepare(background(6)) for _ in range(40)]
+    kept = []
+    for p in frames:
+        if filt.decide(p).keep:
+            filt.mark_inferred(p)
+            kept.append(p)
+            if len(kept) == 1:
+                continue                                            # the first result is lost
+            filt.record_result(p, len(kept))                        # every later answer differs
+    assert len(kept) >= 3
+    assert filt.stats()["bound_factor"] < 1.0                       # checks from the second pair on
+    first_only = QueryFilter(FilterConfig(threshold=1.0, max_age_s=1.0, audit_fraction=0.0),
+                             agreement=count_agreement, fps=10.0)
+    p0, p1 = frames[0], frames[1]
+    first_only.decide(p0)
+    first_only.mark_inferred(p0)
+    for _ in range(10):
+        assert not first_only.decide(p1).keep
+    assert first_only.decide(p1).keep                               # at the bound
+    first_only.mark_inferred(p1)
+    first_only.record_result(p1, 3)                                 # p0's result never came
+    assert first_only.stats()["bound_factor"] == 1.0
+
+
+def test_a_stricter_target_keeps_the_bound_shorter_on_the_same_changes():
+    answers = [i // 40 % 2 for i in range(1200)]                   # the answer flips every 4 s
+    kept = {}
+    for target in (0.8, 0.99):
+        filt = QueryFilter(FilterConfig(threshold=1.0, max_age_s=3.0, audit_fraction=0.0),
+                           agreement=count_agreement, target=target, fps=10.0)
+        kept[target] = len(_bound_replay(filt, answers))
+    assert kept[0.99] > kept[0.8]

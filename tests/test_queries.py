@@ -501,3 +501,34 @@ def test_a_rate_limited_query_reuses_results_without_dropping(street):
                 query.complete(item, Detections.empty(), time.monotonic())
     s = stats.snapshot()["queries"]["cars"]
     assert s["dropped_total"] == 0 and s["inferred"] + s["reused"] == 250
+
+
+def test_frames_kept_at_the_bound_shorten_it_in_the_daemon(tmp_path, monkeypatch):
+    """A threshold that never fires leaves only the staleness bound: where the cars come, frames
+    kept at the bound find the count changed and the bound shortens (its results come back
+    behind the fast replay's decisions, so the clip is long enough for them to), never past
+    the configured one, and the query agrees better than with the fixed bound."""
+    from edgeva.synthetic import Phase, SceneSpec
+
+    spec = SceneSpec(width=320, height=180, fps=10.0, seconds=40.0, seed=5, phases=(
+        Phase(2, 0.0, 0.0), Phase(36, 1.2, 0.5), Phase(2, 0.0, 0.0)))
+    clip = write_clip(spec, tmp_path / "traffic.mp4")
+    model = BlobDetector(render_background(spec))
+    frames = read_segment(str(clip), seconds=100)
+    task = build_task(TaskConfig(type="count", classes=["car"]), model, "cars")
+    reference = reference_values(model, task, frames)
+    bound = 20                                                     # 2 s at 10 fps
+    snap, db = _run_daemon(tmp_path, clip, model, monkeypatch, threshold=1.0, max_skip=None, audit=0.0,
+                           max_age_s=2.0)
+    s = snap["queries"]["cars"]
+    n = len(frames)
+    assert s["frames_in"] == n and s["dropped_total"] == 0
+    rows = {r["seq"]: r for r in read_results(db, "cars", limit=10 * n)}
+    assert sorted(rows) == list(range(n))
+    inferred = [seq for seq, r in sorted(rows.items()) if r["outcome"] == "inferred"]
+    gaps = np.diff(inferred)
+    assert gaps[0] == bound + 1 and max(gaps) <= bound + 1        # never past the configured bound
+    assert min(gaps) < bound // 2                                  # shortened where the count changed
+    agreement = np.mean([task.agreement(rows[i]["value"], reference[i]) for i in range(n)])
+    fixed = np.mean([task.agreement(reference[i - i % (bound + 1)], reference[i]) for i in range(n)])
+    assert agreement > fixed

@@ -18,6 +18,9 @@ Where the setting comes from (no hand knobs):
 Decision rule: compare directly with the last inferred frame, not Reducto's cumulative sum of
 consecutive diffs. A slow change (drift, a creeping object) still grows the direct diff because
 the reference stays put, while per-frame sensor noise does not add up.
+
+One module (over 400 lines) because the decisions, the windows they open, the results that close
+them and the checks at the bound all read and change one query's filter state under its lock.
 """
 from __future__ import annotations
 
@@ -49,6 +52,22 @@ PROFILING_SPACING = 4
 POOLED_WINDOWS = 3          # a window is tuned together with its two nearest profiled windows
 SEGMENT_FEATURE = "pixel"
 RESULT_PATIENCE = 4         # a window waits this many window lengths of frames for its results   # segment keys: how much of the picture changes from frame to frame
+
+
+# A frame kept at the staleness bound is a free check of the reused answer at the bound's age:
+# when the answer had changed, the bound halves; when it had not, it grows back by
+# BOUND_STEP ** ((1 - target) / target), so it settles where a share 1 - target of the checks
+# find a change, and never past the learned bound (lengthening it was tried on
+# ../shared/videos/tune and lost agreement on a motorway).
+BOUND_STEP = 2.0
+_REMEMBERED = 16
+
+
+def _remember(table: dict, prepared: Prepared, entry: Any) -> None:
+    """Keep `entry` under id(prepared), the oldest going past _REMEMBERED (results that never came)."""
+    table[id(prepared)] = entry
+    while len(table) > _REMEMBERED:
+        del table[next(iter(table))]
 
 
 @dataclass(frozen=True)
@@ -166,6 +185,9 @@ class QueryFilter:
         self._rng = random.Random(rng_seed)
         self._learned: Optional[Setting] = None       # from config, or the profiles' lookup
         self._factor = 1.0                            # audits' tightening of the learned setting
+        self._bound_factor = 1.0                      # the checks at the bound's shortening of it
+        self._stale_kept: dict[int, tuple[Prepared, Prepared]] = {}   # id -> (kept at the bound, its reference)
+        self._results: dict[int, tuple[Prepared, Any]] = {}           # recent kept frames' results
         if cfg.threshold is not None:
             self._learned = Setting(cfg.threshold, self._configured_age(), self._configured_feature())
         self._window: Optional[_Window] = None
@@ -179,6 +201,7 @@ class QueryFilter:
         self._kept: dict[str, int] = {}
         self._reused: dict[str, int] = {}
         self._max_age_seen = 0
+        self._stale_next = False
         self._retunes = 0
         self._profiled = 0
         self._novel = 0
@@ -221,10 +244,15 @@ class QueryFilter:
 
     @property
     def setting(self) -> Optional[Setting]:
-        """What decides now: the learned setting, tightened by the audits."""
+        """What decides now: the learned setting, tightened by the audits, its bound shortened
+        when frames kept at the bound found the answer changed."""
         if self._learned is None:
             return None
-        return tighten(self._learned, self._factor) if self._factor < 1.0 else self._learned
+        setting = tighten(self._learned, self._factor) if self._factor < 1.0 else self._learned
+        if self._bound_factor < 1.0 and setting.max_age > 0:
+            age = max(1, int(round(setting.max_age * self._bound_factor)))
+            setting = Setting(setting.threshold, age, setting.feature)
+        return setting
 
     @property
     def feature(self) -> str:
@@ -268,6 +296,7 @@ class QueryFilter:
         if math.isfinite(setting.threshold) and value > setting.threshold:
             return self._keep("threshold", value)
         if self._skipped >= setting.max_age:
+            self._stale_next = True
             return self._keep("stale", value)
         self._skipped += 1
         self._max_age_seen = max(self._max_age_seen, self._skipped)
@@ -325,6 +354,9 @@ class QueryFilter:
     # ------------------------------------------------------------- results
     def mark_inferred(self, prepared: Prepared) -> None:
         """Call when the frame is kept: later skipped frames compare with it and reuse its result."""
+        if self._stale_next and self._reference is not None:
+            _remember(self._stale_kept, prepared, (prepared, self._reference))
+        self._stale_next = False
         self._reference = prepared
         self._skipped = 0
 
@@ -334,13 +366,32 @@ class QueryFilter:
         self._skipped = 0
 
     def record_result(self, prepared: Prepared, value: Any) -> None:
-        """The model's result on a kept frame: calibration windows are tuned on these."""
+        """The model's result on a kept frame: calibration windows are tuned on these, and a frame
+        kept at the staleness bound shortens the bound (the answer had changed) or lengthens it
+        back towards the learned one (it had not)."""
+        _remember(self._results, prepared, (prepared, value))
+        self._check_at_bound(prepared, value)
         window = self._window
         if window is None or not any(f is prepared for f in window.frames):
             return
         window.values[id(prepared)] = value
         if window.complete():
             self._finish_window()
+
+    def _check_at_bound(self, prepared: Prepared, value: Any) -> None:
+        kept = self._stale_kept.pop(id(prepared), None)
+        if kept is None or kept[0] is not prepared or self.agreement is None or self._window is not None:
+            return
+        reference = self._results.get(id(kept[1]))
+        if reference is None or reference[0] is not kept[1]:
+            return                              # the reference's result is gone (dropped): no check
+        if self.agreement(value, reference[1]) >= 1.0:
+            # Up by BOUND_STEP ** ((1 - target) / target): the bound settles where a share
+            # 1 - target of the checks find the answer changed.
+            recover = BOUND_STEP ** ((1.0 - self.target) / max(self.target, 1e-6))
+            self._bound_factor = min(1.0, self._bound_factor * recover)
+        else:
+            self._bound_factor = max(LOWEST_FACTOR, self._bound_factor / BOUND_STEP)
 
     def _finish_window(self) -> None:
         """Plan the tuning of the finished window (a pure job over a snapshot), run it through
@@ -380,6 +431,7 @@ class QueryFilter:
             self.profiles.add(tuned.key, tuned.setting, tuned.pieces, tuned.agreement, tuned.frames, tuned.values)
             self._learned = tuned.setting
             self._factor = 1.0
+            self._bound_factor = 1.0
             self.audits.reset_window()
             self._profiled += 1
 
@@ -423,6 +475,7 @@ class QueryFilter:
             threshold, max_age if max_age is not None else (current.max_age if current else self._configured_age()),
             feature)
         self._factor = 1.0
+        self._bound_factor = 1.0
         self.audits.reset_window()
         self._retunes += 1
 
@@ -456,5 +509,6 @@ class QueryFilter:
             "audit_window": len(self.audits.recent),
             "wilson_low": self.audits.wilson_low(),
             "tighten_factor": round(self._factor, 4),
+            "bound_factor": round(self._bound_factor, 4),
             "retunes": self._retunes,
         }
