@@ -137,8 +137,8 @@ def part3_daemon(config: Path, bundle: Path) -> dict:
     raw = yaml.safe_load(config.read_text())
     base = config.parent
     cams = {c["id"]: c for c in raw["cameras"]}
-    eval_cameras = {f"{cid}@{_stem(clip)}": (cid, clip) for cid in cams for clip in EVAL_CAMERAS[cid]}
-    eval_queries = [dict(q, id=f"{q['id']}@{_stem(clip)}", camera=eid, weights=str((base / q["weights"]).resolve()),
+    eval_cameras = {f"{cid}-{_stem(clip)}": (cid, clip) for cid in cams for clip in EVAL_CAMERAS[cid]}
+    eval_queries = [dict(q, id=f"{q['id']}-{_stem(clip)}", camera=eid, weights=str((base / q["weights"]).resolve()),
                          filter={"enabled": False}, sla={"latency_ms": 600000}, queue=64)
                     for q in raw["queries"] for eid, (cid, clip) in eval_cameras.items() if cid == q["camera"]]
     eval_cfg = {
