@@ -428,6 +428,10 @@ def test_distil_on_all_cameras_trains_each_model_on_every_cameras_frames(special
     for key in models:
         assert len(everywhere.teachers[key].inputs) == len(camera.train) + len(other.train)
     assert len(everywhere.references["q-b"]) == len(other.heldout)     # agreement stays on the query's camera
+    checked = IncrementalMerger(wl, MergeSettings(train_steps=0, check_on="all"))
+    assert checked.checked_cameras("q-b") == ["side", "cam"]
+    assert len(checked.references["q-b"]) == len(other.heldout) + len(camera.heldout)
+    assert checked.predict_agreements() == {"q-a": 1.0, "q-b": 1.0}    # nothing merged yet
 
 
 def test_a_detector_retrains_after_predict_ran_under_inference_mode(camera):

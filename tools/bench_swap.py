@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Swap-scheduling ablation: frames processed within their SLA when the model family of
-configs/family.yaml (five ResNet18 copies fine-tuned from one base, tools/make_family.py) gets
+configs/family.yaml (five yolov8n-cls copies fine-tuned from one base, tools/make_family.py) gets
 only a fraction (default 50 %) of its unmerged weights as device memory. Each row adds one
 mechanism to the one above; same queries, frames (the family's own camera clips), fps, SLA,
 budget and simulated bandwidth:
@@ -15,9 +15,9 @@ budget and simulated bandwidth:
            wrote (tools/bench_merge.py), so layers they share are resident once
 
 On the CPU transfers are simulated at --bandwidth-gbps (sleeps on the loader thread, so compute
-continues meanwhile); on CUDA they are real. The default 0.25 GB/s puts a ResNet18's load at ~3x
-its run at 224 px on one shared core here, the load/run ratio of a V100 on PCIe Gen3 (ResNet50:
-8.3 ms load vs 2.7 ms run).
+continues meanwhile); on CUDA they are real. The default 0.25 GB/s puts a family copy's load
+(5.6 MiB, ~23 ms) at ~4x its run at 224 px on one core here (~6 ms), about the load/run ratio of
+a V100 on PCIe Gen3 (ResNet50: 8.3 ms load vs 2.7 ms run).
 
   nice -n 10 .venv/bin/python tools/bench_swap.py --plot out/swap_timeline.png
 """

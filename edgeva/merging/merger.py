@@ -60,6 +60,7 @@ class MergeSettings:
     init: str = "mean"               # shared tensor starts at: mean (of the members) | anchor (Gemel)
     patience: int = 2                # checks without a better worst gap before a trial gives up
     distil_on: str = "own"           # frames a model is distilled on: own (its queries' cameras) | all cameras
+    check_on: str = "own"            # held-out frames a query's agreement is checked on: own camera | all cameras
     cache_bytes: int = 2 * 2**30     # cached activations entering blocks (LRU beyond this)
     time_budget_s: Optional[float] = None
     max_trials: Optional[int] = None
@@ -118,7 +119,8 @@ class IncrementalMerger:
             # "all": the merged model must agree with its original on any camera's frames, not
             # only its own (a model meets other scenes when cameras are re-pointed or moved)
             distil = list(workload.frames) if settings.distil_on == "all" else cameras
-            runner = ModelRunner(key, model, adapter_for(model), {c: workload.frames[c].heldout for c in cameras},
+            checked = list(workload.frames) if settings.check_on == "all" else cameras
+            runner = ModelRunner(key, model, adapter_for(model), {c: workload.frames[c].heldout for c in checked},
                                  [f for c in distil for f in workload.frames[c].train], distil, self.cache)
             # the activations the planned steps start from are kept while the originals run
             runner.stash_at({runner.start_of([m.path for g in c.groups for m in g.members if m.model == key])
@@ -271,10 +273,18 @@ class IncrementalMerger:
         return {k: v / mean for k, v in raw.items()}
 
     # ----------------------------------------------------------- measuring
+    def checked_cameras(self, query_id: str) -> list[str]:
+        """Whose held-out frames a query's agreement is measured on: its own camera's, or with
+        check_on "all" every camera's (a merged model must also agree with its original on the
+        scenes it was not specialised for, as it meets when a camera is re-pointed or moved)."""
+        own = self._query(query_id).camera
+        return [own] + [c for c in self.workload.frames if c != own] if self.settings.check_on == "all" else [own]
+
     def _values(self, query_id: str, start: int = 0) -> list[Any]:
         q = self._query(query_id)
         task = self.tasks[query_id]
-        return [task.value(o) for o in self.runners[q.model_key].outputs(q.camera, start)]
+        return [task.value(o) for cam in self.checked_cameras(query_id)
+                for o in self.runners[q.model_key].outputs(cam, start)]
 
     def _agreements(self, starts: dict[str, int]) -> dict[str, float]:
         """Mean agreement with the originals of the queries of the models in `starts`, each model
@@ -295,7 +305,8 @@ class IncrementalMerger:
         the daemon runs), not the cached block chain."""
         out = {}
         for q in self.workload.queries:
-            model, frames, task = self.workload.models[q.model_key], self.workload.frames[q.camera].heldout, self.tasks[q.query_id]
+            model, task = self.workload.models[q.model_key], self.tasks[q.query_id]
+            frames = [f for cam in self.checked_cameras(q.query_id) for f in self.workload.frames[cam].heldout]
             values = [task.value(o) for i in range(0, len(frames), 16) for o in model.predict(frames[i:i + 16])]
             out[q.query_id] = float(np.mean([task.agreement(a, b) for a, b in zip(values, self.references[q.query_id])]))
         return out
