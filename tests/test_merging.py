@@ -17,6 +17,7 @@ from torch import nn
 from edgeva.config import TaskConfig
 from edgeva.merging import (IncrementalMerger, MergeSettings, QuerySpec, Workload, analyse_modules,
                             build_report, load_bundle, resident_weight_bytes, save_bundle)
+from edgeva.merging.merger import wilson_lower_bound
 from edgeva.merging.planner import Candidate
 from edgeva.merging.sharing import is_shared
 from edgeva.merging.workload import CameraFrames
@@ -460,3 +461,15 @@ def test_a_detector_retrains_after_predict_ran_under_inference_mode(camera):
     state = merger.run(state)
     attempt = state.attempts[0]
     assert attempt.train_steps > 0 and attempt.outcome != "accepted"
+
+
+def test_accept_on_lower_bound_judges_targets_by_the_wilson_bound(specialised, camera):
+    models = {k: copy_model(specialised[k]) for k in ("tiny@quadrant", "tiny@quadrant2")}
+    queries = [QuerySpec("q-a", "tiny@quadrant", "cam", TaskConfig(type="classify"), 0.9),
+               QuerySpec("q-b", "tiny@quadrant2", "cam", TaskConfig(type="classify"), 0.9)]
+    wl = Workload(models, queries, {"cam": camera}, {k: "tinynet" for k in models})
+    mean = IncrementalMerger(wl, MergeSettings(train_steps=0))
+    bound = IncrementalMerger(wl, MergeSettings(train_steps=0, accept_on="lower-bound"))
+    n = len(camera.heldout)                       # 48 frames: 0.95 has a lower bound near 0.83
+    assert mean.target_met("q-a", 0.95) and not bound.target_met("q-a", 0.95)
+    assert bound.target_met("q-a", 1.0) == (wilson_lower_bound(1.0, n) >= 0.9)

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distil each model on its own cameras' frames (default) or on every camera's")
     p.add_argument("--check-on", choices=("own", "all"), default="own",
                    help="check each query's agreement on its own camera's held-out frames (default) or on every camera's")
+    p.add_argument("--accept-on", choices=("mean", "lower-bound"), default="mean",
+                   help="a query's target holds when its mean agreement (default) or the Wilson 95%% lower bound "
+                        "of it reaches the target")
     p.add_argument("--steps", type=int, default=60, help="most retraining steps per trial")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--batch", type=int, default=16)
@@ -85,7 +88,7 @@ def merge_main(argv: Optional[list[str]] = None) -> int:
     workload = workload_from_config(cfg, frames_per_camera=args.frames, frame_long_side=args.frame_size,
                                     min_heldout=args.min_heldout, device=args.device)
     settings = MergeSettings(train_steps=args.steps, eval_every=args.eval_every, batch_size=args.batch, lr=args.lr,
-                             init=args.init, distil_on=args.distil_on, check_on=args.check_on,
+                             init=args.init, distil_on=args.distil_on, check_on=args.check_on, accept_on=args.accept_on,
                              max_trials=args.max_trials, seed=args.seed)
     merger = IncrementalMerger(workload, settings, out_dir=out, progress=lambda m: print(m, file=sys.stderr, flush=True))
     state = merger.resume() if args.resume else None

@@ -61,6 +61,7 @@ class MergeSettings:
     patience: int = 2                # checks without a better worst gap before a trial gives up
     distil_on: str = "own"           # frames a model is distilled on: own (its queries' cameras) | all cameras
     check_on: str = "own"            # held-out frames a query's agreement is checked on: own camera | all cameras
+    accept_on: str = "mean"          # a target holds when the mean agreement | its Wilson 95 % lower bound reaches it
     cache_bytes: int = 2 * 2**30     # cached activations entering blocks (LRU beyond this)
     time_budget_s: Optional[float] = None
     max_trials: Optional[int] = None
@@ -185,7 +186,7 @@ class IncrementalMerger:
         final, steps, aborted = dict(shared), 0, False
         if not self._all_met(final) and all(k in self.teachers for k in starts):
             final, steps, aborted = self._retrain(starts, trainable, final, deadline, seed=self.settings.seed + index)
-        failing = [q for q, a in final.items() if a < self.targets[q]]
+        failing = [q for q, a in final.items() if not self.target_met(q, a)]
         if aborted or failing:
             snapshot.restore(self.modules, candidate.groups)
         outcome = "aborted (time budget)" if aborted else ("accepted" if not failing else "failed")
@@ -263,8 +264,17 @@ class IncrementalMerger:
             for p, flag in flags.values():
                 p.requires_grad_(flag)
 
+    def _judged(self, query_id: str, agreement: float) -> float:
+        """The figure a target is compared with: the mean, or its lower bound (accept_on)."""
+        if self.settings.accept_on == "lower-bound":
+            return wilson_lower_bound(agreement, len(self.references[query_id]))
+        return agreement
+
+    def target_met(self, query_id: str, agreement: float) -> bool:
+        return self._judged(query_id, agreement) >= self.targets[query_id]
+
     def _worst_gap(self, agreement: dict[str, float]) -> float:
-        return max((self.targets[q] - a for q, a in agreement.items()), default=0.0)
+        return max((self.targets[q] - self._judged(q, a) for q, a in agreement.items()), default=0.0)
 
     def _lag_weights(self, keys: list[str], agreement: dict[str, float]) -> dict[str, float]:
         raw = {k: sum(max(0.0, self.targets[q.query_id] - agreement.get(q.query_id, 1.0)) + self.settings.lag_floor
@@ -315,7 +325,7 @@ class IncrementalMerger:
         return {q: wilson_lower_bound(a, len(self.references[q])) for q, a in agreement.items()}
 
     def _all_met(self, agreement: dict[str, float]) -> bool:
-        return all(a >= self.targets[q] for q, a in agreement.items())
+        return all(self.target_met(q, a) for q, a in agreement.items())
 
     def _query(self, query_id: str):
         return next(q for q in self.workload.queries if q.query_id == query_id)

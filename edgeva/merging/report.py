@@ -25,7 +25,8 @@ def build_report(merger: IncrementalMerger, state: MergeState, setup_s: float, c
                             "heldout_frames": len(merger.references[q.query_id]),
                             "agreement_before": 1.0, "agreement_after": round(final[q.query_id], 4),
                             "lower_bound_after": round(lower[q.query_id], 4),
-                            "met": final[q.query_id] >= q.target}
+                            "met": merger.target_met(q.query_id, final[q.query_id]),
+                            "judged_on": merger.settings.accept_on}
                for q in merger.workload.queries}
     accepted_bytes = sum(g.bytes_saved for g in state.accepted)
     return {
