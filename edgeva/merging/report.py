@@ -38,7 +38,8 @@ def build_report(merger: IncrementalMerger, state: MergeState, setup_s: float, c
         "models": list(merger.workload.models),
         "candidate_groups": len(analysis.groups),
         "analysed_bytes_saved_max": analysis.total_bytes_saved,
-        "groups_merged": len(state.accepted),
+        "groups_merged": len({(g.signature, g.occurrence) for g in state.accepted}),
+        "shared_parts": len(state.accepted),     # a group backed off to subsets counts once per subset
         "analysed_bytes_saved": accepted_bytes,
         "memory": memory.to_stats(),
         "memory_cuda": cuda.to_stats() if cuda else None,
@@ -58,7 +59,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"merge of {report['config'] or 'workload'}: {report['stopped']} after {t['merge_s']:.1f}s "
         f"(setup {t['setup_s']:.1f}s, budget {t['budget_s'] if t['budget_s'] is not None else 'none'})",
-        f"groups merged: {report['groups_merged']} of {report['candidate_groups']} candidates; "
+        f"groups merged: {report['groups_merged']} of {report['candidate_groups']} candidates "
+        f"({report['shared_parts']} shared parts); "
         f"{len(report['attempts'])} trials, {report['backed_off']} backed off, {report['skipped']} skipped, "
         f"{report['queued_left']} left in the queue",
         f"weights resident (measured, distinct storages): {_mib(mem['bytes_before'])} -> {_mib(mem['bytes_after'])}, "
