@@ -428,10 +428,11 @@ def test_distil_on_all_cameras_trains_each_model_on_every_cameras_frames(special
     everywhere = IncrementalMerger(wl, MergeSettings(train_steps=0, distil_on="all"))
     for key in models:
         assert len(everywhere.teachers[key].inputs) == len(camera.train) + len(other.train)
-    assert len(everywhere.references["q-b"]) == len(other.heldout)     # agreement stays on the query's camera
+    assert [len(r) for r in everywhere.references["q-b"]] == [len(other.heldout)]   # checked on its own camera
     checked = IncrementalMerger(wl, MergeSettings(train_steps=0, check_on="all"))
     assert checked.checked_cameras("q-b") == ["side", "cam"]
-    assert len(checked.references["q-b"]) == len(other.heldout) + len(camera.heldout)
+    assert [len(r) for r in checked.references["q-b"]] == [len(other.heldout), len(camera.heldout)]
+    assert checked.judged_frames("q-b") == len(other.heldout)
     assert checked.predict_agreements() == {"q-a": 1.0, "q-b": 1.0}    # nothing merged yet
 
 
@@ -473,3 +474,31 @@ def test_accept_on_lower_bound_judges_targets_by_the_wilson_bound(specialised, c
     n = len(camera.heldout)                       # 48 frames: 0.95 has a lower bound near 0.83
     assert mean.target_met("q-a", 0.95) and not bound.target_met("q-a", 0.95)
     assert bound.target_met("q-a", 1.0) == (wilson_lower_bound(1.0, n) >= 0.9)
+
+
+def test_check_on_all_judges_a_query_by_its_worst_camera(specialised, camera):
+    """Pooling cameras would let frames easy to agree on elsewhere hide a fall on one camera."""
+    other = CameraFrames(train=make_frames(8, seed=7), heldout=make_frames(12, seed=8))
+    models = {"tiny@quadrant": copy_model(specialised["tiny@quadrant"])}
+    wl = Workload(models, [QuerySpec("q-a", "tiny@quadrant", "cam", TaskConfig(type="classify"), 0.9)],
+                  {"cam": camera, "side": other}, {"tiny@quadrant": "tinynet"})
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=0, check_on="all"))
+    refs = merger.references["q-a"]
+    # every answer right on the query's own camera, every answer wrong on the other one
+    wrong = [dict(v, label="not-" + v["label"]) for v in refs[1]]
+    assert merger._agreement("q-a", [refs[0], wrong]) == 0.0
+    assert merger._agreement("q-a", [refs[0], refs[1]]) == 1.0
+
+
+def test_lower_bound_acceptance_steers_retraining_to_queries_short_on_their_bound(specialised, camera):
+    models = {k: copy_model(specialised[k]) for k in ("tiny@quadrant", "tiny@channel")}
+    queries = [QuerySpec("q-a", "tiny@quadrant", "cam", TaskConfig(type="classify"), 0.9),
+               QuerySpec("q-b", "tiny@channel", "cam", TaskConfig(type="classify"), 0.9)]
+    wl = Workload(models, queries, {"cam": camera}, {k: "tinynet" for k in models})
+    bound = IncrementalMerger(wl, MergeSettings(train_steps=0, accept_on="lower-bound"))
+    mean = IncrementalMerger(wl, MergeSettings(train_steps=0))
+    # q-a meets its target on the mean but not on the lower bound (48 frames)
+    weights = bound._lag_weights(list(models), {"q-a": 0.9, "q-b": 1.0})
+    assert weights["tiny@quadrant"] > 2 * weights["tiny@channel"]
+    even = mean._lag_weights(list(models), {"q-a": 0.9, "q-b": 1.0})
+    assert even["tiny@quadrant"] == pytest.approx(even["tiny@channel"])

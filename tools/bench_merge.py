@@ -56,7 +56,7 @@ FAMILY_BUILDERS = {"family.yaml": "make_family.py", "detector_family.yaml": "mak
 
 
 def _stem(clip: str) -> str:
-    return clip.split(".")[0].split("_")[0]
+    return Path(clip).stem
 
 
 def part1_analysis(config: Path) -> dict:

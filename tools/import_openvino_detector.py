@@ -113,8 +113,6 @@ def build_checkpoint(export_dir: Path) -> nn.Module:
     seen: set[str] = set()
     for path, (weight, bias) in convs.items():
         conv = modules.get(path)
-        if conv is None and path.endswith(".conv") is False:
-            conv = modules.get(path + ".conv")
         if not isinstance(conv, nn.Conv2d):
             raise ImportError_(f"IR convolution {path} has no Conv2d in {arch}")
         if tuple(conv.weight.shape) != weight.shape:
@@ -123,11 +121,13 @@ def build_checkpoint(export_dir: Path) -> nn.Module:
         seen.add(path)
         owner = modules.get(path.rsplit(".", 1)[0]) if path.endswith(".conv") else None
         if isinstance(owner, Conv) and hasattr(owner, "bn"):
+            if bias is None:   # a zero bias would load without complaint and detect nothing right
+                raise ImportError_(f"{path}: no folded batch-norm bias found after the convolution in the IR")
             bn = owner.bn
             bn.running_mean.zero_()
             bn.running_var.fill_(1.0 - bn.eps)
             bn.weight.data.fill_(1.0)
-            bn.bias.data = torch.from_numpy(bias if bias is not None else np.zeros(weight.shape[0], np.float32)).clone()
+            bn.bias.data = torch.from_numpy(bias).clone()
         elif bias is not None:
             if conv.bias is None:
                 raise ImportError_(f"{path}: the IR has a bias the {arch} layer lacks")
@@ -158,8 +158,8 @@ def count_agreement(export_dir: Path, checkpoint: Path, clip: Path, frames: int,
     from edgeva.models import build_model
     from edgeva.models.tasks import CountTask
 
-    a, b = build_model("yolov8n" if "v8" in checkpoint.name else "yolo11n", str(export_dir)), None
-    b = build_model(a.name, str(checkpoint))
+    arch = next(Path(export_dir).glob("*.xml")).stem      # the IR file is named after the architecture
+    a, b = build_model(arch, str(export_dir)), build_model(arch, str(checkpoint))
     a.min_score = b.min_score = conf
     cap = cv2.VideoCapture(str(clip))
     scores = []

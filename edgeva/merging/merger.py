@@ -190,7 +190,7 @@ class IncrementalMerger:
         if aborted or failing:
             snapshot.restore(self.modules, candidate.groups)
         outcome = "aborted (time budget)" if aborted else ("accepted" if not failing else "failed")
-        n = {q.query_id: len(self.references[q.query_id]) for q in self.workload.queries}
+        n = {q.query_id: self.judged_frames(q.query_id) for q in self.workload.queries}
         return Attempt(index, candidate.origin, candidate.describe(), list(candidate.models),
                        [g.group_id for g in candidate.groups], candidate.bytes_saved, shared, final, steps,
                        round(time.monotonic() - t0, 2), outcome, failing,
@@ -267,7 +267,7 @@ class IncrementalMerger:
     def _judged(self, query_id: str, agreement: float) -> float:
         """The figure a target is compared with: the mean, or its lower bound (accept_on)."""
         if self.settings.accept_on == "lower-bound":
-            return wilson_lower_bound(agreement, len(self.references[query_id]))
+            return wilson_lower_bound(agreement, self.judged_frames(query_id))
         return agreement
 
     def target_met(self, query_id: str, agreement: float) -> bool:
@@ -277,8 +277,8 @@ class IncrementalMerger:
         return max((self.targets[q] - self._judged(q, a) for q, a in agreement.items()), default=0.0)
 
     def _lag_weights(self, keys: list[str], agreement: dict[str, float]) -> dict[str, float]:
-        raw = {k: sum(max(0.0, self.targets[q.query_id] - agreement.get(q.query_id, 1.0)) + self.settings.lag_floor
-                      for q in self.workload.queries_of(k)) for k in keys}
+        raw = {k: sum(max(0.0, self.targets[q.query_id] - self._judged(q.query_id, agreement.get(q.query_id, 1.0)))
+                      + self.settings.lag_floor for q in self.workload.queries_of(k)) for k in keys}
         mean = sum(raw.values()) / max(1, len(raw))
         return {k: v / mean for k, v in raw.items()}
 
@@ -290,22 +290,29 @@ class IncrementalMerger:
         own = self._query(query_id).camera
         return [own] + [c for c in self.workload.frames if c != own] if self.settings.check_on == "all" else [own]
 
-    def _values(self, query_id: str, start: int = 0) -> list[Any]:
+    def _values(self, query_id: str, start: int = 0) -> list[list[Any]]:
+        """The query's values on each checked camera's held-out frames."""
         q = self._query(query_id)
         task = self.tasks[query_id]
-        return [task.value(o) for cam in self.checked_cameras(query_id)
-                for o in self.runners[q.model_key].outputs(cam, start)]
+        return [[task.value(o) for o in self.runners[q.model_key].outputs(cam, start)]
+                for cam in self.checked_cameras(query_id)]
+
+    def _agreement(self, query_id: str, values: list[list[Any]]) -> float:
+        """Agreement with the original on the worst checked camera: pooling cameras would let
+        frames easy to agree on elsewhere hide a fall on one camera."""
+        task = self.tasks[query_id]
+        return min(float(np.mean([task.agreement(a, b) for a, b in zip(mine, theirs)]))
+                   for mine, theirs in zip(values, self.references[query_id]))
+
+    def judged_frames(self, query_id: str) -> int:
+        """Frames behind a query's agreement figure (its camera with the fewest held-out frames)."""
+        return min(len(r) for r in self.references[query_id])
 
     def _agreements(self, starts: dict[str, int]) -> dict[str, float]:
-        """Mean agreement with the originals of the queries of the models in `starts`, each model
-        run from its given block on (the blocks before it are unchanged)."""
-        out = {}
-        for q in self.workload.queries:
-            if q.model_key in starts:
-                values = self._values(q.query_id, starts[q.model_key])
-                task = self.tasks[q.query_id]
-                out[q.query_id] = float(np.mean([task.agreement(a, b) for a, b in zip(values, self.references[q.query_id])]))
-        return out
+        """Agreement with the originals of the queries of the models in `starts`, each model run
+        from its given block on (the blocks before it are unchanged)."""
+        return {q.query_id: self._agreement(q.query_id, self._values(q.query_id, starts[q.model_key]))
+                for q in self.workload.queries if q.model_key in starts}
 
     def agreements(self) -> dict[str, float]:
         return self._agreements({k: 0 for k in self.workload.models})
@@ -316,13 +323,15 @@ class IncrementalMerger:
         out = {}
         for q in self.workload.queries:
             model, task = self.workload.models[q.model_key], self.tasks[q.query_id]
-            frames = [f for cam in self.checked_cameras(q.query_id) for f in self.workload.frames[cam].heldout]
-            values = [task.value(o) for i in range(0, len(frames), 16) for o in model.predict(frames[i:i + 16])]
-            out[q.query_id] = float(np.mean([task.agreement(a, b) for a, b in zip(values, self.references[q.query_id])]))
+            values = []
+            for cam in self.checked_cameras(q.query_id):
+                frames = self.workload.frames[cam].heldout
+                values.append([task.value(o) for i in range(0, len(frames), 16) for o in model.predict(frames[i:i + 16])])
+            out[q.query_id] = self._agreement(q.query_id, values)
         return out
 
     def lower_bounds(self, agreement: dict[str, float]) -> dict[str, float]:
-        return {q: wilson_lower_bound(a, len(self.references[q])) for q, a in agreement.items()}
+        return {q: wilson_lower_bound(a, self.judged_frames(q)) for q, a in agreement.items()}
 
     def _all_met(self, agreement: dict[str, float]) -> bool:
         return all(self.target_met(q, a) for q, a in agreement.items())
@@ -379,7 +388,10 @@ class IncrementalMerger:
         tmp.replace(self.out_dir / PROGRESS_FILE)
 
     def fingerprint(self) -> str:
-        return ",".join(f"{g.group_id}" for g in self.analysis.groups[:50]) + f"|{len(self.analysis.groups)}"
+        """The workload and the settings that decide what agreement means: resuming under other
+        ones would mix figures measured on other frames or judged otherwise."""
+        return (",".join(f"{g.group_id}" for g in self.analysis.groups[:50]) + f"|{len(self.analysis.groups)}"
+                + f"|check_on={self.settings.check_on}|accept_on={self.settings.accept_on}")
 
     def resume(self) -> MergeState:
         """State saved in out_dir; the accepted groups' tensors come back from the checkpoint bundle."""

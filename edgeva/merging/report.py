@@ -22,7 +22,8 @@ def build_report(merger: IncrementalMerger, state: MergeState, setup_s: float, c
     analysis = merger.analysis
     queries = {q.query_id: {"model": q.model_key, "camera": q.camera, "target": q.target,
                             "input_size": merger.workload.models[q.model_key].input_size,
-                            "heldout_frames": len(merger.references[q.query_id]),
+                            "heldout_frames": sum(len(r) for r in merger.references[q.query_id]),
+                            "cameras_checked": merger.checked_cameras(q.query_id),
                             "agreement_before": 1.0, "agreement_after": round(final[q.query_id], 4),
                             "lower_bound_after": round(lower[q.query_id], 4),
                             "met": merger.target_met(q.query_id, final[q.query_id]),
@@ -72,8 +73,10 @@ def format_report(report: dict[str, Any]) -> str:
         c = report["memory_cuda"]
         lines.append(f"CUDA allocated: {_mib(c['bytes_before'])} -> {_mib(c['bytes_after'])}")
     lines.append("")
+    settings = report.get("settings", {})
     lines.append("final agreement with the unmerged models, through predict on the held-out frames "
-                 "(mean; Wilson 95 % lower bound):")
+                 f"(mean on the worst of the cameras checked ({settings.get('check_on', 'own')}); Wilson 95 % "
+                 f"lower bound; a target is met by the {settings.get('accept_on', 'mean')}):")
     lines.append(f"{'query':<24} {'size':>5} {'frames':>6} {'target':>6} {'after':>7} {'lower':>7}  met")
     for qid, q in report["queries"].items():
         lines.append(f"{qid:<24} {q.get('input_size', '-'):>5} {q.get('heldout_frames', '-'):>6} {q['target']:>6.3f} "
