@@ -64,3 +64,15 @@ def test_merging_runs_it_block_by_block_on_the_models_own_inputs():
         logits = chain.run(x, 0)
     assert np.allclose(torch.softmax(logits, 1).numpy(), np.stack([o.probs for o in model.predict(frames())]),
                        atol=1e-5)
+
+
+def test_the_device_resize_path_uses_the_same_normalisation():
+    """predict on CUDA builds inputs with resize_normalise_tensor; on the CPU it gives the same
+    tensor as resize_normalise for yolov8n-cls's (0, 1) inputs, not ImageNet's."""
+    from edgeva.models.preprocess import resize_normalise_tensor
+
+    none = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    host = resize_normalise(frames(), 224, *none)
+    device = resize_normalise_tensor(frames(), 224, "cpu", *none)
+    assert host.min() >= 0.0 and host.max() <= 1.0
+    assert torch.allclose(host, device, atol=1 / 255 + 1e-6)
