@@ -7,6 +7,9 @@ first shared layer on, fed with cached activations of the untouched blocks befor
 for all affected models (distilling from the originals' cached outputs, loss weighted toward
 lagging queries) until all targets hold, the step budget ends or agreement stops improving,
 then accepts the trial or undoes it and backs off.
+
+One room (~400 lines): trials, retraining and measuring all read the same references, runners
+and settings; the measuring part is the first to move out if it grows.
 """
 from __future__ import annotations
 
