@@ -1,11 +1,9 @@
-"""The family builders' pieces that decide what a copy trains on: never the frames `edgeva merge`
-holds out, and boxes placed where the network sees them."""
+"""The detector family builder places the teacher's boxes where the letterboxed network sees them."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -14,23 +12,8 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import make_detector_family as family  # noqa: E402
 
-from edgeva.merging.workload import read_camera_frames  # noqa: E402
 from edgeva.models.outputs import Detections  # noqa: E402
 from edgeva.models.preprocess import letterbox_batch  # noqa: E402
-from tests.conftest import write_test_clip  # noqa: E402
-
-
-@pytest.mark.parametrize("frames", [260, 900])
-def test_detector_family_trains_on_exactly_the_frames_merge_does_not_hold_out(tmp_path, monkeypatch, frames):
-    monkeypatch.setattr(family, "FRAMES_PER_CAMERA", 120)
-    monkeypatch.setattr(family, "MIN_HELDOUT", 40)
-    clip = write_test_clip(tmp_path / "c.mp4", frames=frames, size=(640, 96))
-    train_idx, held_idx = family.split_indices(frames)
-    merge = read_camera_frames(str(clip), 120, None, min_heldout=40)
-    assert len(train_idx) == len(merge.train) and len(held_idx) == len(merge.heldout)
-    ours = family.read_frames(clip, train_idx)
-    assert all(np.array_equal(a, b) for a, b in zip(ours, merge.train))
-    assert not set(train_idx) & set(held_idx)
 
 
 def test_teacher_boxes_land_where_the_letterboxed_network_sees_them():

@@ -416,6 +416,26 @@ def test_heldout_split_keeps_at_least_min_heldout_frames(tmp_path):
     assert read_camera_frames(str(clip), 40, None).heldout.__len__() == 12     # 30 % by default
 
 
+@pytest.mark.parametrize("frames", [260, 900])
+def test_sampled_frames_carry_their_numbers_in_the_source(tmp_path, frames):
+    """The family builders label a merge's training frames by these numbers: each must be the
+    frame decoded at that position, and no held-out frame may be among the training ones."""
+    import cv2
+
+    from edgeva.merging.workload import read_camera_frames
+    from tests.conftest import write_test_clip
+
+    clip = write_test_clip(tmp_path / "c.mp4", frames=frames, size=(640, 96))
+    sampled = read_camera_frames(str(clip), 120, None, min_heldout=40)
+    assert len(sampled.train_numbers) == len(sampled.train) and len(sampled.heldout_numbers) == 40
+    numbers = sampled.train_numbers + sampled.heldout_numbers
+    assert numbers == sorted(set(numbers)) and numbers[-1] == frames - 1
+    cap = cv2.VideoCapture(str(clip))
+    decoded = [cap.read()[1] for _ in range(frames)]
+    for number, image in zip(numbers, sampled.train + sampled.heldout):
+        assert np.array_equal(decoded[number], image)
+
+
 def test_distil_on_all_cameras_trains_each_model_on_every_cameras_frames(specialised, camera):
     other = CameraFrames(train=make_frames(40, seed=7), heldout=make_frames(12, seed=8))
     models = {k: copy_model(specialised[k]) for k in ("tiny@quadrant", "tiny@channel")}

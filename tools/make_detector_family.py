@@ -7,9 +7,9 @@ PyTorch checkpoint by tools/import_openvino_detector.py: pretrained weights, not
 Each copy is fine-tuned, every layer, on its camera's training frames at the query's cheaper
 input size (320 px) against the INT8 detector's own boxes at 640 px (confidence >= 0.3, the
 camera's classes only): it learns to find that camera's objects at half the resolution and to
-ignore the classes its queries do not count. The split is `edgeva merge`'s (600 frames spread
-over the clip, the last 30 % and at least 200 frames held out), so merging never trains on the
-frames it is checked on. Teacher boxes come from tools/reference_cache.py's every-frame cache.
+ignore the classes its queries do not count. Frames are read and split by `edgeva merge`'s own
+`read_camera_frames` (600 frames spread over the clip, the last 30 % and at least 200 frames held
+out), so merging never trains on the frames it is checked on. Teacher boxes come from tools/reference_cache.py's every-frame cache.
 
     nice -n 10 .venv/bin/python tools/make_detector_family.py     # ~10 min on 2 cores
     .venv/bin/python tools/make_detector_family.py --report        # accuracy and variety only
@@ -31,10 +31,10 @@ for p in (REPO_ROOT, REPO_ROOT / "tools"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from edgeva.merging.workload import read_camera_frames  # noqa: E402
 from edgeva.models.outputs import Detections  # noqa: E402
 from edgeva.models.preprocess import letterbox_batch  # noqa: E402
 from edgeva.models.tasks import CountTask  # noqa: E402
@@ -45,7 +45,6 @@ EXPORT = SHARED / "weights" / "yolov8n_int8_openvino_model"
 INPUT = 320
 FRAMES_PER_CAMERA = 600
 MIN_HELDOUT = 200
-HELDOUT_FRACTION = 0.3
 TEACHER_CONFIDENCE = 0.3
 QUERY_CONFIDENCE = 0.3
 VEHICLES = ("car", "motorcycle", "bus", "truck")
@@ -71,28 +70,6 @@ FAMILY = (
                steps=100, lr=3e-5),
     CameraCopy("corridor", "intel_one-by-one-person-detection.mp4", ("person",)),
 )
-
-
-def split_indices(total: int) -> tuple[list[int], list[int]]:
-    """The frame numbers `edgeva merge` reads (merging.workload.read_camera_frames) and its split."""
-    wanted = sorted(set(np.linspace(0, max(total - 1, 0), num=FRAMES_PER_CAMERA).round().astype(int).tolist()))
-    heldout = max(round(len(wanted) * HELDOUT_FRACTION), MIN_HELDOUT)
-    split = max(1, min(len(wanted) - 1, len(wanted) - heldout))
-    return wanted[:split], wanted[split:]
-
-
-def read_frames(clip: Path, indices: list[int]) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(clip))
-    want, frames, i = set(indices), [], 0
-    while len(frames) < len(indices):
-        ok = cap.grab()
-        if not ok:
-            break
-        if i in want:
-            frames.append(cap.retrieve()[1])
-        i += 1
-    cap.release()
-    return frames
 
 
 def teacher(clip: Path) -> tuple[list[Detections], list[str]]:
@@ -127,8 +104,8 @@ def fine_tune(base: Path, copy: CameraCopy, out: Path, steps: int, lr: float, se
     t0 = time.monotonic()
     clip = TUNE / copy.clip
     dets, names = teacher(clip)
-    train_idx, _ = split_indices(len(dets))
-    frames = read_frames(clip, train_idx)
+    sampled = read_camera_frames(str(clip), FRAMES_PER_CAMERA, None, min_heldout=MIN_HELDOUT)
+    frames, train_idx = sampled.train, sampled.train_numbers
     x_all, boxes_in = letterbox_batch(frames, copy.input_size)
     model = load_detector(base)
     model.args = SimpleNamespace(box=7.5, cls=0.5, dfl=1.5)
@@ -189,8 +166,8 @@ def report(out: Path) -> dict:
     for copy in FAMILY:
         clip = TUNE / copy.clip
         dets, names = teacher(clip)
-        _, held_idx = split_indices(len(dets))
-        frames = read_frames(clip, held_idx)
+        sampled = read_camera_frames(str(clip), FRAMES_PER_CAMERA, None, min_heldout=MIN_HELDOUT)
+        frames, held_idx = sampled.heldout, sampled.heldout_numbers
         ids = [names.index(c) for c in copy.classes]
         truth = [{names[c]: int(((d.class_ids == c) & (d.scores >= QUERY_CONFIDENCE)).sum()) for c in ids}
                  for d in (dets[i] for i in held_idx)]

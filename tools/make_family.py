@@ -135,7 +135,7 @@ def base_targets(data: CameraData) -> np.ndarray:
     return np.stack(cols, 1).astype(np.float32)
 
 
-def detector_backbone(out: Path) -> dict[str, torch.Tensor]:
+def detector_backbone() -> dict[str, torch.Tensor]:
     """Layers 0-8 of the real COCO YOLOv8n, keyed as in the yolov8n-cls network."""
     sys.path.insert(0, str(REPO_ROOT / "tools"))
     import import_openvino_detector as importer
@@ -152,7 +152,7 @@ def stage_base(out: Path, epochs: int, seed: int) -> None:
     t0 = time.monotonic()
     targets = ["present:" + c for c in BASE_CLASSES] + ["vehicles>2", "vehicles>5", "people>2", "people>5"]
     net = network(len(targets))
-    missing, unexpected = net.load_state_dict(detector_backbone(out), strict=False)
+    missing, unexpected = net.load_state_dict(detector_backbone(), strict=False)
     assert not unexpected and all(k.startswith("9.") for k in missing), (missing, unexpected)
     net.eval()
     xs, ys = [], []

@@ -32,6 +32,8 @@ class QuerySpec:
 class CameraFrames:
     train: list[np.ndarray]
     heldout: list[np.ndarray]
+    train_numbers: list[int] = field(default_factory=list)     # each frame's number in its source
+    heldout_numbers: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +66,7 @@ def read_camera_frames(source: str, count: int, long_side: Optional[int], heldou
         total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         wanted = set(np.linspace(0, max(total - 1, 0), num=count).round().astype(int).tolist()) if total else None
         frames: list[np.ndarray] = []
+        numbers: list[int] = []
         index = 0
         while len(frames) < count:
             if wanted is not None and index not in wanted:
@@ -72,6 +75,7 @@ def read_camera_frames(source: str, count: int, long_side: Optional[int], heldou
                 ok, image = cap.read()
                 if ok:
                     frames.append(_resize_long_side(image, long_side))
+                    numbers.append(index)
             if not ok:
                 break
             index += 1
@@ -81,7 +85,7 @@ def read_camera_frames(source: str, count: int, long_side: Optional[int], heldou
         raise RuntimeError(f"camera source {source} gave only {len(frames)} frames")
     heldout = max(round(len(frames) * heldout_fraction), min_heldout)
     split = max(1, min(len(frames) - 1, len(frames) - heldout))
-    return CameraFrames(frames[:split], frames[split:])
+    return CameraFrames(frames[:split], frames[split:], numbers[:split], numbers[split:])
 
 
 def _resize_long_side(image: np.ndarray, long_side: Optional[int]) -> np.ndarray:
