@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -42,3 +45,23 @@ def shared_dir() -> Path:
 def has_ffmpeg() -> bool:
     return shutil.which("ffmpeg") is not None and subprocess.run(
         ["ffmpeg", "-version"], capture_output=True).returncode == 0
+
+
+def wait_until(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Poll `pred` until it returns something true (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small models on busy shared cores: one intra-op thread is much faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,20 +25,12 @@ from edgeva.daemon import Daemon
 from edgeva.health import ErrorWatch
 from edgeva.placement import load_hierarchy, solve
 from edgeva.systemd import Notifier
-from tests.conftest import SHARED, write_test_clip
+from tests.conftest import SHARED, wait_until, write_test_clip
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_EXPORT = SHARED / "weights" / "yolov8n_int8_openvino_model"
 
 
-def _wait(pred: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +172,7 @@ def test_sighup_with_each_broken_config_keeps_the_old_one_running_and_healthy(tm
     try:
         daemon.start()
         server.start()
-        _wait(lambda: daemon.health()["status"] == "ok", 30, "a healthy start")
+        wait_until(lambda: daemon.health()["status"] == "ok", 30, "a healthy start")
         pipeline = daemon.cameras["a"]
         for name in BROKEN:
             if name == "truncated-openvino-bin" and not SHARED_EXPORT.is_dir():
@@ -189,12 +181,12 @@ def test_sighup_with_each_broken_config_keeps_the_old_one_running_and_healthy(tm
             path.write_text(yaml.safe_dump(broken))
             errors = daemon.reload_errors
             os.kill(os.getpid(), signal.SIGHUP)
-            _wait(lambda: daemon.reload_errors == errors + 1, 120, f"the {name} reload to be rejected")
+            wait_until(lambda: daemon.reload_errors == errors + 1, 120, f"the {name} reload to be rejected")
             health = daemon.health()
             assert health["status"] == "ok", (name, health)
             assert daemon.cameras["a"] is pipeline and daemon.cfg.queries[0].model == "resnet18", name
             frames = daemon.stats.queries["scene"].frames_in
-            _wait(lambda: daemon.stats.queries["scene"].frames_in > frames, 10, "frames still flowing")
+            wait_until(lambda: daemon.stats.queries["scene"].frames_in > frames, 10, "frames still flowing")
         assert daemon.reloads == 0
     finally:
         daemon.request_stop()
@@ -216,7 +208,7 @@ def test_adding_a_query_on_one_camera_does_not_restart_another(tmp_path, clips):
     daemon = Daemon(load_config(path), notifier=Notifier({}))
     try:
         daemon.start()
-        _wait(lambda: daemon.stats.queries["scene"].frames_in >= 5, 30, "camera a running")
+        wait_until(lambda: daemon.stats.queries["scene"].frames_in >= 5, 30, "camera a running")
         camera_a, camera_b = daemon.cameras["a"], daemon.cameras["b"]
         worker = daemon.models.port("resnet18@init")
         delivered = daemon.stats.cameras["a"].frames_delivered
@@ -226,7 +218,7 @@ def test_adding_a_query_on_one_camera_does_not_restart_another(tmp_path, clips):
         assert daemon.cameras["a"] is camera_a and daemon.cameras["b"] is not camera_b
         assert daemon.models.port("resnet18@init") is worker and worker.capacity == 16 + 16 + 32
         assert daemon.stats.cameras["a"].frames_delivered >= delivered
-        _wait(lambda: daemon.stats.queries["scene-b2"].frames_in >= 3, 30, "the new query running")
+        wait_until(lambda: daemon.stats.queries["scene-b2"].frames_in >= 3, 30, "the new query running")
         assert daemon.health()["status"] == "ok"
     finally:
         daemon.request_stop()
@@ -273,7 +265,7 @@ def test_health_is_false_and_the_watchdog_starves_when_a_query_only_errors(tmp_p
         daemon.start()
         server.start()
         failing = "query scene drops nearly every frame with error"
-        health = _wait(lambda: next((h for h in [daemon.health()] if failing in h["problems"]), None), 30,
+        health = wait_until(lambda: next((h for h in [daemon.health()] if failing in h["problems"]), None), 30,
                        "the error watch")
         assert health["status"] == "degraded" and health["cameras"] == {"a": "streaming"}
         time.sleep(0.3)
@@ -303,7 +295,7 @@ def test_health_is_false_when_a_configured_camera_is_not_running(tmp_path, clips
     daemon = Daemon(load_config(path), notifier=Notifier({}))
     try:
         daemon.start()
-        _wait(lambda: daemon.health()["status"] == "ok", 30, "a healthy start")
+        wait_until(lambda: daemon.health()["status"] == "ok", 30, "a healthy start")
         daemon.cameras.pop("a").stop()
         health = daemon.health()
         assert health["status"] == "degraded" and "camera a is not running" in health["problems"]

@@ -15,17 +15,10 @@ from edgeva.models import build_model
 from edgeva.router import Route, plan_routes
 from edgeva.sinks import read_results
 from edgeva.systemd import Notifier
-from tests.conftest import write_test_clip
+from tests.conftest import wait_until, write_test_clip
 from tests.test_offload import WorkerProcess
 
 
-def _wait(pred, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.slow
@@ -52,13 +45,13 @@ def test_offload_failover_and_local_fallback_account_for_every_frame(tmp_path):
         daemon = Daemon(load_config(cfg_path), notifier=Notifier({}))
         daemon.start()
         q = lambda: daemon.stats.snapshot()["queries"]["scene"]  # noqa: E731
-        _wait(lambda: q()["offloaded"] >= 10, 60, "offloaded frames")
+        wait_until(lambda: q()["offloaded"] >= 10, 60, "offloaded frames")
         workers["a"].proc.send_signal(signal.SIGKILL)          # one tier dies mid-stream
         before = q()["offloaded"]
-        _wait(lambda: q()["offloaded"] >= before + 10, 60, "traffic moving to the other tier")
+        wait_until(lambda: q()["offloaded"] >= before + 10, 60, "traffic moving to the other tier")
         workers["b"].proc.send_signal(signal.SIGKILL)          # then the other: frames run here
         local_before = q()["inferred"]
-        _wait(lambda: q()["inferred"] >= local_before + 5, 60, "local fallback")
+        wait_until(lambda: q()["inferred"] >= local_before + 5, 60, "local fallback")
         offload = daemon.stats.snapshot()["offload"]["a,b"]
         daemon.request_stop()
         daemon.serve()
@@ -150,7 +143,7 @@ def test_a_planned_resnet50_split_runs_where_the_plan_cuts(tmp_path):
             "stats": {"endpoint": f"ipc://{tmp_path}/ctl.sock"}}))
         daemon = Daemon(load_config(cfg_path), notifier=Notifier({}))
         daemon.start()
-        _wait(lambda: daemon.stats.snapshot()["queries"]["plates"]["offloaded"] == 6, 120, "six split frames")
+        wait_until(lambda: daemon.stats.snapshot()["queries"]["plates"]["offloaded"] == 6, 120, "six split frames")
         tier = daemon.stats.snapshot()["offload"]["edge"]["tiers"]["edge"]
         assert tier["sent"] == 6 and tier["payload_bytes"] == 6 * planned_bytes == 6 * 802816
     finally:

@@ -19,19 +19,12 @@ from edgeva.models import build_model
 from edgeva.offload.split import SplitModel
 from edgeva.scheduler import SwapOptions, SwapScheduler
 from edgeva.systemd import Notifier
-from tests.conftest import write_test_clip
+from tests.conftest import wait_until, write_test_clip
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device")])]
 
 
-def _wait(pred, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _write(tmp_path, device: str, budget_mb, queries=None, extra=None):
@@ -67,7 +60,7 @@ def test_reload_between_budgeted_and_unbudgeted_keeps_every_model_working(tmp_pa
     daemon.start()
     try:
         for budget in (None, 60, 48):
-            _wait(lambda: _inferred(daemon, "small") > 2 and _inferred(daemon, "big") > 2, 60, "inference")
+            wait_until(lambda: _inferred(daemon, "small") > 2 and _inferred(daemon, "big") > 2, 60, "inference")
             before = {q: _inferred(daemon, q) for q in ("small", "big")}
             old = daemon.models.scheduler
             _write(tmp_path, device, budget)
@@ -77,7 +70,7 @@ def test_reload_between_budgeted_and_unbudgeted_keeps_every_model_working(tmp_pa
                 assert old.memory.backend.name == "cuda" or old.memory.backend.allocated_bytes() == 0
                 assert old.memory.resident_bytes == 0
             assert (daemon.models.scheduler is None) == (budget is None)
-            _wait(lambda: all(_inferred(daemon, q) > before[q] + 2 for q in before), 60, f"inference at {budget}")
+            wait_until(lambda: all(_inferred(daemon, q) > before[q] + 2 for q in before), 60, f"inference at {budget}")
         assert _errors(daemon) == 0
     finally:
         daemon.request_stop()
@@ -135,7 +128,7 @@ def test_split_query_and_local_query_share_a_budget_in_the_daemon(tmp_path, devi
                       extra={"tiers": [{"name": "tail", "endpoint": endpoint, "timeout_ms": 4000}]})
         daemon = Daemon(load_config(path), notifier=Notifier({}))
         daemon.start()
-        _wait(lambda: daemon.stats.snapshot()["queries"]["split"]["offloaded"] >= 5
+        wait_until(lambda: daemon.stats.snapshot()["queries"]["split"]["offloaded"] >= 5
               and _inferred(daemon, "local") >= 5, 90, "split and local frames")
         memory = daemon.stats.snapshot()["memory"]["memory"]
         assert memory["peak_resident_bytes"] <= 48 * 2**20 and memory["evictions"] > 0
@@ -168,7 +161,7 @@ def test_a_workload_larger_than_the_budget_starts_and_runs_within_it(tmp_path, d
         daemon.start()
         scheduler = daemon.models.scheduler
         assert scheduler.memory.total_registered_bytes() > 110 * 2**20
-        _wait(lambda: all(_inferred(daemon, f"q{i}") >= 2 for i in range(len(models))), 120, "every model")
+        wait_until(lambda: all(_inferred(daemon, f"q{i}") >= 2 for i in range(len(models))), 120, "every model")
         memory = daemon.stats.snapshot()["memory"]["memory"]
         assert memory["peak_resident_bytes"] <= 110 * 2**20
         if device == "cpu":
@@ -225,7 +218,7 @@ def test_a_reload_that_changes_the_precision_checks_the_models_again(tmp_path):
         assert daemon.reload()
         choices = {k: m.precision for k, m in daemon.models.models.items()}
         assert {c.chosen for c in choices.values()} == {"bf16"} and all(c.frames > 0 for c in choices.values())
-        _wait(lambda: _inferred(daemon, "small") > 2 and _inferred(daemon, "big") > 2, 60, "inference in bf16")
+        wait_until(lambda: _inferred(daemon, "small") > 2 and _inferred(daemon, "big") > 2, 60, "inference in bf16")
         snap = daemon.stats.snapshot()["models"]
         assert {s["precision"]["chosen"] for s in snap.values()} == {"bf16"}
     finally:

@@ -16,14 +16,6 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)      # spinning OpenMP threads crawl on a shared 2-core box
-    yield
-    torch.set_num_threads(before)
-
-
 def linear_model(features: int) -> nn.Module:
     """A model of exactly features*features*4 bytes (no bias)."""
     return nn.Sequential(nn.Linear(features, features, bias=False)).eval()

@@ -20,12 +20,7 @@ from edgeva.models.base import ZooModel
 from edgeva.scheduler import ExecutionOrder, SwapOptions, SwapScheduler
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TinyModel(ZooModel):
