@@ -31,6 +31,7 @@ from .bundle import ModelMeta, install_state, read_bundle, save_bundle
 from .distill import adapter_for
 from .memory import MemoryMeasurement, cuda_loaded_bytes, resident_weight_bytes
 from .planner import Candidate, back_off, plan_candidates
+from .retrain_budget import RetrainBudget
 from .runner import ModelRunner
 from .sharing import Snapshot, share_group, sharing_closure
 from .workload import Workload, file_digest
@@ -89,6 +90,8 @@ class Attempt:
     lower_bound_final: dict[str, float] = field(default_factory=dict)   # Wilson 95 % lower bound
     trained_from: dict[str, str] = field(default_factory=dict)          # model -> first retrained block
     trained_bytes: int = 0                  # distinct parameter bytes the retraining changed
+    retrain_seconds: float = 0.0
+    note: str = ""                          # e.g. why a failing trial was not retrained
 
 
 @dataclass
@@ -186,9 +189,15 @@ class IncrementalMerger:
             share_group(self.modules, g, init=self.settings.init)
         starts, trainable = self._scope(candidate, closure)
         shared = self._agreements(starts)
-        final, steps, aborted = dict(shared), 0, False
+        final, steps, aborted, retrain_s, note = dict(shared), 0, False, 0.0, ""
         if not self._all_met(final) and all(k in self.teachers for k in starts):
-            final, steps, aborted = self._retrain(starts, trainable, final, deadline, seed=self.settings.seed + index)
+            budget, archs = self.retrain_budget(state), [self.architecture(k) for k in starts]
+            if budget.worth_retraining(archs, candidate.bytes_saved):
+                t_retrain = time.monotonic()
+                final, steps, aborted = self._retrain(starts, trainable, final, deadline, seed=self.settings.seed + index)
+                retrain_s = time.monotonic() - t_retrain
+            else:
+                note = budget.reason_to_skip(archs, candidate.bytes_saved)
         failing = [q for q, a in final.items() if not self.target_met(q, a)]
         if aborted or failing:
             snapshot.restore(self.modules, candidate.groups)
@@ -200,7 +209,24 @@ class IncrementalMerger:
                        layers=[g.members[0].path for g in candidate.groups],
                        lower_bound_final={q: round(wilson_lower_bound(a, n[q]), 4) for q, a in final.items()},
                        trained_from={k: self.runners[k].block_name(s) for k, s in starts.items()},
-                       trained_bytes=sum(p.numel() * p.element_size() for p in trainable))
+                       trained_bytes=sum(p.numel() * p.element_size() for p in trainable) if steps else 0,
+                       retrain_seconds=round(retrain_s, 2), note=note)
+
+    def architecture(self, model_key: str) -> str:
+        return self.workload.architectures.get(model_key, self.workload.models[model_key].name)
+
+    def retrain_budget(self, state: MergeState) -> RetrainBudget:
+        """What retraining has paid in this run so far, from its trials (so a resumed run judges
+        from the same history)."""
+        budget = RetrainBudget()
+        for a in state.attempts:
+            if a.outcome.startswith("aborted"):
+                continue
+            accepted = a.outcome == "accepted"
+            budget.record([self.architecture(k) for k in a.models if k in self.workload.models], a.retrain_seconds,
+                          rescued=accepted and a.retrain_seconds > 0, trial_seconds=a.seconds,
+                          bytes_accepted_untrained=a.bytes_saved if accepted and a.retrain_seconds <= 0 else 0)
+        return budget
 
     def _scope(self, candidate: Candidate, closure: set[str]) -> tuple[dict[str, int], list[torch.nn.Parameter]]:
         """Which models a trial changes and from which block, and the parameters it may retrain:
