@@ -579,3 +579,20 @@ def test_retrain_budget_compares_expected_yield_with_untrained_trials():
     assert not budget.worth_retraining(["resnet", "yolo"], 100_000)   # the least promising one decides
     budget.record(["yolo"], retrain_seconds=90.0, rescued=True, trial_seconds=100.0, bytes_accepted_untrained=0)
     assert budget.by_architecture["yolo"].rescue_chance == pytest.approx(2 / 4)
+
+
+def test_a_trial_not_retrained_stops_checking_at_the_first_query_that_misses(specialised, camera):
+    targets = {"tiny@quadrant": 0.9, "tiny@quadrant2": 0.9, "tiny@opposite": 1.0}
+    wl = workload(specialised, targets, camera)
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=0))
+    head = next(g for g in merger.analysis.groups if g.members[0].path == "head")
+    state = merger.initial_state()
+    state.queue = deque([Candidate([head])])
+    state = merger.run(state)
+    trial = state.attempts[0]
+    # the query with least slack (a target of 1.0) is checked first, and the check stops there
+    assert list(trial.agreement_shared) == ["q-opposite"] and trial.failing_queries == ["q-opposite"]
+    assert trial.outcome.startswith("backed off: subset")      # the two untested models are tried on their own
+    follow_up = state.attempts[1]
+    assert set(follow_up.agreement_shared) == {"q-quadrant", "q-quadrant2"}
+    assert not trial.note                                      # nothing to retrain with: no budget note

@@ -188,15 +188,18 @@ class IncrementalMerger:
         for g in candidate.groups:
             share_group(self.modules, g, init=self.settings.init)
         starts, trainable = self._scope(candidate, closure)
-        shared = self._agreements(starts)
+        budget, archs = self.retrain_budget(state), [self.architecture(k) for k in starts]
+        retrainable = (all(k in self.teachers for k in starts) and self.settings.train_steps > 0
+                       and budget.worth_retraining(archs, candidate.bytes_saved))
+        # a trial that will not be retrained only needs to know whether it fails
+        shared = self._agreements(starts) if retrainable else self._agreements_until_failure(starts, state)
         final, steps, aborted, retrain_s, note = dict(shared), 0, False, 0.0, ""
-        if not self._all_met(final) and all(k in self.teachers for k in starts):
-            budget, archs = self.retrain_budget(state), [self.architecture(k) for k in starts]
-            if budget.worth_retraining(archs, candidate.bytes_saved):
+        if not self._all_met(final):
+            if retrainable:
                 t_retrain = time.monotonic()
                 final, steps, aborted = self._retrain(starts, trainable, final, deadline, seed=self.settings.seed + index)
                 retrain_s = time.monotonic() - t_retrain
-            else:
+            elif self.settings.train_steps > 0 and all(k in self.teachers for k in starts):
                 note = budget.reason_to_skip(archs, candidate.bytes_saved)
         failing = [q for q, a in final.items() if not self.target_met(q, a)]
         if aborted or failing:
@@ -342,6 +345,25 @@ class IncrementalMerger:
         from its given block on (the blocks before it are unchanged)."""
         return {q.query_id: self._agreement(q.query_id, self._values(q.query_id, starts[q.model_key]))
                 for q in self.workload.queries if q.model_key in starts}
+
+    def _agreements_until_failure(self, starts: dict[str, int], state: MergeState) -> dict[str, float]:
+        """As `_agreements`, but the queries closest to their targets first, and camera by camera,
+        stopping at the first that misses its target (the queries after it are left out)."""
+        def slack(q) -> float:
+            return self._judged(q.query_id, state.agreement.get(q.query_id, 1.0)) - self.targets[q.query_id]
+
+        out: dict[str, float] = {}
+        for q in sorted((q for q in self.workload.queries if q.model_key in starts), key=slack):
+            task, runner = self.tasks[q.query_id], self.runners[q.model_key]
+            worst = 1.0
+            for cam, reference in zip(self.checked_cameras(q.query_id), self.references[q.query_id]):
+                values = [task.value(o) for o in runner.outputs(cam, starts[q.model_key])]
+                worst = min(worst, float(np.mean([task.agreement(a, b) for a, b in zip(values, reference)])))
+                if not self.target_met(q.query_id, worst):
+                    out[q.query_id] = worst
+                    return out
+            out[q.query_id] = worst
+        return out
 
     def agreements(self) -> dict[str, float]:
         return self._agreements({k: 0 for k in self.workload.models})
