@@ -189,8 +189,10 @@ class IncrementalMerger:
             share_group(self.modules, g, init=self.settings.init)
         starts, trainable = self._scope(candidate, closure)
         budget, archs = self.retrain_budget(state), [self.architecture(k) for k in starts]
+        # retraining displaces untried candidates only when the time left cannot try them all
+        spare = self.time_to_spare(state, deadline)
         retrainable = (all(k in self.teachers for k in starts) and self.settings.train_steps > 0
-                       and budget.worth_retraining(archs, candidate.bytes_saved))
+                       and (spare or budget.worth_retraining(archs, candidate.bytes_saved)))
         # a trial that will not be retrained only needs to know whether it fails, and only on
         # the models holding a tensor the sharing changed
         shared = (self._agreements(starts) if retrainable
@@ -199,9 +201,9 @@ class IncrementalMerger:
         if not self._all_met(final):
             if retrainable:
                 t_retrain = time.monotonic()
-                # until retraining has rescued a trial of these architectures, one check without
-                # progress ends it
-                patience = self.settings.patience if budget.has_rescued(archs) else 1
+                # short of time, and until retraining has rescued a trial of these architectures,
+                # one check without progress ends it
+                patience = self.settings.patience if spare or budget.has_rescued(archs) else 1
                 final, steps, aborted = self._retrain(starts, trainable, final, deadline, self.settings.seed + index,
                                                       patience)
                 retrain_s = time.monotonic() - t_retrain
@@ -226,6 +228,15 @@ class IncrementalMerger:
         layers: sharing alone changes nothing else."""
         changed = {id(p) for g in candidate.groups for p in layer_of(self.modules, g.members[0]).parameters()}
         return {k: s for k, s in starts.items() if any(id(p) in changed for p in self.modules[k].parameters())}
+
+    def time_to_spare(self, state: MergeState, deadline: Optional[float]) -> bool:
+        """Whether the time left covers trying every queued candidate without retraining (at the
+        mean time of the run's untrained trials so far, else of one check of every model)."""
+        if deadline is None:
+            return True
+        untrained = [a.seconds for a in state.attempts if a.retrain_seconds <= 0 and not a.outcome.startswith("aborted")]
+        per_trial = float(np.mean(untrained)) if untrained else self.reference_seconds
+        return len(state.queue) * per_trial < deadline - time.monotonic()
 
     def architecture(self, model_key: str) -> str:
         return self.workload.architectures.get(model_key, self.workload.models[model_key].name)

@@ -1,8 +1,10 @@
 """Whether a failing merge trial is worth retraining, judged from what retraining has paid so far.
 
-A failing trial can be retrained (minutes for a detector on a CPU) or given up at once so the
-next candidate is tried (one agreement check). Retraining is worth its time only while its
-expected yield, bytes per second, is at least what plain trials have been yielding:
+Asked only when the time left cannot try every queued candidate (with time to spare, retraining
+displaces nothing and the merger always retrains). A failing trial can be retrained (minutes for
+a detector on a CPU) or given up at once so the next candidate is tried (one agreement check).
+Retraining is worth its time only while its expected yield, bytes per second, is at least what
+plain trials have been yielding:
 
     P(rescue) * bytes at stake / expected retraining seconds  >=  bytes accepted / seconds, untrained trials
 
@@ -71,5 +73,6 @@ class RetrainBudget:
         return self.expected_yield(architectures, bytes_at_stake) >= self.plain_yield()
 
     def reason_to_skip(self, architectures: list[str], bytes_at_stake: int) -> str:
-        return (f"not retrained: expected {self.expected_yield(architectures, bytes_at_stake) / 2**20:.3f} MiB/s "
+        return (f"not retrained: short of time for the queue, and expected "
+                f"{self.expected_yield(architectures, bytes_at_stake) / 2**20:.3f} MiB/s "
                 f"< {self.plain_yield() / 2**20:.3f} MiB/s of untrained trials")
