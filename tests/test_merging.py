@@ -522,3 +522,77 @@ def test_lower_bound_acceptance_steers_retraining_to_queries_short_on_their_boun
     assert weights["tiny@quadrant"] > 2 * weights["tiny@channel"]
     even = mean._lag_weights(list(models), {"q-a": 0.9, "q-b": 1.0})
     assert even["tiny@quadrant"] == pytest.approx(even["tiny@channel"])
+
+
+# ------------------------------------------------------------------ retraining budget
+
+def _history(models: list[str], retrainings: int, rescued: bool, untrained_bytes: int) -> list:
+    """Trials as a run would have recorded them: some retrained (rescued or not), one accepted
+    without retraining in one second."""
+    from edgeva.merging.merger import Attempt
+    out = [Attempt(i, "plan", "x", models, [], 10_000, {}, {}, 20, 11.0, "accepted" if rescued else "skipped",
+                   retrain_seconds=10.0) for i in range(retrainings)]
+    out.append(Attempt(len(out), "plan", "y", models, [], untrained_bytes, {}, {}, 0, 1.0, "accepted"))
+    return out
+
+
+def test_retraining_stops_for_an_architecture_once_it_has_not_paid(specialised, camera):
+    targets = {"tiny@quadrant": 0.9, "tiny@opposite": 1.0}
+    wl = workload(specialised, targets, camera)
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=20, eval_every=10, seed=0))
+    head = next(g for g in merger.analysis.groups if g.members[0].path == "head")
+    state = merger.initial_state()
+    state.attempts = _history(list(targets), retrainings=3, rescued=False, untrained_bytes=10_000_000)
+    state.queue = deque([Candidate([head])])
+    state = merger.run(state)
+    trial = state.attempts[-1]
+    assert trial.failing_queries and trial.train_steps == 0 and trial.retrain_seconds == 0
+    assert trial.note.startswith("not retrained")
+    text = __import__("edgeva.merging.report", fromlist=["format_report"]).format_report(build_report(merger, state, 0.0))
+    assert "not retrained" in text
+
+
+def test_retraining_goes_on_while_it_rescues_trials(specialised, camera):
+    targets = {"tiny@quadrant": 0.9, "tiny@opposite": 1.0}
+    wl = workload(specialised, targets, camera)
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=20, eval_every=10, seed=0))
+    head = next(g for g in merger.analysis.groups if g.members[0].path == "head")
+    state = merger.initial_state()
+    state.attempts = _history(list(targets), retrainings=3, rescued=True, untrained_bytes=10)
+    state.queue = deque([Candidate([head])])
+    state = merger.run(state)
+    trial = state.attempts[-1]
+    assert trial.failing_queries and trial.train_steps > 0 and trial.retrain_seconds > 0 and not trial.note
+
+
+def test_retrain_budget_compares_expected_yield_with_untrained_trials():
+    from edgeva.merging.retrain_budget import RetrainBudget
+    budget = RetrainBudget()
+    assert budget.worth_retraining(["yolo"], 1)                  # never retrained: try it
+    budget.record(["yolo"], retrain_seconds=0.0, rescued=False, trial_seconds=10.0, bytes_accepted_untrained=10_000)
+    budget.record(["yolo"], retrain_seconds=90.0, rescued=False, trial_seconds=100.0, bytes_accepted_untrained=0)
+    assert budget.plain_yield() == pytest.approx(10_000 / 20.0)
+    # one failed retraining: chance 1/3, 90 s each -> 3 MiB at stake yields ~11.6 KiB/s > 500 B/s
+    assert budget.worth_retraining(["yolo"], 3 * 2**20)
+    assert not budget.worth_retraining(["yolo"], 100_000)         # 1/3 * 100 kB / 90 s = 370 B/s < 500 B/s
+    assert budget.worth_retraining(["resnet"], 1)                # another architecture has its own record
+    assert not budget.worth_retraining(["resnet", "yolo"], 100_000)   # the least promising one decides
+    budget.record(["yolo"], retrain_seconds=90.0, rescued=True, trial_seconds=100.0, bytes_accepted_untrained=0)
+    assert budget.by_architecture["yolo"].rescue_chance == pytest.approx(2 / 4)
+
+
+def test_a_trial_not_retrained_stops_checking_at_the_first_query_that_misses(specialised, camera):
+    targets = {"tiny@quadrant": 0.9, "tiny@quadrant2": 0.9, "tiny@opposite": 1.0}
+    wl = workload(specialised, targets, camera)
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=0))
+    head = next(g for g in merger.analysis.groups if g.members[0].path == "head")
+    state = merger.initial_state()
+    state.queue = deque([Candidate([head])])
+    state = merger.run(state)
+    trial = state.attempts[0]
+    # the query with least slack (a target of 1.0) is checked first, and the check stops there
+    assert list(trial.agreement_shared) == ["q-opposite"] and trial.failing_queries == ["q-opposite"]
+    assert trial.outcome.startswith("backed off: subset")      # the two untested models are tried on their own
+    follow_up = state.attempts[1]
+    assert set(follow_up.agreement_shared) == {"q-quadrant", "q-quadrant2"}
+    assert not trial.note                                      # nothing to retrain with: no budget note

@@ -31,6 +31,7 @@ from .bundle import ModelMeta, install_state, read_bundle, save_bundle
 from .distill import adapter_for
 from .memory import MemoryMeasurement, cuda_loaded_bytes, resident_weight_bytes
 from .planner import Candidate, back_off, plan_candidates
+from .retrain_budget import RetrainBudget
 from .runner import ModelRunner
 from .sharing import Snapshot, share_group, sharing_closure
 from .workload import Workload, file_digest
@@ -89,6 +90,8 @@ class Attempt:
     lower_bound_final: dict[str, float] = field(default_factory=dict)   # Wilson 95 % lower bound
     trained_from: dict[str, str] = field(default_factory=dict)          # model -> first retrained block
     trained_bytes: int = 0                  # distinct parameter bytes the retraining changed
+    retrain_seconds: float = 0.0
+    note: str = ""                          # e.g. why a failing trial was not retrained
 
 
 @dataclass
@@ -185,10 +188,19 @@ class IncrementalMerger:
         for g in candidate.groups:
             share_group(self.modules, g, init=self.settings.init)
         starts, trainable = self._scope(candidate, closure)
-        shared = self._agreements(starts)
-        final, steps, aborted = dict(shared), 0, False
-        if not self._all_met(final) and all(k in self.teachers for k in starts):
-            final, steps, aborted = self._retrain(starts, trainable, final, deadline, seed=self.settings.seed + index)
+        budget, archs = self.retrain_budget(state), [self.architecture(k) for k in starts]
+        retrainable = (all(k in self.teachers for k in starts) and self.settings.train_steps > 0
+                       and budget.worth_retraining(archs, candidate.bytes_saved))
+        # a trial that will not be retrained only needs to know whether it fails
+        shared = self._agreements(starts) if retrainable else self._agreements_until_failure(starts, state)
+        final, steps, aborted, retrain_s, note = dict(shared), 0, False, 0.0, ""
+        if not self._all_met(final):
+            if retrainable:
+                t_retrain = time.monotonic()
+                final, steps, aborted = self._retrain(starts, trainable, final, deadline, seed=self.settings.seed + index)
+                retrain_s = time.monotonic() - t_retrain
+            elif self.settings.train_steps > 0 and all(k in self.teachers for k in starts):
+                note = budget.reason_to_skip(archs, candidate.bytes_saved)
         failing = [q for q, a in final.items() if not self.target_met(q, a)]
         if aborted or failing:
             snapshot.restore(self.modules, candidate.groups)
@@ -200,7 +212,24 @@ class IncrementalMerger:
                        layers=[g.members[0].path for g in candidate.groups],
                        lower_bound_final={q: round(wilson_lower_bound(a, n[q]), 4) for q, a in final.items()},
                        trained_from={k: self.runners[k].block_name(s) for k, s in starts.items()},
-                       trained_bytes=sum(p.numel() * p.element_size() for p in trainable))
+                       trained_bytes=sum(p.numel() * p.element_size() for p in trainable) if steps else 0,
+                       retrain_seconds=round(retrain_s, 2), note=note)
+
+    def architecture(self, model_key: str) -> str:
+        return self.workload.architectures.get(model_key, self.workload.models[model_key].name)
+
+    def retrain_budget(self, state: MergeState) -> RetrainBudget:
+        """What retraining has paid in this run so far, from its trials (so a resumed run judges
+        from the same history)."""
+        budget = RetrainBudget()
+        for a in state.attempts:
+            if a.outcome.startswith("aborted"):
+                continue
+            accepted = a.outcome == "accepted"
+            budget.record([self.architecture(k) for k in a.models if k in self.workload.models], a.retrain_seconds,
+                          rescued=accepted and a.retrain_seconds > 0, trial_seconds=a.seconds,
+                          bytes_accepted_untrained=a.bytes_saved if accepted and a.retrain_seconds <= 0 else 0)
+        return budget
 
     def _scope(self, candidate: Candidate, closure: set[str]) -> tuple[dict[str, int], list[torch.nn.Parameter]]:
         """Which models a trial changes and from which block, and the parameters it may retrain:
@@ -316,6 +345,25 @@ class IncrementalMerger:
         from its given block on (the blocks before it are unchanged)."""
         return {q.query_id: self._agreement(q.query_id, self._values(q.query_id, starts[q.model_key]))
                 for q in self.workload.queries if q.model_key in starts}
+
+    def _agreements_until_failure(self, starts: dict[str, int], state: MergeState) -> dict[str, float]:
+        """As `_agreements`, but the queries closest to their targets first, and camera by camera,
+        stopping at the first that misses its target (the queries after it are left out)."""
+        def slack(q) -> float:
+            return self._judged(q.query_id, state.agreement.get(q.query_id, 1.0)) - self.targets[q.query_id]
+
+        out: dict[str, float] = {}
+        for q in sorted((q for q in self.workload.queries if q.model_key in starts), key=slack):
+            task, runner = self.tasks[q.query_id], self.runners[q.model_key]
+            worst = 1.0
+            for cam, reference in zip(self.checked_cameras(q.query_id), self.references[q.query_id]):
+                values = [task.value(o) for o in runner.outputs(cam, starts[q.model_key])]
+                worst = min(worst, float(np.mean([task.agreement(a, b) for a, b in zip(values, reference)])))
+                if not self.target_met(q.query_id, worst):
+                    out[q.query_id] = worst
+                    return out
+            out[q.query_id] = worst
+        return out
 
     def agreements(self) -> dict[str, float]:
         return self._agreements({k: 0 for k in self.workload.models})

@@ -87,6 +87,7 @@ def format_report(report: dict[str, Any]) -> str:
                  "retraining, lower bound in brackets):")
     for a in report["attempts"]:
         fail = f" failing: {', '.join(a['failing_queries'])}" if a["failing_queries"] else ""
+        fail += f"; {a['note']}" if a.get("note") else ""
         trained = sorted(set(a.get("trained_from", {}).values()))
         scope = (f", retrained from {'/'.join(trained)} ({_mib(a.get('trained_bytes', 0))})"
                  if a["train_steps"] else "")
