@@ -21,7 +21,7 @@ from edgeva.merging.merger import wilson_lower_bound
 from edgeva.merging.planner import Candidate
 from edgeva.merging.sharing import is_shared
 from edgeva.merging.workload import CameraFrames
-from edgeva.models.torchvision_zoo import TorchvisionClassifier
+from edgeva.models.torchvision_zoo import WholeFrameClassifier
 
 SIZE = 48
 LABELS = ["0", "1", "2", "3"]
@@ -69,11 +69,11 @@ TARGETS = {"quadrant": brightest_quadrant, "opposite": lambda img: 3 - brightest
            "channel": dominant_channel}
 
 
-def wrap(module: nn.Module) -> TorchvisionClassifier:
-    return TorchvisionClassifier("tinynet", module, LABELS, SIZE, None, torch.device("cpu"))
+def wrap(module: nn.Module) -> WholeFrameClassifier:
+    return WholeFrameClassifier("tinynet", module, LABELS, SIZE, None, torch.device("cpu"))
 
 
-def trained_model(target: str, seed: int, frames: list[np.ndarray], steps: int = 150) -> TorchvisionClassifier:
+def trained_model(target: str, seed: int, frames: list[np.ndarray], steps: int = 150) -> WholeFrameClassifier:
     from edgeva.models.preprocess import resize_normalise
 
     torch.manual_seed(seed)
@@ -106,7 +106,7 @@ def camera() -> CameraFrames:
 
 
 @pytest.fixture(scope="module")
-def specialised(camera) -> dict[str, TorchvisionClassifier]:
+def specialised(camera) -> dict[str, WholeFrameClassifier]:
     train = make_frames(384, seed=0)
     return {"tiny@quadrant": trained_model("quadrant", 1, train),
             "tiny@quadrant2": trained_model("quadrant", 2, train),
@@ -114,13 +114,13 @@ def specialised(camera) -> dict[str, TorchvisionClassifier]:
             "tiny@channel": trained_model("channel", 4, train)}
 
 
-def copy_model(model: TorchvisionClassifier) -> TorchvisionClassifier:
+def copy_model(model: WholeFrameClassifier) -> WholeFrameClassifier:
     net = TinyNet()
     net.load_state_dict(model.module.state_dict())
     return wrap(net.eval())
 
 
-def workload(models: dict[str, TorchvisionClassifier], targets: dict[str, float], camera: CameraFrames) -> Workload:
+def workload(models: dict[str, WholeFrameClassifier], targets: dict[str, float], camera: CameraFrames) -> Workload:
     fresh = {k: copy_model(models[k]) for k in targets}
     queries = [QuerySpec(f"q-{k.split('@')[1]}", k, "cam", TaskConfig(type="classify"), t) for k, t in targets.items()]
     return Workload(fresh, queries, {"cam": camera}, {k: "tinynet" for k in targets})
@@ -341,7 +341,7 @@ def test_share_group_mean_init_starts_at_the_members_mean():
     assert torch.allclose(a.head.weight, (wa + wb) / 2)
 
 
-def _resnet_family(camera: CameraFrames, n: int = 2) -> dict[str, TorchvisionClassifier]:
+def _resnet_family(camera: CameraFrames, n: int = 2) -> dict[str, WholeFrameClassifier]:
     """Copies of one base whose layer3/layer4/fc drifted, as per-camera fine-tuning leaves them. The
     base's head splits the camera's frames along their features' main direction, so the answers
     vary from frame to frame (a random-init head would answer one class everywhere)."""
@@ -369,7 +369,7 @@ def _resnet_family(camera: CameraFrames, n: int = 2) -> dict[str, TorchvisionCla
                      if k.startswith(("layer3", "layer4")) and v.is_floating_point() and v.ndim > 1 else v)
                  for k, v in base.items()}
         copy.load_state_dict(state)
-        models[f"resnet18@copy{i}"] = TorchvisionClassifier("resnet18", copy.eval(), ["a", "b"], 64, None,
+        models[f"resnet18@copy{i}"] = WholeFrameClassifier("resnet18", copy.eval(), ["a", "b"], 64, None,
                                                             torch.device("cpu"))
     return models
 
@@ -596,3 +596,33 @@ def test_a_trial_not_retrained_stops_checking_at_the_first_query_that_misses(spe
     follow_up = state.attempts[1]
     assert set(follow_up.agreement_shared) == {"q-quadrant", "q-quadrant2"}
     assert not trial.note                                      # nothing to retrain with: no budget note
+
+
+def test_a_trial_not_retrained_checks_only_the_models_its_sharing_changed(specialised, camera):
+    targets = {"tiny@quadrant": 0.0, "tiny@quadrant2": 0.0, "tiny@opposite": 0.0}
+    wl = workload(specialised, targets, camera)
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=0))
+    head = next(g for g in merger.analysis.groups if g.members[0].path == "head")
+    conv = next(g for g in merger.analysis.groups if g.members[0].path != "head")
+    state = merger.initial_state()
+    # the head shared by all three ties them into one sharing closure; the conv then over two
+    state.queue = deque([Candidate([head]), Candidate([conv.restricted_to(("tiny@quadrant", "tiny@opposite"))])])
+    state = merger.run(state)
+    assert [a.outcome for a in state.attempts] == ["accepted", "accepted"]
+    assert set(state.attempts[0].agreement_shared) == {"q-quadrant", "q-quadrant2", "q-opposite"}
+    assert set(state.attempts[1].agreement_shared) == {"q-quadrant", "q-opposite"}
+
+
+@pytest.mark.parametrize("rescued_before, steps", [(False, 10), (True, 30)])
+def test_unproven_retraining_ends_at_its_first_check_without_progress(specialised, camera, rescued_before, steps):
+    targets = {"tiny@quadrant": 0.9, "tiny@opposite": 1.0}
+    wl = workload(specialised, targets, camera)
+    # lr 0: retraining never changes anything, so no check ever shows progress
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=60, eval_every=10, lr=0.0, patience=3, seed=0))
+    head = next(g for g in merger.analysis.groups if g.members[0].path == "head")
+    state = merger.initial_state()
+    if rescued_before:
+        state.attempts = _history(list(targets), retrainings=1, rescued=True, untrained_bytes=10)
+    state.queue = deque([Candidate([head])])
+    state = merger.run(state)
+    assert state.attempts[-1].train_steps == steps

@@ -33,7 +33,7 @@ from .memory import MemoryMeasurement, cuda_loaded_bytes, resident_weight_bytes
 from .planner import Candidate, back_off, plan_candidates
 from .retrain_budget import RetrainBudget
 from .runner import ModelRunner
-from .sharing import Snapshot, share_group, sharing_closure
+from .sharing import Snapshot, layer_of, share_group, sharing_closure
 from .workload import Workload, file_digest
 
 CHECKPOINT_BUNDLE = "checkpoint.pt"
@@ -191,13 +191,19 @@ class IncrementalMerger:
         budget, archs = self.retrain_budget(state), [self.architecture(k) for k in starts]
         retrainable = (all(k in self.teachers for k in starts) and self.settings.train_steps > 0
                        and budget.worth_retraining(archs, candidate.bytes_saved))
-        # a trial that will not be retrained only needs to know whether it fails
-        shared = self._agreements(starts) if retrainable else self._agreements_until_failure(starts, state)
+        # a trial that will not be retrained only needs to know whether it fails, and only on
+        # the models holding a tensor the sharing changed
+        shared = (self._agreements(starts) if retrainable
+                  else self._agreements_until_failure(self._changed_by_sharing(candidate, starts), state))
         final, steps, aborted, retrain_s, note = dict(shared), 0, False, 0.0, ""
         if not self._all_met(final):
             if retrainable:
                 t_retrain = time.monotonic()
-                final, steps, aborted = self._retrain(starts, trainable, final, deadline, seed=self.settings.seed + index)
+                # until retraining has rescued a trial of these architectures, one check without
+                # progress ends it
+                patience = self.settings.patience if budget.has_rescued(archs) else 1
+                final, steps, aborted = self._retrain(starts, trainable, final, deadline, self.settings.seed + index,
+                                                      patience)
                 retrain_s = time.monotonic() - t_retrain
             elif self.settings.train_steps > 0 and all(k in self.teachers for k in starts):
                 note = budget.reason_to_skip(archs, candidate.bytes_saved)
@@ -214,6 +220,12 @@ class IncrementalMerger:
                        trained_from={k: self.runners[k].block_name(s) for k, s in starts.items()},
                        trained_bytes=sum(p.numel() * p.element_size() for p in trainable) if steps else 0,
                        retrain_seconds=round(retrain_s, 2), note=note)
+
+    def _changed_by_sharing(self, candidate: Candidate, starts: dict[str, int]) -> dict[str, int]:
+        """The models (with their start blocks) that hold a tensor of the candidate's shared
+        layers: sharing alone changes nothing else."""
+        changed = {id(p) for g in candidate.groups for p in layer_of(self.modules, g.members[0]).parameters()}
+        return {k: s for k, s in starts.items() if any(id(p) in changed for p in self.modules[k].parameters())}
 
     def architecture(self, model_key: str) -> str:
         return self.workload.architectures.get(model_key, self.workload.models[model_key].name)
@@ -248,7 +260,7 @@ class IncrementalMerger:
         return starts, list(trainable.values())
 
     def _retrain(self, starts: dict[str, int], trainable: list[torch.nn.Parameter], agreement: dict[str, float],
-                 deadline: Optional[float], seed: int) -> tuple[dict[str, float], int, bool]:
+                 deadline: Optional[float], seed: int, patience: int) -> tuple[dict[str, float], int, bool]:
         s = self.settings
         keys = sorted(starts)
         chosen = {id(p) for p in trainable}
@@ -285,7 +297,7 @@ class IncrementalMerger:
                         best_gap, stale, best = gap, 0, (agreement, [p.detach().clone() for p in trainable])
                     else:
                         stale += 1
-                    if stale >= s.patience:
+                    if stale >= patience:
                         break
                     weights = self._lag_weights(keys, agreement)
             with torch.no_grad():

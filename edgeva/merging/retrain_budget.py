@@ -59,6 +59,11 @@ class RetrainBudget:
             return float("inf")          # nothing known yet: retrain, and learn what it costs
         return min(r.rescue_chance for r in records) * bytes_at_stake / max(max(timed), 1e-6)
 
+    def has_rescued(self, architectures: list[str]) -> bool:
+        """Retraining has turned a failing trial of every one of these architectures into an
+        accepted one in this run."""
+        return all(self.by_architecture.get(a, RetrainRecord()).rescues > 0 for a in dict.fromkeys(architectures))
+
     def plain_yield(self) -> float:
         return self.plain_bytes / self.plain_seconds if self.plain_seconds > 0 else 0.0
 

@@ -121,11 +121,11 @@ def _names_for(name: str, spec: TorchvisionSpec, num_classes: int, stored: Optio
 
 def _wrap(name: str, spec: TorchvisionSpec, module: nn.Module, names: list[str], weights: Optional[str],
           device: torch.device) -> ZooModel:
-    cls = TorchvisionDetector if spec.kind == "detector" else TorchvisionClassifier
+    cls = TorchvisionDetector if spec.kind == "detector" else WholeFrameClassifier
     return cls(name, module, names, spec.input_size, weights, device)
 
 
-class TorchvisionClassifier(TorchZooModel):
+class WholeFrameClassifier(TorchZooModel):
     """A whole-frame classifier: the frame stretched to input_size, normalised by `mean`/`std`
     (ImageNet's unless the architecture was trained otherwise), softmax of the logits."""
 

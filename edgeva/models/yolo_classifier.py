@@ -21,7 +21,7 @@ from .base import ZooModel
 from .checkpoints import load_into, read_state_dict
 from .errors import ModelLoadError
 from .offline import import_ultralytics
-from .torchvision_zoo import TorchvisionClassifier
+from .torchvision_zoo import WholeFrameClassifier
 
 YOLO_CLASSIFIER_NAMES = ("yolov8n-cls",)
 INPUT_SIZE = 224
@@ -68,6 +68,6 @@ def build_yolo_classifier(name: str, weights: Optional[str], download: bool, dev
 
 
 def _wrap(name: str, module: nn.Module, names: list[str], weights: Optional[str], device: torch.device) -> ZooModel:
-    model = TorchvisionClassifier(name, module, names, INPUT_SIZE, weights, device)
+    model = WholeFrameClassifier(name, module, names, INPUT_SIZE, weights, device)
     model.mean, model.std = NO_NORMALISATION
     return model

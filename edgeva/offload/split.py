@@ -2,7 +2,7 @@
 
 `split_at = k` (the split point's index: layers before the cut) puts the chain's layers
 [0, k) on the daemon (the head) and [k, n) on the worker (the tail); the worker then applies
-the same softmax as `TorchvisionClassifier`, so the output is the usual ClassProbs. Both ends
+the same softmax as `WholeFrameClassifier`, so the output is the usual ClassProbs. Both ends
 build the chain the same way, so the index on the wire means the same cut on both.
 """
 from __future__ import annotations
