@@ -8,7 +8,7 @@ for all affected models (distilling from the originals' cached outputs, loss wei
 lagging queries) until all targets hold, the step budget ends or agreement stops improving,
 then accepts the trial or undoes it and backs off.
 
-One room (~400 lines): trials, retraining and measuring all read the same references, runners
+One room (~490 lines): trials, retraining and measuring all read the same references, runners
 and settings; the measuring part is the first to move out if it grows.
 """
 from __future__ import annotations
@@ -191,8 +191,8 @@ class IncrementalMerger:
         budget, archs = self.retrain_budget(state), [self.architecture(k) for k in starts]
         # retraining displaces untried candidates only when the time left cannot try them all
         spare = self.time_to_spare(state, deadline)
-        retrainable = (all(k in self.teachers for k in starts) and self.settings.train_steps > 0
-                       and (spare or budget.worth_retraining(archs, candidate.bytes_saved)))
+        can_retrain = self.settings.train_steps > 0 and all(k in self.teachers for k in starts)
+        retrainable = can_retrain and (spare or budget.worth_retraining(archs, candidate.bytes_saved))
         # a trial that will not be retrained only needs to know whether it fails, and only on
         # the models holding a tensor the sharing changed
         shared = (self._agreements(starts) if retrainable
@@ -207,7 +207,7 @@ class IncrementalMerger:
                 final, steps, aborted = self._retrain(starts, trainable, final, deadline, self.settings.seed + index,
                                                       patience)
                 retrain_s = time.monotonic() - t_retrain
-            elif self.settings.train_steps > 0 and all(k in self.teachers for k in starts):
+            elif can_retrain:
                 note = budget.reason_to_skip(archs, candidate.bytes_saved)
         failing = [q for q, a in final.items() if not self.target_met(q, a)]
         if aborted or failing:
@@ -347,16 +347,20 @@ class IncrementalMerger:
 
     def _values(self, query_id: str, start: int = 0) -> list[list[Any]]:
         """The query's values on each checked camera's held-out frames."""
-        q = self._query(query_id)
+        return [self._camera_values(query_id, cam, start) for cam in self.checked_cameras(query_id)]
+
+    def _camera_values(self, query_id: str, camera: str, start: int) -> list[Any]:
         task = self.tasks[query_id]
-        return [[task.value(o) for o in self.runners[q.model_key].outputs(cam, start)]
-                for cam in self.checked_cameras(query_id)]
+        return [task.value(o) for o in self.runners[self._query(query_id).model_key].outputs(camera, start)]
+
+    def _camera_agreement(self, query_id: str, mine: list[Any], theirs: list[Any]) -> float:
+        task = self.tasks[query_id]
+        return float(np.mean([task.agreement(a, b) for a, b in zip(mine, theirs)]))
 
     def _agreement(self, query_id: str, values: list[list[Any]]) -> float:
         """Agreement with the original on the worst checked camera: pooling cameras would let
         frames easy to agree on elsewhere hide a fall on one camera."""
-        task = self.tasks[query_id]
-        return min(float(np.mean([task.agreement(a, b) for a, b in zip(mine, theirs)]))
+        return min(self._camera_agreement(query_id, mine, theirs)
                    for mine, theirs in zip(values, self.references[query_id]))
 
     def judged_frames(self, query_id: str) -> int:
@@ -377,11 +381,10 @@ class IncrementalMerger:
 
         out: dict[str, float] = {}
         for q in sorted((q for q in self.workload.queries if q.model_key in starts), key=slack):
-            task, runner = self.tasks[q.query_id], self.runners[q.model_key]
             worst = 1.0
             for cam, reference in zip(self.checked_cameras(q.query_id), self.references[q.query_id]):
-                values = [task.value(o) for o in runner.outputs(cam, starts[q.model_key])]
-                worst = min(worst, float(np.mean([task.agreement(a, b) for a, b in zip(values, reference)])))
+                values = self._camera_values(q.query_id, cam, starts[q.model_key])
+                worst = min(worst, self._camera_agreement(q.query_id, values, reference))
                 if not self.target_met(q.query_id, worst):
                     out[q.query_id] = worst
                     return out
