@@ -18,17 +18,7 @@ from edgeva.control import request
 from edgeva.daemon import Daemon
 from edgeva.messages import DropReason, Outcome
 from edgeva.systemd import Notifier
-from tests.conftest import write_test_clip
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.conftest import wait_until, write_test_clip
 
 
 def _config(tmp_path: Path, cameras: list[dict], queries: list[dict]) -> Path:
@@ -70,7 +60,7 @@ def test_service_lifecycle_ready_stats_reload_stop(tmp_path):
         ready = _notify_until(notify, "READY")
         assert ready["MAINPID"] == str(proc.pid)
         _notify_until(notify, "WATCHDOG", timeout=5)
-        snap = _wait_for(lambda: (s := request(endpoint, {"cmd": "stats"}))["queries"]["qa"]["inferred"] >= 20
+        snap = wait_until(lambda: (s := request(endpoint, {"cmd": "stats"}))["queries"]["qa"]["inferred"] >= 20
                          and s, 20, "frames through qa")
         assert snap["cameras"]["cam-a"]["state"] == "streaming"
         assert request(endpoint, {"cmd": "health"})["status"] == "ok"
@@ -92,7 +82,7 @@ def test_service_lifecycle_ready_stats_reload_stop(tmp_path):
             "stats": {"endpoint": endpoint, "log_interval_s": 1}}))
         proc.send_signal(signal.SIGHUP)
         _notify_until(notify, "RELOADING")
-        snap = _wait_for(lambda: (s := request(endpoint, {"cmd": "stats"}))["queries"].get("qb", {}).get(
+        snap = wait_until(lambda: (s := request(endpoint, {"cmd": "stats"}))["queries"].get("qb", {}).get(
             "inferred", 0) > 5 and s, 20, "frames through the added camera")
         assert snap["cameras"]["cam-a"]["frames_delivered"] > before
         assert snap["daemon"]["reloads"] == 1
@@ -100,7 +90,7 @@ def test_service_lifecycle_ready_stats_reload_stop(tmp_path):
         # A broken config on SIGHUP is rejected and the daemon keeps the running one.
         cfg_path.write_text("cameras: [{id: x}]\n")
         proc.send_signal(signal.SIGHUP)
-        _wait_for(lambda: request(endpoint, {"cmd": "stats"})["daemon"]["reload_errors"] == 1, 10, "reload error")
+        wait_until(lambda: request(endpoint, {"cmd": "stats"})["daemon"]["reload_errors"] == 1, 10, "reload error")
         assert set(request(endpoint, {"cmd": "stats"})["cameras"]) == {"cam-a", "cam-b"}
 
         t0 = time.monotonic()
@@ -167,10 +157,10 @@ def test_a_failing_camera_does_not_stop_the_others(tmp_path):
     daemon = Daemon(cfg, notifier=Notifier({}))
     daemon.start()
     try:
-        _wait_for(lambda: daemon.stats.snapshot()["queries"]["qg"]["inferred"] > 40, 20, "good camera frames")
+        wait_until(lambda: daemon.stats.snapshot()["queries"]["qg"]["inferred"] > 40, 20, "good camera frames")
         snap = daemon.stats.snapshot()
         assert snap["cameras"]["dead"]["state"] in ("reconnecting", "starting")
-        _wait_for(lambda: daemon.stats.snapshot()["cameras"]["dead"]["reconnects"] >= 2, 20, "reconnect attempts")
+        wait_until(lambda: daemon.stats.snapshot()["cameras"]["dead"]["reconnects"] >= 2, 20, "reconnect attempts")
         assert daemon.health()["status"] == "degraded"
     finally:
         daemon.request_stop()
@@ -200,7 +190,7 @@ def test_a_crashed_reader_is_restarted(tmp_path, monkeypatch):
     runner = threading.Thread(target=daemon.serve, kwargs={"max_runtime_s": 20}, daemon=True)
     runner.start()
     try:
-        _wait_for(lambda: daemon.camera_restarts == 1 and daemon.stats.snapshot()["queries"]["q"]["inferred"] > 30,
+        wait_until(lambda: daemon.camera_restarts == 1 and daemon.stats.snapshot()["queries"]["q"]["inferred"] > 30,
                   15, "the camera to come back")
     finally:
         daemon.request_stop()
@@ -217,10 +207,10 @@ def test_reload_moving_a_query_between_cameras_keeps_accounting(tmp_path):
     daemon._build_query = lambda q, **_: _SlowQuery(q.id, daemon.stats, 0.002, q.camera)  # type: ignore
     daemon.start()
     try:
-        _wait_for(lambda: daemon.stats.snapshot()["queries"]["q1"]["inferred"] > 20, 15, "frames on cam1")
+        wait_until(lambda: daemon.stats.snapshot()["queries"]["q1"]["inferred"] > 20, 15, "frames on cam1")
         _config(tmp_path, cams, [{"id": "q1", "camera": "cam2"}])
         assert daemon.reload()
-        _wait_for(lambda: daemon.stats.snapshot()["queries"]["q1"]["inferred"] > 20, 15, "frames on cam2")
+        wait_until(lambda: daemon.stats.snapshot()["queries"]["q1"]["inferred"] > 20, 15, "frames on cam2")
         assert daemon.stats.snapshot()["queries"]["q1"]["camera"] == "cam2"
     finally:
         daemon.request_stop()

@@ -536,21 +536,27 @@ def _history(models: list[str], retrainings: int, rescued: bool, untrained_bytes
     return out
 
 
-def _short_of_time(merger: IncrementalMerger, state, candidate: Candidate) -> None:
-    """The candidate first, then more queued than a minute of 1 s untrained trials can try."""
-    merger.settings.time_budget_s, merger.settings.max_trials = 60.0, 1
-    state.queue = deque([candidate] + [candidate] * 100)
+FAILING_HEAD = {"tiny@quadrant": 0.9, "tiny@opposite": 1.0}     # sharing the head fails q-opposite
+
+
+def _head_trial(specialised, camera, settings: MergeSettings, retrainings: int, rescued: bool,
+                untrained_bytes: int, short_of_time: bool):
+    """Share the final classifier of FAILING_HEAD's models after the given trial history; short of
+    time: more queued behind it than a minute of 1 s untrained trials can try (one trial runs)."""
+    merger = IncrementalMerger(workload(specialised, FAILING_HEAD, camera), settings)
+    head = Candidate([next(g for g in merger.analysis.groups if g.members[0].path == "head")])
+    state = merger.initial_state()
+    state.attempts = _history(list(FAILING_HEAD), retrainings, rescued, untrained_bytes)
+    state.queue = deque([head])
+    if short_of_time:
+        merger.settings.time_budget_s, merger.settings.max_trials = 60.0, 1
+        state.queue.extend([head] * 100)
+    return merger, merger.run(state)
 
 
 def test_retraining_stops_for_an_architecture_once_it_has_not_paid(specialised, camera):
-    targets = {"tiny@quadrant": 0.9, "tiny@opposite": 1.0}
-    wl = workload(specialised, targets, camera)
-    merger = IncrementalMerger(wl, MergeSettings(train_steps=20, eval_every=10, seed=0))
-    head = next(g for g in merger.analysis.groups if g.members[0].path == "head")
-    state = merger.initial_state()
-    state.attempts = _history(list(targets), retrainings=3, rescued=False, untrained_bytes=10_000_000)
-    _short_of_time(merger, state, Candidate([head]))
-    state = merger.run(state)
+    merger, state = _head_trial(specialised, camera, MergeSettings(train_steps=20, eval_every=10, seed=0),
+                                retrainings=3, rescued=False, untrained_bytes=10_000_000, short_of_time=True)
     trial = state.attempts[-1]
     assert trial.failing_queries and trial.train_steps == 0 and trial.retrain_seconds == 0
     assert trial.note.startswith("not retrained")
@@ -560,27 +566,16 @@ def test_retraining_stops_for_an_architecture_once_it_has_not_paid(specialised, 
 
 @pytest.mark.parametrize("budget_s", [None, 3600.0])
 def test_with_time_to_spare_a_failing_trial_is_retrained_whatever_retraining_paid(specialised, camera, budget_s):
-    targets = {"tiny@quadrant": 0.9, "tiny@opposite": 1.0}
-    wl = workload(specialised, targets, camera)
-    merger = IncrementalMerger(wl, MergeSettings(train_steps=20, eval_every=10, seed=0, time_budget_s=budget_s))
-    head = next(g for g in merger.analysis.groups if g.members[0].path == "head")
-    state = merger.initial_state()
-    state.attempts = _history(list(targets), retrainings=3, rescued=False, untrained_bytes=10_000_000)
-    state.queue = deque([Candidate([head])])
-    state = merger.run(state)
+    _, state = _head_trial(specialised, camera, MergeSettings(train_steps=20, eval_every=10, seed=0,
+                                                              time_budget_s=budget_s),
+                           retrainings=3, rescued=False, untrained_bytes=10_000_000, short_of_time=False)
     trial = state.attempts[-1]
     assert trial.failing_queries and trial.train_steps > 0 and not trial.note
 
 
 def test_retraining_goes_on_while_it_rescues_trials(specialised, camera):
-    targets = {"tiny@quadrant": 0.9, "tiny@opposite": 1.0}
-    wl = workload(specialised, targets, camera)
-    merger = IncrementalMerger(wl, MergeSettings(train_steps=20, eval_every=10, seed=0))
-    head = next(g for g in merger.analysis.groups if g.members[0].path == "head")
-    state = merger.initial_state()
-    state.attempts = _history(list(targets), retrainings=3, rescued=True, untrained_bytes=10)
-    _short_of_time(merger, state, Candidate([head]))
-    state = merger.run(state)
+    _, state = _head_trial(specialised, camera, MergeSettings(train_steps=20, eval_every=10, seed=0),
+                           retrainings=3, rescued=True, untrained_bytes=10, short_of_time=True)
     trial = state.attempts[-1]
     assert trial.failing_queries and trial.train_steps > 0 and trial.retrain_seconds > 0 and not trial.note
 
@@ -636,13 +631,8 @@ def test_a_trial_not_retrained_checks_only_the_models_its_sharing_changed(specia
 @pytest.mark.parametrize("rescued_before, steps", [(False, 10), (True, 30)])
 def test_short_of_time_unproven_retraining_ends_at_its_first_check_without_progress(specialised, camera,
                                                                                    rescued_before, steps):
-    targets = {"tiny@quadrant": 0.9, "tiny@opposite": 1.0}
-    wl = workload(specialised, targets, camera)
     # lr 0: retraining never changes anything, so no check ever shows progress
-    merger = IncrementalMerger(wl, MergeSettings(train_steps=60, eval_every=10, lr=0.0, patience=3, seed=0))
-    head = next(g for g in merger.analysis.groups if g.members[0].path == "head")
-    state = merger.initial_state()
-    state.attempts = _history(list(targets), retrainings=int(rescued_before), rescued=rescued_before, untrained_bytes=10)
-    _short_of_time(merger, state, Candidate([head]))
-    state = merger.run(state)
+    _, state = _head_trial(specialised, camera, MergeSettings(train_steps=60, eval_every=10, lr=0.0, patience=3, seed=0),
+                           retrainings=int(rescued_before), rescued=rescued_before, untrained_bytes=10,
+                           short_of_time=True)
     assert state.attempts[-1].train_steps == steps
