@@ -78,6 +78,7 @@ class _Tuned:
     agreement: float
     frames: list
     values: list
+    answer_changed: bool = True
 
 
 @dataclass
@@ -108,7 +109,8 @@ class _TuningJob:
                                segments=True, max_ages=age_candidates(self.longest))[0]
         setting = (Setting(result.threshold, result.max_age, result.feature) if result.met_target
                    else Setting(0.0, 0, result.feature))
-        return _Tuned(self.key, setting, self.pieces, result.agreement, self.segments[0], self.values[0])
+        return _Tuned(self.key, setting, self.pieces, result.agreement, self.segments[0], self.values[0],
+                      result.answer_changed)
 
 
 def run_inline(job: Callable[[], None]) -> None:
@@ -428,8 +430,12 @@ class QueryFilter:
         while self._tuned:
             tuned = self._tuned.popleft()
             self._tuning -= 1
-            self.profiles.add(tuned.key, tuned.setting, tuned.pieces, tuned.agreement, tuned.frames, tuned.values)
-            self._learned = tuned.setting
+            self.profiles.add(tuned.key, tuned.setting, tuned.pieces, tuned.agreement, tuned.frames, tuned.values,
+                              tuned.answer_changed)
+            # A window whose answer never changed learned only a bound: the profiles that saw the
+            # answer change say which change matters (the lookup falls back to this window's setting).
+            found = None if tuned.answer_changed else self.profiles.lookup(tuned.key)
+            self._learned = found.setting if found is not None else tuned.setting
             self._factor = 1.0
             self._bound_factor = 1.0
             self.audits.reset_window()

@@ -3,7 +3,9 @@ the target on each (Reducto's hash table, learned online).
 
 A segment's key is a histogram of its consecutive-frame difference values (how much the scene
 moves, and how often); its label is the setting the tuner chose on it. A new segment gets the
-label of the profiled segments whose keys are nearest (distance-weighted), or is reported as new
+label of the profiled segments whose keys are nearest (distance-weighted; profiles whose answer
+never changed vote only while no other exists: they learned nothing about which change matters),
+or is reported as new
 when it is farther from every profile than that profile's own pieces were from it, in which case
 the filter profiles it (infers it densely and tunes on it) and adds it.
 """
@@ -58,6 +60,7 @@ class Profile:
     agreement: float      # what the setting reached on it
     frames: Optional[list] = None    # the profiled window itself (prepared frames), while kept
     values: Optional[list] = None    # the model's result on each of them
+    answer_changed: bool = True      # False: nothing in it showed which change matters
 
 
 @dataclass(frozen=True)
@@ -80,9 +83,9 @@ class ProfileTable:
         return len(self.profiles)
 
     def add(self, key: np.ndarray, setting: Setting, pieces: Sequence[np.ndarray], agreement: float,
-            frames: Optional[list] = None, values: Optional[list] = None) -> Profile:
+            frames: Optional[list] = None, values: Optional[list] = None, answer_changed: bool = True) -> Profile:
         radius = max(SAME_LEVEL, max((key_distance(key, p) for p in pieces), default=0.0))
-        profile = Profile(key, setting, radius, agreement, frames, values)
+        profile = Profile(key, setting, radius, agreement, frames, values, answer_changed)
         self.profiles.append(profile)
         if len(self.profiles) > self.capacity:
             self.profiles.pop(0)
@@ -103,7 +106,10 @@ class ProfileTable:
         # New and busier than the nearest profile: its setting may be too lax. A segment quieter
         # than every profile it resembles is left to the nearest setting (and the audits).
         novel = all(d > p.radius for d, p in ranked) and activity(key) > activity(nearest.key)
-        near = ranked[:self.neighbours]
+        # A profile whose answer never changed learned only a bound (no change was seen to
+        # matter there): the settings learned where the answer did change decide, once there are any.
+        voters = [(d, p) for d, p in ranked if p.answer_changed] or ranked
+        near = voters[:self.neighbours]
         # Distance-weighted vote over the neighbours' settings; ties go to the one inferring more.
         votes: dict[Setting, float] = {}
         for d, p in near:
