@@ -379,7 +379,7 @@ def test_a_step_retrains_only_the_blocks_from_its_first_shared_layer_on_cached_a
     before = {k: {n: p.detach().clone() for n, p in m.module.named_parameters()} for k, m in models.items()}
     queries = [QuerySpec(f"q{i}", k, "cam", TaskConfig(type="classify"), 1.0) for i, k in enumerate(models)]
     wl = Workload(models, queries, {"cam": camera}, {k: "resnet18" for k in models})
-    merger = IncrementalMerger(wl, MergeSettings(train_steps=4, eval_every=2, batch_size=4, patience=5))
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=4, eval_every=2, batch_size=4, patience=5, max_trials=1))
     state = merger.initial_state()
     first = state.queue[0]
     assert all(p.startswith("layer4.") for g in first.groups for p in [g.members[0].path])
@@ -612,6 +612,23 @@ def test_a_trial_not_retrained_stops_checking_at_the_first_query_that_misses(spe
     assert set(follow_up.agreement_shared) == {"q-quadrant", "q-quadrant2"}
     assert not trial.note                                      # nothing to retrain with: no budget note
 
+
+
+def test_a_merge_resumes_with_backed_off_groups_queued_and_accepted(specialised, camera, tmp_path):
+    targets = {"tiny@quadrant": 0.0, "tiny@quadrant2": 0.0, "tiny@opposite": 1.0}
+    wl = workload(specialised, targets, camera)
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=0, max_trials=1), out_dir=tmp_path)
+    head = next(g for g in merger.analysis.groups if g.members[0].path == "head")
+    state = merger.initial_state()
+    state.queue = deque([Candidate([head])])
+    state = merger.run(state)                   # fails on q-opposite: the other two are queued
+    resumed = IncrementalMerger(wl, MergeSettings(train_steps=0, max_trials=1), out_dir=tmp_path).resume()
+    assert resumed.queue[0].models == ("tiny@quadrant", "tiny@quadrant2") and resumed.queue[0].origin == "subset"
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=0, max_trials=1), out_dir=tmp_path)
+    state = merger.run(merger.resume())
+    assert state.attempts[-1].outcome == "accepted"
+    again = IncrementalMerger(wl, MergeSettings(train_steps=0), out_dir=tmp_path).resume()
+    assert [g.models for g in again.accepted] == [("tiny@quadrant", "tiny@quadrant2")]
 
 def test_a_trial_not_retrained_checks_only_the_models_its_sharing_changed(specialised, camera):
     targets = {"tiny@quadrant": 0.0, "tiny@quadrant2": 0.0, "tiny@opposite": 0.0}

@@ -30,7 +30,7 @@ from .blocks import ActivationCache
 from .bundle import ModelMeta, install_state, read_bundle, save_bundle
 from .distill import adapter_for
 from .memory import MemoryMeasurement, cuda_loaded_bytes, resident_weight_bytes
-from .planner import Candidate, back_off, plan_candidates
+from .planner import Candidate, after_acceptance, back_off, plan_candidates
 from .retrain_budget import RetrainBudget
 from .runner import ModelRunner
 from .sharing import Snapshot, layer_of, share_group, sharing_closure
@@ -164,6 +164,7 @@ class IncrementalMerger:
             if attempt.outcome == "accepted":
                 state.accepted.extend(candidate.groups)
                 state.agreement.update(attempt.agreement_final)
+                state.queue.extendleft(reversed(after_acceptance(candidate)))
             elif attempt.outcome.startswith("aborted"):
                 state.queue.appendleft(candidate)
                 self.stopped_reason = "time budget reached"
@@ -456,7 +457,7 @@ class IncrementalMerger:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if bundle:
             save_bundle(self.out_dir / CHECKPOINT_BUNDLE, self.modules, state.accepted, self.meta())
-        progress = {"accepted": [[g.group_id, list(g.models)] for g in state.accepted],
+        progress = {"accepted": [[g.layer_id, list(g.models)] for g in state.accepted],
                     "queue": [c.to_json() for c in state.queue], "attempts": [asdict(a) for a in state.attempts],
                     "agreement": state.agreement, "elapsed_s": state.elapsed_s,
                     "workload": self.fingerprint()}
@@ -477,10 +478,10 @@ class IncrementalMerger:
         progress = json.loads((self.out_dir / PROGRESS_FILE).read_text())
         if progress["workload"] != self.fingerprint():
             raise ValueError(f"{self.out_dir} holds progress of a different workload; start without --resume")
-        by_id = self.analysis.by_id()
-        accepted = [by_id[gid].restricted_to(tuple(models)) for gid, models in progress["accepted"]]
+        by_layer = self.analysis.by_layer_id()
+        accepted = [by_layer[lid].restricted_to(tuple(models)) for lid, models in progress["accepted"]]
         if accepted:
             install_state(self.modules, read_bundle(self.out_dir / CHECKPOINT_BUNDLE))
-        queue = deque(Candidate.from_json(c, by_id) for c in progress["queue"])
+        queue = deque(Candidate.from_json(c, by_layer) for c in progress["queue"])
         attempts = [Attempt(**a) for a in progress["attempts"]]
         return MergeState(accepted, queue, attempts, dict(progress["agreement"]), float(progress["elapsed_s"]))
