@@ -442,10 +442,11 @@ def test_distil_on_all_cameras_trains_each_model_on_every_cameras_frames(special
     queries = [QuerySpec("q-a", "tiny@quadrant", "cam", TaskConfig(type="classify"), 0.5),
                QuerySpec("q-b", "tiny@channel", "side", TaskConfig(type="classify"), 0.5)]
     wl = Workload(models, queries, {"cam": camera, "side": other}, {k: "tinynet" for k in models})
-    own = IncrementalMerger(wl, MergeSettings(train_steps=0))
+    assert IncrementalMerger(wl, MergeSettings(train_steps=0)).teachers == {}   # no retraining, no targets
+    own = IncrementalMerger(wl, MergeSettings(train_steps=1))
     assert len(own.teachers["tiny@quadrant"].inputs) == len(camera.train)
     assert len(own.teachers["tiny@channel"].inputs) == len(other.train)
-    everywhere = IncrementalMerger(wl, MergeSettings(train_steps=0, distil_on="all"))
+    everywhere = IncrementalMerger(wl, MergeSettings(train_steps=1, distil_on="all"))
     for key in models:
         assert len(everywhere.teachers[key].inputs) == len(camera.train) + len(other.train)
     assert [len(r) for r in everywhere.check.references["q-b"]] == [len(other.heldout)]   # checked on its own camera

@@ -114,7 +114,8 @@ class IncrementalMerger:
             # the activations the planned steps start from are kept while the originals run
             runner.stash_at({runner.start_of([m.path for g in c.groups for m in g.members if m.model == key])
                              for c in plan if key in c.models})
-            runner.prepare()
+            if settings.train_steps > 0:      # distillation targets: only a merge that retrains needs them
+                runner.prepare()
             self.runners[key] = runner
         self.check = AgreementCheck(workload, self.runners, settings.check_on, settings.accept_on)
         self.teachers = {k: r.teacher for k, r in self.runners.items() if r.teacher is not None}
