@@ -17,7 +17,7 @@ from torch import nn
 from edgeva.config import TaskConfig
 from edgeva.merging import (IncrementalMerger, MergeSettings, QuerySpec, Workload, analyse_modules,
                             build_report, load_bundle, resident_weight_bytes, save_bundle)
-from edgeva.merging.merger import wilson_lower_bound
+from edgeva.merging.agreement import wilson_lower_bound
 from edgeva.merging.planner import Candidate
 from edgeva.merging.sharing import is_shared
 from edgeva.merging.workload import CameraFrames
@@ -221,7 +221,7 @@ def test_incremental_merge_meets_every_target_and_saves_measured_bytes(merged):
     wl, merger, state, out = merged
     assert state.accepted, [a.outcome for a in state.attempts]
     assert any(a.train_steps > 0 and a.outcome == "accepted" for a in state.attempts), "nothing needed retraining"
-    final = merger.agreements()
+    final = merger.check.of_models({k: 0 for k in wl.models})
     for q in wl.queries:
         assert final[q.query_id] >= q.target, (q.query_id, final)
     mem = merger.memory()
@@ -248,7 +248,7 @@ def test_unreachable_target_is_backed_off_and_reported(specialised, camera):
     assert all("tiny@opposite" not in g.models for g in state.accepted)
     assert torch.equal(wl.models["tiny@opposite"].module.head.weight, before["tiny@opposite"])  # rolled back
     assert merger.memory().bytes_saved == sum(g.bytes_saved for g in state.accepted)
-    final = merger.agreements()
+    final = merger.check.of_models({k: 0 for k in wl.models})
     assert all(final[q.query_id] >= q.target for q in wl.queries)
     text = __import__("edgeva.merging.report", fromlist=["format_report"]).format_report(build_report(merger, state, 0.0))
     assert "q-opposite" in text and ("backed off" in text or "skipped" in text)
@@ -379,7 +379,7 @@ def test_a_step_retrains_only_the_blocks_from_its_first_shared_layer_on_cached_a
     before = {k: {n: p.detach().clone() for n, p in m.module.named_parameters()} for k, m in models.items()}
     queries = [QuerySpec(f"q{i}", k, "cam", TaskConfig(type="classify"), 1.0) for i, k in enumerate(models)]
     wl = Workload(models, queries, {"cam": camera}, {k: "resnet18" for k in models})
-    merger = IncrementalMerger(wl, MergeSettings(train_steps=4, eval_every=2, batch_size=4, patience=5))
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=4, eval_every=2, batch_size=4, patience=5, max_trials=1))
     state = merger.initial_state()
     first = state.queue[0]
     assert all(p.startswith("layer4.") for g in first.groups for p in [g.members[0].path])
@@ -442,18 +442,19 @@ def test_distil_on_all_cameras_trains_each_model_on_every_cameras_frames(special
     queries = [QuerySpec("q-a", "tiny@quadrant", "cam", TaskConfig(type="classify"), 0.5),
                QuerySpec("q-b", "tiny@channel", "side", TaskConfig(type="classify"), 0.5)]
     wl = Workload(models, queries, {"cam": camera, "side": other}, {k: "tinynet" for k in models})
-    own = IncrementalMerger(wl, MergeSettings(train_steps=0))
+    assert IncrementalMerger(wl, MergeSettings(train_steps=0)).teachers == {}   # no retraining, no targets
+    own = IncrementalMerger(wl, MergeSettings(train_steps=1))
     assert len(own.teachers["tiny@quadrant"].inputs) == len(camera.train)
     assert len(own.teachers["tiny@channel"].inputs) == len(other.train)
-    everywhere = IncrementalMerger(wl, MergeSettings(train_steps=0, distil_on="all"))
+    everywhere = IncrementalMerger(wl, MergeSettings(train_steps=1, distil_on="all"))
     for key in models:
         assert len(everywhere.teachers[key].inputs) == len(camera.train) + len(other.train)
-    assert [len(r) for r in everywhere.references["q-b"]] == [len(other.heldout)]   # checked on its own camera
+    assert [len(r) for r in everywhere.check.references["q-b"]] == [len(other.heldout)]   # checked on its own camera
     checked = IncrementalMerger(wl, MergeSettings(train_steps=0, check_on="all"))
-    assert checked.checked_cameras("q-b") == ["side", "cam"]
-    assert [len(r) for r in checked.references["q-b"]] == [len(other.heldout), len(camera.heldout)]
-    assert checked.judged_frames("q-b") == len(other.heldout)
-    assert checked.predict_agreements() == {"q-a": 1.0, "q-b": 1.0}    # nothing merged yet
+    assert checked.check.checked_cameras("q-b") == ["side", "cam"]
+    assert [len(r) for r in checked.check.references["q-b"]] == [len(other.heldout), len(camera.heldout)]
+    assert checked.check.judged_frames("q-b") == len(other.heldout)
+    assert checked.check.through_predict() == {"q-a": 1.0, "q-b": 1.0}    # nothing merged yet
 
 
 def test_a_detector_retrains_after_predict_ran_under_inference_mode(camera):
@@ -492,8 +493,8 @@ def test_accept_on_lower_bound_judges_targets_by_the_wilson_bound(specialised, c
     mean = IncrementalMerger(wl, MergeSettings(train_steps=0))
     bound = IncrementalMerger(wl, MergeSettings(train_steps=0, accept_on="lower-bound"))
     n = len(camera.heldout)                       # 48 frames: 0.95 has a lower bound near 0.83
-    assert mean.target_met("q-a", 0.95) and not bound.target_met("q-a", 0.95)
-    assert bound.target_met("q-a", 1.0) == (wilson_lower_bound(1.0, n) >= 0.9)
+    assert mean.check.target_met("q-a", 0.95) and not bound.check.target_met("q-a", 0.95)
+    assert bound.check.target_met("q-a", 1.0) == (wilson_lower_bound(1.0, n) >= 0.9)
 
 
 def test_check_on_all_judges_a_query_by_its_worst_camera(specialised, camera):
@@ -503,11 +504,11 @@ def test_check_on_all_judges_a_query_by_its_worst_camera(specialised, camera):
     wl = Workload(models, [QuerySpec("q-a", "tiny@quadrant", "cam", TaskConfig(type="classify"), 0.9)],
                   {"cam": camera, "side": other}, {"tiny@quadrant": "tinynet"})
     merger = IncrementalMerger(wl, MergeSettings(train_steps=0, check_on="all"))
-    refs = merger.references["q-a"]
+    refs = merger.check.references["q-a"]
     # every answer right on the query's own camera, every answer wrong on the other one
     wrong = [dict(v, label="not-" + v["label"]) for v in refs[1]]
-    assert merger._agreement("q-a", [refs[0], wrong]) == 0.0
-    assert merger._agreement("q-a", [refs[0], refs[1]]) == 1.0
+    assert merger.check.agreement("q-a", [refs[0], wrong]) == 0.0
+    assert merger.check.agreement("q-a", [refs[0], refs[1]]) == 1.0
 
 
 def test_lower_bound_acceptance_steers_retraining_to_queries_short_on_their_bound(specialised, camera):
@@ -612,6 +613,23 @@ def test_a_trial_not_retrained_stops_checking_at_the_first_query_that_misses(spe
     assert set(follow_up.agreement_shared) == {"q-quadrant", "q-quadrant2"}
     assert not trial.note                                      # nothing to retrain with: no budget note
 
+
+
+def test_a_merge_resumes_with_backed_off_groups_queued_and_accepted(specialised, camera, tmp_path):
+    targets = {"tiny@quadrant": 0.0, "tiny@quadrant2": 0.0, "tiny@opposite": 1.0}
+    wl = workload(specialised, targets, camera)
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=0, max_trials=1), out_dir=tmp_path)
+    head = next(g for g in merger.analysis.groups if g.members[0].path == "head")
+    state = merger.initial_state()
+    state.queue = deque([Candidate([head])])
+    state = merger.run(state)                   # fails on q-opposite: the other two are queued
+    resumed = IncrementalMerger(wl, MergeSettings(train_steps=0, max_trials=1), out_dir=tmp_path).resume()
+    assert resumed.queue[0].models == ("tiny@quadrant", "tiny@quadrant2") and resumed.queue[0].origin == "subset"
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=0, max_trials=1), out_dir=tmp_path)
+    state = merger.run(merger.resume())
+    assert state.attempts[-1].outcome == "accepted"
+    again = IncrementalMerger(wl, MergeSettings(train_steps=0), out_dir=tmp_path).resume()
+    assert [g.models for g in again.accepted] == [("tiny@quadrant", "tiny@quadrant2")]
 
 def test_a_trial_not_retrained_checks_only_the_models_its_sharing_changed(specialised, camera):
     targets = {"tiny@quadrant": 0.0, "tiny@quadrant2": 0.0, "tiny@opposite": 0.0}

@@ -42,6 +42,12 @@ class SharingGroup:
         text = repr((self.signature, self.occurrence, self.members))
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
+    @property
+    def layer_id(self) -> str:
+        """The same for the group and every restriction of it to fewer models (checkpoints name
+        a backed-off group by it and its models)."""
+        return hashlib.sha1(repr((self.signature, self.occurrence)).encode()).hexdigest()[:12]
+
     def restricted_to(self, models: tuple[str, ...]) -> "SharingGroup":
         return SharingGroup(self.signature, self.occurrence, tuple(m for m in self.members if m.model in models))
 
@@ -76,6 +82,9 @@ class Analysis:
 
     def by_id(self) -> dict[str, SharingGroup]:
         return {g.group_id: g for g in self.groups}
+
+    def by_layer_id(self) -> dict[str, SharingGroup]:
+        return {g.layer_id: g for g in self.groups}
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -94,7 +94,7 @@ def merge_main(argv: Optional[list[str]] = None) -> int:
     state = merger.resume() if args.resume else None
     setup_s = time.monotonic() - started
     if args.time_budget is not None:   # what is left after setup, less the final check (as long as the originals' run)
-        merger.settings.time_budget_s = max(0.0, args.time_budget - setup_s - merger.reference_seconds)
+        merger.settings.time_budget_s = max(0.0, args.time_budget - setup_s - merger.check.reference_seconds)
     sizes = ", ".join(sorted({f"{m.input_size} px" for m in workload.models.values()}))
     heldout = ", ".join(f"{c} {len(f.heldout)}" for c, f in workload.frames.items())
     print(f"{len(workload.models)} models at {sizes}, {len(workload.queries)} queries, held-out frames: {heldout}; "

@@ -6,51 +6,36 @@ model's configured input size, retrains only what the trial changed -- the block
 first shared layer on, fed with cached activations of the untouched blocks before it -- jointly
 for all affected models (distilling from the originals' cached outputs, loss weighted toward
 lagging queries) until all targets hold, the step budget ends or agreement stops improving,
-then accepts the trial or undoes it and backs off.
-
-One room (~490 lines): trials, retraining and measuring all read the same references, runners
-and settings; the measuring part is the first to move out if it grows.
+then accepts the trial or undoes it and backs off. What agreement is and how it is judged lives
+in `agreement`; the order of trials and the back-off in `planner`.
 """
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from ..models.tasks import Task, build_task
+from .agreement import AgreementCheck
 from .analysis import Analysis, SharingGroup, analyse_modules
 from .blocks import ActivationCache
 from .bundle import ModelMeta, install_state, read_bundle, save_bundle
 from .distill import adapter_for
 from .memory import MemoryMeasurement, cuda_loaded_bytes, resident_weight_bytes
-from .planner import Candidate, back_off, plan_candidates
+from .planner import Candidate, after_acceptance, back_off, plan_candidates
 from .retrain_budget import RetrainBudget
 from .runner import ModelRunner
 from .sharing import Snapshot, layer_of, share_group, sharing_closure
 from .workload import Workload, file_digest
 
 CHECKPOINT_BUNDLE = "checkpoint.pt"
-Z_95 = 1.96
 PROGRESS_FILE = "progress.json"
 Progress = Callable[[str], None]
-
-
-def wilson_lower_bound(mean: float, n: int, z: float = Z_95) -> float:
-    """Wilson score lower bound of an agreement measured as a mean over n frames (exact for 0/1
-    agreements; for fractional ones their variance is at most mean * (1 - mean), so it is safe)."""
-    if n <= 0:
-        return 0.0
-    denom = 1.0 + z * z / n
-    centre = mean + z * z / (2 * n)
-    margin = z * math.sqrt(max(0.0, mean * (1 - mean)) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - margin) / denom)
 
 
 @dataclass
@@ -115,9 +100,6 @@ class IncrementalMerger:
         self.device = next(iter(workload.models.values())).device
         self.original_bytes = resident_weight_bytes(self.modules.values())
         self.analysis: Analysis = analyse_modules(self.modules, workload.architectures)
-        self.tasks: dict[str, Task] = {q.query_id: build_task(q.task, workload.models[q.model_key], q.query_id)
-                                       for q in workload.queries}
-        self.targets = {q.query_id: q.target for q in workload.queries}
         self.cache = ActivationCache(settings.cache_bytes)
         plan = plan_candidates(self.analysis.groups, settings.max_layers_per_step)
         self.runners: dict[str, ModelRunner] = {}
@@ -132,17 +114,16 @@ class IncrementalMerger:
             # the activations the planned steps start from are kept while the originals run
             runner.stash_at({runner.start_of([m.path for g in c.groups for m in g.members if m.model == key])
                              for c in plan if key in c.models})
-            runner.prepare()
+            if settings.train_steps > 0:      # distillation targets: only a merge that retrains needs them
+                runner.prepare()
             self.runners[key] = runner
-        started = time.monotonic()
-        self.references = {q.query_id: self._values(q.query_id) for q in workload.queries}
-        self.reference_seconds = time.monotonic() - started
+        self.check = AgreementCheck(workload, self.runners, settings.check_on, settings.accept_on)
         self.teachers = {k: r.teacher for k, r in self.runners.items() if r.teacher is not None}
 
     # ------------------------------------------------------------------ run
     def initial_state(self) -> MergeState:
         plan = plan_candidates(self.analysis.groups, self.settings.max_layers_per_step)
-        return MergeState([], deque(plan), [], {q: 1.0 for q in self.targets})
+        return MergeState([], deque(plan), [], {q: 1.0 for q in self.check.targets})
 
     def run(self, state: Optional[MergeState] = None) -> MergeState:
         state = state or self.initial_state()
@@ -164,11 +145,12 @@ class IncrementalMerger:
             if attempt.outcome == "accepted":
                 state.accepted.extend(candidate.groups)
                 state.agreement.update(attempt.agreement_final)
+                state.queue.extendleft(reversed(after_acceptance(candidate)))
             elif attempt.outcome.startswith("aborted"):
                 state.queue.appendleft(candidate)
                 self.stopped_reason = "time budget reached"
             else:
-                failing_models = {self._query(q).model_key for q in attempt.failing_queries}
+                failing_models = {self.check.query(q).model_key for q in attempt.failing_queries}
                 follow_ups = back_off(candidate, failing_models)
                 attempt.outcome = ("backed off: " + ", ".join(c.origin for c in follow_ups)) if follow_ups else "skipped"
                 state.queue.extendleft(reversed(follow_ups))
@@ -195,10 +177,11 @@ class IncrementalMerger:
         retrainable = can_retrain and (spare or budget.worth_retraining(archs, candidate.bytes_saved))
         # a trial that will not be retrained only needs to know whether it fails, and only on
         # the models holding a tensor the sharing changed
-        shared = (self._agreements(starts) if retrainable
-                  else self._agreements_until_failure(self._changed_by_sharing(candidate, starts), state))
+        shared = (self.check.of_models(starts) if retrainable
+                  else self.check.until_failure(self._changed_by_sharing(candidate, starts),
+                                                lambda q: self._slack(q, state.agreement)))
         final, steps, aborted, retrain_s, note = dict(shared), 0, False, 0.0, ""
-        if not self._all_met(final):
+        if not self.check.all_met(final):
             if retrainable:
                 t_retrain = time.monotonic()
                 # short of time, and until retraining has rescued a trial of these architectures,
@@ -209,16 +192,15 @@ class IncrementalMerger:
                 retrain_s = time.monotonic() - t_retrain
             elif can_retrain:
                 note = budget.reason_to_skip(archs, candidate.bytes_saved)
-        failing = [q for q, a in final.items() if not self.target_met(q, a)]
+        failing = [q for q, a in final.items() if not self.check.target_met(q, a)]
         if aborted or failing:
             snapshot.restore(self.modules, candidate.groups)
         outcome = "aborted (time budget)" if aborted else ("accepted" if not failing else "failed")
-        n = {q.query_id: self.judged_frames(q.query_id) for q in self.workload.queries}
         return Attempt(index, candidate.origin, candidate.describe(), list(candidate.models),
                        [g.group_id for g in candidate.groups], candidate.bytes_saved, shared, final, steps,
                        round(time.monotonic() - t0, 2), outcome, failing,
                        layers=[g.members[0].path for g in candidate.groups],
-                       lower_bound_final={q: round(wilson_lower_bound(a, n[q]), 4) for q, a in final.items()},
+                       lower_bound_final={q: round(b, 4) for q, b in self.check.lower_bounds(final).items()},
                        trained_from={k: self.runners[k].block_name(s) for k, s in starts.items()},
                        trained_bytes=sum(p.numel() * p.element_size() for p in trainable) if steps else 0,
                        retrain_seconds=round(retrain_s, 2), note=note)
@@ -235,7 +217,7 @@ class IncrementalMerger:
         if deadline is None:
             return True
         untrained = [a.seconds for a in state.attempts if a.retrain_seconds <= 0 and not a.outcome.startswith("aborted")]
-        per_trial = float(np.mean(untrained)) if untrained else self.reference_seconds
+        per_trial = float(np.mean(untrained)) if untrained else self.check.reference_seconds
         return len(state.queue) * per_trial < deadline - time.monotonic()
 
     def architecture(self, model_key: str) -> str:
@@ -282,7 +264,7 @@ class IncrementalMerger:
         weights = self._lag_weights(keys, agreement)
         # the best state seen (by worst gap to target) is what the trial keeps: retraining that
         # makes things worse is undone, not accepted or blamed on the layers
-        best_gap, stale = self._worst_gap(agreement), 0
+        best_gap, stale = self.check.worst_gap(agreement), 0
         best = (agreement, [p.detach().clone() for p in trainable])
         step = 0
         try:
@@ -300,10 +282,10 @@ class IncrementalMerger:
                     (weights[key] * runner.adapter.loss(out, teacher.targets[idx].to(runner.device))).backward()
                 optimiser.step()
                 if step % s.eval_every == 0 or step == s.train_steps:
-                    agreement = self._agreements(starts)
-                    if self._all_met(agreement):
+                    agreement = self.check.of_models(starts)
+                    if self.check.all_met(agreement):
                         return agreement, step, False
-                    gap = self._worst_gap(agreement)
+                    gap = self.check.worst_gap(agreement)
                     if gap < best_gap - 1e-9:
                         best_gap, stale, best = gap, 0, (agreement, [p.detach().clone() for p in trainable])
                     else:
@@ -319,102 +301,15 @@ class IncrementalMerger:
             for p, flag in flags.values():
                 p.requires_grad_(flag)
 
-    def _judged(self, query_id: str, agreement: float) -> float:
-        """The figure a target is compared with: the mean, or its lower bound (accept_on)."""
-        if self.settings.accept_on == "lower-bound":
-            return wilson_lower_bound(agreement, self.judged_frames(query_id))
-        return agreement
-
-    def target_met(self, query_id: str, agreement: float) -> bool:
-        return self._judged(query_id, agreement) >= self.targets[query_id]
-
-    def _worst_gap(self, agreement: dict[str, float]) -> float:
-        return max((self.targets[q] - self._judged(q, a) for q, a in agreement.items()), default=0.0)
+    def _slack(self, query_id: str, agreement: dict[str, float]) -> float:
+        """How far a query's judged agreement (1.0 when not measured) is above its target."""
+        return self.check.judged(query_id, agreement.get(query_id, 1.0)) - self.check.targets[query_id]
 
     def _lag_weights(self, keys: list[str], agreement: dict[str, float]) -> dict[str, float]:
-        raw = {k: sum(max(0.0, self.targets[q.query_id] - self._judged(q.query_id, agreement.get(q.query_id, 1.0)))
-                      + self.settings.lag_floor for q in self.workload.queries_of(k)) for k in keys}
+        raw = {k: sum(max(0.0, -self._slack(q.query_id, agreement)) + self.settings.lag_floor
+                      for q in self.workload.queries_of(k)) for k in keys}
         mean = sum(raw.values()) / max(1, len(raw))
         return {k: v / mean for k, v in raw.items()}
-
-    # ----------------------------------------------------------- measuring
-    def checked_cameras(self, query_id: str) -> list[str]:
-        """Whose held-out frames a query's agreement is measured on: its own camera's, or with
-        check_on "all" every camera's (a merged model must also agree with its original on the
-        scenes it was not specialised for, as it meets when a camera is re-pointed or moved)."""
-        own = self._query(query_id).camera
-        return [own] + [c for c in self.workload.frames if c != own] if self.settings.check_on == "all" else [own]
-
-    def _values(self, query_id: str, start: int = 0) -> list[list[Any]]:
-        """The query's values on each checked camera's held-out frames."""
-        return [self._camera_values(query_id, cam, start) for cam in self.checked_cameras(query_id)]
-
-    def _camera_values(self, query_id: str, camera: str, start: int) -> list[Any]:
-        task = self.tasks[query_id]
-        return [task.value(o) for o in self.runners[self._query(query_id).model_key].outputs(camera, start)]
-
-    def _camera_agreement(self, query_id: str, mine: list[Any], theirs: list[Any]) -> float:
-        task = self.tasks[query_id]
-        return float(np.mean([task.agreement(a, b) for a, b in zip(mine, theirs)]))
-
-    def _agreement(self, query_id: str, values: list[list[Any]]) -> float:
-        """Agreement with the original on the worst checked camera: pooling cameras would let
-        frames easy to agree on elsewhere hide a fall on one camera."""
-        return min(self._camera_agreement(query_id, mine, theirs)
-                   for mine, theirs in zip(values, self.references[query_id]))
-
-    def judged_frames(self, query_id: str) -> int:
-        """Frames behind a query's agreement figure (its camera with the fewest held-out frames)."""
-        return min(len(r) for r in self.references[query_id])
-
-    def _agreements(self, starts: dict[str, int]) -> dict[str, float]:
-        """Agreement with the originals of the queries of the models in `starts`, each model run
-        from its given block on (the blocks before it are unchanged)."""
-        return {q.query_id: self._agreement(q.query_id, self._values(q.query_id, starts[q.model_key]))
-                for q in self.workload.queries if q.model_key in starts}
-
-    def _agreements_until_failure(self, starts: dict[str, int], state: MergeState) -> dict[str, float]:
-        """As `_agreements`, but the queries closest to their targets first, and camera by camera,
-        stopping at the first that misses its target (the queries after it are left out)."""
-        def slack(q) -> float:
-            return self._judged(q.query_id, state.agreement.get(q.query_id, 1.0)) - self.targets[q.query_id]
-
-        out: dict[str, float] = {}
-        for q in sorted((q for q in self.workload.queries if q.model_key in starts), key=slack):
-            worst = 1.0
-            for cam, reference in zip(self.checked_cameras(q.query_id), self.references[q.query_id]):
-                values = self._camera_values(q.query_id, cam, starts[q.model_key])
-                worst = min(worst, self._camera_agreement(q.query_id, values, reference))
-                if not self.target_met(q.query_id, worst):
-                    out[q.query_id] = worst
-                    return out
-            out[q.query_id] = worst
-        return out
-
-    def agreements(self) -> dict[str, float]:
-        return self._agreements({k: 0 for k in self.workload.models})
-
-    def predict_agreements(self) -> dict[str, float]:
-        """The final check, through each model's own `predict` on the held-out frames (the path
-        the daemon runs), not the cached block chain."""
-        out = {}
-        for q in self.workload.queries:
-            model, task = self.workload.models[q.model_key], self.tasks[q.query_id]
-            values = []
-            for cam in self.checked_cameras(q.query_id):
-                frames = self.workload.frames[cam].heldout
-                values.append([task.value(o) for i in range(0, len(frames), 16) for o in model.predict(frames[i:i + 16])])
-            out[q.query_id] = self._agreement(q.query_id, values)
-        return out
-
-    def lower_bounds(self, agreement: dict[str, float]) -> dict[str, float]:
-        return {q: wilson_lower_bound(a, self.judged_frames(q)) for q, a in agreement.items()}
-
-    def _all_met(self, agreement: dict[str, float]) -> bool:
-        return all(self.target_met(q, a) for q, a in agreement.items())
-
-    def _query(self, query_id: str):
-        return next(q for q in self.workload.queries if q.query_id == query_id)
 
     def memory(self) -> MemoryMeasurement:
         return MemoryMeasurement("storages", self.original_bytes, resident_weight_bytes(self.modules.values()))
@@ -456,7 +351,7 @@ class IncrementalMerger:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if bundle:
             save_bundle(self.out_dir / CHECKPOINT_BUNDLE, self.modules, state.accepted, self.meta())
-        progress = {"accepted": [[g.group_id, list(g.models)] for g in state.accepted],
+        progress = {"accepted": [[g.layer_id, list(g.models)] for g in state.accepted],
                     "queue": [c.to_json() for c in state.queue], "attempts": [asdict(a) for a in state.attempts],
                     "agreement": state.agreement, "elapsed_s": state.elapsed_s,
                     "workload": self.fingerprint()}
@@ -477,10 +372,10 @@ class IncrementalMerger:
         progress = json.loads((self.out_dir / PROGRESS_FILE).read_text())
         if progress["workload"] != self.fingerprint():
             raise ValueError(f"{self.out_dir} holds progress of a different workload; start without --resume")
-        by_id = self.analysis.by_id()
-        accepted = [by_id[gid].restricted_to(tuple(models)) for gid, models in progress["accepted"]]
+        by_layer = self.analysis.by_layer_id()
+        accepted = [by_layer[lid].restricted_to(tuple(models)) for lid, models in progress["accepted"]]
         if accepted:
             install_state(self.modules, read_bundle(self.out_dir / CHECKPOINT_BUNDLE))
-        queue = deque(Candidate.from_json(c, by_id) for c in progress["queue"])
+        queue = deque(Candidate.from_json(c, by_layer) for c in progress["queue"])
         attempts = [Attempt(**a) for a in progress["attempts"]]
         return MergeState(accepted, queue, attempts, dict(progress["agreement"]), float(progress["elapsed_s"]))

@@ -3,10 +3,15 @@
 Order: groups by bytes saved, largest first; consecutive groups with the same layer signature
 and the same set of models form one step (Gemel's "group"), at most `max_layers` layers.
 Back-off when a step fails its targets:
-  1. some models failed and at least two passed: share among the passing models only, and
-     queue the failing models (if two or more) as their own candidate;
-  2. otherwise, several layers: retry with the first (largest) half, as Gemel halves;
+  1. some models failed and at least two passed: share among the passing models only; the
+     failing models are left out of that chain;
+  2. otherwise, several layers: retry each half (the larger layers first), as Gemel halves;
   3. otherwise skip the step.
+When a chain ends (its step accepted, or nothing left to back off to), the models it left out,
+with the last step's passing model where only one was left, form a candidate of their own: a
+check that stops at the first miss names one failing model per trial, so the models dropped one
+by one along a chain are the ones that may still share among themselves. Every such regrouping
+leaves out at least the model whose failure ended the chain, so back-off terminates.
 """
 from __future__ import annotations
 
@@ -18,8 +23,18 @@ from .analysis import SharingGroup
 
 @dataclass
 class Candidate:
-    groups: list[SharingGroup]
-    origin: str = "plan"        # plan | subset | split | halved
+    """One merge step: `layers` shared among their models, less the ones `left_out`."""
+
+    layers: list[SharingGroup]              # over every model of the step's back-off chain
+    origin: str = "plan"                    # plan | subset | split | halved
+    left_out: tuple[str, ...] = ()          # models an earlier step of this chain failed on
+
+    @property
+    def groups(self) -> list[SharingGroup]:
+        if not self.left_out:
+            return self.layers
+        kept = tuple(m for m in self.layers[0].models if m not in self.left_out)
+        return [g.restricted_to(kept) for g in self.layers]
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -35,35 +50,50 @@ class Candidate:
         return f"{sig}{layers} over {len(self.models)} models"
 
     def to_json(self) -> dict[str, Any]:
-        return {"origin": self.origin, "groups": [[g.group_id, list(g.models)] for g in self.groups]}
+        return {"origin": self.origin, "groups": [[g.layer_id, list(g.models)] for g in self.layers],
+                "left_out": list(self.left_out)}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], groups_by_id: Mapping[str, SharingGroup]) -> "Candidate":
-        return cls([groups_by_id[gid].restricted_to(tuple(models)) for gid, models in data["groups"]],
-                   data["origin"])
+    def from_json(cls, data: Mapping[str, Any], groups_by_layer: Mapping[str, SharingGroup]) -> "Candidate":
+        return cls([groups_by_layer[lid].restricted_to(tuple(models)) for lid, models in data["groups"]],
+                   data["origin"], tuple(data.get("left_out", ())))
 
 
 def plan_candidates(groups: Iterable[SharingGroup], max_layers: int = 8) -> list[Candidate]:
     steps: list[Candidate] = []
     for g in groups:
         last = steps[-1] if steps else None
-        if (last is not None and len(last.groups) < max_layers and last.groups[0].signature == g.signature
-                and last.groups[0].models == g.models):
-            last.groups.append(g)
+        if (last is not None and len(last.layers) < max_layers and last.layers[0].signature == g.signature
+                and last.layers[0].models == g.models):
+            last.layers.append(g)
         else:
             steps.append(Candidate([g]))
     return steps
 
 
 def back_off(candidate: Candidate, failing_models: Iterable[str]) -> list[Candidate]:
+    """The candidates to try, in order, after `candidate` failed on `failing_models`."""
     failing = set(failing_models) & set(candidate.models)
     passing = tuple(m for m in candidate.models if m not in failing)
+    failed = tuple(m for m in candidate.models if m in failing)
     if failing and len(passing) >= 2:
-        out = [Candidate([g.restricted_to(passing) for g in candidate.groups], "subset")]
-        failed = tuple(m for m in candidate.models if m in failing)
-        if len(failed) >= 2:
-            out.append(Candidate([g.restricted_to(failed) for g in candidate.groups], "split"))
-        return out
-    if len(candidate.groups) > 1:
-        return [Candidate(candidate.groups[: len(candidate.groups) // 2], "halved")]
-    return []
+        return [Candidate(candidate.layers, "subset", candidate.left_out + failed)]
+    groups = candidate.groups
+    if len(groups) > 1:
+        half = len(groups) // 2
+        return [Candidate(groups[:half], "halved"), Candidate(groups[half:], "halved"),
+                *_regrouped(candidate, candidate.left_out)]
+    return _regrouped(candidate, candidate.left_out + (passing if failing else ()))
+
+
+def after_acceptance(candidate: Candidate) -> list[Candidate]:
+    """The candidate to try after `candidate` was accepted: the models its chain left out."""
+    return _regrouped(candidate, candidate.left_out)
+
+
+def _regrouped(candidate: Candidate, models: tuple[str, ...]) -> list[Candidate]:
+    """The chain's layers over `models` alone, as a new chain (nothing when fewer than two)."""
+    models = tuple(m for m in candidate.layers[0].models if m in set(models))
+    if len(models) < 2:
+        return []
+    return [Candidate([g.restricted_to(models) for g in candidate.layers], "split")]

@@ -14,19 +14,19 @@ def build_report(merger: IncrementalMerger, state: MergeState, setup_s: float, c
     import time
 
     t0 = time.monotonic()
-    final = merger.predict_agreements()
+    final = merger.check.through_predict()
     check_s = time.monotonic() - t0
-    lower = merger.lower_bounds(final)
+    lower = merger.check.lower_bounds(final)
     memory = merger.memory()
     cuda = merger.cuda_memory()
     analysis = merger.analysis
     queries = {q.query_id: {"model": q.model_key, "camera": q.camera, "target": q.target,
                             "input_size": merger.workload.models[q.model_key].input_size,
-                            "heldout_frames": sum(len(r) for r in merger.references[q.query_id]),
-                            "cameras_checked": merger.checked_cameras(q.query_id),
+                            "heldout_frames": sum(len(r) for r in merger.check.references[q.query_id]),
+                            "cameras_checked": merger.check.checked_cameras(q.query_id),
                             "agreement_before": 1.0, "agreement_after": round(final[q.query_id], 4),
                             "lower_bound_after": round(lower[q.query_id], 4),
-                            "met": merger.target_met(q.query_id, final[q.query_id]),
+                            "met": merger.check.target_met(q.query_id, final[q.query_id]),
                             "judged_on": merger.settings.accept_on}
                for q in merger.workload.queries}
     accepted_bytes = sum(g.bytes_saved for g in state.accepted)
