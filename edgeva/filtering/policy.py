@@ -35,7 +35,7 @@ from edgeva.config import FilterConfig
 
 from .audits import AuditTracker, audit_fraction_for_power
 from .features import FEATURES, Differencer, FeatureName, Prepared
-from .profiles import Lookup, ProfileTable, Setting, segment_key, tighten
+from .profiles import ProfileTable, Setting, segment_key, tighten
 from .tuner import age_candidates, tune_features
 
 log = logging.getLogger("edgeva.filtering")
@@ -78,7 +78,6 @@ class _Tuned:
     agreement: float
     frames: list
     values: list
-    answer_changed: bool = True
 
 
 @dataclass
@@ -109,8 +108,7 @@ class _TuningJob:
                                segments=True, max_ages=age_candidates(self.longest))[0]
         setting = (Setting(result.threshold, result.max_age, result.feature) if result.met_target
                    else Setting(0.0, 0, result.feature))
-        return _Tuned(self.key, setting, self.pieces, result.agreement, self.segments[0], self.values[0],
-                      result.answer_changed)
+        return _Tuned(self.key, setting, self.pieces, result.agreement, self.segments[0], self.values[0])
 
 
 def run_inline(job: Callable[[], None]) -> None:
@@ -344,23 +342,11 @@ class QueryFilter:
         found = self.profiles.lookup(key)
         if found is None:
             return
-        if self._is_new(found) and self._since_profiled >= PROFILING_SPACING * self._frames_for(self.cfg.calibration_s):
+        if found.novel and self._since_profiled >= PROFILING_SPACING * self._frames_for(self.cfg.calibration_s):
             self._novel += 1
             self._start_window()
         else:
             self._learned = found.setting
-
-    def _is_new(self, found: Lookup) -> bool:
-        """A segment unlike every profile is new when it is busier than the nearest: that
-        setting may be too lax. A quieter one is left to the setting it gets, unless that setting
-        has no threshold (it responds to nothing the segment does) and the checks at the bound
-        have found the answer changing under it: how much the picture moves is not how often the
-        answer changes (on an aerial clip the picture moved most while the crossing was empty,
-        and the crowd came as it calmed down)."""
-        if not found.far:
-            return False
-        failing = not math.isfinite(found.setting.threshold) and self._bound_factor < 1.0
-        return found.busier or failing
 
     def _start_window(self) -> None:
         self._window = _Window(self._frames_for(self.cfg.calibration_s))
@@ -442,12 +428,8 @@ class QueryFilter:
         while self._tuned:
             tuned = self._tuned.popleft()
             self._tuning -= 1
-            self.profiles.add(tuned.key, tuned.setting, tuned.pieces, tuned.agreement, tuned.frames, tuned.values,
-                              tuned.answer_changed)
-            # A window whose answer never changed learned only a bound: the profiles that saw the
-            # answer change say which change matters (the lookup falls back to this window's setting).
-            found = None if tuned.answer_changed else self.profiles.lookup(tuned.key)
-            self._learned = found.setting if found is not None else tuned.setting
+            self.profiles.add(tuned.key, tuned.setting, tuned.pieces, tuned.agreement, tuned.frames, tuned.values)
+            self._learned = tuned.setting
             self._factor = 1.0
             self._bound_factor = 1.0
             self.audits.reset_window()

@@ -3,10 +3,9 @@ the target on each (Reducto's hash table, learned online).
 
 A segment's key is a histogram of its consecutive-frame difference values (how much the scene
 moves, and how often); its label is the setting the tuner chose on it. A new segment gets the
-label of the profiled segments whose keys are nearest (distance-weighted; profiles whose answer
-never changed vote only while no other exists: they learned nothing about which change matters),
-or is reported as new when it is farther from every profile than that profile's own pieces were
-from it, in which case the filter profiles it (infers it densely and tunes on it) and adds it.
+label of the profiled segments whose keys are nearest (distance-weighted), or is reported as new
+when it is farther from every profile than that profile's own pieces were from it, in which case
+the filter profiles it (infers it densely and tunes on it) and adds it.
 """
 from __future__ import annotations
 
@@ -59,15 +58,13 @@ class Profile:
     agreement: float      # what the setting reached on it
     frames: Optional[list] = None    # the profiled window itself (prepared frames), while kept
     values: Optional[list] = None    # the model's result on each of them
-    answer_changed: bool = True      # False: nothing in it showed which change matters
 
 
 @dataclass(frozen=True)
 class Lookup:
     setting: Setting
     distance: float       # to the nearest profile
-    far: bool             # farther from every profile than that profile's own pieces were
-    busier: bool          # the picture moves more than in the nearest profile
+    novel: bool           # farther than every profile's radius, and busier than the nearest
 
 
 class ProfileTable:
@@ -83,9 +80,9 @@ class ProfileTable:
         return len(self.profiles)
 
     def add(self, key: np.ndarray, setting: Setting, pieces: Sequence[np.ndarray], agreement: float,
-            frames: Optional[list] = None, values: Optional[list] = None, answer_changed: bool = True) -> Profile:
+            frames: Optional[list] = None, values: Optional[list] = None) -> Profile:
         radius = max(SAME_LEVEL, max((key_distance(key, p) for p in pieces), default=0.0))
-        profile = Profile(key, setting, radius, agreement, frames, values, answer_changed)
+        profile = Profile(key, setting, radius, agreement, frames, values)
         self.profiles.append(profile)
         if len(self.profiles) > self.capacity:
             self.profiles.pop(0)
@@ -103,17 +100,16 @@ class ProfileTable:
             return None
         ranked = sorted(((key_distance(key, p.key), p) for p in self.profiles), key=lambda t: t[0])
         nearest_d, nearest = ranked[0]
-        # A profile whose answer never changed learned only a bound (no change was seen to
-        # matter there): the settings learned where the answer did change decide, once there are any.
-        voters = [(d, p) for d, p in ranked if p.answer_changed] or ranked
-        near = voters[:self.neighbours]
+        # New and busier than the nearest profile: its setting may be too lax. A segment quieter
+        # than every profile it resembles is left to the nearest setting (and the audits).
+        novel = all(d > p.radius for d, p in ranked) and activity(key) > activity(nearest.key)
+        near = ranked[:self.neighbours]
         # Distance-weighted vote over the neighbours' settings; ties go to the one inferring more.
         votes: dict[Setting, float] = {}
         for d, p in near:
             votes[p.setting] = votes.get(p.setting, 0.0) + 1.0 / max(d, 1e-6)
         best = max(votes.items(), key=lambda kv: (kv[1], -kv[0].max_age, -_finite(kv[0].threshold)))[0]
-        far = all(d > p.radius for d, p in ranked)
-        return Lookup(best, nearest_d, far, activity(key) > activity(nearest.key))
+        return Lookup(best, nearest_d, novel)
 
 
 def tighten(setting: Setting, factor: float) -> Setting:

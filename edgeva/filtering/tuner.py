@@ -10,11 +10,6 @@ choice is never worse on the segment than uniform sampling at the same staleness
 The margin is not a constant: it is the standard error of the chosen setting's agreement
 across the segment's pieces, so a segment where agreement swings between pieces asks for more
 headroom than a steady one.
-
-A threshold is learned from changes of the picture that did and did not change the answer. When
-the answer never changed on the segments, no change was seen to matter, so no threshold is
-supported by them: the choice is the staleness bound alone (on a perfectly still window every
-change is 0 and any threshold learned there would fire on the first flicker of noise).
 """
 from __future__ import annotations
 
@@ -52,7 +47,6 @@ class TuneResult:
     curve: tuple[CurvePoint, ...]
     max_age: int = 0              # staleness bound chosen with the threshold (frames)
     margin: float = 0.0
-    answer_changed: bool = True   # False: the answer held on every frame, nothing was learned about change
 
 
 def default_candidates() -> tuple[float, ...]:
@@ -193,8 +187,6 @@ def tune_segments(
     """
     walks: list[tuple[PairValue, int, _Scorer]] = []
     observed: list[float] = []
-    answer_changed = any(agreement(values[i - 1], values[i]) < 1.0
-                         for _, values in segments for i in range(1, len(values)))
     for k, (frames, values) in enumerate(segments):
         if callable(frames):
             pair_value = frames
@@ -253,9 +245,6 @@ def tune_segments(
             return None
         most = max(curve[k].skip_fraction for k in meeting)
         near = [k for k in meeting if curve[k].skip_fraction >= most - slack]
-        if not answer_changed:      # no change mattered: no threshold is supported, only the bound
-            return min((k for k in near if curve[k].threshold == NO_THRESHOLD),
-                       key=lambda k: curve[k].max_age, default=None)
         within = [k for k in near if curve[k].threshold <= tested]
         if within:      # the largest tested threshold: changes that large did not hurt
             return max(within, key=lambda k: (curve[k].threshold, -curve[k].max_age, curve[k].agreement))
@@ -273,10 +262,10 @@ def tune_segments(
         best = choose(target + margin)
     required = target + margin
     if best is None:
-        return TuneResult(feature, None, False, required, 0.0, 1.0, 1.0, tuple(curve), 0, margin, answer_changed)
+        return TuneResult(feature, None, False, required, 0.0, 1.0, 1.0, tuple(curve), 0, margin)
     point = curve[best]
     return TuneResult(feature, point.threshold, True, required, point.skip_fraction, point.agreement,
-                      point.uniform_agreement, tuple(curve), point.max_age, margin, answer_changed)
+                      point.uniform_agreement, tuple(curve), point.max_age, margin)
 
 
 def tune_features(
