@@ -17,7 +17,7 @@ from torch import nn
 from edgeva.config import TaskConfig
 from edgeva.merging import (IncrementalMerger, MergeSettings, QuerySpec, Workload, analyse_modules,
                             build_report, load_bundle, resident_weight_bytes, save_bundle)
-from edgeva.merging.agreement import wilson_lower_bound
+from edgeva.confidence import wilson_lower_bound
 from edgeva.merging.planner import Candidate
 from edgeva.merging.sharing import is_shared
 from edgeva.merging.workload import CameraFrames

@@ -38,7 +38,7 @@ import yaml  # noqa: E402
 
 from edgeva.config import load_config  # noqa: E402
 from edgeva.merging import analyse_modules, format_analysis, merge_main, resident_weight_bytes  # noqa: E402
-from edgeva.merging.agreement import wilson_lower_bound  # noqa: E402
+from edgeva.confidence import wilson_lower_bound  # noqa: E402
 from edgeva.merging.sharing import share_group  # noqa: E402
 from edgeva.merging.workload import workload_from_config  # noqa: E402
 from edgeva.models.tasks import TASKS  # noqa: E402

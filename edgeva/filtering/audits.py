@@ -11,18 +11,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .. import confidence
+
 Z_ALPHA = 1.645   # one-sided 5 % false alarm
 Z_POWER = 0.842   # 80 % power
 
 
 def wilson_lower_bound(successes: int, n: int, z: float = 1.96) -> float:
-    if n <= 0:
-        return 0.0
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = p + z * z / (2 * n)
-    margin = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - margin) / denom)
+    """Of a share of successes among n audits."""
+    return confidence.wilson_lower_bound(successes / n if n > 0 else 0.0, n, z)
 
 
 @dataclass

@@ -3,29 +3,15 @@ held-out frames of the cameras it is checked on, compared with the originals' va
 the merge, judged by the worst camera's mean or Wilson lower bound against the query's target."""
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable
 
 import numpy as np
 
+from ..confidence import wilson_lower_bound
 from ..models.tasks import Task, build_task
 from .runner import ModelRunner
 from .workload import QuerySpec, Workload
-
-Z_95 = 1.96
-
-
-def wilson_lower_bound(mean: float, n: int, z: float = Z_95) -> float:
-    """Wilson score lower bound of an agreement measured as a mean over n frames (exact for 0/1
-    agreements; for fractional ones their variance is at most mean * (1 - mean), so it is safe)."""
-    if n <= 0:
-        return 0.0
-    denom = 1.0 + z * z / n
-    centre = mean + z * z / (2 * n)
-    margin = z * math.sqrt(max(0.0, mean * (1 - mean)) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - margin) / denom)
-
 
 class AgreementCheck:
     def __init__(self, workload: Workload, runners: dict[str, ModelRunner], check_on: str, accept_on: str) -> None:
