@@ -22,12 +22,13 @@ class AgreementCheck:
         self.tasks: dict[str, Task] = {q.query_id: build_task(q.task, workload.models[q.model_key], q.query_id)
                                        for q in workload.queries}
         self.targets = {q.query_id: q.target for q in workload.queries}
+        self._queries = {q.query_id: q for q in workload.queries}
         started = time.monotonic()
         self.references = {q.query_id: self.values(q.query_id) for q in workload.queries}
         self.reference_seconds = time.monotonic() - started
 
     def query(self, query_id: str) -> QuerySpec:
-        return next(q for q in self.workload.queries if q.query_id == query_id)
+        return self._queries[query_id]
 
     def checked_cameras(self, query_id: str) -> list[str]:
         """Whose held-out frames a query's agreement is measured on: its own camera's, or with
@@ -102,10 +103,7 @@ class AgreementCheck:
         the daemon runs), not the cached block chain."""
         out = {}
         for q in self.workload.queries:
-            model, task = self.workload.models[q.model_key], self.tasks[q.query_id]
-            values = []
-            for cam in self.checked_cameras(q.query_id):
-                frames = self.workload.frames[cam].heldout
-                values.append([task.value(o) for i in range(0, len(frames), 16) for o in model.predict(frames[i:i + 16])])
+            runner, task = self.runners[q.model_key], self.tasks[q.query_id]
+            values = [[task.value(o) for o in runner.predicted(cam)] for cam in self.checked_cameras(q.query_id)]
             out[q.query_id] = self.agreement(q.query_id, values)
         return out

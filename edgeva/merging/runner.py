@@ -22,6 +22,7 @@ from .blocks import ActivationCache, BlockChain
 from .distill import DistillAdapter, TeacherCache
 
 BATCH = 32
+PREDICT_BATCH = 16
 
 
 class ModelRunner:
@@ -115,11 +116,15 @@ class ModelRunner:
         return self.adapter.head(self.chain.run(x.to(self.device), start))
 
     # -------------------------------------------------------------- values
+    def predicted(self, camera: str) -> list[Any]:
+        """The model's own `predict` (the path the daemon runs) on the camera's held-out frames."""
+        frames = self.heldout_frames[camera]
+        return [o for i in range(0, len(frames), PREDICT_BATCH) for o in self.model.predict(frames[i:i + PREDICT_BATCH])]
+
     def outputs(self, camera: str, start: int = 0) -> list[Any]:
         """The model's outputs (ClassProbs / Detections) on the camera's held-out frames."""
         if not self.classifier or self.chain is None:
-            frames = self.heldout_frames[camera]
-            return [o for i in range(0, len(frames), 16) for o in self.model.predict(frames[i:i + 16])]
+            return self.predicted(camera)
         if self.model.module.training:
             self.model.module.eval()
         inputs, salt = self.heldout_inputs[camera], f"{self.salt}|heldout|{camera}"
