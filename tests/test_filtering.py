@@ -510,6 +510,28 @@ def test_a_busier_scene_than_any_profiled_is_profiled_again():
     assert "calibrate" in reasons[140:]
 
 
+def test_a_scene_unlike_every_profile_is_profiled_even_when_the_picture_moves_less():
+    # The camera pans over an empty scene while it calibrates (the picture changes a lot, the
+    # answer never), then stops on a street where cars come and go: the picture now changes less,
+    # but nothing profiled resembles it, so it must be profiled rather than left to the pan's setting.
+    frames, counts = street()
+    rng = np.random.default_rng(5)
+    base = rng.integers(60, 190, size=(H // 10, 2 * W // 10, 3), dtype=np.uint8)
+    wide = cv2.resize(base, (2 * W, H), interpolation=cv2.INTER_CUBIC)
+    pan = [noisy(np.ascontiguousarray(wide[:, 6 * t:6 * t + W]), rng) for t in range(20)]
+    # The pan teaches a threshold above anything the street does (0.28 of foreground share), so
+    # only the bound keeps frames there, and the checks at the bound find the count changing.
+    filt = _calibrating_filter(calibration_s=2.0)
+    truth = [0] * 20 + counts[100:]
+    reasons, source = _replay(filt, pan + frames[100:], truth)
+    s = filt.stats()
+    assert set(reasons[1:20]) == {"calibrate"}
+    assert s["novel_segments"] >= 1 and s["profiled_windows"] >= 2
+    assert "calibrate" in reasons[21:]
+    agreement = np.mean([count_agreement(truth[i], truth[k]) for i, k in enumerate(source)])
+    assert agreement >= 0.9          # 0.895 when the street is left to the pan's setting
+
+
 def test_tuning_runs_where_the_daemon_says_and_applies_at_the_next_decision():
     frames, counts = street()
     jobs = []

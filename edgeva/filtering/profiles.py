@@ -64,7 +64,8 @@ class Profile:
 class Lookup:
     setting: Setting
     distance: float       # to the nearest profile
-    novel: bool           # farther than every profile's radius, and busier than the nearest
+    far: bool             # farther from every profile than that profile's own pieces were
+    busier: bool          # the picture moves more than in the nearest profile
 
 
 class ProfileTable:
@@ -100,16 +101,14 @@ class ProfileTable:
             return None
         ranked = sorted(((key_distance(key, p.key), p) for p in self.profiles), key=lambda t: t[0])
         nearest_d, nearest = ranked[0]
-        # New and busier than the nearest profile: its setting may be too lax. A segment quieter
-        # than every profile it resembles is left to the nearest setting (and the audits).
-        novel = all(d > p.radius for d, p in ranked) and activity(key) > activity(nearest.key)
         near = ranked[:self.neighbours]
         # Distance-weighted vote over the neighbours' settings; ties go to the one inferring more.
         votes: dict[Setting, float] = {}
         for d, p in near:
             votes[p.setting] = votes.get(p.setting, 0.0) + 1.0 / max(d, 1e-6)
         best = max(votes.items(), key=lambda kv: (kv[1], -kv[0].max_age, -_finite(kv[0].threshold)))[0]
-        return Lookup(best, nearest_d, novel)
+        far = all(d > p.radius for d, p in ranked)
+        return Lookup(best, nearest_d, far, activity(key) > activity(nearest.key))
 
 
 def tighten(setting: Setting, factor: float) -> Setting:
