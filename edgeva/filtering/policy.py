@@ -196,7 +196,6 @@ class QueryFilter:
         self._reference: Optional[Prepared] = None
         self._previous: Optional[Prepared] = None
         self._segment: list[float] = []
-        self._segment_threshold_keeps = 0             # frames the threshold kept during the segment
         self._since_profiled = 0
         self._skipped = 0
         self._kept: dict[str, int] = {}
@@ -295,7 +294,6 @@ class QueryFilter:
             return self._keep("untuned", None)
         value = self.differencer.feature(self._reference, prepared, setting.feature)
         if math.isfinite(setting.threshold) and value > setting.threshold:
-            self._segment_threshold_keeps += 1
             return self._keep("threshold", value)
         if self._skipped >= setting.max_age:
             self._stale_next = True
@@ -333,8 +331,6 @@ class QueryFilter:
     def _end_segment(self) -> None:
         key = segment_key(self._segment)
         self._segment = []
-        responded = self._segment_threshold_keeps > 0
-        self._segment_threshold_keeps = 0
         if not self.learns or self._window is not None or self._tuning:
             return
         if not self.profiles:           # no window has been tuned yet (its results were lost): again
@@ -346,23 +342,23 @@ class QueryFilter:
         found = self.profiles.lookup(key)
         if found is None:
             return
-        if self._is_new(found, responded) and self._since_profiled >= PROFILING_SPACING * self._frames_for(self.cfg.calibration_s):
+        if self._is_new(found) and self._since_profiled >= PROFILING_SPACING * self._frames_for(self.cfg.calibration_s):
             self._novel += 1
             self._start_window()
         else:
             self._learned = found.setting
 
-    def _is_new(self, found: Lookup, responded: bool) -> bool:
+    def _is_new(self, found: Lookup) -> bool:
         """A segment unlike every profile is new when it is busier than the nearest: that
-        setting may be too lax. A quieter one is left to the setting it gets, unless the setting
-        responded to nothing the segment did (its threshold kept no frame: none at all, or one
-        above every change the scene now makes) while the checks at the bound found the answer
-        changing under it: how much the picture moves is not how often the answer changes (on an
-        aerial clip the picture moved most while the crossing was empty, and the crowd came as it
-        calmed down)."""
+        setting may be too lax. A quieter one is left to the setting it gets, unless that setting
+        has no threshold (it responds to nothing the segment does) and the checks at the bound
+        have found the answer changing under it: how much the picture moves is not how often the
+        answer changes (on an aerial clip the picture moved most while the crossing was empty,
+        and the crowd came as it calmed down)."""
         if not found.far:
             return False
-        return found.busier or (not responded and self._bound_factor < 1.0)
+        failing = not math.isfinite(found.setting.threshold) and self._bound_factor < 1.0
+        return found.busier or failing
 
     def _start_window(self) -> None:
         self._window = _Window(self._frames_for(self.cfg.calibration_s))
