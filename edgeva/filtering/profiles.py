@@ -3,9 +3,10 @@ the target on each (Reducto's hash table, learned online).
 
 A segment's key is a histogram of its consecutive-frame difference values (how much the scene
 moves, and how often); its label is the setting the tuner chose on it. A new segment gets the
-label of the profiled segments whose keys are nearest (distance-weighted), or is reported as new
-when it is farther from every profile than that profile's own pieces were from it, in which case
-the filter profiles it (infers it densely and tunes on it) and adds it.
+label of the profiled segments whose keys are nearest (distance-weighted), and the lookup says
+whether it is farther from every profile than that profile's own pieces were from it and whether
+the picture moves more than in the nearest; from those the filter decides whether the segment is
+new, and then profiles it (infers it densely and tunes on it) and adds it.
 """
 from __future__ import annotations
 
