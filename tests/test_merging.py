@@ -20,7 +20,7 @@ from edgeva.merging import (IncrementalMerger, MergeSettings, QuerySpec, Workloa
 from edgeva.confidence import wilson_lower_bound
 from edgeva.merging.planner import Candidate
 from edgeva.merging.sharing import is_shared
-from edgeva.merging.workload import CameraFrames
+from edgeva.merging.workload import BLENDS, CameraFrames, blend_probe
 from edgeva.models.torchvision_zoo import WholeFrameClassifier
 
 SIZE = 48
@@ -455,6 +455,44 @@ def test_distil_on_all_cameras_trains_each_model_on_every_cameras_frames(special
     assert [len(r) for r in checked.check.references["q-b"]] == [len(other.heldout), len(camera.heldout)]
     assert checked.check.judged_frames("q-b") == len(other.heldout)
     assert checked.check.through_predict() == {"q-a": 1.0, "q-b": 1.0}    # nothing merged yet
+
+
+def _flat(value: int, n: int) -> list[np.ndarray]:
+    return [np.full((SIZE, SIZE, 3), value, np.uint8) for _ in range(n)]
+
+
+def test_blend_probe_mixes_two_cameras_and_never_crosses_the_heldout_split():
+    frames = {"a": CameraFrames(train=_flat(0, 20), heldout=_flat(100, 10)),
+              "b": CameraFrames(train=_flat(40, 20), heldout=_flat(200, 10))}
+    probe = blend_probe(frames, 50, seed=3)
+    assert len(probe.train) == len(probe.heldout) == 50
+    heldout = np.array([f.mean() for f in probe.heldout])
+    train = np.array([f.mean() for f in probe.train])
+    # weights in [0.3, 0.7]: held-out blends lie between 0.7*100+0.3*200 and 0.3*100+0.7*200,
+    # so every one holds both cameras' held-out frames and none a training frame
+    assert heldout.min() >= 129 and heldout.max() <= 171 and len(np.unique(heldout.round())) > 10
+    assert train.min() >= 11 and train.max() <= 29
+    single = blend_probe({"a": CameraFrames(train=_flat(0, 5), heldout=make_frames(6, seed=4))}, 8)
+    assert len(single.heldout) == 8 and not any(np.array_equal(f, g) for f in single.heldout for g in make_frames(6, 4))
+
+
+def test_the_blend_probe_is_checked_for_every_query_and_distilled_on(specialised, camera):
+    """A merged model can agree with its original wherever the original is sure and still flip
+    the frames of a new scene where it is not: blends are checked for every query, even on the
+    lenient own-camera setting, and a query is judged by them when they are its worst frames."""
+    models = {"tiny@quadrant": copy_model(specialised["tiny@quadrant"])}
+    frames = {"cam": camera}
+    frames[BLENDS] = blend_probe({"cam": camera, "side": CameraFrames(make_frames(16, 9), make_frames(16, 10))}, 20)
+    wl = Workload(models, [QuerySpec("q-a", "tiny@quadrant", "cam", TaskConfig(type="classify"), 0.9)],
+                  frames, {"tiny@quadrant": "tinynet"})
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=1))
+    assert merger.check.checked_cameras("q-a") == ["cam", BLENDS]
+    assert len(merger.teachers["tiny@quadrant"].inputs) == len(camera.train) + 20
+    refs = merger.check.references["q-a"]
+    flipped = [dict(v, label="not-" + v["label"]) for v in refs[1]]
+    assert merger.check.agreement("q-a", [refs[0], flipped]) == 0.0
+    plain = Workload(models, wl.queries, {"cam": camera}, wl.architectures)
+    assert IncrementalMerger(plain, MergeSettings(train_steps=0)).fingerprint() != merger.fingerprint()
 
 
 def test_a_detector_retrains_after_predict_ran_under_inference_mode(camera):

@@ -107,8 +107,8 @@ class IncrementalMerger:
             cameras = list(dict.fromkeys(q.camera for q in workload.queries_of(key)))
             # "all": the merged model must agree with its original on any camera's frames, not
             # only its own (a model meets other scenes when cameras are re-pointed or moved)
-            distil = list(workload.frames) if settings.distil_on == "all" else cameras
-            checked = list(workload.frames) if settings.check_on == "all" else cameras
+            distil = workload.cameras_for(cameras, settings.distil_on == "all")
+            checked = workload.cameras_for(cameras, settings.check_on == "all")
             runner = ModelRunner(key, model, adapter_for(model), {c: workload.frames[c].heldout for c in checked},
                                  [f for c in distil for f in workload.frames[c].train], distil, self.cache)
             # the activations the planned steps start from are kept while the originals run
@@ -363,7 +363,8 @@ class IncrementalMerger:
         """The workload and the settings that decide what agreement means: resuming under other
         ones would mix figures measured on other frames or judged otherwise."""
         return (",".join(f"{g.group_id}" for g in self.analysis.groups[:50]) + f"|{len(self.analysis.groups)}"
-                + f"|check_on={self.settings.check_on}|accept_on={self.settings.accept_on}")
+                + f"|check_on={self.settings.check_on}|accept_on={self.settings.accept_on}"
+                + "".join(f"|{c}={len(self.workload.frames[c].heldout)}" for c in self.workload.probes))
 
     def resume(self) -> MergeState:
         """State saved in out_dir; the accepted groups' tensors come back from the checkpoint bundle."""
