@@ -34,7 +34,7 @@ class AgreementCheck:
         """Whose held-out frames a query's agreement is measured on: its own camera's, or with
         check_on "all" every camera's (a merged model must also agree with its original on the
         scenes it was not specialised for, as it meets when a camera is re-pointed or moved), and the
-        probes' (blends) whenever the workload has them."""
+        probe frames (`probe`) whenever the workload has them."""
         return self.workload.cameras_for([self.query(query_id).camera], self.check_on == "all")
 
     def values(self, query_id: str, start: int = 0) -> list[list[Any]]:

@@ -15,9 +15,9 @@ from .. import models as zoo
 from ..models.base import ZooModel
 from ..recordings import playable
 from ..redaction import redact
+from .probe import CANDIDATES_PER_FRAME, PROBE, make_candidates
 
 ModelBuilder = Callable[[str, Optional[str], bool, str], ZooModel]
-BLENDS = "~blends"      # the blend probe's pseudo camera (no config camera id can start with "~")
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Workload:
     @property
     def probes(self) -> list[str]:
         """Pseudo cameras every query is checked (and every model distilled) on besides its own."""
-        return [c for c in self.frames if c == BLENDS]
+        return [c for c in self.frames if c == PROBE]
 
     def cameras_for(self, own: list[str], every_camera: bool) -> list[str]:
         """A model's own cameras first, then every other camera when asked, then the probes."""
@@ -99,33 +99,6 @@ def read_camera_frames(source: str, count: int, long_side: Optional[int], heldou
     return CameraFrames(frames[:split], frames[split:], numbers[:split], numbers[split:])
 
 
-def blend_probe(frames: dict[str, CameraFrames], count: int, seed: int = 0) -> CameraFrames:
-    """Frames from near the models' decision boundaries, which a family's own cameras rarely show:
-    each is a blend (mixup) of two frames from different cameras (two frames of one camera when
-    there is only one), weighted by w ~ U(0.3, 0.7). A merged model that agrees with its original
-    only where the original is sure can still flip the frames of a new scene where it is not;
-    these frames make that visible to the checks. Training blends mix training frames only and
-    held-out blends held-out frames only, so the held-out split stays unseen."""
-    rng = np.random.default_rng(seed)
-    cameras = list(frames)
-
-    def blends(part: str) -> list[np.ndarray]:
-        pools = [getattr(frames[c], part) for c in cameras]
-        out = []
-        for _ in range(count if all(pools) else 0):
-            i = int(rng.integers(len(pools)))
-            j = (i + 1 + int(rng.integers(len(pools) - 1))) % len(pools) if len(pools) > 1 else i
-            a = pools[i][int(rng.integers(len(pools[i])))]
-            b = pools[j][int(rng.integers(len(pools[j])))]
-            if b.shape != a.shape:
-                b = cv2.resize(b, (a.shape[1], a.shape[0]), interpolation=cv2.INTER_AREA)
-            weight = float(rng.uniform(0.3, 0.7))
-            out.append(cv2.addWeighted(a, weight, b, 1.0 - weight, 0.0))
-        return out
-
-    return CameraFrames(blends("train"), blends("heldout"))
-
-
 def _resize_long_side(image: np.ndarray, long_side: Optional[int]) -> np.ndarray:
     if long_side is None or max(image.shape[:2]) <= long_side:
         return image
@@ -154,11 +127,12 @@ def file_digest(path: Optional[str]) -> Optional[str]:
 
 def workload_from_config(cfg: Config, *, frames_per_camera: int = 600, frame_long_side: Optional[int] = None,
                          min_heldout: int = 200, device: str = "cpu", builder: ModelBuilder = default_builder,
-                         read_frames: bool = True, blends: int = 0) -> Workload:
+                         read_frames: bool = True, probe: int = 0) -> Workload:
     """Build each distinct model of the config's model queries once, at the query's configured
     input size (merged models are checked at the size the daemon will run them); read frames
-    per camera at their native size unless `frame_long_side` shrinks them; with `blends`, add
-    that many training and held-out blend-probe frames as the pseudo camera BLENDS."""
+    per camera at their native size unless `frame_long_side` shrinks them; with `probe`, add the
+    candidates for that many probe frames per model (training and held-out) as the pseudo camera
+    PROBE (see `probe`)."""
     models: dict[str, ZooModel] = {}
     queries: list[QuerySpec] = []
     archs: dict[str, str] = {}
@@ -179,6 +153,8 @@ def workload_from_config(cfg: Config, *, frames_per_camera: int = 600, frame_lon
         for cam_id in dict.fromkeys(q.camera for q in queries):
             frames[cam_id] = read_camera_frames(cfg.camera(cam_id).source, frames_per_camera, frame_long_side,
                                                 min_heldout=min_heldout)
-        if blends > 0:
-            frames[BLENDS] = blend_probe(frames, blends)
+        if probe > 0:
+            made = probe * CANDIDATES_PER_FRAME
+            frames[PROBE] = CameraFrames(make_candidates([f.train for f in frames.values()], made, seed=1),
+                                         make_candidates([f.heldout for f in frames.values()], made, seed=2))
     return Workload(models, queries, frames, archs, weights, digests)
