@@ -20,6 +20,7 @@ from edgeva.merging import (IncrementalMerger, MergeSettings, QuerySpec, Workloa
 from edgeva.confidence import wilson_lower_bound
 from edgeva.merging.planner import Candidate
 from edgeva.merging.sharing import is_shared
+from edgeva.merging.probe import CANDIDATES_PER_FRAME, PROBE, make_candidates, select_for, uncertainty
 from edgeva.merging.workload import CameraFrames
 from edgeva.models.torchvision_zoo import WholeFrameClassifier
 
@@ -455,6 +456,55 @@ def test_distil_on_all_cameras_trains_each_model_on_every_cameras_frames(special
     assert [len(r) for r in checked.check.references["q-b"]] == [len(other.heldout), len(camera.heldout)]
     assert checked.check.judged_frames("q-b") == len(other.heldout)
     assert checked.check.through_predict() == {"q-a": 1.0, "q-b": 1.0}    # nothing merged yet
+
+
+def _flat(value: int, n: int) -> list[np.ndarray]:
+    return [np.full((SIZE, SIZE, 3), value, np.uint8) for _ in range(n)]
+
+
+def test_probe_candidates_come_from_the_pools_given_and_take_every_maker_in_turn():
+    dark, bright = _flat(0, 20), [np.full((SIZE, 2 * SIZE, 3), 255, np.uint8) for _ in range(10)]
+    made = make_candidates([bright, bright[:3]], 20, seed=3)
+    assert len(made) == 20 and all(f.shape == (SIZE, 2 * SIZE, 3) for f in made)
+    # a bright pool never gives a dark candidate (the darkest, a recoloured one, is 255 * 0.5 - 40)
+    assert min(int(f.min()) for f in made) >= 87
+    assert max(int(f.max()) for f in make_candidates([dark], 20, seed=3)) <= 40
+    varied = make_candidates([make_frames(30, seed=5), make_frames(30, seed=6)], 10, seed=1)
+    grey = varied[4::5]                                   # the fifth maker: a grey picture
+    assert all((f[..., 0] == f[..., 1]).all() and (f[..., 1] == f[..., 2]).all() for f in grey)
+    assert not any((f[..., 0] == f[..., 1]).all() for f in varied[:4])
+    assert make_candidates([[], []], 5) == []
+
+
+def test_a_classifier_is_probed_where_its_original_is_least_sure(specialised):
+    model = specialised["tiny@quadrant"]
+    candidates = make_frames(60, seed=11)
+    chosen = select_for(model, candidates, 12)
+    scores = [uncertainty(o) for o in model.predict(candidates)]
+    expected = sorted(np.argsort(scores)[::-1][:12])
+    assert [id(f) for f in chosen] == [id(candidates[i]) for i in expected]
+    assert min(scores[i] for i in expected) >= np.median(scores)
+
+
+def test_the_probe_is_checked_for_every_query_and_distilled_on(specialised, camera):
+    """A merged model can agree with its original wherever the original is sure and still flip
+    the frames of a new scene where it is not: probe frames are checked for every query, even on
+    the lenient own-camera setting, and a query is judged by them when they are its worst frames."""
+    models = {"tiny@quadrant": copy_model(specialised["tiny@quadrant"])}
+    pools = [camera.heldout, make_frames(16, seed=10)]
+    frames = {"cam": camera, PROBE: CameraFrames(make_candidates([camera.train], 10 * CANDIDATES_PER_FRAME, 1),
+                                                 make_candidates(pools, 20 * CANDIDATES_PER_FRAME, 2))}
+    wl = Workload(models, [QuerySpec("q-a", "tiny@quadrant", "cam", TaskConfig(type="classify"), 0.9)],
+                  frames, {"tiny@quadrant": "tinynet"})
+    merger = IncrementalMerger(wl, MergeSettings(train_steps=1))
+    assert merger.check.checked_cameras("q-a") == ["cam", PROBE]
+    assert [len(r) for r in merger.check.references["q-a"]] == [len(camera.heldout), 20]
+    assert len(merger.teachers["tiny@quadrant"].inputs) == len(camera.train) + 10
+    refs = merger.check.references["q-a"]
+    flipped = [dict(v, label="not-" + v["label"]) for v in refs[1]]
+    assert merger.check.agreement("q-a", [refs[0], flipped]) == 0.0
+    plain = Workload(models, wl.queries, {"cam": camera}, wl.architectures)
+    assert IncrementalMerger(plain, MergeSettings(train_steps=0)).fingerprint() != merger.fingerprint()
 
 
 def test_a_detector_retrains_after_predict_ran_under_inference_mode(camera):

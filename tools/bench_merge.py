@@ -87,7 +87,8 @@ def part2_merge(config: Path, out: Path, args: argparse.Namespace) -> dict:
         print(f"family built in {time.monotonic() - t0:.0f}s")
     argv = [str(config), "--out", str(out), "--time-budget", str(args.time_budget), "--steps", str(args.steps),
             "--eval-every", str(args.eval_every), "--lr", str(args.lr), "--batch", str(args.batch),
-            "--threads", str(args.threads), "--distil-on", args.distil_on, "--check-on", args.check_on, "--accept-on", args.accept_on]
+            "--threads", str(args.threads), "--distil-on", args.distil_on, "--check-on", args.check_on, "--accept-on", args.accept_on,
+            "--probe", str(args.probe)]
     t0 = time.monotonic()
     merge_main(argv)
     wall = time.monotonic() - t0
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distil-on", choices=("own", "all"), default="all")
     p.add_argument("--check-on", choices=("own", "all"), default="own")
     p.add_argument("--accept-on", choices=("mean", "lower-bound"), default="mean")
+    p.add_argument("--probe", type=int, default=0, help="edgeva merge --probe")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     summary: dict = {}

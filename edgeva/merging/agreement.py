@@ -33,9 +33,9 @@ class AgreementCheck:
     def checked_cameras(self, query_id: str) -> list[str]:
         """Whose held-out frames a query's agreement is measured on: its own camera's, or with
         check_on "all" every camera's (a merged model must also agree with its original on the
-        scenes it was not specialised for, as it meets when a camera is re-pointed or moved)."""
-        own = self.query(query_id).camera
-        return [own] + [c for c in self.workload.frames if c != own] if self.check_on == "all" else [own]
+        scenes it was not specialised for, as it meets when a camera is re-pointed or moved), and the
+        probe frames (`probe`) whenever the workload has them."""
+        return self.workload.cameras_for([self.query(query_id).camera], self.check_on == "all")
 
     def values(self, query_id: str, start: int = 0) -> list[list[Any]]:
         """The query's values on each checked camera's held-out frames."""

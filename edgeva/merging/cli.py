@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-heldout", type=int, default=200,
                    help="held out per camera: the clip's last 30%% of frames, and at least this many (default 200)")
     p.add_argument("--frame-size", type=int, help="shrink sampled frames to this long side (default: native size)")
+    p.add_argument("--probe", type=int, default=0,
+                   help="check every query also on this many probe frames made from the cameras' held-out frames "
+                        "(blends, mosaics, zoomed crops, recoloured mirror images, grey pictures; for a classifier "
+                        "those where its original is least sure of five times as many made), and distil every "
+                        "model on as many made from training frames: scenes the cameras do not show, where a "
+                        "merged model may flip answers its own cameras never reveal (default 0: none)")
     p.add_argument("--init", choices=("mean", "anchor"), default="mean",
                    help="a shared tensor starts at the members' mean (default) or the first member's weights (Gemel)")
     p.add_argument("--distil-on", choices=("own", "all"), default="own",
@@ -86,7 +92,7 @@ def merge_main(argv: Optional[list[str]] = None) -> int:
     out = args.out or Path("var/merge") / Path(args.config).stem
     started = time.monotonic()
     workload = workload_from_config(cfg, frames_per_camera=args.frames, frame_long_side=args.frame_size,
-                                    min_heldout=args.min_heldout, device=args.device)
+                                    min_heldout=args.min_heldout, device=args.device, probe=args.probe)
     settings = MergeSettings(train_steps=args.steps, eval_every=args.eval_every, batch_size=args.batch, lr=args.lr,
                              init=args.init, distil_on=args.distil_on, check_on=args.check_on, accept_on=args.accept_on,
                              max_trials=args.max_trials, seed=args.seed)

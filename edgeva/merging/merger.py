@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..models.base import ZooModel
 from .agreement import AgreementCheck
 from .analysis import Analysis, SharingGroup, analyse_modules
 from .blocks import ActivationCache
@@ -28,6 +29,7 @@ from .bundle import ModelMeta, install_state, read_bundle, save_bundle
 from .distill import adapter_for
 from .memory import MemoryMeasurement, cuda_loaded_bytes, resident_weight_bytes
 from .planner import Candidate, after_acceptance, back_off, plan_candidates
+from .probe import CANDIDATES_PER_FRAME, PROBE, select_for
 from .retrain_budget import RetrainBudget
 from .runner import ModelRunner
 from .sharing import Snapshot, layer_of, share_group, sharing_closure
@@ -107,10 +109,11 @@ class IncrementalMerger:
             cameras = list(dict.fromkeys(q.camera for q in workload.queries_of(key)))
             # "all": the merged model must agree with its original on any camera's frames, not
             # only its own (a model meets other scenes when cameras are re-pointed or moved)
-            distil = list(workload.frames) if settings.distil_on == "all" else cameras
-            checked = list(workload.frames) if settings.check_on == "all" else cameras
-            runner = ModelRunner(key, model, adapter_for(model), {c: workload.frames[c].heldout for c in checked},
-                                 [f for c in distil for f in workload.frames[c].train], distil, self.cache)
+            distil = workload.cameras_for(cameras, settings.distil_on == "all")
+            checked = workload.cameras_for(cameras, settings.check_on == "all")
+            heldout = {c: self.frames_for(model, c, "heldout") for c in checked}
+            train = [f for c in distil for f in self.frames_for(model, c, "train")]
+            runner = ModelRunner(key, model, adapter_for(model), heldout, train, distil, self.cache)
             # the activations the planned steps start from are kept while the originals run
             runner.stash_at({runner.start_of([m.path for g in c.groups for m in g.members if m.model == key])
                              for c in plan if key in c.models})
@@ -119,6 +122,14 @@ class IncrementalMerger:
             self.runners[key] = runner
         self.check = AgreementCheck(workload, self.runners, settings.check_on, settings.accept_on)
         self.teachers = {k: r.teacher for k, r in self.runners.items() if r.teacher is not None}
+
+    def frames_for(self, model: ZooModel, camera: str, part: str) -> list[np.ndarray]:
+        """A camera's training or held-out frames; of the probe's candidates, the model's own choice
+        (made now, while every model is still its original)."""
+        frames = getattr(self.workload.frames[camera], part)
+        if camera != PROBE:
+            return frames
+        return select_for(model, frames, len(frames) // CANDIDATES_PER_FRAME)
 
     # ------------------------------------------------------------------ run
     def initial_state(self) -> MergeState:
@@ -363,7 +374,8 @@ class IncrementalMerger:
         """The workload and the settings that decide what agreement means: resuming under other
         ones would mix figures measured on other frames or judged otherwise."""
         return (",".join(f"{g.group_id}" for g in self.analysis.groups[:50]) + f"|{len(self.analysis.groups)}"
-                + f"|check_on={self.settings.check_on}|accept_on={self.settings.accept_on}")
+                + f"|check_on={self.settings.check_on}|accept_on={self.settings.accept_on}"
+                + "".join(f"|{c}={len(self.workload.frames[c].heldout)}" for c in self.workload.probes))
 
     def resume(self) -> MergeState:
         """State saved in out_dir; the accepted groups' tensors come back from the checkpoint bundle."""

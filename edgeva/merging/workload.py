@@ -15,6 +15,7 @@ from .. import models as zoo
 from ..models.base import ZooModel
 from ..recordings import playable
 from ..redaction import redact
+from .probe import CANDIDATES_PER_FRAME, PROBE, make_candidates
 
 ModelBuilder = Callable[[str, Optional[str], bool, str], ZooModel]
 
@@ -47,6 +48,16 @@ class Workload:
 
     def queries_of(self, key: str) -> list[QuerySpec]:
         return [q for q in self.queries if q.model_key == key]
+
+    @property
+    def probes(self) -> list[str]:
+        """Pseudo cameras every query is checked (and every model distilled) on besides its own."""
+        return [c for c in self.frames if c == PROBE]
+
+    def cameras_for(self, own: list[str], every_camera: bool) -> list[str]:
+        """A model's own cameras first, then every other camera when asked, then the probes."""
+        rest = [c for c in self.frames if c not in own and (every_camera or c in self.probes)]
+        return list(own) + rest
 
     @property
     def modules(self) -> dict[str, Any]:
@@ -116,10 +127,12 @@ def file_digest(path: Optional[str]) -> Optional[str]:
 
 def workload_from_config(cfg: Config, *, frames_per_camera: int = 600, frame_long_side: Optional[int] = None,
                          min_heldout: int = 200, device: str = "cpu", builder: ModelBuilder = default_builder,
-                         read_frames: bool = True) -> Workload:
+                         read_frames: bool = True, probe: int = 0) -> Workload:
     """Build each distinct model of the config's model queries once, at the query's configured
     input size (merged models are checked at the size the daemon will run them); read frames
-    per camera at their native size unless `frame_long_side` shrinks them."""
+    per camera at their native size unless `frame_long_side` shrinks them; with `probe`, add the
+    candidates for that many probe frames per model (training and held-out) as the pseudo camera
+    PROBE (see `probe`)."""
     models: dict[str, ZooModel] = {}
     queries: list[QuerySpec] = []
     archs: dict[str, str] = {}
@@ -140,4 +153,8 @@ def workload_from_config(cfg: Config, *, frames_per_camera: int = 600, frame_lon
         for cam_id in dict.fromkeys(q.camera for q in queries):
             frames[cam_id] = read_camera_frames(cfg.camera(cam_id).source, frames_per_camera, frame_long_side,
                                                 min_heldout=min_heldout)
+        if probe > 0:
+            made = probe * CANDIDATES_PER_FRAME
+            frames[PROBE] = CameraFrames(make_candidates([f.train for f in frames.values()], made, seed=1),
+                                         make_candidates([f.heldout for f in frames.values()], made, seed=2))
     return Workload(models, queries, frames, archs, weights, digests)
