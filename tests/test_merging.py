@@ -492,7 +492,7 @@ def test_the_probe_is_checked_for_every_query_and_distilled_on(specialised, came
     the lenient own-camera setting, and a query is judged by them when they are its worst frames."""
     models = {"tiny@quadrant": copy_model(specialised["tiny@quadrant"])}
     pools = [camera.heldout, make_frames(16, seed=10)]
-    frames = {"cam": camera, PROBE: CameraFrames(make_candidates([camera.train], 10 * CANDIDATES_PER_FRAME, 1),
+    frames = {"cam": camera, PROBE: CameraFrames(make_candidates([camera.train], 10, 1),
                                                  make_candidates(pools, 20 * CANDIDATES_PER_FRAME, 2))}
     wl = Workload(models, [QuerySpec("q-a", "tiny@quadrant", "cam", TaskConfig(type="classify"), 0.9)],
                   frames, {"tiny@quadrant": "tinynet"})
@@ -505,6 +505,24 @@ def test_the_probe_is_checked_for_every_query_and_distilled_on(specialised, came
     assert merger.check.agreement("q-a", [refs[0], flipped]) == 0.0
     plain = Workload(models, wl.queries, {"cam": camera}, wl.architectures)
     assert IncrementalMerger(plain, MergeSettings(train_steps=0)).fingerprint() != merger.fingerprint()
+
+
+def test_models_probed_on_different_frames_never_share_cached_activations(camera):
+    """Cached activations were keyed by camera name: two models whose first blocks are identical
+    but whose probe frames differ read each other's activations (every trial then "failed")."""
+    models = _resnet_family(camera, 2)                     # identical up to layer3, then drifted
+    frames = {"cam": camera, PROBE: CameraFrames(make_candidates([camera.train], 8, 1),
+                                                 make_candidates([camera.heldout], 16 * CANDIDATES_PER_FRAME, 2))}
+    queries = [QuerySpec(f"q-{k}", k, "cam", TaskConfig(type="classify"), 0.9) for k in models]
+    merger = IncrementalMerger(Workload(models, queries, frames, {k: "resnet18" for k in models}),
+                               MergeSettings(train_steps=0))
+    one, two = (merger.runners[k] for k in models)
+    assert [id(f) for f in one.heldout_frames[PROBE]] != [id(f) for f in two.heldout_frames[PROBE]]
+    layer3 = one.start_of(["layer3.0.conv1"])
+    assert layer3 > 0
+    for runner, model in ((one, models["resnet18@copy0"]), (two, models["resnet18@copy1"])):
+        late = [o.probs for o in runner.outputs(PROBE, start=layer3)]
+        np.testing.assert_allclose(late, [o.probs for o in model.predict(runner.heldout_frames[PROBE])], atol=1e-4)
 
 
 def test_a_detector_retrains_after_predict_ran_under_inference_mode(camera):

@@ -113,7 +113,7 @@ class IncrementalMerger:
             checked = workload.cameras_for(cameras, settings.check_on == "all")
             heldout = {c: self.frames_for(model, c, "heldout") for c in checked}
             train = [f for c in distil for f in self.frames_for(model, c, "train")]
-            runner = ModelRunner(key, model, adapter_for(model), heldout, train, distil, self.cache)
+            runner = ModelRunner(key, model, adapter_for(model), heldout, train, self.cache)
             # the activations the planned steps start from are kept while the originals run
             runner.stash_at({runner.start_of([m.path for g in c.groups for m in g.members if m.model == key])
                              for c in plan if key in c.models})
@@ -124,10 +124,11 @@ class IncrementalMerger:
         self.teachers = {k: r.teacher for k, r in self.runners.items() if r.teacher is not None}
 
     def frames_for(self, model: ZooModel, camera: str, part: str) -> list[np.ndarray]:
-        """A camera's training or held-out frames; of the probe's candidates, the model's own choice
-        (made now, while every model is still its original)."""
+        """A camera's training or held-out frames; of the probe's held-out candidates, the model's
+        own choice (made now, while every model is still its original). The probe's training frames
+        are an even sample of candidates: scoring those too would cost minutes of setup."""
         frames = getattr(self.workload.frames[camera], part)
-        if camera != PROBE:
+        if camera != PROBE or part == "train":
             return frames
         return select_for(model, frames, len(frames) // CANDIDATES_PER_FRAME)
 

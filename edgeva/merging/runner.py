@@ -11,6 +11,7 @@ on inputs prepared once at the model's configured input size.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -25,10 +26,18 @@ BATCH = 32
 PREDICT_BATCH = 16
 
 
+def frames_digest(frames: list[np.ndarray]) -> str:
+    """A content hash of a list of frames (every frame's shape and a strided sample of its pixels)."""
+    h = hashlib.blake2b(digest_size=16)
+    for f in frames:
+        h.update(repr(f.shape).encode())
+        h.update(np.ascontiguousarray(f[::7, ::7]).tobytes())
+    return h.hexdigest()
+
+
 class ModelRunner:
     def __init__(self, key: str, model: ZooModel, adapter: Optional[DistillAdapter],
-                 heldout: dict[str, list[np.ndarray]], train: list[np.ndarray], train_cameras: Iterable[str],
-                 cache: ActivationCache) -> None:
+                 heldout: dict[str, list[np.ndarray]], train: list[np.ndarray], cache: ActivationCache) -> None:
         self.key = key
         self.model = model
         self.adapter = adapter
@@ -42,7 +51,10 @@ class ModelRunner:
         self.salt = f"{model.name}|{model.input_size}|{type(adapter).__name__}"
         self.heldout_inputs = ({cam: adapter.inputs(frames) for cam, frames in heldout.items()}
                                if self.classifier else {})
-        self.train_salt = f"{self.salt}|train|{','.join(train_cameras)}|{len(train)}"
+        # cached activations are keyed by the frames' content, not their camera's name: two models
+        # may hold different frames under one name (each classifier's own choice of probe frames)
+        self.heldout_salts = {cam: f"{self.salt}|heldout|{frames_digest(frames)}" for cam, frames in heldout.items()}
+        self.train_salt = f"{self.salt}|train|{frames_digest(train)}"
         self.teacher: Optional[TeacherCache] = None
         self._stash: set[int] = set()
 
@@ -127,7 +139,7 @@ class ModelRunner:
             return self.predicted(camera)
         if self.model.module.training:
             self.model.module.eval()
-        inputs, salt = self.heldout_inputs[camera], f"{self.salt}|heldout|{camera}"
+        inputs, salt = self.heldout_inputs[camera], self.heldout_salts[camera]
         if start == 0:
             logits = self._forward_stashing(inputs, salt, self._stash)
         else:
