@@ -535,9 +535,9 @@ def test_a_scene_unlike_every_profile_is_profiled_even_when_the_picture_moves_le
     s = filt.stats()
     assert set(reasons[1:20]) == {"calibrate"} and math.isinf(settings[20].threshold)
     assert s["novel_segments"] >= 1 and s["profiled_windows"] >= 2     # 0 and 1 when left alone
-    assert "calibrate" in reasons[21:]
+    assert "calibrate" in reasons[21:60]      # one window after the checks find the count changing, not four
     agreement = np.mean([count_agreement(truth[i], truth[k]) for i, k in enumerate(source)])
-    assert agreement >= 0.9          # 0.949 (0.936 left to the flashes' setting)
+    assert agreement >= 0.9          # 0.929 (0.949 waiting four windows, 0.936 left to the flashes' setting)
 
 
 def test_tuning_runs_where_the_daemon_says_and_applies_at_the_next_decision():

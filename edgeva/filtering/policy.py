@@ -49,6 +49,9 @@ LOWEST_FACTOR = 0.05
 # New-segment profiling starts at most once per this many calibration windows, so dense bursts
 # stay under a fifth of the frames however restless the camera.
 PROFILING_SPACING = 4
+# ... except where the setting has no threshold and the checks at the bound find the answer
+# changing: that setting is already losing the answer, so one window's spacing is enough.
+FAILING_SPACING = 1
 POOLED_WINDOWS = 3          # a window is tuned together with its two nearest profiled windows
 SEGMENT_FEATURE = "pixel"
 RESULT_PATIENCE = 4         # a window waits this many window lengths of frames for its results   # segment keys: how much of the picture changes from frame to frame
@@ -342,23 +345,27 @@ class QueryFilter:
         found = self.profiles.lookup(key)
         if found is None:
             return
-        if self._is_new(found) and self._since_profiled >= PROFILING_SPACING * self._frames_for(self.cfg.calibration_s):
+        spacing = self._new_segment_spacing(found)
+        if spacing is not None and self._since_profiled >= spacing * self._frames_for(self.cfg.calibration_s):
             self._novel += 1
             self._start_window()
         else:
             self._learned = found.setting
 
-    def _is_new(self, found: Lookup) -> bool:
-        """A segment unlike every profile is new when it is busier than the nearest: that
-        setting may be too lax. A quieter one is left to the setting it gets, unless that setting
-        has no threshold (it responds to nothing the segment does) and the checks at the bound
-        have found the answer changing under it: how much the picture moves is not how often the
-        answer changes (on an aerial clip the picture moved most while the crossing was empty,
-        and the crowd came as it calmed down)."""
+    def _new_segment_spacing(self, found: Lookup) -> Optional[int]:
+        """None when the segment is not new; else how many calibration windows must have passed
+        since the last profiling before it is profiled. A segment unlike every profile is new when
+        it is busier than the nearest: that setting may be too lax. A quieter one is left to the
+        setting it gets, unless that setting has no threshold (it responds to nothing the segment
+        does) and the checks at the bound have found the answer changing under it: how much the
+        picture moves is not how often the answer changes (on an aerial clip the picture moved
+        most while the crossing was empty, and the crowd came as it calmed down). That setting is
+        already losing the answer, so it waits one window, not four."""
         if not found.far:
-            return False
-        failing = not math.isfinite(found.setting.threshold) and self._bound_factor < 1.0
-        return found.busier or failing
+            return None
+        if not math.isfinite(found.setting.threshold) and self._bound_factor < 1.0:
+            return FAILING_SPACING
+        return PROFILING_SPACING if found.busier else None
 
     def _start_window(self) -> None:
         self._window = _Window(self._frames_for(self.cfg.calibration_s))
