@@ -22,7 +22,7 @@ import argparse
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import cv2
 import numpy as np
@@ -82,6 +82,7 @@ class Run:
     inferences: int     # model runs whose result is the query's answer (calibration included)
     agreement: float
     audits: int = 0     # model runs that only checked a reused answer
+    kept_by_reason: Optional[dict] = None   # where the inferences went (calibrate, threshold, stale, ...)
 
 
 def run_edgeva(prepared, prepared_by, values, agree, fps: float, cfg: FilterConfig, preferred, seed: int = 0) -> Run:
@@ -102,7 +103,7 @@ def run_edgeva(prepared, prepared_by, values, agree, fps: float, cfg: FilterConf
             audits += 1
             filt.record_audit(agree(values[i], values[ref]))
         total += agree(values[i], values[ref])
-    return Run(inferences, total / len(prepared), audits)
+    return Run(inferences, total / len(prepared), audits, filt.stats()["kept_by_reason"])
 
 
 def tuned_on_first_third(prepared, values, agree, fps: float, cfg: FilterConfig) -> FilterConfig:
@@ -229,7 +230,7 @@ def main() -> None:
                 "n": len(values)}
             print(f"{clip.name[:34]:34} {query:15} edgeva {run.inferences:4d} (+{run.audits} audits) @ {run.agreement:.3f}  "
                   f"uniform needs {need:6.1f}  ratio {run.inferences / need:.2f}  "
-                  f"oracle {orc.inferences}/{orc_need:.0f} = {orc.inferences / orc_need:.2f}", flush=True)
+                  f"oracle {orc.inferences}/{orc_need:.0f} = {orc.inferences / orc_need:.2f}  kept {run.kept_by_reason}", flush=True)
     _summary(rows)
     if args.plot:
         _plot(curves, args.plot)
