@@ -674,3 +674,66 @@ def test_a_stricter_target_keeps_the_bound_shorter_on_the_same_changes():
                            agreement=count_agreement, target=target, fps=10.0)
         kept[target] = len(_bound_replay(filt, answers))
     assert kept[0.99] > kept[0.8]
+
+
+# ------------------------------------------------------------- bursts that confirm the setting
+
+def _calibrate_runs(reasons: list[str]) -> list[int]:
+    """Lengths of the runs of consecutive `calibrate` decisions."""
+    runs, length = [], 0
+    for r in reasons + ["end"]:
+        if r == "calibrate":
+            length += 1
+        elif length:
+            runs.append(length)
+            length = 0
+    return runs
+
+
+def _still_street(n: int, seed: int = 3) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    bg = background(1)
+    return [noisy(bg, rng) for _ in range(n)]
+
+
+def test_a_periodic_burst_whose_first_half_confirms_the_setting_stops_at_its_half():
+    # The empty street, calibrated on, then profiled again every 6 s: each burst's first half
+    # chooses the threshold already in force, so its second half (15 inferences) is not spent.
+    frames = _still_street(200)
+    filt = _calibrating_filter(recalibrate_s=6.0)
+    reasons, _ = _replay(filt, frames, [0] * len(frames))
+    runs = _calibrate_runs(reasons)
+    assert runs[0] == 29 and len(runs) >= 2           # the first window runs whole (frame 0 is "first")
+    assert all(r == 15 for r in runs[1:])             # 30 each without the check at the half
+    s = filt.stats()
+    assert s["confirmed_at_half"] == len(runs) - 1 and s["profiled_windows"] == len(runs)
+
+
+def test_the_check_at_the_half_runs_where_the_daemon_says_and_a_half_that_disagrees_lets_the_burst_run_on():
+    frames = _still_street(120)
+    street_frames, counts = street()
+    jobs: list = []
+    filt = QueryFilter(FilterConfig(calibration_s=3.0, segment_s=1.0, recalibrate_s=6.0), rng_seed=1,
+                       differencer=Differencer(), agreement=count_agreement, target=0.9, fps=10.0,
+                       preferred_feature="foreground", tune_runner=jobs.append)
+    scene = SceneTracker(filt.differencer)
+
+    def step(image, answer):
+        p = scene.prepare(image)
+        dec = filt.decide(p)
+        if dec.keep:
+            filt.mark_inferred(p)
+            filt.record_result(p, answer)
+        while jobs:                       # the tuner thread runs each job as soon as it is handed one
+            jobs.pop()()
+        return dec.reason
+
+    still = [step(f, 0) for f in frames]
+    runs = _calibrate_runs(still)
+    assert runs[:2] == [29, 15] and filt.stats()["confirmed_at_half"] == 1
+    # Now the cars: the next burst's first half sees the count change and learns another
+    # threshold than the empty street's, so the burst runs to its end.
+    busy = [step(street_frames[i], counts[i]) for i in range(100, 300)]
+    later = _calibrate_runs(busy)
+    assert later and later[0] == 30
+    assert filt.stats()["confirmed_at_half"] == 1 and filt.stats()["profiled_windows"] >= 3

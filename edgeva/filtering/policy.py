@@ -14,6 +14,10 @@ Where the setting comes from (no hand knobs):
 - A dense burst also comes every `recalibrate_s`, and at once when the audits say the target is
   at risk; until that burst is tuned, every setting is tightened (and relaxed again, never past
   the learned setting, when the audits show headroom).
+- A new-segment or periodic burst is tuned once at its half as well: when that half (pooled as
+  usual) chooses the feature and threshold already in force, the burst has confirmed the setting
+  and stops there, its half stored as the profile; the second half would cost inferences to
+  learn nothing new.
 
 Decision rule: compare directly with the last inferred frame, not Reducto's cumulative sum of
 consecutive diffs. A slow change (drift, a creeping object) still grows the direct diff because
@@ -152,11 +156,20 @@ class Decision:
 class _Window:
     """A densely inferred stretch: its frames in order and the model's result on each."""
 
-    def __init__(self, frames_wanted: int) -> None:
+    def __init__(self, frames_wanted: int, confirms: Optional[Setting] = None) -> None:
         self.frames_wanted = frames_wanted
         self.frames: list[Prepared] = []
         self.values: dict[int, Any] = {}      # id(prepared) -> result
         self.waited = 0                        # frames seen since it filled, waiting for results
+        self.confirms = confirms               # the setting in force, which its first half may confirm
+        self.confirm_started = False
+
+    @property
+    def half(self) -> int:
+        return self.frames_wanted // 2
+
+    def half_complete(self) -> bool:
+        return len(self.frames) >= self.half and all(id(f) in self.values for f in self.frames[:self.half])
 
     @property
     def full(self) -> bool:
@@ -182,6 +195,7 @@ class QueryFilter:
         self.preferred_feature = preferred_feature    # breaks ties between features (the task's default)
         self.tune_runner = tune_runner
         self._tuned: deque[_Tuned] = deque()          # finished tuning jobs, applied at the next decision
+        self._confirmations: deque[tuple[_Window, _Tuned]] = deque()   # half-window tunings, likewise
         self._tuning = 0                              # jobs started and not yet applied
         self.fps = fps or DEFAULT_FPS
         self.profiles = ProfileTable()
@@ -208,6 +222,7 @@ class QueryFilter:
         self._retunes = 0
         self._profiled = 0
         self._novel = 0
+        self._confirmed = 0
 
     # ------------------------------------------------------------- settings
     def set_fps(self, fps: Optional[float]) -> None:
@@ -288,6 +303,8 @@ class QueryFilter:
             if self._window is not None:       # a window's frames must share one size
                 self._start_window()
             return self._keep("resized", None, prepared)   # the camera came back at another size or aspect
+        if self._confirmations:
+            self._apply_confirmations()
         if self._tuned:
             self._apply_tuned()
         if self._window is not None or (self._learned is None and self._tuning):
@@ -340,7 +357,7 @@ class QueryFilter:
             self._start_window()
             return
         if self._since_profiled >= self._frames_for(self.cfg.recalibrate_s):
-            self._start_window()
+            self._start_window(confirmable=True)
             return
         found = self.profiles.lookup(key)
         if found is None:
@@ -348,7 +365,7 @@ class QueryFilter:
         spacing = self._new_segment_spacing(found)
         if spacing is not None and self._since_profiled >= spacing * self._frames_for(self.cfg.calibration_s):
             self._novel += 1
-            self._start_window()
+            self._start_window(confirmable=True)
         else:
             self._learned = found.setting
 
@@ -367,8 +384,11 @@ class QueryFilter:
             return FAILING_SPACING
         return PROFILING_SPACING if found.busier else None
 
-    def _start_window(self) -> None:
-        self._window = _Window(self._frames_for(self.cfg.calibration_s))
+    def _start_window(self, confirmable: bool = False) -> None:
+        """A dense window; `confirmable` (new-segment and periodic bursts, not the first window
+        nor one the audits asked for) may stop at its half when that confirms the setting in force."""
+        confirms = self._learned if confirmable and self._learned is not None else None
+        self._window = _Window(self._frames_for(self.cfg.calibration_s), confirms)
 
     # ------------------------------------------------------------- results
     def mark_inferred(self, prepared: Prepared) -> None:
@@ -396,6 +416,8 @@ class QueryFilter:
         window.values[id(prepared)] = value
         if window.complete():
             self._finish_window()
+        elif window.confirms is not None and not window.confirm_started and window.half_complete():
+            self._confirm_half(window)
 
     def _check_at_bound(self, prepared: Prepared, value: Any) -> None:
         kept = self._stale_kept.pop(id(prepared), None)
@@ -412,6 +434,35 @@ class QueryFilter:
         else:
             self._bound_factor = max(LOWEST_FACTOR, self._bound_factor / BOUND_STEP)
 
+    def _confirm_half(self, window: _Window) -> None:
+        """Tune the window's first half like a finished window (through `tune_runner`); whether it
+        confirms the setting in force is decided when the result is applied."""
+        window.confirm_started = True
+        if self.agreement is None:
+            return
+        frames = window.frames[:window.half]
+        job = self._tuning_job(frames, [window.values[id(f)] for f in frames])
+        try:
+            self.tune_runner(lambda: self._confirmations.append((window, job.run())))
+        except RuntimeError:        # the tuner is shutting down: the window runs to its end
+            return
+        self._apply_confirmations()
+
+    def _apply_confirmations(self) -> None:
+        while self._confirmations:
+            window, tuned = self._confirmations.popleft()
+            confirms = window.confirms
+            if window is not self._window or confirms is None:
+                continue                    # the window finished (or was restarted) meanwhile
+            if (tuned.setting.feature, tuned.setting.threshold) != (confirms.feature, confirms.threshold):
+                continue                    # the half learned something else: the window runs on
+            self._window = None
+            self._since_profiled = 0
+            self._confirmed += 1
+            self._tuned.append(tuned)
+            self._tuning += 1
+            self._apply_tuned()
+
     def _finish_window(self) -> None:
         """Plan the tuning of the finished window (a pure job over a snapshot), run it through
         `tune_runner` (inline, or on the daemon's tuner thread: it takes ~0.3-1 s and must not
@@ -421,7 +472,16 @@ class QueryFilter:
         frames = [f for f in window.frames if id(f) in window.values]
         if len(frames) < max(2, window.frames_wanted // 2) or self.agreement is None:
             return                          # too little came back to tune on; profiled again soon
-        values = [window.values[id(f)] for f in frames]
+        job = self._tuning_job(frames, [window.values[id(f)] for f in frames])
+        try:
+            self.tune_runner(lambda: self._tuned.append(job.run()))
+        except RuntimeError:        # the tuner is shutting down (stop, reload): nothing to tune for
+            return
+        self._tuning += 1
+        self._apply_tuned()
+
+    def _tuning_job(self, frames: list, values: list) -> _TuningJob:
+        """The tuning of a window's frames, pooled with the most similar windows profiled before."""
         consecutive = [self.differencer.feature(a, b, SEGMENT_FEATURE) for a, b in zip(frames, frames[1:])]
         key = segment_key(consecutive)
         # Tune on this window pooled with the most similar windows profiled before: one short
@@ -436,12 +496,7 @@ class QueryFilter:
             longest=min([longest_age(self.cfg, self.fps), len(frames) - 1] + [len(p.frames) - 1 for p in similar]),
             key=key, pieces=[segment_key(consecutive[k:k + piece]) for k in range(0, len(consecutive), piece)
                              if len(consecutive[k:k + piece]) >= piece // 2])
-        try:
-            self.tune_runner(lambda: self._tuned.append(job.run()))
-        except RuntimeError:        # the tuner is shutting down (stop, reload): nothing to tune for
-            return
-        self._tuning += 1
-        self._apply_tuned()
+        return job
 
     def _apply_tuned(self) -> None:
         while self._tuned:
@@ -522,6 +577,7 @@ class QueryFilter:
             "profiles": len(self.profiles),
             "profiled_windows": self._profiled,
             "novel_segments": self._novel,
+            "confirmed_at_half": self._confirmed,
             "audit_fraction": round(self.audit_fraction(), 4) if self.cfg.enabled else 0.0,
             "audited": self.audits.total,
             "audited_agreement": self.audits.mean_agreement,
