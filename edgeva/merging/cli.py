@@ -28,6 +28,7 @@ from ..config import ConfigError, load_config
 from .analysis import analyse_modules, format_analysis
 from .bundle import save_bundle
 from .merger import IncrementalMerger, MergeSettings
+from .probe import CANDIDATES_PER_FRAME, PROBE
 from .report import build_report, format_report
 from .workload import workload_from_config
 
@@ -102,7 +103,8 @@ def merge_main(argv: Optional[list[str]] = None) -> int:
     if args.time_budget is not None:   # what is left after setup, less the final check (as long as the originals' run)
         merger.settings.time_budget_s = max(0.0, args.time_budget - setup_s - merger.check.reference_seconds)
     sizes = ", ".join(sorted({f"{m.input_size} px" for m in workload.models.values()}))
-    heldout = ", ".join(f"{c} {len(f.heldout)}" for c, f in workload.frames.items())
+    heldout = ", ".join(f"{c} {len(f.heldout) // CANDIDATES_PER_FRAME} of {len(f.heldout)} candidates" if c == PROBE
+                        else f"{c} {len(f.heldout)}" for c, f in workload.frames.items())
     print(f"{len(workload.models)} models at {sizes}, {len(workload.queries)} queries, held-out frames: {heldout}; "
           f"{len(merger.analysis.groups)} candidate groups ({merger.analysis.total_bytes_saved / 2**20:.1f} MiB at "
           f"most); setup {setup_s:.1f}s", file=sys.stderr)
