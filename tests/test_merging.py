@@ -492,7 +492,7 @@ def test_the_probe_is_checked_for_every_query_and_distilled_on(specialised, came
     the lenient own-camera setting, and a query is judged by them when they are its worst frames."""
     models = {"tiny@quadrant": copy_model(specialised["tiny@quadrant"])}
     pools = [camera.heldout, make_frames(16, seed=10)]
-    frames = {"cam": camera, PROBE: CameraFrames(make_candidates([camera.train], 10, 1),
+    frames = {"cam": camera, PROBE: CameraFrames(make_candidates([camera.train], 10 * CANDIDATES_PER_FRAME, 1),
                                                  make_candidates(pools, 20 * CANDIDATES_PER_FRAME, 2))}
     wl = Workload(models, [QuerySpec("q-a", "tiny@quadrant", "cam", TaskConfig(type="classify"), 0.9)],
                   frames, {"tiny@quadrant": "tinynet"})
@@ -511,7 +511,7 @@ def test_models_probed_on_different_frames_never_share_cached_activations(camera
     """Cached activations were keyed by camera name: two models whose first blocks are identical
     but whose probe frames differ read each other's activations (every trial then "failed")."""
     models = _resnet_family(camera, 2)                     # identical up to layer3, then drifted
-    frames = {"cam": camera, PROBE: CameraFrames(make_candidates([camera.train], 8, 1),
+    frames = {"cam": camera, PROBE: CameraFrames(make_candidates([camera.train], 8 * CANDIDATES_PER_FRAME, 1),
                                                  make_candidates([camera.heldout], 16 * CANDIDATES_PER_FRAME, 2))}
     queries = [QuerySpec(f"q-{k}", k, "cam", TaskConfig(type="classify"), 0.9) for k in models]
     merger = IncrementalMerger(Workload(models, queries, frames, {k: "resnet18" for k in models}),

@@ -28,6 +28,7 @@ from ..config import ConfigError, load_config
 from .analysis import analyse_modules, format_analysis
 from .bundle import save_bundle
 from .merger import IncrementalMerger, MergeSettings
+from .probe import CANDIDATES_PER_FRAME, PROBE
 from .report import build_report, format_report
 from .workload import workload_from_config
 
@@ -49,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-size", type=int, help="shrink sampled frames to this long side (default: native size)")
     p.add_argument("--probe", type=int, default=0,
                    help="check every query also on this many probe frames made from the cameras' held-out frames "
-                        "(blends, mosaics, zoomed crops, recoloured mirror images, grey pictures; for a classifier "
-                        "those where its original is least sure of five times as many made), and distil every "
-                        "model on as many made from training frames: scenes the cameras do not show, where a "
-                        "merged model may flip answers its own cameras never reveal (default 0: none)")
+                        "(blends, mosaics, zoomed crops, recoloured mirror images, grey pictures; a classifier on "
+                        "those of five times as many where its original is least sure), and distil every model on "
+                        "as many chosen alike from ones made of training frames: scenes the cameras do not show, "
+                        "where a merged model may flip answers its own cameras never reveal (default 0: none)")
     p.add_argument("--init", choices=("mean", "anchor"), default="mean",
                    help="a shared tensor starts at the members' mean (default) or the first member's weights (Gemel)")
     p.add_argument("--distil-on", choices=("own", "all"), default="own",
@@ -102,7 +103,8 @@ def merge_main(argv: Optional[list[str]] = None) -> int:
     if args.time_budget is not None:   # what is left after setup, less the final check (as long as the originals' run)
         merger.settings.time_budget_s = max(0.0, args.time_budget - setup_s - merger.check.reference_seconds)
     sizes = ", ".join(sorted({f"{m.input_size} px" for m in workload.models.values()}))
-    heldout = ", ".join(f"{c} {len(f.heldout)}" for c, f in workload.frames.items())
+    heldout = ", ".join(f"{c} {len(f.heldout) // CANDIDATES_PER_FRAME} of {len(f.heldout)} candidates" if c == PROBE
+                        else f"{c} {len(f.heldout)}" for c, f in workload.frames.items())
     print(f"{len(workload.models)} models at {sizes}, {len(workload.queries)} queries, held-out frames: {heldout}; "
           f"{len(merger.analysis.groups)} candidate groups ({merger.analysis.total_bytes_saved / 2**20:.1f} MiB at "
           f"most); setup {setup_s:.1f}s", file=sys.stderr)

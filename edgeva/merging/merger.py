@@ -124,11 +124,11 @@ class IncrementalMerger:
         self.teachers = {k: r.teacher for k, r in self.runners.items() if r.teacher is not None}
 
     def frames_for(self, model: ZooModel, camera: str, part: str) -> list[np.ndarray]:
-        """A camera's training or held-out frames; of the probe's held-out candidates, the model's
-        own choice (made now, while every model is still its original). The probe's training frames
-        are an even sample of candidates: scoring those too would cost minutes of setup."""
+        """A camera's training or held-out frames; of the probe's candidates, the model's own choice
+        (made now, while every model is still its original): a classifier is distilled on the
+        region it is checked on."""
         frames = getattr(self.workload.frames[camera], part)
-        if camera != PROBE or part == "train":
+        if camera != PROBE:
             return frames
         return select_for(model, frames, len(frames) // CANDIDATES_PER_FRAME)
 

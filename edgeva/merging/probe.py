@@ -7,8 +7,9 @@ scene the way a re-pointed or new camera does: a blend of two cameras' frames, a
 four, a zoomed crop, a colour-shifted mirror image, a grey picture. Of the candidates, each
 classifier is checked (and distilled) on those where its original is least sure, the region near
 its decision boundary that its own cameras rarely reach; models whose outputs carry no margin
-(detectors) get an even sample of the candidates. Every model is distilled on probe frames made
-from training frames only; held-out candidates are made from held-out frames only.
+(detectors) get an even sample of the candidates. Distillation picks its probe frames the same
+way from candidates made of training frames only; held-out candidates are made from held-out
+frames only.
 """
 from __future__ import annotations
 

@@ -130,9 +130,9 @@ def workload_from_config(cfg: Config, *, frames_per_camera: int = 600, frame_lon
                          read_frames: bool = True, probe: int = 0) -> Workload:
     """Build each distinct model of the config's model queries once, at the query's configured
     input size (merged models are checked at the size the daemon will run them); read frames
-    per camera at their native size unless `frame_long_side` shrinks them; with `probe`, add that
-    many probe frames made from training frames and the candidates for as many held-out ones as
-    the pseudo camera PROBE (see `probe`)."""
+    per camera at their native size unless `frame_long_side` shrinks them; with `probe`, add the
+    candidates for that many probe frames per model, made from training frames and from held-out
+    frames, as the pseudo camera PROBE (see `probe`)."""
     models: dict[str, ZooModel] = {}
     queries: list[QuerySpec] = []
     archs: dict[str, str] = {}
@@ -154,7 +154,7 @@ def workload_from_config(cfg: Config, *, frames_per_camera: int = 600, frame_lon
             frames[cam_id] = read_camera_frames(cfg.camera(cam_id).source, frames_per_camera, frame_long_side,
                                                 min_heldout=min_heldout)
         if probe > 0:
-            frames[PROBE] = CameraFrames(make_candidates([f.train for f in frames.values()], probe, seed=1),
-                                         make_candidates([f.heldout for f in frames.values()],
-                                                         probe * CANDIDATES_PER_FRAME, seed=2))
+            made = probe * CANDIDATES_PER_FRAME
+            frames[PROBE] = CameraFrames(make_candidates([f.train for f in frames.values()], made, seed=1),
+                                         make_candidates([f.heldout for f in frames.values()], made, seed=2))
     return Workload(models, queries, frames, archs, weights, digests)
