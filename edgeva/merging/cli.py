@@ -50,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-size", type=int, help="shrink sampled frames to this long side (default: native size)")
     p.add_argument("--probe", type=int, default=0,
                    help="check every query also on this many probe frames made from the cameras' held-out frames "
-                        "(blends, mosaics, zoomed crops, recoloured mirror images, grey pictures; for a classifier "
-                        "those where its original is least sure of five times as many made), and distil every "
-                        "model on as many made from training frames: scenes the cameras do not show, where a "
-                        "merged model may flip answers its own cameras never reveal (default 0: none)")
+                        "(blends, mosaics, zoomed crops, recoloured mirror images, grey pictures; a classifier on "
+                        "those of five times as many where its original is least sure), and distil every model on "
+                        "as many chosen alike from ones made of training frames: scenes the cameras do not show, "
+                        "where a merged model may flip answers its own cameras never reveal (default 0: none)")
     p.add_argument("--init", choices=("mean", "anchor"), default="mean",
                    help="a shared tensor starts at the members' mean (default) or the first member's weights (Gemel)")
     p.add_argument("--distil-on", choices=("own", "all"), default="own",
