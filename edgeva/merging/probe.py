@@ -20,6 +20,7 @@ import numpy as np
 
 from ..models.base import ZooModel
 from ..models.outputs import ClassProbs
+from ..models.preprocess import resize_long_side
 
 PROBE = "~probe"          # the probe's pseudo camera (no config camera id can start with "~")
 CANDIDATES_PER_FRAME = 5  # candidates made per probe frame kept
@@ -70,14 +71,6 @@ def _fit(image: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
 
 
-def _shrink(image: np.ndarray) -> np.ndarray:
-    h, w = image.shape[:2]
-    if max(h, w) <= LONG_SIDE:
-        return image
-    gain = LONG_SIDE / max(h, w)
-    return cv2.resize(image, (max(8, round(w * gain)), max(8, round(h * gain))), interpolation=cv2.INTER_AREA)
-
-
 def make_candidates(pools: Sequence[Sequence[np.ndarray]], count: int, seed: int = 0) -> list[np.ndarray]:
     """`count` candidates, the makers taken in turn, from frames drawn across the pools (one pool
     per camera; a draw picks a camera, then a frame, so a long clip does not crowd out a short one)."""
@@ -88,7 +81,7 @@ def make_candidates(pools: Sequence[Sequence[np.ndarray]], count: int, seed: int
 
     def pick() -> np.ndarray:
         pool = pools[int(rng.integers(len(pools)))]
-        return _shrink(pool[int(rng.integers(len(pool)))])
+        return resize_long_side(pool[int(rng.integers(len(pool)))], LONG_SIDE)
 
     return [MAKERS[i % len(MAKERS)](pick, rng) for i in range(count)]
 

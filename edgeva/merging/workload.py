@@ -13,6 +13,7 @@ import numpy as np
 from ..config import Config, TaskConfig, model_key  # the daemon's key: bundles are looked up by it
 from .. import models as zoo
 from ..models.base import ZooModel
+from ..models.preprocess import resize_long_side
 from ..recordings import playable
 from ..redaction import redact
 from .probe import CANDIDATES_PER_FRAME, PROBE, make_candidates
@@ -56,7 +57,8 @@ class Workload:
 
     def cameras_for(self, own: list[str], every_camera: bool) -> list[str]:
         """A model's own cameras first, then every other camera when asked, then the probes."""
-        rest = [c for c in self.frames if c not in own and (every_camera or c in self.probes)]
+        probes = self.probes
+        rest = [c for c in self.frames if c not in own and (every_camera or c in probes)]
         return list(own) + rest
 
     @property
@@ -85,7 +87,7 @@ def read_camera_frames(source: str, count: int, long_side: Optional[int], heldou
             else:
                 ok, image = cap.read()
                 if ok:
-                    frames.append(_resize_long_side(image, long_side))
+                    frames.append(resize_long_side(image, long_side))
                     numbers.append(index)
             if not ok:
                 break
@@ -97,14 +99,6 @@ def read_camera_frames(source: str, count: int, long_side: Optional[int], heldou
     heldout = max(round(len(frames) * heldout_fraction), min_heldout)
     split = max(1, min(len(frames) - 1, len(frames) - heldout))
     return CameraFrames(frames[:split], frames[split:], numbers[:split], numbers[split:])
-
-
-def _resize_long_side(image: np.ndarray, long_side: Optional[int]) -> np.ndarray:
-    if long_side is None or max(image.shape[:2]) <= long_side:
-        return image
-    h, w = image.shape[:2]
-    gain = long_side / max(h, w)
-    return cv2.resize(image, (max(8, round(w * gain)), max(8, round(h * gain))), interpolation=cv2.INTER_AREA)
 
 
 def default_builder(name: str, weights: Optional[str], download: bool, device: str) -> ZooModel:

@@ -39,6 +39,15 @@ class Letterbox:
         return out
 
 
+def resize_long_side(image: np.ndarray, long_side: int | None) -> np.ndarray:
+    """The image shrunk (INTER_AREA) so its longer side is at most `long_side`; as it is when None."""
+    if long_side is None or max(image.shape[:2]) <= long_side:
+        return image
+    h, w = image.shape[:2]
+    gain = long_side / max(h, w)
+    return cv2.resize(image, (max(8, round(w * gain)), max(8, round(h * gain))), interpolation=cv2.INTER_AREA)
+
+
 def letterbox_shape(images: Sequence[np.ndarray], size: int, stride: int) -> tuple[int, int]:
     """Network input (h, w): the smallest stride multiple around the scaled frame when all
     frames share a shape (the usual case for one camera), else a size x size square."""
