@@ -23,7 +23,7 @@ from edgeva.config import Config, ConfigError, model_key
 from edgeva.executor import ModelWorker
 from edgeva.gpu import device_report
 from edgeva.memory import nvml_device_stats, unique_bytes
-from edgeva.merging import BundleError, load_bundle
+from edgeva.merging import BundleError, dense_bytes, load_bundle
 from edgeva.merging.bundle import bundle_mismatches
 from edgeva import models as zoo     # zoo.build_model looked up per call, so a stand-in can replace it
 from edgeva.models.device import resolve_device
@@ -274,7 +274,7 @@ class ModelPool:
             return {"budget_bytes": None, "resident_bytes": 0}
         modules = [m.module for m in self.models.values() if getattr(m, "module", None) is not None]
         resident = unique_bytes(modules)
-        unshared = sum(unique_bytes([m]) for m in modules)   # each model alone: what it would hold unmerged
+        unshared = sum(dense_bytes(m) for m in modules)   # each model alone: what it would hold unmerged
         stats: dict[str, Any] = {"budget_bytes": None, "merged_bundle": self.bundle_path, "resident_bytes": resident,
                                  "unshared_bytes": unshared, "bytes_saved_by_sharing": unshared - resident,
                                  "saved_fraction": round((unshared - resident) / unshared, 4) if unshared else 0.0}

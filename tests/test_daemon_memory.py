@@ -50,13 +50,15 @@ def test_model_larger_than_the_budget_is_refused_at_start(tmp_path):
     daemon.models.stop()
 
 
-def _merged_bundle(tmp_path, input_size: int = 96):
+def _merged_bundle(tmp_path, input_size: int = 96, residual: bool = False):
     """Two mobilenet_v3_small weights files and a bundle sharing their convolutions, recorded as
-    checked at `input_size` (a real merge would retrain first; the runtime is what is tested)."""
+    checked at `input_size` (a real merge would retrain first; the runtime is what is tested).
+    `residual`: the second model's convolutions are the first's plus an int8 residual instead."""
     import torch
 
     from edgeva.memory import unique_bytes
     from edgeva.merging import ModelMeta, analyse_modules, save_bundle
+    from edgeva.merging.residual import attach
     from edgeva.merging.workload import file_digest
     from edgeva.models import build_model
 
@@ -75,11 +77,17 @@ def _merged_bundle(tmp_path, input_size: int = 96):
         anchor = models[g.members[0].model].module.get_submodule(g.members[0].path)
         for ref in g.members[1:]:
             layer = models[ref.model].module.get_submodule(ref.path)
+            if residual:
+                attach(layer, anchor.weight)
+                continue
             for p in g.signature.params:
                 setattr(layer, p.name, getattr(anchor, p.name))
     meta = {k: ModelMeta("mobilenet_v3_small", str(p), "classifier", input_size=input_size,
                          weights_digest=file_digest(str(p)), queries=[f"q{i}"])
             for i, (k, p) in enumerate(zip(keys, paths))}
+    if residual:
+        bundle = save_bundle(tmp_path / "bundle.pt", {k: m.module for k, m in models.items()}, [], meta)
+        return bundle, paths, separate, separate - unique_bytes([m.module for m in models.values()])
     bundle = save_bundle(tmp_path / "bundle.pt", {k: m.module for k, m in models.items()}, groups, meta)
     return bundle, paths, separate, sum(g.bytes_saved for g in groups)
 
@@ -99,11 +107,12 @@ def _bundle_config(tmp_path, bundle, paths, input_size=96, budget_mb=None):
     return load_config(cfg_path)
 
 
-@pytest.mark.parametrize("budget_mb", [None, 12])
-def test_daemon_runs_a_merged_bundle_with_shared_tensors_counted_once(tmp_path, budget_mb):
+@pytest.mark.parametrize("budget_mb, residual", [(None, False), (12, False), (None, True), (12, True)])
+def test_daemon_runs_a_merged_bundle_with_shared_tensors_counted_once(tmp_path, budget_mb, residual):
     """With a budget the bundle's models are registered from the host (shared tensors once)
-    and loaded only by the memory manager."""
-    bundle, paths, separate, expected = _merged_bundle(tmp_path)
+    and loaded only by the memory manager. Residual layers count their base once, their int8
+    residuals each, and as their dense weight in what the models would hold apart."""
+    bundle, paths, separate, expected = _merged_bundle(tmp_path, residual=residual)
     daemon = Daemon(_bundle_config(tmp_path, bundle, paths, budget_mb=budget_mb), notifier=Notifier({}))
     daemon.start()
     try:

@@ -1,7 +1,8 @@
 """The merged bundle: every model's tensors with each shared group stored once, plus the
 merge report. Loading rebuilds each model from its architecture (and its original weights file
 for class names and head size, when present), loads the merged tensors and re-shares the groups,
-so shared layers are the same nn.Parameter objects in every module that uses them.
+so shared layers are the same nn.Parameter objects in every module that uses them, and
+residual layers (`residual.py`) are rebuilt on their base's parameter.
 
 Daemon use: `bundle = load_bundle(path, device)`, then for a model key either take
 `bundle.models[key]` (a ready ZooModel) or `apply_bundle(built_zoo_model, bundle.modules[key])`.
@@ -19,11 +20,14 @@ from torch import nn
 
 from ..models.base import TorchZooModel, ZooModel
 from .analysis import LayerRef, SharingGroup
+from . import residual
 from .memory import resident_weight_bytes
 from .workload import ModelBuilder, default_builder
 
 BUNDLE_FORMAT = "edgeva-merged-bundle"
-BUNDLE_VERSION = 2     # 2: each model records the input size it was checked at and its weights' sha256
+BUNDLE_VERSION = 3     # 2: each model records the input size it was checked at and its weights' sha256
+                       # 3: residual layers (base + int8 residual); a version 2 bundle has none
+READABLE_VERSIONS = (2, 3)
 
 
 class BundleError(RuntimeError):
@@ -76,10 +80,14 @@ def save_bundle(path: str | os.PathLike[str], modules: Mapping[str, nn.Module], 
         shared_records.append({"params": names, "members": [[r.model, r.path] for r in g.members],
                                "layer": g.signature.describe(),
                                "tensors": {n: getattr(anchor, n).detach() for n in names}})
+    residual_records = _residual_records(modules)
+    for rec in residual_records:
+        member_model, member_path = rec["member"]
+        shared_names[member_model].update(_full(member_path, n) for n in ("base", "delta", "delta_scale"))
     private = {k: {n: t for n, t in m.state_dict().items() if n not in shared_names[k]} for k, m in modules.items()}
     data = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
             "models": {k: asdict(meta[k]) for k in modules}, "private": private, "shared": shared_records,
-            "report": json.dumps(report or {})}
+            "residual": residual_records, "report": json.dumps(report or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -95,7 +103,7 @@ def read_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise BundleError(f"cannot read merged bundle {path}: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path} is not an edgeva merged bundle")
-    if data.get("version") != BUNDLE_VERSION:
+    if data.get("version") not in READABLE_VERSIONS:
         raise BundleError(f"{path}: bundle version {data.get('version')} (this edgeva reads {BUNDLE_VERSION}; "
                           f"version 1 bundles do not record the input size they were checked at: merge again)")
     return data
@@ -114,6 +122,13 @@ def install_state(modules: Mapping[str, nn.Module], data: dict[str, Any]) -> lis
             for name in rec["params"]:
                 states[ref.model][_full(ref.path, name)] = rec["tensors"][name]
         records.append(SharedTensors(list(rec["params"]), members, rec.get("layer", "")))
+    residuals = data.get("residual", [])
+    for rec in residuals:      # loaded as a plain layer holding the base, then made a residual one
+        (model, path), (base_model, base_path) = rec["member"], rec["base"]
+        base_weight = states.get(base_model, {}).get(_full(base_path, "weight"))
+        if model not in states or base_weight is None:
+            raise BundleError(f"bundle residual layer {model}:{path} names a base {base_model}:{base_path} it lacks")
+        states[model][_full(path, "weight")] = base_weight
     for key, state in states.items():
         try:
             modules[key].load_state_dict(state, strict=True)
@@ -121,6 +136,10 @@ def install_state(modules: Mapping[str, nn.Module], data: dict[str, Any]) -> lis
             raise BundleError(f"bundle tensors do not fit model {key}: {str(exc).splitlines()[0]}") from None
     for rec in records:
         _share_record(modules, rec)
+    for rec in residuals:
+        (model, path), (base_model, base_path) = rec["member"], rec["base"]
+        base = modules[base_model].get_submodule(base_path).weight
+        residual.install(modules[model].get_submodule(path), base, rec["delta"], rec["delta_scale"])
     return records
 
 
@@ -177,6 +196,24 @@ def apply_bundle(model: ZooModel, module: nn.Module) -> ZooModel:
         raise BundleError(f"{model.name}: not a torch model, a merged module cannot replace its weights")
     model.replace_module(module)
     return model
+
+
+def _residual_records(modules: Mapping[str, nn.Module]) -> list[dict[str, Any]]:
+    """Each residual layer with the plain layer whose weight is its base (the first in model order)."""
+    owner: dict[int, LayerRef] = {}
+    for key, module in modules.items():
+        for path, layer in module.named_modules():
+            weight = getattr(layer, "weight", None) if not residual.is_residual(layer) else None
+            if isinstance(weight, nn.Parameter):
+                owner.setdefault(id(weight), LayerRef(key, path))
+    records = []
+    for ref, layer in residual.residual_layers(modules):
+        base = owner.get(id(layer.base))
+        if base is None:
+            raise BundleError(f"residual layer {ref.model}:{ref.path} has a base no plain layer holds")
+        records.append({"member": [ref.model, ref.path], "base": [base.model, base.path],
+                        "delta": layer.delta.detach().cpu(), "delta_scale": layer.delta_scale.detach().cpu()})
+    return records
 
 
 def _share_record(modules: Mapping[str, nn.Module], rec: SharedTensors) -> None:

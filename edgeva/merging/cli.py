@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-on", choices=("mean", "lower-bound"), default="mean",
                    help="a query's target holds when its mean agreement (default) or the Wilson 95%% lower bound "
                         "of it reaches the target")
+    p.add_argument("--residuals", choices=("none", "int8"), default="none",
+                   help="after full sharing, hold each layer still apart as the shared base plus an int8 residual per "
+                        "model (weight = base + residual, a quarter of its float32 bytes), checked like any step and "
+                        "never retrained; the dense weight is rebuilt each time the layer runs (default none)")
     p.add_argument("--steps", type=int, default=60, help="most retraining steps per trial")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--batch", type=int, default=16)
@@ -96,7 +100,7 @@ def merge_main(argv: Optional[list[str]] = None) -> int:
                                     min_heldout=args.min_heldout, device=args.device, probe=args.probe)
     settings = MergeSettings(train_steps=args.steps, eval_every=args.eval_every, batch_size=args.batch, lr=args.lr,
                              init=args.init, distil_on=args.distil_on, check_on=args.check_on, accept_on=args.accept_on,
-                             max_trials=args.max_trials, seed=args.seed)
+                             max_trials=args.max_trials, seed=args.seed, residuals=args.residuals)
     merger = IncrementalMerger(workload, settings, out_dir=out, progress=lambda m: print(m, file=sys.stderr, flush=True))
     state = merger.resume() if args.resume else None
     setup_s = time.monotonic() - started

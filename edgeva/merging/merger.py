@@ -6,8 +6,10 @@ model's configured input size, retrains only what the trial changed -- the block
 first shared layer on, fed with cached activations of the untouched blocks before it -- jointly
 for all affected models (distilling from the originals' cached outputs, loss weighted toward
 lagging queries) until all targets hold, the step budget ends or agreement stops improving,
-then accepts the trial or undoes it and backs off. What agreement is and how it is judged lives
-in `agreement`; the order of trials and the back-off in `planner`.
+then accepts the trial or undoes it and backs off. With `residuals="int8"` a last pass holds
+each layer still apart as a shared base plus an int8 residual per model (`residual`), checked
+the same way and never retrained. What agreement is and how it is judged lives in `agreement`;
+the order of trials and the back-off in `planner`.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ from .blocks import ActivationCache
 from .bundle import ModelMeta, install_state, read_bundle, save_bundle
 from .distill import adapter_for
 from .memory import MemoryMeasurement, cuda_loaded_bytes, resident_weight_bytes
-from .planner import Candidate, after_acceptance, back_off, plan_candidates
+from . import residual
+from .planner import (Candidate, ResidualLayer, after_acceptance, back_off, plan_candidates, plan_residuals,
+                      residual_back_off)
 from .probe import CANDIDATES_PER_FRAME, PROBE, select_for
 from .retrain_budget import RetrainBudget
 from .runner import ModelRunner
@@ -57,6 +61,8 @@ class MergeSettings:
     time_budget_s: Optional[float] = None
     max_trials: Optional[int] = None
     seed: int = 0
+    residuals: str = "none"          # layers still apart after full sharing: none | int8 (base + int8 residual)
+    residual_reserve_checks: float = 3.0   # full-sharing trials stop this many checks of every model early
 
 
 @dataclass
@@ -88,6 +94,12 @@ class MergeState:
     attempts: list[Attempt]
     agreement: dict[str, float]
     elapsed_s: float = 0.0
+    residuals: list[ResidualLayer] = field(default_factory=list)
+
+    @property
+    def bytes_saved(self) -> int:
+        """What the accepted steps save by their analysis (full sharing and residual layers)."""
+        return sum(g.bytes_saved for g in self.accepted) + sum(r.bytes_saved for r in self.residuals)
 
 
 class IncrementalMerger:
@@ -142,9 +154,13 @@ class IncrementalMerger:
         started = time.monotonic() - state.elapsed_s
         deadline = None if self.settings.time_budget_s is None else started + self.settings.time_budget_s
         self.stopped_reason = "plan exhausted"
+        with_residuals = self.settings.residuals != "none"
+        sharing_deadline = deadline
+        if deadline is not None and with_residuals:   # the residual pass gets the end of the budget
+            sharing_deadline = deadline - self.settings.residual_reserve_checks * self.check.reference_seconds
         trials = 0
         while state.queue:
-            if deadline is not None and time.monotonic() >= deadline:
+            if sharing_deadline is not None and time.monotonic() >= sharing_deadline:
                 self.stopped_reason = "time budget reached"
                 break
             if self.settings.max_trials is not None and trials >= self.settings.max_trials:
@@ -171,8 +187,63 @@ class IncrementalMerger:
             self._checkpoint(state, bundle=attempt.outcome == "accepted")
             if self.stopped_reason == "time budget reached":
                 break
+        if with_residuals and (self.settings.max_trials is None or trials < self.settings.max_trials):
+            self._residual_pass(state, started, deadline)
         state.elapsed_s = time.monotonic() - started
         return state
+
+    # ------------------------------------------------------ residual pass
+    def _residual_pass(self, state: MergeState, started: float, deadline: Optional[float]) -> None:
+        if self.settings.residuals != "int8":
+            raise ValueError(f"unknown residual format {self.settings.residuals!r} (none | int8)")
+        plan = plan_residuals(self.analysis.groups, state.accepted, done={r.layer_id for r in state.residuals})
+        steps: deque[list[ResidualLayer]] = deque([plan] if plan else [])
+        while steps:
+            if deadline is not None and time.monotonic() >= deadline:
+                self.stopped_reason = "time budget reached (residual pass)"
+                return
+            layers = steps.popleft()
+            attempt = self._try_residual(layers, state, len(state.attempts))
+            state.attempts.append(attempt)
+            if attempt.outcome == "accepted":
+                state.residuals.extend(layers)
+                state.agreement.update(attempt.agreement_final)
+            else:
+                failing_models = {self.check.query(q).model_key for q in attempt.failing_queries}
+                follow_ups = residual_back_off(layers, failing_models)
+                attempt.outcome = "backed off: residual" if follow_ups else "skipped"
+                steps.extendleft(reversed(follow_ups))
+            state.elapsed_s = time.monotonic() - started
+            self.progress(self._progress_line(attempt, state))
+            self._checkpoint(state, bundle=attempt.outcome == "accepted")
+
+    def _try_residual(self, layers: list[ResidualLayer], state: MergeState, index: int) -> Attempt:
+        """Hold `layers` as base + int8 residual in their members, check the models that changed
+        (stopping at the first miss), keep or undo."""
+        t0 = time.monotonic()
+        own_weights = {}
+        for layer in layers:
+            base = layer_of(self.modules, layer.base).weight
+            for ref in layer.members:
+                module = layer_of(self.modules, ref)
+                own_weights[ref] = module.weight
+                residual.attach(module, base)
+        paths: dict[str, list[str]] = {}
+        for ref in own_weights:
+            paths.setdefault(ref.model, []).append(ref.path)
+        starts = {key: self.runners[key].start_of(p) for key, p in paths.items()}
+        agreement = self.check.until_failure(starts, lambda q: self._slack(q, state.agreement))
+        failing = [q for q, a in agreement.items() if not self.check.target_met(q, a)]
+        if failing:
+            for ref, weight in own_weights.items():
+                residual.detach(layer_of(self.modules, ref), weight)
+        members = [m.path for layer in layers for m in layer.members[:1]]
+        return Attempt(index, "residual", f"int8 residual x{len(layers)} layers" if len(layers) > 1 else
+                       f"int8 residual {layers[0].layer}", sorted(paths), [layer.layer_id for layer in layers],
+                       sum(layer.bytes_saved for layer in layers), agreement, agreement, 0,
+                       round(time.monotonic() - t0, 2), "accepted" if not failing else "failed", failing,
+                       layers=members,
+                       lower_bound_final={q: round(b, 4) for q, b in self.check.lower_bounds(agreement).items()})
 
     # --------------------------------------------------------------- trial
     def _try(self, candidate: Candidate, state: MergeState, index: int, deadline: Optional[float]) -> Attempt:
@@ -338,7 +409,7 @@ class IncrementalMerger:
         return MemoryMeasurement("cuda.memory_allocated", int(before or 0), int(after or 0))
 
     def _progress_line(self, a: Attempt, state: MergeState) -> str:
-        saved = sum(g.bytes_saved for g in state.accepted)
+        saved = state.bytes_saved
         worst = min(a.agreement_final.values()) if a.agreement_final else 1.0
         tried, left = a.index + 1, len(state.queue)
         done = tried / (tried + left)
@@ -366,7 +437,7 @@ class IncrementalMerger:
         progress = {"accepted": [[g.layer_id, list(g.models)] for g in state.accepted],
                     "queue": [c.to_json() for c in state.queue], "attempts": [asdict(a) for a in state.attempts],
                     "agreement": state.agreement, "elapsed_s": state.elapsed_s,
-                    "workload": self.fingerprint()}
+                    "residuals": [r.to_json() for r in state.residuals], "workload": self.fingerprint()}
         tmp = self.out_dir / (PROGRESS_FILE + ".tmp")
         tmp.write_text(json.dumps(progress, indent=1))
         tmp.replace(self.out_dir / PROGRESS_FILE)
@@ -387,8 +458,10 @@ class IncrementalMerger:
             raise ValueError(f"{self.out_dir} holds progress of a different workload; start without --resume")
         by_layer = self.analysis.by_layer_id()
         accepted = [by_layer[lid].restricted_to(tuple(models)) for lid, models in progress["accepted"]]
-        if accepted:
+        residuals = [ResidualLayer.from_json(r) for r in progress.get("residuals", [])]
+        if accepted or residuals:
             install_state(self.modules, read_bundle(self.out_dir / CHECKPOINT_BUNDLE))
         queue = deque(Candidate.from_json(c, by_layer) for c in progress["queue"])
         attempts = [Attempt(**a) for a in progress["attempts"]]
-        return MergeState(accepted, queue, attempts, dict(progress["agreement"]), float(progress["elapsed_s"]))
+        return MergeState(accepted, queue, attempts, dict(progress["agreement"]), float(progress["elapsed_s"]),
+                          residuals)

@@ -12,13 +12,17 @@ with the last step's passing model where only one was left, form a candidate of 
 check that stops at the first miss names one failing model per trial, so the models dropped one
 by one along a chain are the ones that may still share among themselves. Every such regrouping
 leaves out at least the model whose failure ended the chain, so back-off terminates.
+
+After full sharing, the residual pass (`plan_residuals`): every layer location still held
+apart becomes one base plus an int8 residual per member (`residual.py`), all in one step that
+halves when it fails, and a single failing layer leaves out the failing models' members.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from .analysis import SharingGroup
+from .analysis import LayerRef, SharingGroup
 
 
 @dataclass
@@ -97,3 +101,92 @@ def _regrouped(candidate: Candidate, models: tuple[str, ...]) -> list[Candidate]
     if len(models) < 2:
         return []
     return [Candidate([g.restricted_to(models) for g in candidate.layers], "split")]
+
+
+# ------------------------------------------------------------------ residual layers
+RESIDUAL_KINDS = ("Conv2d", "Linear")
+DELTA_BYTES_PER_WEIGHT = 1               # int8 codes
+
+
+@dataclass(frozen=True)
+class ResidualLayer:
+    """One layer location held as `base` plus an int8 residual in each of `members`."""
+
+    layer_id: str
+    layer: str                          # the signature, described
+    base: LayerRef                      # a plain layer (its weight may be a shared group's tensor)
+    members: tuple[LayerRef, ...]       # each becomes base + its own residual
+    saving_per_member: int
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(m.model for m in self.members)
+
+    @property
+    def bytes_saved(self) -> int:
+        return len(self.members) * self.saving_per_member
+
+    def restricted_to(self, members: tuple[LayerRef, ...]) -> "ResidualLayer":
+        return ResidualLayer(self.layer_id, self.layer, self.base, members, self.saving_per_member)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layer_id": self.layer_id, "layer": self.layer, "base": [self.base.model, self.base.path],
+                "members": [[m.model, m.path] for m in self.members], "saving_per_member": self.saving_per_member}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ResidualLayer":
+        return cls(data["layer_id"], data["layer"], LayerRef(*data["base"]),
+                   tuple(LayerRef(*m) for m in data["members"]), int(data["saving_per_member"]))
+
+
+def residual_saving(group: SharingGroup) -> int:
+    """Bytes one member saves holding the group's weight as an int8 residual on a shared base
+    (float32 weight out, int8 codes and one float32 scale per output channel in)."""
+    weight = next(p for p in group.signature.params if p.name == "weight")
+    element = weight.nbytes // max(1, _numel(weight.shape))
+    return _numel(weight.shape) * (element - DELTA_BYTES_PER_WEIGHT) - weight.shape[0] * element
+
+
+def plan_residuals(groups: Iterable[SharingGroup], accepted: Iterable[SharingGroup],
+                   done: Iterable[str] = ()) -> list[ResidualLayer]:
+    """After full sharing, each layer location whose members are not all one tensor: its private
+    members become residuals on a base, the largest shared part's tensor where full sharing kept
+    one, else the first private member's own weight. Largest saving first."""
+    accepted = list(accepted)
+    done = set(done)
+    plan: list[ResidualLayer] = []
+    for g in groups:
+        if g.signature.kind not in RESIDUAL_KINDS or g.layer_id in done:
+            continue
+        if not any(p.name == "weight" for p in g.signature.params):
+            continue
+        parts = sorted((a for a in accepted if a.layer_id == g.layer_id), key=lambda a: -len(a.members))
+        taken = {m for a in parts for m in a.members}
+        private = [m for m in g.members if m not in taken]
+        base = parts[0].members[0] if parts else (private.pop(0) if private else None)
+        if base is None or not private:
+            continue
+        plan.append(ResidualLayer(g.layer_id, g.signature.describe(), base, tuple(private), residual_saving(g)))
+    plan.sort(key=lambda layer: -layer.bytes_saved)
+    return plan
+
+
+def residual_back_off(layers: list[ResidualLayer], failing_models: Iterable[str]) -> list[list[ResidualLayer]]:
+    """After a residual step failed: each half of its layers, else the one layer without the
+    members of the failing models (nothing when none is left)."""
+    if len(layers) > 1:
+        half = len(layers) // 2
+        return [layers[:half], layers[half:]]
+    failing = set(failing_models)
+    layer = layers[0]
+    kept = tuple(m for m in layer.members if m.model not in failing)
+    if not kept or len(kept) == len(layer.members):
+        return []
+    return [[layer.restricted_to(kept)]]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

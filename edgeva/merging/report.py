@@ -29,7 +29,7 @@ def build_report(merger: IncrementalMerger, state: MergeState, setup_s: float, c
                             "met": merger.check.target_met(q.query_id, final[q.query_id]),
                             "judged_on": merger.settings.accept_on}
                for q in merger.workload.queries}
-    accepted_bytes = sum(g.bytes_saved for g in state.accepted)
+    accepted_bytes = state.bytes_saved
     return {
         "config": config,
         "stopped": merger.stopped_reason,
@@ -47,6 +47,7 @@ def build_report(merger: IncrementalMerger, state: MergeState, setup_s: float, c
         "queries": queries,
         "accepted": [{"id": g.group_id, "layer": g.signature.describe(), "models": list(g.models),
                       "bytes_saved": g.bytes_saved} for g in state.accepted],
+        "residual_layers": [dict(r.to_json(), bytes_saved=r.bytes_saved) for r in state.residuals],
         "attempts": [asdict(a) for a in state.attempts],
         "backed_off": sum(1 for a in state.attempts if a.outcome.startswith("backed off")),
         "skipped": sum(1 for a in state.attempts if a.outcome == "skipped"),
@@ -63,7 +64,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"groups merged: {report['groups_merged']} of {report['candidate_groups']} candidates "
         f"({report['shared_parts']} shared parts); "
         f"{len(report['attempts'])} trials, {report['backed_off']} backed off, {report['skipped']} skipped, "
-        f"{report['queued_left']} left in the queue",
+        f"{report['queued_left']} left in the queue; "
+        f"{len(report.get('residual_layers', []))} layers held as base + int8 residual",
         f"weights resident (measured, distinct storages): {_mib(mem['bytes_before'])} -> {_mib(mem['bytes_after'])}, "
         f"saved {_mib(mem['bytes_saved'])} ({100 * mem['saved_fraction']:.1f}%); "
         f"analysed saving of the merged groups {_mib(report['analysed_bytes_saved'])} "
