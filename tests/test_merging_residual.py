@@ -225,3 +225,29 @@ def test_the_memory_manager_moves_a_residual_base_once_and_runs_it_right(merged,
             assert torch.equal(out, want[key])
     assert mm.backend.allocated_bytes() == unique_bytes(modules.values())
     mm.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_residual_models_run_on_cuda_through_the_memory_manager_under_a_budget(merged):
+    """On a GPU: real copies, a budget that holds one model at a time, channels-last layout and
+    float16 autocast (as the daemon runs them), the host run's outputs within float16's rounding."""
+    import copy
+
+    _, _, merger, _, _, _ = merged
+    modules = copy.deepcopy(merger.modules)
+    x = torch.randn(4, 3, 48, 48)
+    with torch.inference_mode():
+        want = {k: m(x) for k, m in modules.items()}
+    device = torch.device("cuda:0")
+    for m in modules.values():
+        m.to(memory_format=torch.channels_last)
+    mm = MemoryManager(max(unique_bytes([m]) for m in modules.values()), device)
+    for key, module in modules.items():
+        mm.register(key, module)
+    xd = x.to(device).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        for key, module in modules.items():
+            out, _ = mm.run(key, lambda: module(xd))
+            torch.testing.assert_close(out.float().cpu(), want[key], atol=2e-2, rtol=2e-2)   # float16
+    mm.close()

@@ -8,6 +8,9 @@
               for reference Clockwork loads a ResNet50 in 8.3 ms, PipeSwitch switches in 5.4-34.6 ms
   swap SLA    tools/bench_swap.py with real PCIe copies: frames within SLA per mode
   decode      frames/s decoding a clip with OpenCV (CPU) and with NVDEC (torchcodec/PyNvVideoCodec)
+  residual    YOLOv8n with every convolution held as a base plus an int8 residual (`edgeva merge
+              --residuals int8`), which rebuilds its dense weight on each run, against the plain
+              model, fp16, batch 1 and 8: frames/s and the ratio
 
 Without CUDA every device row says `skipped` and why; the CPU decode row is still measured.
 Models are random-initialised (no weights are downloaded): speed does not depend on them.
@@ -84,6 +87,35 @@ def throughput(device: Optional[torch.device], seconds: float) -> list[Row]:
                 rows.append(Row("throughput", setting, f"{rate:.1f} frames/s", "1280x720 uint8 in, outputs on host"))
                 del model
                 torch.cuda.empty_cache()
+    return rows
+
+
+def residual_cost(device: Optional[torch.device], seconds: float) -> list[Row]:
+    from edgeva.merging import residual
+
+    rows = []
+    for batch in (1, 8):
+        setting = f"yolov8n fp16 batch {batch}: plain / every conv residual"
+        if device is None:
+            rows.append(skipped("residual layers", setting, "no CUDA device"))
+            continue
+        torch.manual_seed(0)
+        plain = build_model("yolov8n", device=device)
+        copy = build_model("yolov8n", device=device)
+        with torch.no_grad():
+            for (_, a), (_, b) in zip(plain.module.named_modules(), copy.module.named_modules()):
+                if residual.supports_residual(b) and isinstance(b, torch.nn.Conv2d):
+                    b.weight.copy_(a.weight * (1 + 0.005 * torch.randn_like(a.weight)))   # a fine-tune's drift
+                    residual.attach(b, a.weight)
+        frames = calibration_frames(batch, (720, 1280))
+        rates = []
+        for model in (plain, copy):
+            model.autocast_dtype = torch.float16
+            rates.append(timed_rate(lambda: model.predict(frames), batch, seconds))
+        rows.append(Row("residual layers", setting, f"{rates[0]:.1f} / {rates[1]:.1f} frames/s",
+                        f"residual runs at {rates[1] / rates[0]:.2f}x the plain model's rate"))
+        del plain, copy
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -185,7 +217,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--clip", type=Path, action="append",
                         help="clip(s) to decode (default: the largest in ../shared/videos/tune)")
     parser.add_argument("--decode-frames", type=int, default=600)
-    parser.add_argument("--sections", default="throughput,switch,swap,decode")
+    parser.add_argument("--sections", default="throughput,switch,swap,decode,residual")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda:0") if torch.cuda.is_available() else None
@@ -204,6 +236,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "decode" in sections:
         for clip in clips:
             rows += decode(clip, args.decode_frames)
+    if "residual" in sections:
+        rows += residual_cost(device, args.seconds)
     where = torch.cuda.get_device_name(0) if device is not None else f"no CUDA device ({platform.processor() or 'CPU'})"
     header = (f"edgeva GPU benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {where}, "
               f"torch {torch.__version__}, NVDEC readers: {', '.join(available_nvdec_readers()) or 'none'}")

@@ -15,6 +15,10 @@ the unmerged weights and once with the bundle, every frame inferred; `edgeva sta
 merged run gives the resident bytes the daemon measured after loading the bundle, and the two
 runs' per-frame results are compared with each query's own agreement function.
 
+Part 4 (speed): each model's `predict` on the same frames, unmerged and from the bundle, in one
+process (median of repeats): what holding layers as base + residual costs per frame, since a
+residual layer rebuilds its dense weight every time it runs.
+
     nice -n 10 .venv/bin/python tools/bench_merge.py --time-budget 1200
 """
 from __future__ import annotations
@@ -88,7 +92,7 @@ def part2_merge(config: Path, out: Path, args: argparse.Namespace) -> dict:
     argv = [str(config), "--out", str(out), "--time-budget", str(args.time_budget), "--steps", str(args.steps),
             "--eval-every", str(args.eval_every), "--lr", str(args.lr), "--batch", str(args.batch),
             "--threads", str(args.threads), "--distil-on", args.distil_on, "--check-on", args.check_on, "--accept-on", args.accept_on,
-            "--probe", str(args.probe)]
+            "--probe", str(args.probe), "--residuals", args.residuals]
     t0 = time.monotonic()
     merge_main(argv)
     wall = time.monotonic() - t0
@@ -176,6 +180,27 @@ def part3_daemon(config: Path, bundle: Path) -> dict:
             "frames_in": {q: s["frames_in"] for q, s in merged["last"]["queries"].items()}}
 
 
+def part4_speed(config: Path, bundle: Path, frames: int = 8, repeats: int = 7) -> dict:
+    from edgeva.merging import load_bundle
+
+    wl = workload_from_config(load_config(config), read_frames=False)
+    merged = load_bundle(bundle)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (360, 640, 3), dtype=np.uint8) for _ in range(frames)]
+    out = {}
+    for key, original in wl.models.items():
+        times = {"unmerged": [], "merged": []}
+        for _ in range(repeats):          # interleaved, so a busy moment hits both alike
+            for name, model in (("unmerged", original), ("merged", merged.models[key])):
+                t0 = time.perf_counter()
+                model.predict(images)
+                times[name].append(time.perf_counter() - t0)
+        a, b = (float(np.median(times[n])) * 1000 / frames for n in ("unmerged", "merged"))
+        out[key] = {"unmerged_ms_per_frame": round(a, 2), "merged_ms_per_frame": round(b, 2), "ratio": round(b / a, 3)}
+        print(f"{key}: {a:.1f} ms/frame unmerged, {b:.1f} merged ({b / a:.2f}x)", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--analysis-config", type=Path, default=REPO_ROOT / "configs" / "gemel_workload.yaml")
@@ -194,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-on", choices=("own", "all"), default="own")
     p.add_argument("--accept-on", choices=("mean", "lower-bound"), default="mean")
     p.add_argument("--probe", type=int, default=0, help="edgeva merge --probe")
+    p.add_argument("--residuals", choices=("none", "int8"), default="none", help="edgeva merge --residuals")
+    p.add_argument("--skip-speed", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     summary: dict = {}
@@ -209,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                                           for q, v in report["queries"].items()}}
     if not args.skip_daemon:
         summary["daemon"] = part3_daemon(args.config, args.out / "bundle.pt")
+    if not args.skip_speed:
+        summary["speed"] = part4_speed(args.config, args.out / "bundle.pt")
     print("\nsummary:", json.dumps(summary, indent=1))
     (args.out / "bench_summary.json").write_text(json.dumps(summary, indent=1))
     return 0

@@ -6,7 +6,8 @@
 #      budget, eviction and reload under a budget, a split under a budget, budget accounting vs
 #      the allocator, NVDEC decode of a ../shared clip;
 #   3. tools/bench_gpu.py: throughput (YOLOv8n, ResNet50; batch 1/8/32; fp32/fp16), ResNet50
-#      switch time under a budget, bench_swap with real copies, NVDEC vs CPU decode.
+#      switch time under a budget, bench_swap with real copies, NVDEC vs CPU decode, the
+#      run-time cost of residual layers (merge --residuals int8).
 # Prints one table and writes it (and the pytest log) to $OUT_DIR (default out/).
 # Without a GPU it still runs end to end and reports the CUDA parts as skipped.
 #   bash tools/gpu_check.sh            # exit status: pytest's, or 1 if the benchmark failed
