@@ -10,6 +10,10 @@ then accepts the trial or undoes it and backs off. With `residuals="int8"` a las
 each layer still apart as a shared base plus an int8 residual per model (`residual`), checked
 the same way and never retrained. What agreement is and how it is judged lives in `agreement`;
 the order of trials and the back-off in `planner`.
+
+One module of ~460 lines: the sharing trials, their retraining and the residual pass act on
+one merge state, one set of runners and one checkpoint, and splitting them would pass that
+state between files.
 """
 from __future__ import annotations
 
@@ -159,7 +163,7 @@ class IncrementalMerger:
         if deadline is not None and with_residuals:   # the residual pass gets the end of the budget
             sharing_deadline = deadline - self.settings.residual_reserve_checks * self.check.reference_seconds
         trials = 0
-        while state.queue:
+        while state.queue and not state.residuals:    # residual layers come last: a resumed run goes on with them
             if sharing_deadline is not None and time.monotonic() >= sharing_deadline:
                 self.stopped_reason = "time budget reached"
                 break
