@@ -342,6 +342,24 @@ def test_share_group_mean_init_starts_at_the_members_mean():
     assert torch.allclose(a.head.weight, (wa + wb) / 2)
 
 
+def test_sharing_bit_identical_layers_keeps_their_exact_weights():
+    """The mean of five equal float tensors is rounded (about one element in eight moves by an
+    ulp), which flips answers of frames at a model's decision boundary: equal layers are shared as they are."""
+    from edgeva.merging.sharing import share_group
+
+    nets = {k: TinyNet() for k in "abcde"}
+    torch.manual_seed(3)
+    weight = torch.randn_like(nets["a"].hidden.weight)
+    for net in nets.values():
+        with torch.no_grad():
+            net.hidden.weight.copy_(weight)
+            net.hidden.bias.copy_(nets["a"].hidden.bias)
+    group = next(g for g in analyse_modules(nets).groups if g.members[0].path == "hidden")
+    share_group(nets, group, init="mean")
+    assert nets["a"].hidden.weight is nets["e"].hidden.weight
+    assert torch.equal(nets["a"].hidden.weight, weight)
+
+
 def _resnet_family(camera: CameraFrames, n: int = 2) -> dict[str, WholeFrameClassifier]:
     """Copies of one base whose layer3/layer4/fc drifted, as per-camera fine-tuning leaves them. The
     base's head splits the camera's frames along their features' main direction, so the answers

@@ -26,6 +26,8 @@ def share_group(modules: Mapping[str, nn.Module], group: SharingGroup, init: str
         with torch.no_grad():
             for spec in group.signature.params:
                 values = [getattr(layer_of(modules, ref), spec.name) for ref in group.members]
+                if all(torch.equal(values[0], v) for v in values[1:]):
+                    continue           # the mean of equal tensors is rounded, not always equal to them
                 getattr(anchor, spec.name).copy_(torch.stack([v.detach() for v in values]).mean(0))
     elif init != "anchor":
         raise ValueError(f"unknown shared-layer initialisation {init!r} (anchor | mean)")
