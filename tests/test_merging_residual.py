@@ -251,3 +251,41 @@ def test_residual_models_run_on_cuda_through_the_memory_manager_under_a_budget(m
             out, _ = mm.run(key, lambda: module(xd))
             torch.testing.assert_close(out.float().cpu(), want[key], atol=2e-2, rtol=2e-2)   # float16
     mm.close()
+
+
+def test_cli_merge_with_residuals_writes_a_loadable_bundle(tmp_path):
+    """`edgeva merge --residuals int8` end to end on two models whose heads answer differently:
+    sharing the head changes their answers, holding it as base + residual does not."""
+    import json
+
+    from edgeva.merging import merge_main
+    from edgeva.models import build_model
+    from edgeva.synthetic import SceneSpec, write_clip
+
+    video = write_clip(SceneSpec(width=96, height=64, seconds=3, fps=8, seed=3), tmp_path / "street.mp4")
+    for seed, favoured in ((0, 3), (1, 7)):     # random weights answer by their head's bias alone
+        torch.manual_seed(seed)
+        state = build_model("mobilenet_v3_small").module.state_dict()
+        state["classifier.3.bias"][favoured] = 10.0
+        torch.save(state, tmp_path / f"m{seed}.pt")
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text(f"""
+cameras: [{{id: street, source: {video.name}}}]
+queries:
+  - {{id: a, camera: street, model: mobilenet_v3_small, weights: m0.pt, task: {{type: classify}}, accuracy_target: 1.0,
+      input_size: 64}}
+  - {{id: b, camera: street, model: mobilenet_v3_small, weights: m1.pt, task: {{type: classify}}, accuracy_target: 1.0,
+      input_size: 64}}
+""")
+    out = tmp_path / "out"
+    merge_main([str(cfg), "--out", str(out), "--frames", "12", "--min-heldout", "4", "--steps", "0",
+                "--residuals", "int8"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["residuals"] == "int8"
+    assert any(a["origin"] == "residual" for a in report["attempts"])
+    assert report["memory"]["bytes_saved"] == report["analysed_bytes_saved"]
+    assert "held as base + int8 residual" in (out / "report.txt").read_text()
+    bundle = load_bundle(out / "bundle.pt")
+    assert bundle.resident_bytes() == report["memory"]["bytes_after"]
+    held = sum(1 for _ in residual.residual_layers(bundle.modules))
+    assert held == sum(len(r["members"]) for r in report["residual_layers"])
