@@ -737,3 +737,47 @@ def test_the_check_at_the_half_runs_where_the_daemon_says_and_a_half_that_disagr
     later = _calibrate_runs(busy)
     assert later and later[0] == 30
     assert filt.stats()["confirmed_at_half"] == 1 and filt.stats()["profiled_windows"] >= 3
+
+
+def test_frames_after_a_full_burst_are_decided_by_the_setting_while_its_results_are_on_their_way():
+    # Batch replay decodes far ahead of the model: a burst's 30 frames are all decided long
+    # before their results come back. The frames after them are not the burst's: the setting in
+    # force decides them (on the still street: mostly reuse), not 4 windows' worth of dense keeps.
+    frames = _still_street(260)
+    filt = _calibrating_filter(recalibrate_s=6.0)
+    scene = SceneTracker(filt.differencer)
+    reasons, pending = [], []
+    for i, image in enumerate(frames):
+        p = scene.prepare(image)
+        dec = filt.decide(p)
+        reasons.append(dec.reason)
+        if dec.keep:
+            filt.mark_inferred(p)
+            if i < 60:
+                filt.record_result(p, 0)                 # the first window's results come at once
+            else:
+                pending.append(p)                        # then the model falls behind by 100 frames
+        if i == 160:
+            for q in pending:
+                filt.record_result(q, 0)
+            pending.clear()
+    runs = _calibrate_runs(reasons)
+    assert runs[0] == 29 and runs[1] == 30               # the first window, then the periodic burst whole
+    burst_end = reasons.index("calibrate", 40) + 30
+    waiting = reasons[burst_end:160]
+    assert "calibrate" not in waiting and waiting.count("below_threshold") > len(waiting) // 2
+    assert filt.stats()["profiled_windows"] >= 2         # the burst was tuned once its results came
+
+
+def test_the_first_window_waits_dense_for_its_results_it_has_no_setting_to_decide_with():
+    frames = _still_street(80)
+    filt = _calibrating_filter()
+    scene = SceneTracker(filt.differencer)
+    reasons = []
+    for image in frames:
+        p = scene.prepare(image)
+        dec = filt.decide(p)
+        reasons.append(dec.reason)
+        if dec.keep:
+            filt.mark_inferred(p)                        # no result ever comes back
+    assert set(reasons[1:80]) == {"calibrate"}

@@ -307,7 +307,17 @@ class QueryFilter:
             self._apply_confirmations()
         if self._tuned:
             self._apply_tuned()
-        if self._window is not None or (self._learned is None and self._tuning):
+        window = self._window
+        if window is not None and window.full:
+            # Results lag the decisions by the model's queue (batch replay runs far ahead); only
+            # when they are long overdue were some lost (dropped): tune on what came.
+            window.waited += 1
+            if window.waited > RESULT_PATIENCE * window.frames_wanted:
+                self._finish_window()
+        # a window that has its frames no longer needs dense ones: while its results are on
+        # their way, the setting in force decides (the first window has none yet, so it waits dense)
+        waiting_with_a_setting = window is not None and window.full and self._learned is not None
+        if (self._window is not None and not waiting_with_a_setting) or (self._learned is None and self._tuning):
             return self._keep("calibrate", None, prepared)
         setting = self.setting
         if setting is None:
@@ -328,15 +338,8 @@ class QueryFilter:
     def _keep(self, reason: str, value: Optional[float], prepared: Optional[Prepared] = None) -> Decision:
         self._kept[reason] = self._kept.get(reason, 0) + 1
         window = self._window
-        if window is not None and prepared is not None:
-            if not window.full:
-                window.frames.append(prepared)
-            else:
-                window.waited += 1
-                # Results lag the decisions by the model's queue (batch replay runs far ahead);
-                # only when they are long overdue were some lost (dropped): tune on what came.
-                if window.waited > RESULT_PATIENCE * window.frames_wanted:
-                    self._finish_window()
+        if window is not None and prepared is not None and not window.full:
+            window.frames.append(prepared)
         return Decision(True, reason, value, self._skipped)
 
     def _track_segment(self, prepared: Prepared) -> None:
