@@ -18,15 +18,7 @@ from edgeva.merging import residual
 from edgeva.merging.planner import plan_residuals, residual_back_off
 from edgeva.merging.workload import CameraFrames
 from edgeva.transfer import SimulatedBackend
-from tests.test_merging import TinyNet, make_frames, trained_model, wrap
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from tests.test_merging import one_thread, TinyNet, make_frames, trained_model, wrap  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -314,10 +314,11 @@ class QueryFilter:
             window.waited += 1
             if window.waited > RESULT_PATIENCE * window.frames_wanted:
                 self._finish_window()
+                window = None
         # a window that has its frames no longer needs dense ones: while its results are on
         # their way, the setting in force decides (the first window has none yet, so it waits dense)
-        waiting_with_a_setting = window is not None and window.full and self._learned is not None
-        if (self._window is not None and not waiting_with_a_setting) or (self._learned is None and self._tuning):
+        dense = window is not None and not (window.full and self._learned is not None)
+        if dense or (self._learned is None and self._tuning):
             return self._keep("calibrate", None, prepared)
         setting = self.setting
         if setting is None:

@@ -19,10 +19,12 @@ halves when it fails, and a single failing layer leaves out the failing models' 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from .analysis import LayerRef, SharingGroup
+from .residual import saving_per_member
 
 
 @dataclass
@@ -105,7 +107,6 @@ def _regrouped(candidate: Candidate, models: tuple[str, ...]) -> list[Candidate]
 
 # ------------------------------------------------------------------ residual layers
 RESIDUAL_KINDS = ("Conv2d", "Linear")
-DELTA_BYTES_PER_WEIGHT = 1               # int8 codes
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,9 @@ class ResidualLayer:
 
 
 def residual_saving(group: SharingGroup) -> int:
-    """Bytes one member saves holding the group's weight as an int8 residual on a shared base
-    (float32 weight out, int8 codes and one float32 scale per output channel in)."""
+    """Bytes one member saves holding the group's weight as an int8 residual on a shared base."""
     weight = next(p for p in group.signature.params if p.name == "weight")
-    element = weight.nbytes // max(1, _numel(weight.shape))
-    return _numel(weight.shape) * (element - DELTA_BYTES_PER_WEIGHT) - weight.shape[0] * element
+    return saving_per_member(weight.shape, weight.nbytes // max(1, math.prod(weight.shape)))
 
 
 def plan_residuals(groups: Iterable[SharingGroup], accepted: Iterable[SharingGroup],
@@ -183,10 +182,3 @@ def residual_back_off(layers: list[ResidualLayer], failing_models: Iterable[str]
     if not kept or len(kept) == len(layer.members):
         return []
     return [[layer.restricted_to(kept)]]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

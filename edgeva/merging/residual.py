@@ -17,6 +17,7 @@ per member. The dense weight exists only while the layer runs.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping
 
 import torch
@@ -98,17 +99,24 @@ def residual_bytes(layer: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (layer.delta, layer.delta_scale))
 
 
+def saving_per_member(shape: tuple[int, ...], element_size: int) -> int:
+    """Bytes one member saves holding a weight of `shape` as a residual on a shared base: its
+    dense weight out, the int8 codes and one scale per output channel (of the weight's dtype) in."""
+    codes = math.prod(shape) * torch.empty((), dtype=DELTA_DTYPE).element_size()
+    return math.prod(shape) * element_size - codes - shape[0] * element_size
+
+
 def dense_bytes(module: nn.Module) -> int:
     """Bytes `module` alone would hold with every residual layer dense again (its unmerged size):
     a residual layer counts as its weight, not as base + codes + scales."""
-    storages: dict[int, int] = {}
+    storages: dict[tuple[str, int], int] = {}
     for layer in module.modules():
         own = [t for t in (*layer.parameters(recurse=False), *layer.buffers(recurse=False)) if t is not None]
         if is_residual(layer):
             own = [t for t in own if t is not layer.base and t is not layer.delta and t is not layer.delta_scale]
-            storages[id(layer)] = layer.base.numel() * layer.base.element_size()
+            storages[("dense weight", id(layer))] = layer.base.numel() * layer.base.element_size()
         for t in own:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            storages[("storage", t.untyped_storage().data_ptr())] = t.untyped_storage().nbytes()
     return sum(storages.values())
 
 
