@@ -23,6 +23,10 @@ from edgeva.work import ExecutorPort, WorkItem
 
 log = logging.getLogger("edgeva.query")
 
+# Batch replay waits at most this long for a calibration window's results before it decides
+# without them (and, for this query, never waits again: something holds its results back).
+RESULTS_WAIT_S = 600.0
+
 
 def audit_seed(query_id: str) -> int:
     """The seed of a query's audit sampling: the same in every process (unlike hash(), which
@@ -112,6 +116,7 @@ class ModelQuery:
         # wait reaches the decoder: back-pressure), no wall-clock deadline, and media time for the
         # SLA rate, so the results do not depend on how fast this machine is.
         self._batch = backpressure
+        self._wait_for_filter_results = backpressure
         self._submit_wait_s = 3600.0 if backpressure else 0.0
         self.query_id = cfg.id
         self.stats = stats
@@ -120,6 +125,7 @@ class ModelQuery:
         self.task = task
         self.filter = query_filter
         self._lock = threading.Lock()
+        self._results_in = threading.Condition(self._lock)   # a kept frame got its result, or never will
         self._latest: Optional[_Inference] = None      # newest kept frame (maybe still running)
         self._last_done: Optional[_Inference] = None   # newest kept frame with a result
         self._min_interval = 1.0 / cfg.sla.fps if cfg.sla.fps else 0.0
@@ -132,6 +138,7 @@ class ModelQuery:
     def submit(self, view: FrameView) -> None:
         frame = view.frame
         with self._lock:
+            self._await_filter_results()
             decision = self._decide(view)
             if decision.keep:
                 item: Optional[WorkItem] = self._keep(frame, view)
@@ -146,6 +153,19 @@ class ModelQuery:
         if not self.worker.submit(item, wait_s=0.0 if item.audit and not self._batch else self._submit_wait_s) \
                 and not item.audit:
             self.dropped(item, DropReason.QUEUE_FULL)
+
+    def _await_filter_results(self) -> None:
+        """Batch replay: when the filter's next decision depends on results still in the model
+        (a calibration window's tuning), wait for them instead of deciding ahead without them, so
+        the decisions do not depend on how far decoding runs ahead of the model. Live sources
+        never wait here: their results come within the SLA latency."""
+        query_filter = self.filter
+        if not self._wait_for_filter_results or query_filter is None or not query_filter.awaiting_results():
+            return
+        if not self._results_in.wait_for(lambda: not query_filter.awaiting_results(), timeout=RESULTS_WAIT_S):
+            self._wait_for_filter_results = False
+            log.warning("query %s: calibration results overdue after %.0f s; deciding without them from now on",
+                        self.query_id, RESULTS_WAIT_S)
 
     def _decide(self, view: FrameView) -> Decision:
         frame = view.frame
@@ -227,6 +247,7 @@ class ModelQuery:
                     self.filter.record_result(inference.prepared, value)
                 except Exception:
                     log.exception("query %s: the filter failed on the result of %s", self.query_id, frame.frame_id)
+            self._results_in.notify_all()
 
     def dropped(self, item: WorkItem, reason: DropReason) -> None:
         if item.audit:
@@ -242,8 +263,12 @@ class ModelQuery:
                     self._emit_reused(frame, self._last_done)
                 else:
                     self.drop(frame, reason)
-            if self.filter is not None and self._latest is inference:
-                self.filter.forget_reference()   # compare the next frame with something we have a result for
+            if self.filter is not None:
+                if inference.prepared is not None:
+                    self.filter.record_lost(inference.prepared)
+                if self._latest is inference:
+                    self.filter.forget_reference()   # compare the next frame with something we have a result for
+            self._results_in.notify_all()
 
     def _emit_reused(self, frame: Frame, source: _Inference) -> None:
         latency = time.monotonic() - frame.t_mono

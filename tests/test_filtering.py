@@ -781,3 +781,38 @@ def test_the_first_window_waits_dense_for_its_results_it_has_no_setting_to_decid
         if dec.keep:
             filt.mark_inferred(p)                        # no result ever comes back
     assert set(reasons[1:80]) == {"calibrate"}
+
+
+def test_a_window_waiting_on_a_dropped_frame_tunes_without_it():
+    # Batch replay waits while the filter awaits results; a kept frame that was dropped never
+    # brings one, so it must not hold the window (or a check at the bound) open for ever.
+    frames = _still_street(80)
+    filt = _calibrating_filter()
+    scene = SceneTracker(filt.differencer)
+    window = []
+    for image in frames[:30]:
+        p = scene.prepare(image)
+        assert filt.decide(p).keep
+        filt.mark_inferred(p)
+        window.append(p)
+    assert filt.awaiting_results()                      # full, no result yet
+    for p in window[:-1]:
+        filt.record_result(p, 0)
+    assert filt.awaiting_results() and filt.calibrating
+    filt.record_lost(window[-1])                         # the last one was dropped
+    assert not filt.awaiting_results() and not filt.calibrating
+    assert filt.stats()["profiled_windows"] == 1
+    reasons = []
+    for image in frames[30:]:
+        p = scene.prepare(image)
+        dec = filt.decide(p)
+        reasons.append(dec.reason)
+        if dec.keep:
+            filt.mark_inferred(p)
+            if dec.reason == "stale":
+                assert filt.awaiting_results()          # its check at the bound is pending
+                filt.record_lost(p)
+                assert not filt.awaiting_results()
+            else:
+                filt.record_result(p, 0)
+    assert "stale" in reasons

@@ -532,3 +532,66 @@ def test_frames_kept_at_the_bound_shorten_it_in_the_daemon(tmp_path, monkeypatch
     agreement = np.mean([task.agreement(rows[i]["value"], reference[i]) for i in range(n)])
     fixed = np.mean([task.agreement(reference[i - i % (bound + 1)], reference[i]) for i in range(n)])
     assert agreement > fixed
+
+
+def _batch_decisions(street, lagging: bool) -> tuple[list[int], dict]:
+    """The frames a calibrating batch-replay car-count query infers on the street, its results
+    coming at once (inline) or from a model thread that lags far behind the decoder."""
+    import queue
+
+    from edgeva.config import parse_config
+    from edgeva.filtering import QueryFilter
+    from edgeva.query import FrameView, ModelQuery
+    from edgeva.results import ResultHub
+    from edgeva.stats import StatsRegistry
+
+    clip, blob = street
+    frames = read_segment(str(clip), seconds=100)
+    pending: queue.Queue = queue.Queue()
+
+    class _Port:
+        key, model = "blob", blob
+
+        def submit(self, item, wait_s=0.0):
+            if lagging:
+                pending.put(item)
+            else:
+                item.owner.complete(item, blob.predict([item.frame.image])[0], time.monotonic())
+            return True
+
+    def model_thread():
+        while (item := pending.get()) is not None:
+            time.sleep(0.002)               # slower than the decoder: the queue grows to hundreds
+            item.owner.complete(item, blob.predict([item.frame.image])[0], time.monotonic())
+
+    cfg = parse_config({"cameras": [{"id": "street", "source": "rtsp://x/y"}],
+                        "queries": [{"id": "cars", "camera": "street", "model": "yolov8n",
+                                     "task": {"type": "count", "classes": ["car"]},
+                                     "filter": {"audit_fraction": 0.0, "calibration_s": 1.0, "segment_s": 0.5,
+                                                "recalibrate_s": 3.0}}]
+                        }).queries[0]
+    stats, hub = StatsRegistry(), ResultHub()
+    task = build_task(cfg.task, blob, "cars")
+    query_filter = QueryFilter(cfg.filter, rng_seed=1, agreement=task.agreement, target=0.9, fps=10.0)
+    query = ModelQuery(cfg, stats, hub, _Port(), task, query_filter, backpressure=True)
+    inferred: list[int] = []
+    hub.add_tap(lambda r: inferred.append(r.seq) if r.outcome.value == "inferred" else None)
+    thread = threading.Thread(target=model_thread, daemon=True)
+    thread.start()
+    for seq, image in enumerate(frames):
+        query.submit(FrameView(Frame("street", seq, time.time(), time.monotonic(), image, t_media=seq / 10), fps=10.0))
+    pending.put(None)
+    thread.join(timeout=60)
+    return sorted(inferred), query_filter.stats()
+
+
+def test_batch_replay_decides_as_if_results_came_at_once_however_far_the_model_lags(street):
+    """In batch replay the decoder runs far ahead of the model. A calibration window's tuning and
+    the check of a frame kept at the staleness bound wait for their results, so the frames
+    inferred are exactly those of a model that answers at once: the results of an overnight
+    replay do not depend on how fast the machine is."""
+    at_once, at_once_stats = _batch_decisions(street, lagging=False)
+    lagging, lagging_stats = _batch_decisions(street, lagging=True)
+    assert at_once_stats["profiled_windows"] >= 2 and at_once_stats["kept_by_reason"].get("stale", 0) > 0
+    assert lagging == at_once
+    assert lagging_stats["bound_factor"] == at_once_stats["bound_factor"]

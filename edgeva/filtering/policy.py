@@ -57,8 +57,8 @@ PROFILING_SPACING = 4
 # changing: that setting is already losing the answer, so one window's spacing is enough.
 FAILING_SPACING = 1
 POOLED_WINDOWS = 3          # a window is tuned together with its two nearest profiled windows
-SEGMENT_FEATURE = "pixel"
-RESULT_PATIENCE = 4         # a window waits this many window lengths of frames for its results   # segment keys: how much of the picture changes from frame to frame
+SEGMENT_FEATURE = "pixel"   # segment keys: how much of the picture changes from frame to frame
+RESULT_PATIENCE = 4         # a window waits this many window lengths of frames for its results
 
 
 # A frame kept at the staleness bound is a free check of the reused answer at the bound's age:
@@ -160,6 +160,7 @@ class _Window:
         self.frames_wanted = frames_wanted
         self.frames: list[Prepared] = []
         self.values: dict[int, Any] = {}      # id(prepared) -> result
+        self.lost: set[int] = set()            # id(prepared) of frames that will never get one (dropped)
         self.waited = 0                        # frames seen since it filled, waiting for results
         self.confirms = confirms               # the setting in force, which its first half may confirm
         self.confirm_started = False
@@ -168,15 +169,24 @@ class _Window:
     def half(self) -> int:
         return self.frames_wanted // 2
 
+    def _answered(self, frames: list) -> bool:
+        return all(id(f) in self.values or id(f) in self.lost for f in frames)
+
     def half_complete(self) -> bool:
-        return len(self.frames) >= self.half and all(id(f) in self.values for f in self.frames[:self.half])
+        return len(self.frames) >= self.half and self._answered(self.frames[:self.half])
 
     @property
     def full(self) -> bool:
         return len(self.frames) >= self.frames_wanted
 
     def complete(self) -> bool:
-        return self.full and all(id(f) in self.values for f in self.frames)
+        return self.full and self._answered(self.frames)
+
+    def awaits_results(self) -> bool:
+        """Its next step (tuning the whole window, or checking its first half) waits for results."""
+        if self.full:
+            return not self.complete()
+        return self.confirms is not None and not self.confirm_started and len(self.frames) >= self.half
 
 
 class QueryFilter:
@@ -291,6 +301,14 @@ class QueryFilter:
     @property
     def calibrating(self) -> bool:
         return self._window is not None
+
+    def awaiting_results(self) -> bool:
+        """The next decision depends on results still in the model: a window's tuning, its half's
+        check, or the check of a frame kept at the staleness bound waits for them. Batch replay
+        waits here, so its decisions are the ones the filter makes when results come at once,
+        however far decoding could run ahead."""
+        window = self._window
+        return bool(self._stale_kept) or (window is not None and window.awaits_results())
 
     # ------------------------------------------------------------- decisions
     def decide(self, prepared: Prepared) -> Decision:
@@ -408,6 +426,16 @@ class QueryFilter:
         self._reference = None
         self._skipped = 0
 
+    def record_lost(self, prepared: Prepared) -> None:
+        """A kept frame that will never get a result (dropped): its window tunes without it, and
+        it checks nothing at the bound."""
+        self._stale_kept.pop(id(prepared), None)
+        window = self._window
+        if window is None or not any(f is prepared for f in window.frames):
+            return
+        window.lost.add(id(prepared))
+        self._window_progressed(window)
+
     def record_result(self, prepared: Prepared, value: Any) -> None:
         """The model's result on a kept frame: calibration windows are tuned on these, and a frame
         kept at the staleness bound shortens the bound (the answer had changed) or lengthens it
@@ -418,6 +446,9 @@ class QueryFilter:
         if window is None or not any(f is prepared for f in window.frames):
             return
         window.values[id(prepared)] = value
+        self._window_progressed(window)
+
+    def _window_progressed(self, window: _Window) -> None:
         if window.complete():
             self._finish_window()
         elif window.confirms is not None and not window.confirm_started and window.half_complete():
