@@ -10,9 +10,14 @@ every-frame outputs (tools/reference_cache.py) and scored with the task's own ag
   (b) uniform sampling: infer every k-th frame, averaged over the phase;
   (c) motion-gated (Frigate-like): infer when any changed region exceeds a fixed area;
   (d) the hindsight oracle: infer exactly when the reused answer would pull the running mean
-      agreement below the target.
+      agreement below the target;
+  (e) a fixed interval as a user would configure one (DeepStream's `interval`), chosen without
+      hindsight: every k-th frame, k the largest at which the pair meets the target on the
+      clip's first third (the data `edgeva tune --seconds <a third>` sees), used on the whole
+      clip; and one k for every clip, the largest at which every development pair (tune/)
+      meets the target. (b) picks each pair's interval in hindsight; (e) cannot.
 Reported per pair: inferences and agreement of (a), what (b) needs for the same agreement, the
-ratio, and (d)'s ratio. Plus a PNG of the curves.
+ratio, (d)'s ratio, and (e)'s inferences and agreement. Plus a PNG of the curves.
 
     .venv/bin/python tools/bench_filtering.py [--clips eval|tune] [--plot out/filter_curves.png]
 """
@@ -121,21 +126,55 @@ def tuned_on_first_third(prepared, values, agree, fps: float, cfg: FilterConfig)
     return replace(cfg, threshold=tuned.threshold, max_age_s=tuned.max_age / fps, feature=tuned.feature)
 
 
-def uniform_curve(values, agree) -> list[tuple[float, float]]:
-    """(inferences, agreement) of every-k sampling, averaged over up to 8 phases per k."""
+def every_k(values, agree, k: int) -> tuple[float, float]:
+    """(inferences, agreement) of inferring every k-th frame, averaged over up to 8 phases."""
     n = len(values)
+    phases = sorted({int(p) for p in np.linspace(0, k - 1, min(k, 8))})
+    runs = []
+    for phase in phases:
+        source = [0 if i < phase else phase + ((i - phase) // k) * k for i in range(n)]
+        runs.append(mean_agreement(agree, values, source))
+    inferred = np.mean([len(set([0] + list(range(ph, n, k)))) for ph in phases])
+    return float(inferred), float(np.mean(runs))
+
+
+def uniform_curve(values, agree) -> list[tuple[float, float]]:
+    """(inferences, agreement) of every-k sampling for k = 1, 2, ..., phase-averaged."""
     points = []
-    for k in range(1, n + 1):
-        phases = sorted({int(p) for p in np.linspace(0, k - 1, min(k, 8))})
-        runs = []
-        for phase in phases:
-            source = [0 if i < phase else phase + ((i - phase) // k) * k for i in range(n)]
-            runs.append(mean_agreement(agree, values, source))
-        inferred = np.mean([len(set([0] + list(range(ph, n, k)))) for ph in phases])
-        points.append((float(inferred), float(np.mean(runs))))
-        if np.mean(runs) < 0.5 or k > 600:
+    for k in range(1, len(values) + 1):
+        points.append(every_k(values, agree, k))
+        if points[-1][1] < 0.5 or k > 600:
             break
     return points
+
+
+def largest_interval(values, agree, longest: int = 600) -> int:
+    """The largest k at which every-k-th-frame sampling meets the target on `values` (phase-averaged)."""
+    best = 1
+    for k in range(2, min(longest, len(values)) + 1):
+        if every_k(values, agree, k)[1] < TARGET:
+            break
+        best = k
+    return best
+
+
+def fixed_interval_on(folder: Path, longest: int = 600) -> int:
+    """The largest k at which every-k-th-frame sampling meets the target (phase-averaged) on every
+    pair of `folder`'s clips whose answer changes: what a user would configure after trying
+    intervals on their development clips."""
+    pairs = []
+    for clip in sorted(p for p in folder.glob("*") if p.suffix in (".mp4", ".avi", ".mkv", ".mov")):
+        ref = load_or_compute(clip, verbose=False)
+        for query, (task, _) in QUERIES.items():
+            values = query_values(ref, query)
+            if any(task.agreement(v, values[0]) < 1.0 for v in values):
+                pairs.append((values, task.agreement))
+    best = 1
+    for k in range(2, longest + 1):
+        if not all(every_k(values, agree, k)[1] >= TARGET for values, agree in pairs):
+            break
+        best = k
+    return best
 
 
 def uniform_needs(curve, agreement: float) -> float:
@@ -202,6 +241,8 @@ def main() -> None:
     clips = sorted(p for p in folder.glob("*") if p.suffix in (".mp4", ".avi", ".mkv", ".mov"))
     if not clips:
         sys.exit(f"no clips in {folder}")
+    interval = fixed_interval_on(SHARED / "videos" / "tune")
+    print(f"fixed interval chosen on tune/: every {interval} frame(s)")
     rows = []
     curves: dict[str, dict[str, Any]] = {}
     for clip in clips:
@@ -223,7 +264,9 @@ def main() -> None:
             need = uniform_needs(uni, run.agreement)
             orc = oracle(values, agree)
             orc_need = uniform_needs(uni, orc.agreement)
-            rows.append((clip.name, query, len(values), (run, need, orc, orc_need)))
+            first_third = every_k(values, agree, largest_interval(values[:len(values) // 3], agree))
+            fixed = every_k(values, agree, interval)
+            rows.append((clip.name, query, len(values), (run, need, orc, orc_need, first_third, fixed)))
             curves[f"{clip.stem[:24]} {query}"] = {
                 "uniform": uni, "motion": motion_gated_curve(frames, values, agree),
                 "edgeva": (run.inferences, run.agreement), "oracle": (orc.inferences, orc.agreement),
@@ -239,16 +282,17 @@ def main() -> None:
 def _summary(rows) -> None:
     changing = [r for r in rows if r[3] is not None]
     print()
-    print("| clip | query | frames | edgeva inferences | + audits | agreement | uniform, same agreement | ratio | ratio with audits | oracle ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| clip | query | frames | edgeva inferences | + audits | agreement | uniform, same agreement | ratio | ratio with audits | oracle ratio | interval from first third |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for clip, query, n, res in rows:
         if res is None:
-            print(f"| {clip} | {query} | {n} | answer never changes | | | | | | |")
+            print(f"| {clip} | {query} | {n} | answer never changes | | | | | | | |")
             continue
-        run, need, orc, orc_need = res
+        run, need, orc, orc_need, first_third, _ = res
         print(f"| {clip} | {query} | {n} | {run.inferences} ({100 * run.inferences / n:.1f} %) | {run.audits} | "
               f"{run.agreement:.3f} | {need:.0f} | {run.inferences / need:.2f} | "
-              f"{(run.inferences + run.audits) / need:.2f} | {orc.inferences / orc_need:.2f} |")
+              f"{(run.inferences + run.audits) / need:.2f} | {orc.inferences / orc_need:.2f} | "
+              f"{first_third[0]:.0f} @ {first_third[1]:.3f} |")
     if changing:
         total = sum(r[3][0].inferences for r in changing)
         audits = sum(r[3][0].audits for r in changing)
@@ -256,10 +300,17 @@ def _summary(rows) -> None:
         total_oracle = sum(r[3][2].inferences for r in changing)
         total_oracle_uniform = sum(r[3][3] for r in changing)
         missed = [f"{r[0]}/{r[1]}" for r in changing if r[3][0].agreement < TARGET]
+        thirds = sum(r[3][4][0] for r in changing)
+        thirds_missed = [f"{r[0]}/{r[1]}" for r in changing if r[3][4][1] < TARGET]
+        total_fixed = sum(r[3][5][0] for r in changing)
+        fixed_missed = [f"{r[0]}/{r[1]}" for r in changing if r[3][5][1] < TARGET]
         print(f"\nover the {len(changing)} pairs whose answer changes: edgeva {total} inferences (+{audits} audits), "
               f"uniform at the same agreement {total_uniform:.0f} (ratio {total / total_uniform:.2f}, "
               f"{(total + audits) / total_uniform:.2f} with audits); oracle ratio "
-              f"{total_oracle / total_oracle_uniform:.2f}; target {TARGET} missed on: {', '.join(missed) or 'none'}")
+              f"{total_oracle / total_oracle_uniform:.2f}; target {TARGET} missed on: {', '.join(missed) or 'none'}; "
+              f"intervals chosen on each clip's first third {thirds:.0f} inferences (edgeva {total / thirds:.2f}x of it), "
+              f"target missed on: {', '.join(thirds_missed) or 'none'}; one interval chosen on tune/ {total_fixed:.0f} "
+              f"inferences (edgeva {total / total_fixed:.2f}x of it), target missed on: {', '.join(fixed_missed) or 'none'}")
 
 
 def _plot(curves, path: Path) -> None:

@@ -1,0 +1,35 @@
+"""tools/bench_filtering.py's baselines: uniform sampling phase-averaged, and the interval a user
+would choose without hindsight (what README's filtering tables compare the filter with)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from bench_filtering import every_k, largest_interval, uniform_curve  # noqa: E402
+
+from edgeva.models.tasks import PresenceTask  # noqa: E402
+
+
+def test_every_k_averages_over_phases_and_counts_the_first_frame():
+    values = [False] * 10 + [True] * 10          # the answer flips once, at frame 10
+    agree = PresenceTask.agreement
+    assert every_k(values, agree, 1) == (20.0, 1.0)
+    inferred, agreement = every_k(values, agree, 8)      # 8 phases: 0..7
+    # phase p infers frame 0 and p, p+8, p+16: the flip at frame 10 is seen at the first of
+    # those at or after 10, and the frames between reuse "absent"
+    seen = [next(i for i in range(p, 40, 8) if i >= 10) for p in range(8)]
+    assert inferred == sum(len({0, *range(p, 20, 8)}) for p in range(8)) / 8
+    assert agreement == pytest.approx(sum(1 - (min(s, 20) - 10) / 20 for s in seen) / 8)
+    assert uniform_curve(values, agree)[7] == (inferred, agreement)
+
+
+def test_the_largest_interval_is_the_last_k_meeting_the_target():
+    values = [False] * 10 + [True] * 10
+    agree = PresenceTask.agreement
+    k = largest_interval(values, agree)
+    assert every_k(values, agree, k)[1] >= 0.9 > every_k(values, agree, k + 1)[1]
+    assert largest_interval([True] * 20, agree) == 20     # an answer that never changes: one inference
