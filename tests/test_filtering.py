@@ -626,6 +626,21 @@ def test_a_frame_kept_at_the_bound_that_finds_the_answer_changed_shortens_the_bo
     assert agreement > fixed
 
 
+def test_the_bound_moves_by_how_much_the_reused_answer_disagreed_not_whether_it_changed():
+    # The bound settles where the agreement at its age averages the target: a count off by one
+    # of six (agreement 0.83, just under 0.9) shortens it a little; a count from 0 to 1
+    # (agreement 0) halves it, as an answer that changed always did before.
+    def first_check(before: int, after: int) -> float:
+        filt = QueryFilter(FilterConfig(threshold=1.0, max_age_s=2.0, audit_fraction=0.0),
+                           agreement=count_agreement, fps=10.0)
+        _bound_replay(filt, [before] * 21 + [after] * 5)           # frame 21 is kept at the bound
+        return filt.stats()["bound_factor"]
+
+    assert first_check(6, 5) == pytest.approx(2.0 ** ((5 / 6 - 0.9) / 0.9), abs=1e-4)   # 0.95
+    assert first_check(0, 1) == pytest.approx(0.5)
+    assert first_check(6, 6) == 1.0                                # never past the learned bound
+
+
 def test_the_bound_comes_back_when_the_answer_settles_but_never_grows_past_the_learned_one():
     filt = QueryFilter(FilterConfig(threshold=1.0, max_age_s=2.0, audit_fraction=0.0),
                        agreement=count_agreement, fps=10.0)

@@ -61,10 +61,13 @@ SEGMENT_FEATURE = "pixel"   # segment keys: how much of the picture changes from
 RESULT_PATIENCE = 4         # a window waits this many window lengths of frames for its results
 
 
-# A frame kept at the staleness bound is a free check of the reused answer at the bound's age:
-# when the answer had changed, the bound halves; when it had not, it grows back by
-# BOUND_STEP ** ((1 - target) / target), so it settles where a share 1 - target of the checks
-# find a change, and never past the learned bound (lengthening it was tried on
+# A frame kept at the staleness bound is a free check of the reused answer at the bound's age,
+# with agreement a between the reused and the new answer: the bound moves by
+# BOUND_STEP ** ((a - target) / target). An answer that changed completely (a = 0) halves it, an
+# unchanged one (a = 1) grows it back by BOUND_STEP ** ((1 - target) / target), and a count off by
+# one of six moves it a little. So it settles where the agreement at the bound's age, the oldest
+# any reused answer gets, averages the target (for a presence query: where a share 1 - target of
+# the checks find a change), and never past the learned bound (lengthening it was tried on
 # ../shared/videos/tune and lost agreement on a motorway).
 BOUND_STEP = 2.0
 _REMEMBERED = 16
@@ -438,8 +441,8 @@ class QueryFilter:
 
     def record_result(self, prepared: Prepared, value: Any) -> None:
         """The model's result on a kept frame: calibration windows are tuned on these, and a frame
-        kept at the staleness bound shortens the bound (the answer had changed) or lengthens it
-        back towards the learned one (it had not)."""
+        kept at the staleness bound shortens the bound (the reused answer agreed less than the
+        target) or lengthens it back towards the learned one (it agreed more)."""
         _remember(self._results, prepared, (prepared, value))
         self._check_at_bound(prepared, value)
         window = self._window
@@ -461,13 +464,9 @@ class QueryFilter:
         reference = self._results.get(id(kept[1]))
         if reference is None or reference[0] is not kept[1]:
             return                              # the reference's result is gone (dropped): no check
-        if self.agreement(value, reference[1]) >= 1.0:
-            # Up by BOUND_STEP ** ((1 - target) / target): the bound settles where a share
-            # 1 - target of the checks find the answer changed.
-            recover = BOUND_STEP ** ((1.0 - self.target) / max(self.target, 1e-6))
-            self._bound_factor = min(1.0, self._bound_factor * recover)
-        else:
-            self._bound_factor = max(LOWEST_FACTOR, self._bound_factor / BOUND_STEP)
+        agreed = self.agreement(value, reference[1])
+        step = BOUND_STEP ** ((agreed - self.target) / max(self.target, 1e-6))
+        self._bound_factor = min(1.0, max(LOWEST_FACTOR, self._bound_factor * step))
 
     def _confirm_half(self, window: _Window) -> None:
         """Tune the window's first half like a finished window (through `tune_runner`); whether it
