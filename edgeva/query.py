@@ -23,8 +23,8 @@ from edgeva.work import ExecutorPort, WorkItem
 
 log = logging.getLogger("edgeva.query")
 
-# Batch replay waits at most this long for a calibration window's results before it decides
-# without them (and, for this query, never waits again: something holds its results back).
+# Batch replay waits at most this long for the results its filter's next decision needs before it
+# decides without them (and, for this query, never waits again: something holds its results back).
 RESULTS_WAIT_S = 600.0
 
 
@@ -156,15 +156,15 @@ class ModelQuery:
 
     def _await_filter_results(self) -> None:
         """Batch replay: when the filter's next decision depends on results still in the model
-        (a calibration window's tuning), wait for them instead of deciding ahead without them, so
-        the decisions do not depend on how far decoding runs ahead of the model. Live sources
-        never wait here: their results come within the SLA latency."""
+        (a calibration window's tuning, a check at the staleness bound), wait for them instead of
+        deciding ahead without them, so the decisions do not depend on how far decoding runs ahead
+        of the model. Live sources never wait here: their results come within the SLA latency."""
         query_filter = self.filter
         if not self._wait_for_filter_results or query_filter is None or not query_filter.awaiting_results():
             return
         if not self._results_in.wait_for(lambda: not query_filter.awaiting_results(), timeout=RESULTS_WAIT_S):
             self._wait_for_filter_results = False
-            log.warning("query %s: calibration results overdue after %.0f s; deciding without them from now on",
+            log.warning("query %s: results the filter waits for overdue after %.0f s; deciding without them from now on",
                         self.query_id, RESULTS_WAIT_S)
 
     def _decide(self, view: FrameView) -> Decision:
