@@ -595,3 +595,37 @@ def test_batch_replay_decides_as_if_results_came_at_once_however_far_the_model_l
     assert at_once_stats["profiled_windows"] >= 2 and at_once_stats["kept_by_reason"].get("stale", 0) > 0
     assert lagging == at_once
     assert lagging_stats["bound_factor"] == at_once_stats["bound_factor"]
+
+
+def test_batch_replay_stops_waiting_for_results_that_never_come(street, monkeypatch, caplog):
+    """A model that never answers (and never drops) must not hang the replay: after one bounded
+    wait the query decides without the results, says so once, and never waits again."""
+    from edgeva.config import parse_config
+    from edgeva.filtering import QueryFilter
+    from edgeva.query import FrameView, ModelQuery
+    from edgeva.results import ResultHub
+    from edgeva.stats import StatsRegistry
+
+    monkeypatch.setattr("edgeva.query.RESULTS_WAIT_S", 0.2)
+    clip, blob = street
+    frames = read_segment(str(clip), seconds=100)[:40]
+
+    class _Silent:
+        key, model = "blob", blob
+
+        def submit(self, item, wait_s=0.0):
+            return True                     # accepted, never answered
+
+    cfg = parse_config({"cameras": [{"id": "street", "source": "rtsp://x/y"}],
+                        "queries": [{"id": "cars", "camera": "street", "model": "yolov8n",
+                                     "task": {"type": "count", "classes": ["car"]},
+                                     "filter": {"audit_fraction": 0.0, "calibration_s": 1.0}}]}).queries[0]
+    task = build_task(cfg.task, blob, "cars")
+    query = ModelQuery(cfg, StatsRegistry(), ResultHub(), _Silent(), task,
+                       QueryFilter(cfg.filter, agreement=task.agreement, target=0.9, fps=10.0), backpressure=True)
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="edgeva.query"):
+        for seq, image in enumerate(frames):
+            query.submit(FrameView(Frame("street", seq, time.time(), time.monotonic(), image, t_media=seq / 10), fps=10.0))
+    assert time.monotonic() - started < 5.0                        # one 0.2 s wait, not one per frame
+    assert sum("overdue" in r.getMessage() for r in caplog.records) == 1
