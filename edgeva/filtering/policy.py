@@ -25,6 +25,7 @@ the reference stays put, while per-frame sensor noise does not add up.
 
 One module (over 400 lines) because the decisions, the windows they open, the results that close
 them and the checks at the bound all read and change one query's filter state under its lock.
+What a window holds and how it is tuned is edgeva.filtering.windows.
 """
 from __future__ import annotations
 
@@ -33,14 +34,14 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 from edgeva.config import FilterConfig
 
 from .audits import AuditTracker, audit_fraction_for_power
-from .features import FEATURES, Differencer, FeatureName, Prepared
+from .features import Differencer, FeatureName, Prepared
 from .profiles import Lookup, ProfileTable, Setting, segment_key, tighten
-from .tuner import age_candidates, tune_features
+from .windows import Tuned, TuningJob, Window, longest_age, run_inline, tunable_features
 
 log = logging.getLogger("edgeva.filtering")
 
@@ -80,73 +81,6 @@ def _remember(table: dict, prepared: Prepared, entry: Any) -> None:
         del table[next(iter(table))]
 
 
-@dataclass(frozen=True)
-class _Tuned:
-    key: Any
-    setting: Setting
-    pieces: list
-    agreement: float
-    frames: list
-    values: list
-
-
-@dataclass
-class _TuningJob:
-    """Everything tuning one window needs, snapshotted: runs on any thread, touches no filter state."""
-
-    segments: list
-    values: list
-    agreement: Callable[[Any, Any], float]
-    target: float
-    differencer: Differencer
-    features: tuple
-    preferred: Optional[str]
-    longest: int
-    key: Any
-    pieces: list
-
-    def run(self) -> _Tuned:
-        try:
-            return self._tune()
-        except Exception:   # a bug in tuning must not leave the query calibrating for ever
-            log.exception("filter tuning failed; inferring every frame until the next profile")
-            return _Tuned(self.key, Setting(0.0, 0, "pixel"), self.pieces, 1.0, self.segments[0], self.values[0])
-
-    def _tune(self) -> _Tuned:
-        result = tune_features(self.segments, self.values, self.agreement, self.target, features=self.features,
-                               preferred=self.preferred, differencer=self.differencer, safety_margin="auto",
-                               segments=True, max_ages=age_candidates(self.longest))[0]
-        setting = (Setting(result.threshold, result.max_age, result.feature) if result.met_target
-                   else Setting(0.0, 0, result.feature))
-        return _Tuned(self.key, setting, self.pieces, result.agreement, self.segments[0], self.values[0])
-
-
-def run_inline(job: Callable[[], None]) -> None:
-    job()
-
-
-def longest_age(cfg: FilterConfig, fps: float) -> int:
-    """The longest staleness bound (frames at `fps`) the tuner may choose under this config:
-    `tuned_max_age_limit_s`, and `max_age_s` and `max_skip` when set. Shared by the daemon's
-    calibration and `edgeva tune`, so both choose among the same settings."""
-    def frames(seconds: float) -> int:
-        return max(0, int(round(seconds * fps)))
-
-    longest = frames(cfg.tuned_max_age_limit_s)
-    if cfg.max_age_s is not None:
-        longest = min(longest, frames(cfg.max_age_s))
-    if cfg.max_skip is not None:
-        longest = min(longest, cfg.max_skip)
-    return longest
-
-
-def tunable_features(cfg: FilterConfig, frames: Sequence[Prepared]) -> tuple[FeatureName, ...]:
-    """The features the tuner tries: the configured one, or all with `auto`; `foreground` only
-    on frames a SceneTracker prepared."""
-    features = FEATURES if cfg.feature == "auto" else (cfg.feature,)
-    return tuple(f for f in features if f != "foreground" or (frames and frames[0].foreground is not None))
-
-
 @dataclass(frozen=True, slots=True)
 class Decision:
     keep: bool                        # True: run the model on this frame
@@ -154,42 +88,6 @@ class Decision:
     value: Optional[float]            # feature vs the last inferred frame (None without one)
     skipped_since_inferred: int       # kept: reuses before this frame; skipped: incl. this one (= age_frames)
     audit: bool = False               # skipped, but run the model anyway and record_audit() the agreement
-
-
-class _Window:
-    """A densely inferred stretch: its frames in order and the model's result on each."""
-
-    def __init__(self, frames_wanted: int, confirms: Optional[Setting] = None) -> None:
-        self.frames_wanted = frames_wanted
-        self.frames: list[Prepared] = []
-        self.values: dict[int, Any] = {}      # id(prepared) -> result
-        self.lost: set[int] = set()            # id(prepared) of frames that will never get one (dropped)
-        self.waited = 0                        # frames seen since it filled, waiting for results
-        self.confirms = confirms               # the setting in force, which its first half may confirm
-        self.confirm_started = False
-
-    @property
-    def half(self) -> int:
-        return self.frames_wanted // 2
-
-    def _answered(self, frames: list) -> bool:
-        return all(id(f) in self.values or id(f) in self.lost for f in frames)
-
-    def half_complete(self) -> bool:
-        return len(self.frames) >= self.half and self._answered(self.frames[:self.half])
-
-    @property
-    def full(self) -> bool:
-        return len(self.frames) >= self.frames_wanted
-
-    def complete(self) -> bool:
-        return self.full and self._answered(self.frames)
-
-    def awaits_results(self) -> bool:
-        """Its next step (tuning the whole window, or checking its first half) waits for results."""
-        if self.full:
-            return not self.complete()
-        return self.confirms is not None and not self.confirm_started and len(self.frames) >= self.half
 
 
 class QueryFilter:
@@ -207,8 +105,8 @@ class QueryFilter:
         self.target = target
         self.preferred_feature = preferred_feature    # breaks ties between features (the task's default)
         self.tune_runner = tune_runner
-        self._tuned: deque[_Tuned] = deque()          # finished tuning jobs, applied at the next decision
-        self._confirmations: deque[tuple[_Window, _Tuned]] = deque()   # half-window tunings, likewise
+        self._tuned: deque[Tuned] = deque()          # finished tuning jobs, applied at the next decision
+        self._confirmations: deque[tuple[Window, Tuned]] = deque()   # half-window tunings, likewise
         self._tuning = 0                              # jobs started and not yet applied
         self.fps = fps or DEFAULT_FPS
         self.profiles = ProfileTable()
@@ -220,9 +118,9 @@ class QueryFilter:
         self._results: dict[int, tuple[Prepared, Any]] = {}           # recent kept frames' results
         if cfg.threshold is not None:
             self._learned = Setting(cfg.threshold, self._configured_age(), self._configured_feature())
-        self._window: Optional[_Window] = None
+        self._window: Optional[Window] = None
         if self._learned is None and agreement is not None and cfg.enabled:
-            self._window = _Window(self._frames_for(cfg.calibration_s))
+            self._window = Window(self._frames_for(cfg.calibration_s))
         self._reference: Optional[Prepared] = None
         self._previous: Optional[Prepared] = None
         self._segment: list[float] = []
@@ -413,7 +311,7 @@ class QueryFilter:
         """A dense window; `confirmable` (new-segment and periodic bursts, not the first window
         nor one the audits asked for) may stop at its half when that confirms the setting in force."""
         confirms = self._learned if confirmable and self._learned is not None else None
-        self._window = _Window(self._frames_for(self.cfg.calibration_s), confirms)
+        self._window = Window(self._frames_for(self.cfg.calibration_s), confirms)
 
     # ------------------------------------------------------------- results
     def mark_inferred(self, prepared: Prepared) -> None:
@@ -451,7 +349,7 @@ class QueryFilter:
         window.values[id(prepared)] = value
         self._window_progressed(window)
 
-    def _window_progressed(self, window: _Window) -> None:
+    def _window_progressed(self, window: Window) -> None:
         if window.complete():
             self._finish_window()
         elif window.confirms is not None and not window.confirm_started and window.half_complete():
@@ -468,7 +366,7 @@ class QueryFilter:
         step = BOUND_STEP ** ((agreed - self.target) / max(self.target, 1e-6))
         self._bound_factor = min(1.0, max(LOWEST_FACTOR, self._bound_factor * step))
 
-    def _confirm_half(self, window: _Window) -> None:
+    def _confirm_half(self, window: Window) -> None:
         """Tune the window's first half like a finished window (through `tune_runner`); whether it
         confirms the setting in force is decided when the result is applied."""
         window.confirm_started = True
@@ -514,7 +412,7 @@ class QueryFilter:
         self._tuning += 1
         self._apply_tuned()
 
-    def _tuning_job(self, frames: list, values: list) -> _TuningJob:
+    def _tuning_job(self, frames: list, values: list) -> TuningJob:
         """The tuning of a window's frames, pooled with the most similar windows profiled before."""
         consecutive = [self.differencer.feature(a, b, SEGMENT_FEATURE) for a, b in zip(frames, frames[1:])]
         key = segment_key(consecutive)
@@ -522,7 +420,7 @@ class QueryFilter:
         # window holds few changes of the answer, and a setting fitted to those alone is noisy.
         similar = self.profiles.nearest_windows(key, POOLED_WINDOWS - 1)
         piece = self._frames_for(self.cfg.segment_s)
-        job = _TuningJob(
+        job = TuningJob(
             segments=[frames] + [p.frames for p in similar], values=[values] + [p.values for p in similar],
             agreement=self.agreement, target=self.target, differencer=self.differencer,
             features=tunable_features(self.cfg, frames),
