@@ -831,3 +831,32 @@ def test_a_window_waiting_on_a_dropped_frame_tunes_without_it():
             else:
                 filt.record_result(p, 0)
     assert "stale" in reasons
+
+
+def test_a_burst_awaits_its_first_half_results_before_deciding_past_its_half():
+    # A periodic burst is checked at its half (it may stop there): batch replay must wait for
+    # the half's results before deciding the next frame, or the frames after the half are kept
+    # dense whether or not the half confirmed the setting.
+    frames = _still_street(200)
+    filt = _calibrating_filter(recalibrate_s=6.0)
+    scene = SceneTracker(filt.differencer)
+    pending, waited_at = [], None
+    for i, image in enumerate(frames):
+        if filt.awaiting_results():
+            waited_at = i
+            assert filt.calibrating and len(pending) == 15     # the half, not the whole burst
+            for q in pending:
+                filt.record_result(q, 0)
+            pending.clear()
+            assert not filt.awaiting_results()
+            if not filt.calibrating:
+                break                                  # the half confirmed the setting: the burst stopped
+        p = scene.prepare(image)
+        dec = filt.decide(p)
+        if dec.keep:
+            filt.mark_inferred(p)
+            if filt.stats()["profiled_windows"] == 0 or dec.reason != "calibrate":
+                filt.record_result(p, 0)               # the first window's results, and non-burst ones, come at once
+            else:
+                pending.append(p)                      # the burst's results lag
+    assert waited_at is not None and filt.stats()["confirmed_at_half"] == 1
