@@ -332,7 +332,7 @@ class QueryFilter:
         it checks nothing at the bound."""
         self._stale_kept.pop(id(prepared), None)
         window = self._window
-        if window is None or not any(f is prepared for f in window.frames):
+        if window is None or not window.holds(prepared):
             return
         window.lost.add(id(prepared))
         self._window_progressed(window)
@@ -344,7 +344,7 @@ class QueryFilter:
         _remember(self._results, prepared, (prepared, value))
         self._check_at_bound(prepared, value)
         window = self._window
-        if window is None or not any(f is prepared for f in window.frames):
+        if window is None or not window.holds(prepared):
             return
         window.values[id(prepared)] = value
         self._window_progressed(window)

@@ -31,6 +31,9 @@ class Window:
         self.confirms = confirms               # the setting in force, which its first half may confirm
         self.confirm_started = False
 
+    def holds(self, prepared: Prepared) -> bool:
+        return any(f is prepared for f in self.frames)
+
     @property
     def half(self) -> int:
         return self.frames_wanted // 2
