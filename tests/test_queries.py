@@ -534,16 +534,37 @@ def test_frames_kept_at_the_bound_shorten_it_in_the_daemon(tmp_path, monkeypatch
     assert agreement > fixed
 
 
+def _calibrating_batch_query(blob, port, **filter_keys):
+    """A batch-replay (`replay: fast`) car-count ModelQuery with no threshold configured (it
+    calibrates on the camera) and no audits, at 10 frames/s. Returns (query, hub, its filter)."""
+    from edgeva.config import parse_config
+    from edgeva.filtering import QueryFilter
+    from edgeva.query import ModelQuery
+    from edgeva.results import ResultHub
+    from edgeva.stats import StatsRegistry
+
+    cfg = parse_config({"cameras": [{"id": "street", "source": "rtsp://x/y"}],
+                        "queries": [{"id": "cars", "camera": "street", "model": "yolov8n",
+                                     "task": {"type": "count", "classes": ["car"]},
+                                     "filter": {"audit_fraction": 0.0, **filter_keys}}]}).queries[0]
+    hub = ResultHub()
+    task = build_task(cfg.task, blob, "cars")
+    query_filter = QueryFilter(cfg.filter, rng_seed=1, agreement=task.agreement, target=0.9, fps=10.0)
+    return ModelQuery(cfg, StatsRegistry(), hub, port, task, query_filter, backpressure=True), hub, query_filter
+
+
+def _submit_recorded(query, frames) -> None:
+    """Every frame to the query as batch replay decodes them: media time at 10 frames/s."""
+    from edgeva.query import FrameView
+
+    for seq, image in enumerate(frames):
+        query.submit(FrameView(Frame("street", seq, time.time(), time.monotonic(), image, t_media=seq / 10), fps=10.0))
+
+
 def _batch_decisions(street, lagging: bool) -> tuple[list[int], dict]:
     """The frames a calibrating batch-replay car-count query infers on the street, its results
     coming at once (inline) or from a model thread that lags far behind the decoder."""
     import queue
-
-    from edgeva.config import parse_config
-    from edgeva.filtering import QueryFilter
-    from edgeva.query import FrameView, ModelQuery
-    from edgeva.results import ResultHub
-    from edgeva.stats import StatsRegistry
 
     clip, blob = street
     frames = read_segment(str(clip), seconds=100)
@@ -564,22 +585,13 @@ def _batch_decisions(street, lagging: bool) -> tuple[list[int], dict]:
             time.sleep(0.002)               # slower than the decoder: the queue grows to hundreds
             item.owner.complete(item, blob.predict([item.frame.image])[0], time.monotonic())
 
-    cfg = parse_config({"cameras": [{"id": "street", "source": "rtsp://x/y"}],
-                        "queries": [{"id": "cars", "camera": "street", "model": "yolov8n",
-                                     "task": {"type": "count", "classes": ["car"]},
-                                     "filter": {"audit_fraction": 0.0, "calibration_s": 1.0, "segment_s": 0.5,
-                                                "recalibrate_s": 3.0}}]
-                        }).queries[0]
-    stats, hub = StatsRegistry(), ResultHub()
-    task = build_task(cfg.task, blob, "cars")
-    query_filter = QueryFilter(cfg.filter, rng_seed=1, agreement=task.agreement, target=0.9, fps=10.0)
-    query = ModelQuery(cfg, stats, hub, _Port(), task, query_filter, backpressure=True)
+    query, hub, query_filter = _calibrating_batch_query(blob, _Port(), calibration_s=1.0, segment_s=0.5,
+                                                        recalibrate_s=3.0)
     inferred: list[int] = []
     hub.add_tap(lambda r: inferred.append(r.seq) if r.outcome.value == "inferred" else None)
     thread = threading.Thread(target=model_thread, daemon=True)
     thread.start()
-    for seq, image in enumerate(frames):
-        query.submit(FrameView(Frame("street", seq, time.time(), time.monotonic(), image, t_media=seq / 10), fps=10.0))
+    _submit_recorded(query, frames)
     pending.put(None)
     thread.join(timeout=60)
     return sorted(inferred), query_filter.stats()
@@ -600,12 +612,6 @@ def test_batch_replay_decides_as_if_results_came_at_once_however_far_the_model_l
 def test_batch_replay_stops_waiting_for_results_that_never_come(street, monkeypatch, caplog):
     """A model that never answers (and never drops) must not hang the replay: after one bounded
     wait the query decides without the results, says so once, and never waits again."""
-    from edgeva.config import parse_config
-    from edgeva.filtering import QueryFilter
-    from edgeva.query import FrameView, ModelQuery
-    from edgeva.results import ResultHub
-    from edgeva.stats import StatsRegistry
-
     monkeypatch.setattr("edgeva.query.RESULTS_WAIT_S", 0.2)
     clip, blob = street
     frames = read_segment(str(clip), seconds=100)[:40]
@@ -616,16 +622,9 @@ def test_batch_replay_stops_waiting_for_results_that_never_come(street, monkeypa
         def submit(self, item, wait_s=0.0):
             return True                     # accepted, never answered
 
-    cfg = parse_config({"cameras": [{"id": "street", "source": "rtsp://x/y"}],
-                        "queries": [{"id": "cars", "camera": "street", "model": "yolov8n",
-                                     "task": {"type": "count", "classes": ["car"]},
-                                     "filter": {"audit_fraction": 0.0, "calibration_s": 1.0}}]}).queries[0]
-    task = build_task(cfg.task, blob, "cars")
-    query = ModelQuery(cfg, StatsRegistry(), ResultHub(), _Silent(), task,
-                       QueryFilter(cfg.filter, agreement=task.agreement, target=0.9, fps=10.0), backpressure=True)
+    query, _, _ = _calibrating_batch_query(blob, _Silent(), calibration_s=1.0)
     started = time.monotonic()
     with caplog.at_level("WARNING", logger="edgeva.query"):
-        for seq, image in enumerate(frames):
-            query.submit(FrameView(Frame("street", seq, time.time(), time.monotonic(), image, t_media=seq / 10), fps=10.0))
+        _submit_recorded(query, frames)
     assert time.monotonic() - started < 5.0                        # one 0.2 s wait, not one per frame
     assert sum("overdue" in r.getMessage() for r in caplog.records) == 1
