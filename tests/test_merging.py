@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,24 +274,36 @@ def test_bundle_round_trip_keeps_sharing_and_outputs(merged, tmp_path, camera):
 
 # ----------------------------------------------------------------------------- CLI
 
-def test_cli_analyze_merge_resume_and_load(tmp_path):
-    from edgeva.merging import merge_main
+def two_mobilenet_workload(tmp_path: Path, target: float, favoured: tuple[int, int] | None = None) -> Path:
+    """A config of two classify queries (a, b) on one small synthetic street, each running its own
+    random-weight mobilenet_v3_small at 64 px; `favoured` gives each model's head a class it
+    always answers (bias 10), so the two disagree. Returns the config's path."""
     from edgeva.models import build_model
     from edgeva.synthetic import SceneSpec, write_clip
 
     video = write_clip(SceneSpec(width=96, height=64, seconds=3, fps=8, seed=3), tmp_path / "street.mp4")
     for seed in (0, 1):
         torch.manual_seed(seed)
-        torch.save(build_model("mobilenet_v3_small").module.state_dict(), tmp_path / f"m{seed}.pt")
+        state = build_model("mobilenet_v3_small").module.state_dict()
+        if favoured is not None:
+            state["classifier.3.bias"][favoured[seed]] = 10.0
+        torch.save(state, tmp_path / f"m{seed}.pt")
     cfg = tmp_path / "w.yaml"
     cfg.write_text(f"""
 cameras: [{{id: street, source: {video.name}}}]
 queries:
-  - {{id: a, camera: street, model: mobilenet_v3_small, weights: m0.pt, task: {{type: classify}}, accuracy_target: 0.5,
+  - {{id: a, camera: street, model: mobilenet_v3_small, weights: m0.pt, task: {{type: classify}}, accuracy_target: {target},
       input_size: 64}}
-  - {{id: b, camera: street, model: mobilenet_v3_small, weights: m1.pt, task: {{type: classify}}, accuracy_target: 0.5,
+  - {{id: b, camera: street, model: mobilenet_v3_small, weights: m1.pt, task: {{type: classify}}, accuracy_target: {target},
       input_size: 64}}
 """)
+    return cfg
+
+
+def test_cli_analyze_merge_resume_and_load(tmp_path):
+    from edgeva.merging import merge_main
+
+    cfg = two_mobilenet_workload(tmp_path, target=0.5)
     assert merge_main(["--analyze", str(cfg), "--json"]) == 0
     out = tmp_path / "out"
     common = [str(cfg), "--out", str(out), "--frames", "12", "--min-heldout", "4", "--steps", "4", "--eval-every", "2",

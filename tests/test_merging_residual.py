@@ -18,7 +18,7 @@ from edgeva.merging import residual
 from edgeva.merging.planner import plan_residuals, residual_back_off
 from edgeva.merging.workload import CameraFrames
 from edgeva.transfer import SimulatedBackend
-from tests.test_merging import one_thread, TinyNet, make_frames, trained_model, wrap  # noqa: F401 (autouse fixture)
+from tests.test_merging import one_thread, TinyNet, make_frames, trained_model, two_mobilenet_workload, wrap  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
@@ -251,24 +251,8 @@ def test_cli_merge_with_residuals_writes_a_loadable_bundle(tmp_path):
     import json
 
     from edgeva.merging import merge_main
-    from edgeva.models import build_model
-    from edgeva.synthetic import SceneSpec, write_clip
 
-    video = write_clip(SceneSpec(width=96, height=64, seconds=3, fps=8, seed=3), tmp_path / "street.mp4")
-    for seed, favoured in ((0, 3), (1, 7)):     # random weights answer by their head's bias alone
-        torch.manual_seed(seed)
-        state = build_model("mobilenet_v3_small").module.state_dict()
-        state["classifier.3.bias"][favoured] = 10.0
-        torch.save(state, tmp_path / f"m{seed}.pt")
-    cfg = tmp_path / "w.yaml"
-    cfg.write_text(f"""
-cameras: [{{id: street, source: {video.name}}}]
-queries:
-  - {{id: a, camera: street, model: mobilenet_v3_small, weights: m0.pt, task: {{type: classify}}, accuracy_target: 1.0,
-      input_size: 64}}
-  - {{id: b, camera: street, model: mobilenet_v3_small, weights: m1.pt, task: {{type: classify}}, accuracy_target: 1.0,
-      input_size: 64}}
-""")
+    cfg = two_mobilenet_workload(tmp_path, target=1.0, favoured=(3, 7))   # random weights answer by their bias alone
     out = tmp_path / "out"
     merge_main([str(cfg), "--out", str(out), "--frames", "12", "--min-heldout", "4", "--steps", "0",
                 "--residuals", "int8"])
