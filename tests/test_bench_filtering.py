@@ -30,6 +30,6 @@ def test_every_k_averages_over_phases_and_counts_the_first_frame():
 def test_the_largest_interval_is_the_last_k_meeting_the_target():
     values = [False] * 10 + [True] * 10
     agree = PresenceTask.agreement
-    k = largest_interval(values, agree)
+    k = largest_interval([(values, agree)])
     assert every_k(values, agree, k)[1] >= 0.9 > every_k(values, agree, k + 1)[1]
-    assert largest_interval([True] * 20, agree) == 20     # an answer that never changes: one inference
+    assert largest_interval([([True] * 20, agree)]) == 20     # an answer that never changes: one inference

@@ -148,33 +148,33 @@ def uniform_curve(values, agree) -> list[tuple[float, float]]:
     return points
 
 
-def largest_interval(values, agree, longest: int = 600) -> int:
-    """The largest k at which every-k-th-frame sampling meets the target on `values` (phase-averaged)."""
+def clips_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*") if p.suffix in (".mp4", ".avi", ".mkv", ".mov"))
+
+
+def largest_interval(pairs: list[tuple[list[Any], Callable[[Any, Any], float]]], longest: int = 600) -> int:
+    """The largest k (at most `longest` or the shortest sequence) at which every-k-th-frame
+    sampling meets the target, phase-averaged, on every (values, agreement) pair."""
     best = 1
-    for k in range(2, min(longest, len(values)) + 1):
-        if every_k(values, agree, k)[1] < TARGET:
+    for k in range(2, min([longest] + [len(values) for values, _ in pairs]) + 1):
+        if not all(every_k(values, agree, k)[1] >= TARGET for values, agree in pairs):
             break
         best = k
     return best
 
 
-def fixed_interval_on(folder: Path, longest: int = 600) -> int:
-    """The largest k at which every-k-th-frame sampling meets the target (phase-averaged) on every
-    pair of `folder`'s clips whose answer changes: what a user would configure after trying
-    intervals on their development clips."""
+def fixed_interval_on(folder: Path) -> int:
+    """One interval for every camera: the largest k meeting the target on every pair of
+    `folder`'s clips whose answer changes, what a user would configure after trying intervals
+    on their development clips."""
     pairs = []
-    for clip in sorted(p for p in folder.glob("*") if p.suffix in (".mp4", ".avi", ".mkv", ".mov")):
+    for clip in clips_in(folder):
         ref = load_or_compute(clip, verbose=False)
         for query, (task, _) in QUERIES.items():
             values = query_values(ref, query)
             if any(task.agreement(v, values[0]) < 1.0 for v in values):
                 pairs.append((values, task.agreement))
-    best = 1
-    for k in range(2, longest + 1):
-        if not all(every_k(values, agree, k)[1] >= TARGET for values, agree in pairs):
-            break
-        best = k
-    return best
+    return largest_interval(pairs)
 
 
 def uniform_needs(curve, agreement: float) -> float:
@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--calibration-s", type=float, default=FilterConfig.calibration_s)
     args = ap.parse_args()
     folder = SHARED / "videos" / args.clips if args.clips in ("eval", "tune") else Path(args.clips)
-    clips = sorted(p for p in folder.glob("*") if p.suffix in (".mp4", ".avi", ".mkv", ".mov"))
+    clips = clips_in(folder)
     if not clips:
         sys.exit(f"no clips in {folder}")
     interval = fixed_interval_on(SHARED / "videos" / "tune")
@@ -264,7 +264,7 @@ def main() -> None:
             need = uniform_needs(uni, run.agreement)
             orc = oracle(values, agree)
             orc_need = uniform_needs(uni, orc.agreement)
-            first_third = every_k(values, agree, largest_interval(values[:len(values) // 3], agree))
+            first_third = every_k(values, agree, largest_interval([(values[:len(values) // 3], agree)]))
             fixed = every_k(values, agree, interval)
             rows.append((clip.name, query, len(values), (run, need, orc, orc_need, first_third, fixed)))
             curves[f"{clip.stem[:24]} {query}"] = {
