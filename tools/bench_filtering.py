@@ -15,9 +15,12 @@ every-frame outputs (tools/reference_cache.py) and scored with the task's own ag
       hindsight: every k-th frame, k the largest at which the pair meets the target on the
       clip's first third (the data `edgeva tune --seconds <a third>` sees), used on the whole
       clip; and one k for every clip, the largest at which every development pair (tune/)
-      meets the target. (b) picks each pair's interval in hindsight; (e) cannot.
+      meets the target. (b) picks each pair's interval in hindsight; (e) cannot;
+  (f) the ceiling of edgeva's kind of filter (tools/hindsight_settings.py): its setting (feature,
+      threshold, staleness bound) chosen with the every-frame results, one for the whole clip,
+      and one per calibration-window-long segment, each segment at the target.
 Reported per pair: inferences and agreement of (a), what (b) needs for the same agreement, the
-ratio, (d)'s ratio, and (e)'s inferences and agreement. Plus a PNG of the curves.
+ratio, (d)'s and (f)'s ratios, and (e)'s inferences and agreement. Plus a PNG of the curves.
 
     .venv/bin/python tools/bench_filtering.py [--clips eval|tune] [--plot out/filter_curves.png]
 """
@@ -39,6 +42,8 @@ sys.path.insert(0, str(REPO / "tools"))
 from edgeva.config import FilterConfig  # noqa: E402
 from edgeva.filtering import Differencer, QueryFilter, SceneTracker, default_feature  # noqa: E402
 from edgeva.models.tasks import CountTask, PresenceTask  # noqa: E402
+from edgeva.filtering.windows import longest_age, tunable_features  # noqa: E402
+from hindsight_settings import Choice, best_in_hindsight  # noqa: E402
 from reference_cache import SHARED, ClipReference, load_or_compute  # noqa: E402
 
 TARGET = 0.9
@@ -256,9 +261,9 @@ def main() -> None:
             if all(agree(values[i], values[0]) == 1.0 for i in range(len(values))):
                 rows.append((clip.name, query, len(values), None))
                 continue
-            cfg = FilterConfig(calibration_s=args.calibration_s)
+            base = cfg = FilterConfig(calibration_s=args.calibration_s)
             if args.tuned_first_third:
-                cfg = tuned_on_first_third(prepared, values, agree, ref.fps, cfg)
+                cfg = tuned_on_first_third(prepared, values, agree, ref.fps, base)
             run = run_edgeva(prepared, scene, values, agree, ref.fps, cfg, default_feature(QUERY_TASK[query]))
             uni = uniform_curve(values, agree)
             need = uniform_needs(uni, run.agreement)
@@ -266,33 +271,46 @@ def main() -> None:
             orc_need = uniform_needs(uni, orc.agreement)
             first_third = every_k(values, agree, largest_interval([(values[:len(values) // 3], agree)]))
             fixed = every_k(values, agree, interval)
-            rows.append((clip.name, query, len(values), (run, need, orc, orc_need, first_third, fixed)))
+            ceilings = [best_in_hindsight(prepared, values, agree, scene.differencer, tunable_features(base, prepared),
+                                          ref.fps, TARGET, longest_age(base, ref.fps), segment_s, each_segment=True)
+                        for segment_s in (None, base.calibration_s)]
+            ceilings_need = [uniform_needs(uni, c.agreement) for c in ceilings]
+            rows.append((clip.name, query, len(values), (run, need, orc, orc_need, first_third, fixed,
+                                                         list(zip(ceilings, ceilings_need)))))
             curves[f"{clip.stem[:24]} {query}"] = {
                 "uniform": uni, "motion": motion_gated_curve(frames, values, agree),
                 "edgeva": (run.inferences, run.agreement), "oracle": (orc.inferences, orc.agreement),
                 "n": len(values)}
             print(f"{clip.name[:34]:34} {query:15} edgeva {run.inferences:4d} (+{run.audits} audits) @ {run.agreement:.3f}  "
                   f"uniform needs {need:6.1f}  ratio {run.inferences / need:.2f}  "
-                  f"oracle {orc.inferences}/{orc_need:.0f} = {orc.inferences / orc_need:.2f}  kept {run.kept_by_reason}", flush=True)
+                  f"oracle {orc.inferences}/{orc_need:.0f} = {orc.inferences / orc_need:.2f}  "
+                  f"in hindsight {' '.join(_ceiling(c, n) for c, n in zip(ceilings, ceilings_need))}  "
+                  f"kept {run.kept_by_reason}", flush=True)
     _summary(rows)
     if args.plot:
         _plot(curves, args.plot)
 
 
+def _ceiling(choice: Choice, need: float) -> str:
+    return f"{choice.inferences} @ {choice.agreement:.3f} ({choice.inferences / need:.2f})"
+
+
 def _summary(rows) -> None:
     changing = [r for r in rows if r[3] is not None]
     print()
-    print("| clip | query | frames | edgeva inferences | + audits | agreement | uniform, same agreement | ratio | ratio with audits | oracle ratio | interval from first third |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| clip | query | frames | edgeva inferences | + audits | agreement | uniform, same agreement | ratio | "
+          "ratio with audits | oracle ratio | interval from first third | one setting in hindsight (ratio) | "
+          "a setting per window in hindsight (ratio) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for clip, query, n, res in rows:
         if res is None:
-            print(f"| {clip} | {query} | {n} | answer never changes | | | | | | | |")
+            print(f"| {clip} | {query} | {n} | answer never changes | | | | | | | | | |")
             continue
-        run, need, orc, orc_need, first_third, _ = res
+        run, need, orc, orc_need, first_third, _, ceilings = res
         print(f"| {clip} | {query} | {n} | {run.inferences} ({100 * run.inferences / n:.1f} %) | {run.audits} | "
               f"{run.agreement:.3f} | {need:.0f} | {run.inferences / need:.2f} | "
               f"{(run.inferences + run.audits) / need:.2f} | {orc.inferences / orc_need:.2f} | "
-              f"{first_third[0]:.0f} @ {first_third[1]:.3f} |")
+              f"{first_third[0]:.0f} @ {first_third[1]:.3f} | {_ceiling(*ceilings[0])} | {_ceiling(*ceilings[1])} |")
     if changing:
         total = sum(r[3][0].inferences for r in changing)
         audits = sum(r[3][0].audits for r in changing)
@@ -304,13 +322,17 @@ def _summary(rows) -> None:
         thirds_missed = [f"{r[0]}/{r[1]}" for r in changing if r[3][4][1] < TARGET]
         total_fixed = sum(r[3][5][0] for r in changing)
         fixed_missed = [f"{r[0]}/{r[1]}" for r in changing if r[3][5][1] < TARGET]
+        ceilings = [(sum(r[3][6][k][0].inferences for r in changing), sum(r[3][6][k][1] for r in changing))
+                    for k in range(2)]
         print(f"\nover the {len(changing)} pairs whose answer changes: edgeva {total} inferences (+{audits} audits), "
               f"uniform at the same agreement {total_uniform:.0f} (ratio {total / total_uniform:.2f}, "
               f"{(total + audits) / total_uniform:.2f} with audits); oracle ratio "
               f"{total_oracle / total_oracle_uniform:.2f}; target {TARGET} missed on: {', '.join(missed) or 'none'}; "
               f"intervals chosen on each clip's first third {thirds:.0f} inferences (edgeva {total / thirds:.2f}x of it), "
               f"target missed on: {', '.join(thirds_missed) or 'none'}; one interval chosen on tune/ {total_fixed:.0f} "
-              f"inferences (edgeva {total / total_fixed:.2f}x of it), target missed on: {', '.join(fixed_missed) or 'none'}")
+              f"inferences (edgeva {total / total_fixed:.2f}x of it), target missed on: {', '.join(fixed_missed) or 'none'}; "
+              f"in hindsight, one setting per clip {ceilings[0][0]} inferences (ratio {ceilings[0][0] / ceilings[0][1]:.2f}), "
+              f"one per window {ceilings[1][0]} (ratio {ceilings[1][0] / ceilings[1][1]:.2f})")
 
 
 def _plot(curves, path: Path) -> None:
