@@ -10,10 +10,11 @@ import pytest
 
 from edgeva.config import FilterConfig
 from edgeva.filtering import (
-    AuditTracker, Differencer, QueryFilter, SceneTracker, age_candidates, audit_fraction_for_power,
-    audits_needed, default_feature, simulate_filter, tune_features, tune_segments, tune_threshold,
-    wilson_lower_bound,
+    AuditTracker, Differencer, ProfileTable, QueryFilter, SceneTracker, Setting, age_candidates,
+    audit_fraction_for_power, audits_needed, default_feature, segment_key, simulate_filter, tune_features,
+    tune_segments, tune_threshold, wilson_lower_bound,
 )
+from edgeva.filtering.windows import TuningJob
 
 W, H = 320, 180
 
@@ -860,3 +861,29 @@ def test_a_burst_awaits_its_first_half_results_before_deciding_past_its_half():
             else:
                 pending.append(p)                      # the burst's results lag
     assert waited_at is not None and filt.stats()["confirmed_at_half"] == 1
+
+
+# ------------------------------------------------------------- windows whose answer never changed
+
+def test_a_window_whose_answer_never_changed_is_uninformed():
+    d = Differencer()
+    frames = [d.prepare(background(5)) for _ in range(20)]
+
+    def job(values):
+        return TuningJob(segments=[frames], values=[values], agreement=count_agreement, target=0.9,
+                         differencer=d, features=("pixel",), preferred=None, longest=10, key=None, pieces=[])
+
+    assert job([2] * 20).run().informed is False
+    assert job([2] * 10 + [3] * 10).run().informed is True
+
+
+def test_profiles_vote_among_those_that_saw_the_answer_change():
+    table = ProfileTable()
+    still, busy = segment_key([0.0] * 10), segment_key([0.05] * 10)
+    frozen = Setting(0.0, 16, "foreground")          # a frozen picture: any change triggers
+    learned = Setting(0.03, 29, "foreground")
+    table.add(still, frozen, [still], 1.0, informed=False)
+    assert table.lookup(still).setting == frozen      # nothing better known yet
+    table.add(busy, learned, [busy], 0.95)
+    found = table.lookup(still)
+    assert found.setting == learned and not found.far     # the still profile still says the segment is not new

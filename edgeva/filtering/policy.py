@@ -434,8 +434,12 @@ class QueryFilter:
         while self._tuned:
             tuned = self._tuned.popleft()
             self._tuning -= 1
-            self.profiles.add(tuned.key, tuned.setting, tuned.pieces, tuned.agreement, tuned.frames, tuned.values)
-            self._learned = tuned.setting
+            self.profiles.add(tuned.key, tuned.setting, tuned.pieces, tuned.agreement, tuned.frames, tuned.values,
+                              tuned.informed)
+            # a window whose answer never changed cannot say which threshold is safe: where the
+            # profiles can, theirs decides
+            found = None if tuned.informed else self.profiles.lookup(tuned.key)
+            self._learned = found.setting if found is not None else tuned.setting
             self._factor = 1.0
             self._bound_factor = 1.0
             self.audits.reset_window()

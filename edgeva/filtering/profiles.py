@@ -7,6 +7,12 @@ label of the profiled segments whose keys are nearest (distance-weighted), and t
 whether it is farther from every profile than that profile's own pieces were from it and whether
 the picture moves more than in the nearest; from those the filter decides whether the segment is
 new, and then profiles it (infers it densely and tunes on it) and adds it.
+
+A profile whose window's answer never changed is *uninformed*: every threshold kept the answer
+there, so it cannot say which threshold is safe, only that nothing happened (its tuning takes the
+largest change the window showed, 0 for a frozen picture: any change then triggers). Once some
+profile saw the answer change, the settings are voted among those informed profiles; the
+uninformed ones still count for whether a segment is new.
 """
 from __future__ import annotations
 
@@ -59,6 +65,7 @@ class Profile:
     agreement: float      # what the setting reached on it
     frames: Optional[list] = None    # the profiled window itself (prepared frames), while kept
     values: Optional[list] = None    # the model's result on each of them
+    informed: bool = True            # the answer changed within the window
 
 
 @dataclass(frozen=True)
@@ -82,9 +89,9 @@ class ProfileTable:
         return len(self.profiles)
 
     def add(self, key: np.ndarray, setting: Setting, pieces: Sequence[np.ndarray], agreement: float,
-            frames: Optional[list] = None, values: Optional[list] = None) -> Profile:
+            frames: Optional[list] = None, values: Optional[list] = None, informed: bool = True) -> Profile:
         radius = max(SAME_LEVEL, max((key_distance(key, p) for p in pieces), default=0.0))
-        profile = Profile(key, setting, radius, agreement, frames, values)
+        profile = Profile(key, setting, radius, agreement, frames, values, informed)
         self.profiles.append(profile)
         if len(self.profiles) > self.capacity:
             self.profiles.pop(0)
@@ -102,7 +109,8 @@ class ProfileTable:
             return None
         ranked = sorted(((key_distance(key, p.key), p) for p in self.profiles), key=lambda t: t[0])
         nearest_d, nearest = ranked[0]
-        near = ranked[:self.neighbours]
+        informed = [(d, p) for d, p in ranked if p.informed]
+        near = (informed or ranked)[:self.neighbours]
         # Distance-weighted vote over the neighbours' settings; ties go to the one inferring more.
         votes: dict[Setting, float] = {}
         for d, p in near:

@@ -68,6 +68,7 @@ class Tuned:
     agreement: float
     frames: list
     values: list
+    informed: bool = True     # the answer changed within the window (edgeva.filtering.profiles)
 
 
 @dataclass
@@ -90,7 +91,8 @@ class TuningJob:
             return self._tune()
         except Exception:   # a bug in tuning must not leave the query calibrating for ever
             log.exception("filter tuning failed; inferring every frame until the next profile")
-            return Tuned(self.key, Setting(0.0, 0, "pixel"), self.pieces, 1.0, self.segments[0], self.values[0])
+            return Tuned(self.key, Setting(0.0, 0, "pixel"), self.pieces, 1.0, self.segments[0], self.values[0],
+                         self._informed())
 
     def _tune(self) -> Tuned:
         result = tune_features(self.segments, self.values, self.agreement, self.target, features=self.features,
@@ -98,7 +100,12 @@ class TuningJob:
                                segments=True, max_ages=age_candidates(self.longest))[0]
         setting = (Setting(result.threshold, result.max_age, result.feature) if result.met_target
                    else Setting(0.0, 0, result.feature))
-        return Tuned(self.key, setting, self.pieces, result.agreement, self.segments[0], self.values[0])
+        return Tuned(self.key, setting, self.pieces, result.agreement, self.segments[0], self.values[0],
+                     self._informed())
+
+    def _informed(self) -> bool:
+        values = self.values[0]
+        return any(self.agreement(v, values[0]) < 1.0 for v in values[1:])
 
 
 def run_inline(job: Callable[[], None]) -> None:
