@@ -863,6 +863,72 @@ def test_a_burst_awaits_its_first_half_results_before_deciding_past_its_half():
     assert waited_at is not None and filt.stats()["confirmed_at_half"] == 1
 
 
+# ------------------------------------------------------------- confirming a changed answer
+
+def _bound_decisions(answers: list[int], **cfg) -> tuple[list[tuple[int, str]], list[int]]:
+    """A still scene decided by a configured setting (bound 20 frames, the threshold never
+    fires): the kept frames with their reasons, and the frame each answer came from."""
+    filt = QueryFilter(FilterConfig(**{"threshold": 1.0, "max_age_s": 2.0, "audit_fraction": 0.0, **cfg}),
+                       agreement=count_agreement, fps=10.0)
+    scene = SceneTracker(filt.differencer)
+    image = background(5)
+    kept, source, ref = [], [], -1
+    for i, answer in enumerate(answers):
+        p = scene.prepare(image)
+        dec = filt.decide(p)
+        if dec.keep:
+            filt.mark_inferred(p)
+            filt.record_result(p, answer)
+            kept.append((i, dec.reason))
+            ref = i
+        source.append(ref)
+    return kept, source
+
+
+def test_a_changed_answer_is_confirmed_on_the_next_frame():
+    kept, _ = _bound_decisions([0] * 21 + [1] * 30)
+    assert kept[:3] == [(0, "first"), (21, "stale"), (22, "confirm")]     # 22 agrees with 21: no more
+    assert all(reason != "confirm" for _, reason in kept[3:])
+
+
+def test_a_one_frame_flicker_is_not_reused_for_a_whole_bound():
+    answers = [0] * 21 + [1] + [0] * 30                 # the detector sees a ghost on frame 21 only
+    kept, source = _bound_decisions(answers)
+    assert kept[:4] == [(0, "first"), (21, "stale"), (22, "confirm"), (23, "confirm")]
+    assert all(answers[i] == answers[s] for i, s in enumerate(source))   # 21's ghost reused by no frame
+
+
+def test_an_answer_that_keeps_changing_is_confirmed_at_most_twice_in_a_row():
+    answers = [0] * 21 + [1, 0] * 20
+    kept, _ = _bound_decisions(answers)
+    assert [r for _, r in kept[1:5]] == ["stale", "confirm", "confirm", "stale"]
+    assert kept[3][0] == 23
+
+
+def test_batch_replay_waits_for_the_last_kept_result_and_a_late_one_confirms_nothing():
+    filt = QueryFilter(FilterConfig(threshold=1.0, max_age_s=0.5, audit_fraction=0.0),
+                       agreement=count_agreement, fps=10.0)       # bound 5 frames
+    scene = SceneTracker(filt.differencer)
+    frames = [scene.prepare(background(5)) for _ in range(20)]
+    filt.decide(frames[0])
+    filt.mark_inferred(frames[0])
+    assert filt.awaiting_results() is False                      # a first frame replaces nothing
+    filt.record_result(frames[0], 0)
+    for p in frames[1:6]:
+        assert not filt.decide(p).keep
+    assert filt.decide(frames[6]).reason == "stale"
+    filt.mark_inferred(frames[6])
+    assert filt.awaiting_results()                               # did frame 6 change the answer?
+    for p in frames[7:12]:
+        assert not filt.decide(p).keep                           # live: decided without it
+    assert filt.decide(frames[12]).reason == "stale"
+    filt.mark_inferred(frames[12])
+    filt.record_result(frames[6], 3)                             # late, and frame 12 replaced it
+    filt.record_result(frames[12], 3)
+    assert not filt.awaiting_results()
+    assert not filt.decide(frames[13]).keep                      # 12 agrees with 6: no confirmation
+
+
 # ------------------------------------------------------------- windows whose answer never changed
 
 def test_a_window_whose_answer_never_changed_is_uninformed():

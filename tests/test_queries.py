@@ -598,13 +598,15 @@ def _batch_decisions(street, lagging: bool) -> tuple[list[int], dict]:
 
 
 def test_batch_replay_decides_as_if_results_came_at_once_however_far_the_model_lags(street):
-    """In batch replay the decoder runs far ahead of the model. A calibration window's tuning and
-    the check of a frame kept at the staleness bound wait for their results, so the frames
-    inferred are exactly those of a model that answers at once: the results of an overnight
-    replay do not depend on how fast the machine is."""
+    """In batch replay the decoder runs far ahead of the model. A calibration window's tuning,
+    the check of a frame kept at the staleness bound and whether a kept frame changed the answer
+    (a confirmation) wait for their results, so the frames inferred are exactly those of a model
+    that answers at once: the results of an overnight replay do not depend on how fast the
+    machine is."""
     at_once, at_once_stats = _batch_decisions(street, lagging=False)
     lagging, lagging_stats = _batch_decisions(street, lagging=True)
-    assert at_once_stats["profiled_windows"] >= 2 and at_once_stats["kept_by_reason"].get("stale", 0) > 0
+    kept = at_once_stats["kept_by_reason"]
+    assert at_once_stats["profiled_windows"] >= 2 and kept.get("stale", 0) > 0 and kept.get("confirm", 0) > 0
     assert lagging == at_once
     assert lagging_stats["bound_factor"] == at_once_stats["bound_factor"]
 

@@ -19,6 +19,14 @@ Where the setting comes from (no hand knobs):
   and stops there, its half stored as the profile; the second half would cost inferences to
   learn nothing new.
 
+A changed answer is confirmed: when a kept frame's result differs from the result it replaces,
+the next frame is inferred too, and again while the answer keeps changing, at most
+CONFIRMATIONS frames in a row. Detectors flicker (a one-frame false positive, a car missed for a
+frame); a result that changed is the likeliest to be such a flicker, and reusing it for a whole
+staleness bound costs every frame of the bound. The tuner does not count on the confirmations
+(they come on top of the setting it chooses); replaying them in the tuner too was measured on
+../shared/videos/tune and lost (docs/filtering.md).
+
 Decision rule: compare directly with the last inferred frame, not Reducto's cumulative sum of
 consecutive diffs. A slow change (drift, a creeping object) still grows the direct diff because
 the reference stays put, while per-frame sensor noise does not add up.
@@ -41,11 +49,12 @@ from edgeva.config import FilterConfig
 from .audits import AuditTracker, audit_fraction_for_power
 from .features import Differencer, FeatureName, Prepared
 from .profiles import Lookup, ProfileTable, Setting, segment_key, tighten
+from .tuner import CONFIRMATIONS
 from .windows import Tuned, TuningJob, Window, longest_age, run_inline, tunable_features
 
 log = logging.getLogger("edgeva.filtering")
 
-KeepReason = str    # first, threshold, stale, disabled, untuned, resized, calibrate
+KeepReason = str    # first, threshold, stale, confirm, disabled, untuned, resized, calibrate
 SkipReason = str    # below_threshold, audit
 
 DEFAULT_FPS = 25.0
@@ -115,6 +124,9 @@ class QueryFilter:
         self._factor = 1.0                            # audits' tightening of the learned setting
         self._bound_factor = 1.0                      # the checks at the bound's shortening of it
         self._stale_kept: dict[int, tuple[Prepared, Prepared]] = {}   # id -> (kept at the bound, its reference)
+        self._replaced: dict[int, tuple[Prepared, Prepared]] = {}     # id -> (kept frame, the reference it replaced)
+        self._confirm_next = False                    # the last kept frame's answer changed: infer the next one
+        self._confirm_run = 0                         # confirmations kept in a row
         self._results: dict[int, tuple[Prepared, Any]] = {}           # recent kept frames' results
         if cfg.threshold is not None:
             self._learned = Setting(cfg.threshold, self._configured_age(), self._configured_feature())
@@ -205,11 +217,13 @@ class QueryFilter:
 
     def awaiting_results(self) -> bool:
         """The next decision depends on results still in the model: a window's tuning, its half's
-        check, or the check of a frame kept at the staleness bound waits for them. Batch replay
+        check, the check of a frame kept at the staleness bound, or whether the last kept frame's
+        answer changed (a confirmation) waits for them. Batch replay
         waits here, so its decisions are the ones the filter makes when results come at once,
         however far decoding could run ahead."""
         window = self._window
-        return bool(self._stale_kept) or (window is not None and window.awaits_results())
+        return (bool(self._stale_kept) or bool(self._replaced)
+                or (window is not None and window.awaits_results()))
 
     # ------------------------------------------------------------- decisions
     def decide(self, prepared: Prepared) -> Decision:
@@ -242,6 +256,9 @@ class QueryFilter:
         setting = self.setting
         if setting is None:
             return self._keep("untuned", None)
+        if self._confirm_next:
+            self._confirm_next = False
+            return self._keep("confirm", None)
         value = self.differencer.feature(self._reference, prepared, setting.feature)
         if math.isfinite(setting.threshold) and value > setting.threshold:
             return self._keep("threshold", value)
@@ -257,6 +274,7 @@ class QueryFilter:
 
     def _keep(self, reason: str, value: Optional[float], prepared: Optional[Prepared] = None) -> Decision:
         self._kept[reason] = self._kept.get(reason, 0) + 1
+        self._confirm_run = self._confirm_run + 1 if reason == "confirm" else 0
         window = self._window
         if window is not None and prepared is not None and not window.full:
             window.frames.append(prepared)
@@ -318,6 +336,8 @@ class QueryFilter:
         """Call when the frame is kept: later skipped frames compare with it and reuse its result."""
         if self._stale_next and self._reference is not None:
             _remember(self._stale_kept, prepared, (prepared, self._reference))
+        if self._window is None and self._reference is not None and self.agreement is not None:
+            _remember(self._replaced, prepared, (prepared, self._reference))
         self._stale_next = False
         self._reference = prepared
         self._skipped = 0
@@ -331,6 +351,7 @@ class QueryFilter:
         """A kept frame that will never get a result (dropped): its window tunes without it, and
         it checks nothing at the bound."""
         self._stale_kept.pop(id(prepared), None)
+        self._replaced.pop(id(prepared), None)
         window = self._window
         if window is None or not window.holds(prepared):
             return
@@ -343,6 +364,7 @@ class QueryFilter:
         target) or lengthens it back towards the learned one (it agreed more)."""
         _remember(self._results, prepared, (prepared, value))
         self._check_at_bound(prepared, value)
+        self._check_answer_changed(prepared, value)
         window = self._window
         if window is None or not window.holds(prepared):
             return
@@ -365,6 +387,18 @@ class QueryFilter:
         agreed = self.agreement(value, reference[1])
         step = BOUND_STEP ** ((agreed - self.target) / max(self.target, 1e-6))
         self._bound_factor = min(1.0, max(LOWEST_FACTOR, self._bound_factor * step))
+
+    def _check_answer_changed(self, prepared: Prepared, value: Any) -> None:
+        """Ask for a confirmation when the frame still decided from changed the answer it replaced."""
+        kept = self._replaced.pop(id(prepared), None)
+        if (kept is None or kept[0] is not prepared or prepared is not self._reference
+                or self._window is not None or self.agreement is None):
+            return
+        replaced = self._results.get(id(kept[1]))
+        if replaced is None or replaced[0] is not kept[1]:
+            return                              # the replaced result is gone (dropped): nothing to compare
+        if self._confirm_run < CONFIRMATIONS and self.agreement(value, replaced[1]) < 1.0:
+            self._confirm_next = True
 
     def _confirm_half(self, window: Window) -> None:
         """Tune the window's first half like a finished window (through `tune_runner`); whether it

@@ -23,6 +23,11 @@ from .features import FEATURES, Differencer, FeatureName, FeatureVector, Prepare
 
 PairValue = Callable[[int, int], float]
 NO_THRESHOLD = math.inf    # only the staleness bound decides: uniform sampling
+# A kept frame whose answer differs from the one it replaces is confirmed on the next frame, and
+# so on while it keeps changing, at most this many frames in a row (edgeva.filtering.policy). The
+# replay below does not count on them: it chooses the setting as if every result were reused as
+# inferred, and the confirmations come on top.
+CONFIRMATIONS = 2
 
 
 @dataclass(frozen=True, slots=True)
