@@ -33,3 +33,23 @@ def test_the_largest_interval_is_the_last_k_meeting_the_target():
     k = largest_interval([(values, agree)])
     assert every_k(values, agree, k)[1] >= 0.9 > every_k(values, agree, k + 1)[1]
     assert largest_interval([([True] * 20, agree)]) == 20     # an answer that never changes: one inference
+
+
+def test_the_filter_is_averaged_over_the_frame_it_starts_on_as_uniform_is_over_its_phase():
+    from bench_filtering import run_edgeva, run_edgeva_phases
+
+    from edgeva.config import FilterConfig
+    from edgeva.filtering import Differencer, SceneTracker
+    from tests.test_filtering import count_agreement, street
+
+    frames, counts = street(n=200)
+    scene = SceneTracker(Differencer())
+    prepared = [scene.prepare(f) for f in frames]
+    cfg = FilterConfig(threshold=0.02, max_age_s=1.0, feature="area", audit_fraction=0.0)
+    single = run_edgeva(prepared, scene, counts, count_agreement, 10.0, cfg, "area")
+    assert run_edgeva_phases(prepared, scene, counts, count_agreement, 10.0, cfg, "area", 1) == single
+    runs = [run_edgeva(prepared[p:], scene, counts[p:], count_agreement, 10.0, cfg, "area") for p in range(4)]
+    averaged = run_edgeva_phases(prepared, scene, counts, count_agreement, 10.0, cfg, "area", 4)
+    assert len({r.inferences for r in runs}) > 1                    # where it starts moves what it infers
+    assert averaged.agreement == pytest.approx(sum(r.agreement for r in runs) / 4)
+    assert averaged.inferences == pytest.approx(sum(r.inferences * 200 / (200 - p) for p, r in enumerate(runs)) / 4)

@@ -7,6 +7,8 @@ every-frame outputs (tools/reference_cache.py) and scored with the task's own ag
   (a) edgeva: the daemon's QueryFilter, run as a user would: no threshold configured (it
       calibrates on the camera), or `--tuned-first-third` (settings tuned on the clip's first
       third, as `edgeva tune` then `edgeva run` does); audit inferences count as inferences;
+      averaged over the clip started at each of its first 8 frames (`--phases`), as (b) is over
+      its phase, so one lucky or unlucky run does not count;
   (b) uniform sampling: infer every k-th frame, averaged over the phase;
   (c) motion-gated (Frigate-like): infer when any changed region exceeds a fixed area;
   (d) the hindsight oracle: infer exactly when the reused answer would pull the running mean
@@ -89,10 +91,29 @@ def mean_agreement(agree: Callable[[Any, Any], float], values: list[Any], source
 
 @dataclass
 class Run:
-    inferences: int     # model runs whose result is the query's answer (calibration included)
+    inferences: float   # model runs whose result is the query's answer (calibration included)
     agreement: float
-    audits: int = 0     # model runs that only checked a reused answer
+    audits: float = 0   # model runs that only checked a reused answer
     kept_by_reason: Optional[dict] = None   # where the inferences went (calibrate, threshold, stale, ...)
+
+
+def run_edgeva_phases(prepared, prepared_by, values, agree, fps: float, cfg: FilterConfig, preferred,
+                      phases: int) -> Run:
+    """`run_edgeva` from each of the first `phases` frames (the camera starting a frame later),
+    averaged, as uniform sampling is over its phase: which frames a filter happens to infer
+    decides what it reuses, and on a flickering answer (a person detected every other frame) one
+    run's agreement is a lottery. Inferences are scaled to the whole clip."""
+    n = len(prepared)
+    runs = [run_edgeva(prepared[p:], prepared_by, values[p:], agree, fps, cfg, preferred) for p in range(phases)]
+    scale = [n / (n - p) for p in range(phases)]
+    reasons: dict[str, float] = {}
+    for run, k in zip(runs, scale):
+        for reason, count in (run.kept_by_reason or {}).items():
+            reasons[reason] = reasons.get(reason, 0.0) + count * k / phases
+    return Run(float(np.mean([r.inferences * k for r, k in zip(runs, scale)])),
+               float(np.mean([r.agreement for r in runs])),
+               float(np.mean([r.audits * k for r, k in zip(runs, scale)])),
+               {reason: round(count, 1) for reason, count in reasons.items()})
 
 
 def run_edgeva(prepared, prepared_by, values, agree, fps: float, cfg: FilterConfig, preferred, seed: int = 0) -> Run:
@@ -241,6 +262,9 @@ def main() -> None:
                     help="(a) uses settings tuned on each clip's first third instead of calibrating online")
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--calibration-s", type=float, default=FilterConfig.calibration_s)
+    ap.add_argument("--phases", type=int, default=8,
+                    help="average (a) over the clip started at each of its first N frames (1: one run from "
+                         "the first frame, what tools/check_filter_daemon.py runs)")
     args = ap.parse_args()
     folder = SHARED / "videos" / args.clips if args.clips in ("eval", "tune") else Path(args.clips)
     clips = clips_in(folder)
@@ -264,7 +288,8 @@ def main() -> None:
             base = cfg = FilterConfig(calibration_s=args.calibration_s)
             if args.tuned_first_third:
                 cfg = tuned_on_first_third(prepared, values, agree, ref.fps, base)
-            run = run_edgeva(prepared, scene, values, agree, ref.fps, cfg, default_feature(QUERY_TASK[query]))
+            run = run_edgeva_phases(prepared, scene, values, agree, ref.fps, cfg, default_feature(QUERY_TASK[query]),
+                                    args.phases)
             uni = uniform_curve(values, agree)
             need = uniform_needs(uni, run.agreement)
             orc = oracle(values, agree)
@@ -281,7 +306,7 @@ def main() -> None:
                 "uniform": uni, "motion": motion_gated_curve(frames, values, agree),
                 "edgeva": (run.inferences, run.agreement), "oracle": (orc.inferences, orc.agreement),
                 "n": len(values)}
-            print(f"{clip.name[:34]:34} {query:15} edgeva {run.inferences:4d} (+{run.audits} audits) @ {run.agreement:.3f}  "
+            print(f"{clip.name[:34]:34} {query:15} edgeva {run.inferences:6.1f} (+{run.audits:.1f} audits) @ {run.agreement:.3f}  "
                   f"uniform needs {need:6.1f}  ratio {run.inferences / need:.2f}  "
                   f"oracle {orc.inferences}/{orc_need:.0f} = {orc.inferences / orc_need:.2f}  "
                   f"in hindsight {' '.join(_ceiling(c, n) for c, n in zip(ceilings, ceilings_need))}  "
@@ -307,7 +332,7 @@ def _summary(rows) -> None:
             print(f"| {clip} | {query} | {n} | answer never changes | | | | | | | | | |")
             continue
         run, need, orc, orc_need, first_third, _, ceilings = res
-        print(f"| {clip} | {query} | {n} | {run.inferences} ({100 * run.inferences / n:.1f} %) | {run.audits} | "
+        print(f"| {clip} | {query} | {n} | {run.inferences:.0f} ({100 * run.inferences / n:.1f} %) | {run.audits:.0f} | "
               f"{run.agreement:.3f} | {need:.0f} | {run.inferences / need:.2f} | "
               f"{(run.inferences + run.audits) / need:.2f} | {orc.inferences / orc_need:.2f} | "
               f"{first_third[0]:.0f} @ {first_third[1]:.3f} | {_ceiling(*ceilings[0])} | {_ceiling(*ceilings[1])} |")
@@ -324,7 +349,7 @@ def _summary(rows) -> None:
         fixed_missed = [f"{r[0]}/{r[1]}" for r in changing if r[3][5][1] < TARGET]
         ceilings = [(sum(r[3][6][k][0].inferences for r in changing), sum(r[3][6][k][1] for r in changing))
                     for k in range(2)]
-        print(f"\nover the {len(changing)} pairs whose answer changes: edgeva {total} inferences (+{audits} audits), "
+        print(f"\nover the {len(changing)} pairs whose answer changes: edgeva {total:.0f} inferences (+{audits:.0f} audits), "
               f"uniform at the same agreement {total_uniform:.0f} (ratio {total / total_uniform:.2f}, "
               f"{(total + audits) / total_uniform:.2f} with audits); oracle ratio "
               f"{total_oracle / total_oracle_uniform:.2f}; target {TARGET} missed on: {', '.join(missed) or 'none'}; "

@@ -168,8 +168,8 @@ class Experiment:
 
 def install(exp: Experiment) -> None:
     """Wrap the bench's and the tuner's entry points in this process."""
-    query_values, run_edgeva, first_third, decode = (bench.query_values, bench.run_edgeva,
-                                                     bench.tuned_on_first_third, bench.decode)
+    query_values, run_edgeva_phases, first_third, decode = (bench.query_values, bench.run_edgeva_phases,
+                                                            bench.tuned_on_first_third, bench.decode)
 
     def query_values_(ref: Any, query: str) -> list[Any]:
         exp.set_query(ref, bench.QUERIES[query][1])
@@ -187,7 +187,8 @@ def install(exp: Experiment) -> None:
         return frames
 
     bench.query_values, bench.decode = query_values_, decode_
-    bench.run_edgeva, bench.tuned_on_first_third = indexed(run_edgeva), indexed(first_third)
+    # indexed by the whole clip's frames: the phases' runs are slices of it
+    bench.run_edgeva_phases, bench.tuned_on_first_third = indexed(run_edgeva_phases), indexed(first_third)
 
     feature = Differencer.feature
 
