@@ -953,3 +953,17 @@ def test_profiles_vote_among_those_that_saw_the_answer_change():
     table.add(busy, learned, [busy], 0.95)
     found = table.lookup(still)
     assert found.setting == learned and not found.far     # the still profile still says the segment is not new
+
+
+def test_a_flicker_on_a_windows_last_frame_is_confirmed_not_reused():
+    # The last frame of a dense window is the first reference of what follows it: a ghost
+    # detected there would be reused for a whole staleness bound (seconds on a quiet picture).
+    rng = np.random.default_rng(4)
+    images = [noisy(background(4), rng) for _ in range(120)]
+    reasons, _ = _replay(_calibrating_filter(), images, [0] * 120)
+    last = max(i for i, r in enumerate(reasons) if r == "calibrate")
+    answers = [0] * 120
+    answers[last] = 1
+    reasons, source = _replay(_calibrating_filter(), images, answers)
+    assert reasons[last + 1] == "confirm"
+    assert all(source[i] != last for i in range(last + 1, 120))

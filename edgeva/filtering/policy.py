@@ -63,8 +63,9 @@ LOWEST_FACTOR = 0.05
 # New-segment profiling starts at most once per this many calibration windows, so dense bursts
 # stay under a fifth of the frames however restless the camera.
 PROFILING_SPACING = 4
-# ... except where the setting has no threshold and the checks at the bound find the answer
-# changing: that setting is already losing the answer, so one window's spacing is enough.
+# ... except where the setting's threshold has kept no frame since the last window was tuned (or
+# it has none) and the checks at the bound find the answer changing: that setting is already
+# losing the answer, so one window's spacing is enough.
 FAILING_SPACING = 1
 POOLED_WINDOWS = 3          # a window is tuned together with its two nearest profiled windows
 SEGMENT_FEATURE = "pixel"   # segment keys: how much of the picture changes from frame to frame
@@ -127,6 +128,7 @@ class QueryFilter:
         self._replaced: dict[int, tuple[Prepared, Prepared]] = {}     # id -> (kept frame, the reference it replaced)
         self._confirm_next = False                    # the last kept frame's answer changed: infer the next one
         self._confirm_run = 0                         # confirmations kept in a row
+        self._threshold_keeps = 0                     # frames the threshold kept since the last tuning
         self._results: dict[int, tuple[Prepared, Any]] = {}           # recent kept frames' results
         if cfg.threshold is not None:
             self._learned = Setting(cfg.threshold, self._configured_age(), self._configured_feature())
@@ -222,8 +224,9 @@ class QueryFilter:
         waits here, so its decisions are the ones the filter makes when results come at once,
         however far decoding could run ahead."""
         window = self._window
-        return (bool(self._stale_kept) or bool(self._replaced)
-                or (window is not None and window.awaits_results()))
+        if window is not None:
+            return bool(self._stale_kept) or window.awaits_results()
+        return bool(self._stale_kept) or bool(self._replaced)
 
     # ------------------------------------------------------------- decisions
     def decide(self, prepared: Prepared) -> Decision:
@@ -275,6 +278,7 @@ class QueryFilter:
     def _keep(self, reason: str, value: Optional[float], prepared: Optional[Prepared] = None) -> Decision:
         self._kept[reason] = self._kept.get(reason, 0) + 1
         self._confirm_run = self._confirm_run + 1 if reason == "confirm" else 0
+        self._threshold_keeps += reason == "threshold"
         window = self._window
         if window is not None and prepared is not None and not window.full:
             window.frames.append(prepared)
@@ -314,14 +318,15 @@ class QueryFilter:
         """None when the segment is not new; else how many calibration windows must have passed
         since the last profiling before it is profiled. A segment unlike every profile is new when
         it is busier than the nearest: that setting may be too lax. A quieter one is left to the
-        setting it gets, unless that setting has no threshold (it responds to nothing the segment
-        does) and the checks at the bound have found the answer changing under it: how much the
+        setting it gets, unless that setting's threshold has kept no frame since the last window
+        was tuned (it has none, or one above every change the camera showed since: it responds to
+        nothing) and the checks at the bound have found the answer changing under it: how much the
         picture moves is not how often the answer changes (on an aerial clip the picture moved
         most while the crossing was empty, and the crowd came as it calmed down). That setting is
         already losing the answer, so it waits one window, not four."""
         if not found.far:
             return None
-        if not math.isfinite(found.setting.threshold) and self._bound_factor < 1.0:
+        if self._threshold_keeps == 0 and self._bound_factor < 1.0:
             return FAILING_SPACING
         return PROFILING_SPACING if found.busier else None
 
@@ -336,7 +341,7 @@ class QueryFilter:
         """Call when the frame is kept: later skipped frames compare with it and reuse its result."""
         if self._stale_next and self._reference is not None:
             _remember(self._stale_kept, prepared, (prepared, self._reference))
-        if self._window is None and self._reference is not None and self.agreement is not None:
+        if self._reference is not None and self.agreement is not None:
             _remember(self._replaced, prepared, (prepared, self._reference))
         self._stale_next = False
         self._reference = prepared
@@ -389,16 +394,16 @@ class QueryFilter:
         self._bound_factor = min(1.0, max(LOWEST_FACTOR, self._bound_factor * step))
 
     def _check_answer_changed(self, prepared: Prepared, value: Any) -> None:
-        """Ask for a confirmation when the frame still decided from changed the answer it replaced."""
+        """Whether the frame still decided from changed the answer it replaced: then the next
+        decision confirms it. Inside a dense window this only matters for its last frame, the one
+        the filtering after the window starts from."""
         kept = self._replaced.pop(id(prepared), None)
-        if (kept is None or kept[0] is not prepared or prepared is not self._reference
-                or self._window is not None or self.agreement is None):
+        if kept is None or kept[0] is not prepared or prepared is not self._reference or self.agreement is None:
             return
         replaced = self._results.get(id(kept[1]))
         if replaced is None or replaced[0] is not kept[1]:
             return                              # the replaced result is gone (dropped): nothing to compare
-        if self._confirm_run < CONFIRMATIONS and self.agreement(value, replaced[1]) < 1.0:
-            self._confirm_next = True
+        self._confirm_next = self._confirm_run < CONFIRMATIONS and self.agreement(value, replaced[1]) < 1.0
 
     def _confirm_half(self, window: Window) -> None:
         """Tune the window's first half like a finished window (through `tune_runner`); whether it
@@ -476,6 +481,7 @@ class QueryFilter:
             self._learned = found.setting if found is not None else tuned.setting
             self._factor = 1.0
             self._bound_factor = 1.0
+            self._threshold_keeps = 0
             self.audits.reset_window()
             self._profiled += 1
 
