@@ -967,3 +967,38 @@ def test_a_flicker_on_a_windows_last_frame_is_confirmed_not_reused():
     reasons, source = _replay(_calibrating_filter(), images, answers)
     assert reasons[last + 1] == "confirm"
     assert all(source[i] != last for i in range(last + 1, 120))
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (issue #9): the bound shortens by halves, one check per "
+                   "bound, and the inert-threshold re-profiling misses a threshold that fired once")
+def test_a_query_calibrated_on_irrelevant_motion_keeps_its_target_when_small_changes_come():
+    # The first window sees a big white sign swinging (the answer stays 0); then the sign hangs
+    # still and a small car comes and goes at irregular times, under every threshold that window
+    # learned. Only the checks at the bound and the audits can notice; today they take too long
+    # on this 30 s scene (agreement 0.707).
+    rng = np.random.default_rng(7)
+    bg = background(7)
+
+    def sign(img, t):
+        x = 60 + int(30 * np.sin(t * 1.7))
+        cv2.rectangle(img, (x, 20), (x + 120, 150), (250, 250, 250), -1)
+
+    frames, answers = [], []
+    for t in range(40):
+        img = bg.copy()
+        sign(img, t)
+        frames.append(noisy(img, rng))
+        answers.append(0)
+    present, t = False, 0
+    while t < 260:
+        for _ in range(int(rng.integers(6, 25))):
+            img = bg.copy()
+            sign(img, 39)
+            if present:
+                draw_car(img, 200, 120, w=14, h=8)
+            frames.append(noisy(img, rng))
+            answers.append(int(present))
+            t += 1
+        present = not present
+    _, source = _replay(_calibrating_filter(), frames, answers)
+    assert np.mean([count_agreement(answers[i], answers[k]) for i, k in enumerate(source)]) >= 0.9
