@@ -969,13 +969,10 @@ def test_a_flicker_on_a_windows_last_frame_is_confirmed_not_reused():
     assert all(source[i] != last for i in range(last + 1, 120))
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (issue #9): the bound shortens by halves, one check per "
-                   "bound, and the inert-threshold re-profiling misses a threshold that fired once")
-def test_a_query_calibrated_on_irrelevant_motion_keeps_its_target_when_small_changes_come():
-    # The first window sees a big white sign swinging (the answer stays 0); then the sign hangs
-    # still and a small car comes and goes at irregular times, under every threshold that window
-    # learned. Only the checks at the bound and the audits can notice; today they take too long
-    # on this 30 s scene (agreement 0.707).
+def _swinging_sign_then_small_car() -> tuple[list[np.ndarray], list[int]]:
+    """A big white sign swings during the first 40 frames (the answer stays 0); then it hangs
+    still and a small car comes and goes at irregular times, under every threshold that window
+    learns (30 s at 10 fps)."""
     rng = np.random.default_rng(7)
     bg = background(7)
 
@@ -1000,5 +997,26 @@ def test_a_query_calibrated_on_irrelevant_motion_keeps_its_target_when_small_cha
             answers.append(int(present))
             t += 1
         present = not present
+    return frames, answers
+
+
+def test_checks_that_keep_finding_changes_the_threshold_missed_profile_the_camera_again():
+    frames, answers = _swinging_sign_then_small_car()
+    filt = _calibrating_filter()
+    reasons, source = _replay(filt, frames, answers)
+    missed = [i for i, r in enumerate(reasons) if r == "stale" and answers[i] != answers[source[i - 1]]]
+    assert len(missed) >= 2 and "threshold" not in reasons[missed[0]:missed[1]]
+    assert reasons[missed[1] + 1] == "calibrate"                   # at once, though nothing looked new
+    assert filt.stats()["novel_segments"] >= 1
+    agreement = np.mean([count_agreement(answers[i], answers[k]) for i, k in enumerate(source)])
+    assert agreement >= 0.85                                         # 0.707 waiting for the audits
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (issue #9): the first missed changes cost up to two "
+                   "bounds before the camera is profiled again")
+def test_a_query_calibrated_on_irrelevant_motion_keeps_its_target_when_small_changes_come():
+    # Only the checks at the bound and the audits can notice the car; on this 30 s scene they
+    # notice too late for the whole scene's agreement (0.869).
+    frames, answers = _swinging_sign_then_small_car()
     _, source = _replay(_calibrating_filter(), frames, answers)
     assert np.mean([count_agreement(answers[i], answers[k]) for i, k in enumerate(source)]) >= 0.9

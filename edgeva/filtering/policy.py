@@ -67,6 +67,10 @@ PROFILING_SPACING = 4
 # it has none) and the checks at the bound find the answer changing: that setting is already
 # losing the answer, so one window's spacing is enough.
 FAILING_SPACING = 1
+# Checks at the bound in a row that found the answer changed with no threshold keep since the
+# check before: the setting responds to nothing the answer does, so the camera is profiled again
+# (at FAILING_SPACING), whether or not its segments look new. One such check can be a flicker.
+MISSED_IN_A_ROW = 2
 POOLED_WINDOWS = 3          # a window is tuned together with its two nearest profiled windows
 SEGMENT_FEATURE = "pixel"   # segment keys: how much of the picture changes from frame to frame
 RESULT_PATIENCE = 4         # a window waits this many window lengths of frames for its results
@@ -129,6 +133,8 @@ class QueryFilter:
         self._confirm_next = False                    # the last kept frame's answer changed: infer the next one
         self._confirm_run = 0                         # confirmations kept in a row
         self._threshold_keeps = 0                     # frames the threshold kept since the last tuning
+        self._threshold_keeps_at_check = 0            # ... at the last check at the bound
+        self._missed_in_a_row = 0                     # checks in a row that found a change the threshold missed
         self._results: dict[int, tuple[Prepared, Any]] = {}           # recent kept frames' results
         if cfg.threshold is not None:
             self._learned = Setting(cfg.threshold, self._configured_age(), self._configured_feature())
@@ -392,6 +398,14 @@ class QueryFilter:
         agreed = self.agreement(value, reference[1])
         step = BOUND_STEP ** ((agreed - self.target) / max(self.target, 1e-6))
         self._bound_factor = min(1.0, max(LOWEST_FACTOR, self._bound_factor * step))
+        missed = agreed < self.target and self._threshold_keeps == self._threshold_keeps_at_check
+        self._threshold_keeps_at_check = self._threshold_keeps
+        self._missed_in_a_row = self._missed_in_a_row + 1 if missed else 0
+        if (self._missed_in_a_row >= MISSED_IN_A_ROW and self.learns and not self._tuning
+                and self._since_profiled >= FAILING_SPACING * self._frames_for(self.cfg.calibration_s)):
+            self._missed_in_a_row = 0
+            self._novel += 1
+            self._start_window(confirmable=True)
 
     def _check_answer_changed(self, prepared: Prepared, value: Any) -> None:
         """Whether the frame still decided from changed the answer it replaced: then the next
@@ -481,7 +495,7 @@ class QueryFilter:
             self._learned = found.setting if found is not None else tuned.setting
             self._factor = 1.0
             self._bound_factor = 1.0
-            self._threshold_keeps = 0
+            self._threshold_keeps = self._threshold_keeps_at_check = self._missed_in_a_row = 0
             self.audits.reset_window()
             self._profiled += 1
 
