@@ -156,9 +156,9 @@ class ModelQuery:
 
     def _await_filter_results(self) -> None:
         """Batch replay: when the filter's next decision depends on results still in the model
-        (a calibration window's tuning, a check at the staleness bound), wait for them instead of
-        deciding ahead without them, so the decisions do not depend on how far decoding runs ahead
-        of the model. Live sources never wait here: their results come within the SLA latency."""
+        (QueryFilter.awaiting_results says which), wait for them instead of deciding ahead without
+        them, so the decisions do not depend on how far decoding runs ahead of the model. Live
+        sources never wait here: their results come within the SLA latency."""
         query_filter = self.filter
         if not self._wait_for_filter_results or query_filter is None or not query_filter.awaiting_results():
             return

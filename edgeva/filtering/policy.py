@@ -133,7 +133,7 @@ class QueryFilter:
         self._confirm_next = False                    # the last kept frame's answer changed: infer the next one
         self._confirm_run = 0                         # confirmations kept in a row
         self._threshold_keeps = 0                     # frames the threshold kept since the last tuning
-        self._threshold_keeps_at_check = 0            # ... at the last check at the bound
+        self._threshold_kept_since_check = False      # ... and since the last check at the bound
         self._missed_in_a_row = 0                     # checks in a row that found a change the threshold missed
         self._results: dict[int, tuple[Prepared, Any]] = {}           # recent kept frames' results
         if cfg.threshold is not None:
@@ -284,7 +284,9 @@ class QueryFilter:
     def _keep(self, reason: str, value: Optional[float], prepared: Optional[Prepared] = None) -> Decision:
         self._kept[reason] = self._kept.get(reason, 0) + 1
         self._confirm_run = self._confirm_run + 1 if reason == "confirm" else 0
-        self._threshold_keeps += reason == "threshold"
+        if reason == "threshold":
+            self._threshold_keeps += 1
+            self._threshold_kept_since_check = True
         window = self._window
         if window is not None and prepared is not None and not window.full:
             window.frames.append(prepared)
@@ -314,11 +316,18 @@ class QueryFilter:
         if found is None:
             return
         spacing = self._new_segment_spacing(found)
-        if spacing is not None and self._since_profiled >= spacing * self._frames_for(self.cfg.calibration_s):
-            self._novel += 1
-            self._start_window(confirmable=True)
+        if spacing is not None and self._windows_since_profiled(spacing):
+            self._profile_anew()
         else:
             self._learned = found.setting
+
+    def _windows_since_profiled(self, windows: int) -> bool:
+        return self._since_profiled >= windows * self._frames_for(self.cfg.calibration_s)
+
+    def _profile_anew(self) -> None:
+        """The camera shows what the profiles do not cover: a burst, profiled and added."""
+        self._novel += 1
+        self._start_window(confirmable=True)
 
     def _new_segment_spacing(self, found: Lookup) -> Optional[int]:
         """None when the segment is not new; else how many calibration windows must have passed
@@ -388,35 +397,38 @@ class QueryFilter:
         elif window.confirms is not None and not window.confirm_started and window.half_complete():
             self._confirm_half(window)
 
+    def _replaced_result(self, table: dict, prepared: Prepared) -> Optional[tuple[Prepared, Any]]:
+        """Take `prepared`'s entry from `table` (kept frame, the reference it replaced): that
+        reference's result, or None when there is none to compare with (never registered, or the
+        reference's result is gone: dropped, or long ago)."""
+        kept = table.pop(id(prepared), None)
+        if kept is None or kept[0] is not prepared or self.agreement is None:
+            return None
+        replaced = self._results.get(id(kept[1]))
+        return replaced if replaced is not None and replaced[0] is kept[1] else None
+
     def _check_at_bound(self, prepared: Prepared, value: Any) -> None:
-        kept = self._stale_kept.pop(id(prepared), None)
-        if kept is None or kept[0] is not prepared or self.agreement is None or self._window is not None:
+        reference = self._replaced_result(self._stale_kept, prepared)
+        if reference is None or self._window is not None:
             return
-        reference = self._results.get(id(kept[1]))
-        if reference is None or reference[0] is not kept[1]:
-            return                              # the reference's result is gone (dropped): no check
         agreed = self.agreement(value, reference[1])
         step = BOUND_STEP ** ((agreed - self.target) / max(self.target, 1e-6))
         self._bound_factor = min(1.0, max(LOWEST_FACTOR, self._bound_factor * step))
-        missed = agreed < self.target and self._threshold_keeps == self._threshold_keeps_at_check
-        self._threshold_keeps_at_check = self._threshold_keeps
+        missed = agreed < self.target and not self._threshold_kept_since_check
+        self._threshold_kept_since_check = False
         self._missed_in_a_row = self._missed_in_a_row + 1 if missed else 0
         if (self._missed_in_a_row >= MISSED_IN_A_ROW and self.learns and not self._tuning
-                and self._since_profiled >= FAILING_SPACING * self._frames_for(self.cfg.calibration_s)):
+                and self._windows_since_profiled(FAILING_SPACING)):
             self._missed_in_a_row = 0
-            self._novel += 1
-            self._start_window(confirmable=True)
+            self._profile_anew()
 
     def _check_answer_changed(self, prepared: Prepared, value: Any) -> None:
         """Whether the frame still decided from changed the answer it replaced: then the next
         decision confirms it. Inside a dense window this only matters for its last frame, the one
         the filtering after the window starts from."""
-        kept = self._replaced.pop(id(prepared), None)
-        if kept is None or kept[0] is not prepared or prepared is not self._reference or self.agreement is None:
+        replaced = self._replaced_result(self._replaced, prepared)
+        if replaced is None or prepared is not self._reference:
             return
-        replaced = self._results.get(id(kept[1]))
-        if replaced is None or replaced[0] is not kept[1]:
-            return                              # the replaced result is gone (dropped): nothing to compare
         self._confirm_next = self._confirm_run < CONFIRMATIONS and self.agreement(value, replaced[1]) < 1.0
 
     def _confirm_half(self, window: Window) -> None:
@@ -495,7 +507,8 @@ class QueryFilter:
             self._learned = found.setting if found is not None else tuned.setting
             self._factor = 1.0
             self._bound_factor = 1.0
-            self._threshold_keeps = self._threshold_keeps_at_check = self._missed_in_a_row = 0
+            self._threshold_keeps = self._missed_in_a_row = 0
+            self._threshold_kept_since_check = False
             self.audits.reset_window()
             self._profiled += 1
 
