@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgeva.filtering import Differencer
-from edgeva.filtering.tuner import NO_THRESHOLD, PairCache, age_candidates, default_candidates, simulate_filter
+from edgeva.filtering.tuner import (NO_THRESHOLD, PairCache, ReplayScorer, age_candidates, default_candidates,
+                                   simulate_filter)
 
 REDUCTO_SEGMENT_S = 5.0
 
@@ -39,7 +40,7 @@ def segment_options(frames: Sequence[Any], values: Sequence[Any], agree: Callabl
     """For each number of inferences some setting makes on this segment, the highest summed
     agreement a setting with that many inferences reaches."""
     cache = PairCache(frames, differencer)
-    memo: dict[tuple[int, int], float] = {}
+    score = ReplayScorer(values, agree)
     best: dict[int, float] = {}
     thresholds = [*default_candidates(), NO_THRESHOLD]
     seen_sources: set[tuple[int, ...]] = set()
@@ -51,14 +52,7 @@ def segment_options(frames: Sequence[Any], values: Sequence[Any], agree: Callabl
                 if source in seen_sources:
                     continue
                 seen_sources.add(source)
-                total = 0.0
-                for i, s in enumerate(source):
-                    if i != s:
-                        if (i, s) not in memo:
-                            memo[(i, s)] = float(agree(values[i], values[s]))
-                        total += memo[(i, s)]
-                    else:
-                        total += 1.0
+                total = float(score(list(source)).sum())
                 inferred = sum(1 for i, s in enumerate(source) if i == s)
                 best[inferred] = max(best.get(inferred, -math.inf), total)
     return best

@@ -109,7 +109,7 @@ class PairCache:
         return value
 
 
-class _Scorer:
+class ReplayScorer:
     """Per-frame agreement of a replayed setting with the every-frame results (memoised)."""
 
     def __init__(self, values: Sequence[Any], agreement: Callable[[Any, Any], float]) -> None:
@@ -190,7 +190,7 @@ def tune_segments(
     single segment). If no setting meets the target the result says threshold None (infer every
     frame) and met_target False.
     """
-    walks: list[tuple[PairValue, int, _Scorer]] = []
+    walks: list[tuple[PairValue, int, ReplayScorer]] = []
     observed: list[float] = []
     for k, (frames, values) in enumerate(segments):
         if callable(frames):
@@ -198,7 +198,7 @@ def tune_segments(
         else:
             cache = caches[k] if caches is not None and caches[k] is not None else None
             pair_value = (cache or PairCache(frames, differencer or Differencer())).value_fn(feature)
-        walks.append((pair_value, len(values), _Scorer(values, agreement)))
+        walks.append((pair_value, len(values), ReplayScorer(values, agreement)))
     ages = tuple(max_ages) if max_ages is not None else (max_skip,)
     for pair_value, length, _ in walks:
         lags = sorted({1, *(a for a in ages if a > 0)})
