@@ -598,25 +598,39 @@ def test_a_configured_threshold_stays_fixed_past_recalibrate_s():
 
 # ------------------------------------------------------------- checks at the staleness bound
 
-def _bound_replay(filt: QueryFilter, answers: list[int]) -> list[int]:
-    """A still scene (only the bound decides); returns the frames kept."""
+def _bound_decisions(filt: QueryFilter, answers: list[int]) -> tuple[list[tuple[int, str]], list[int]]:
+    """A still scene (only the bound decides): the frames kept with their reasons, and the frame
+    each answer came from."""
     scene = SceneTracker(filt.differencer)
     rng = np.random.default_rng(5)
     bg = background(5)
     images = [noisy(bg, rng, sigma=2.0) for _ in range(8)]
-    kept = []
+    kept, source, ref = [], [], -1
     for i, answer in enumerate(answers):
         p = scene.prepare(images[i % len(images)])
-        if filt.decide(p).keep:
+        dec = filt.decide(p)
+        if dec.keep:
             filt.mark_inferred(p)
             filt.record_result(p, answer)
-            kept.append(i)
-    return kept
+            kept.append((i, dec.reason))
+            ref = i
+        source.append(ref)
+    return kept, source
+
+
+def _configured_bound_filter() -> QueryFilter:
+    """Bound 20 frames; the threshold never fires."""
+    return QueryFilter(FilterConfig(threshold=1.0, max_age_s=2.0, audit_fraction=0.0),
+                       agreement=count_agreement, fps=10.0)
+
+
+def _bound_replay(filt: QueryFilter, answers: list[int]) -> list[int]:
+    """The frames `_bound_decisions` keeps."""
+    return [i for i, _ in _bound_decisions(filt, answers)[0]]
 
 
 def test_a_frame_kept_at_the_bound_that_finds_the_answer_changed_shortens_the_bound():
-    filt = QueryFilter(FilterConfig(threshold=1.0, max_age_s=2.0, audit_fraction=0.0),
-                       agreement=count_agreement, fps=10.0)          # bound 20 frames; the threshold never fires
+    filt = _configured_bound_filter()
     flicker = [i // 5 % 3 for i in range(200)]                      # the answer changes every 5 frames
     kept = _bound_replay(filt, flicker)
     gaps = np.diff(kept)
@@ -632,8 +646,7 @@ def test_the_bound_moves_by_how_much_the_reused_answer_disagreed_not_whether_it_
     # of six (agreement 0.83, just under 0.9) shortens it a little; a count from 0 to 1
     # (agreement 0) halves it, as an answer that changed always did before.
     def first_check(before: int, after: int) -> float:
-        filt = QueryFilter(FilterConfig(threshold=1.0, max_age_s=2.0, audit_fraction=0.0),
-                           agreement=count_agreement, fps=10.0)
+        filt = _configured_bound_filter()
         _bound_replay(filt, [before] * 21 + [after] * 5)           # frame 21 is kept at the bound
         return filt.stats()["bound_factor"]
 
@@ -643,8 +656,7 @@ def test_the_bound_moves_by_how_much_the_reused_answer_disagreed_not_whether_it_
 
 
 def test_the_bound_comes_back_when_the_answer_settles_but_never_grows_past_the_learned_one():
-    filt = QueryFilter(FilterConfig(threshold=1.0, max_age_s=2.0, audit_fraction=0.0),
-                       agreement=count_agreement, fps=10.0)
+    filt = _configured_bound_filter()
     answers = [i // 5 % 3 for i in range(100)] + [7] * 1000         # busy, then the answer stays
     kept = _bound_replay(filt, answers)
     gaps = np.diff(kept)
@@ -865,42 +877,22 @@ def test_a_burst_awaits_its_first_half_results_before_deciding_past_its_half():
 
 # ------------------------------------------------------------- confirming a changed answer
 
-def _bound_decisions(answers: list[int], **cfg) -> tuple[list[tuple[int, str]], list[int]]:
-    """A still scene decided by a configured setting (bound 20 frames, the threshold never
-    fires): the kept frames with their reasons, and the frame each answer came from."""
-    filt = QueryFilter(FilterConfig(**{"threshold": 1.0, "max_age_s": 2.0, "audit_fraction": 0.0, **cfg}),
-                       agreement=count_agreement, fps=10.0)
-    scene = SceneTracker(filt.differencer)
-    image = background(5)
-    kept, source, ref = [], [], -1
-    for i, answer in enumerate(answers):
-        p = scene.prepare(image)
-        dec = filt.decide(p)
-        if dec.keep:
-            filt.mark_inferred(p)
-            filt.record_result(p, answer)
-            kept.append((i, dec.reason))
-            ref = i
-        source.append(ref)
-    return kept, source
-
-
 def test_a_changed_answer_is_confirmed_on_the_next_frame():
-    kept, _ = _bound_decisions([0] * 21 + [1] * 30)
+    kept, _ = _bound_decisions(_configured_bound_filter(), [0] * 21 + [1] * 30)
     assert kept[:3] == [(0, "first"), (21, "stale"), (22, "confirm")]     # 22 agrees with 21: no more
     assert all(reason != "confirm" for _, reason in kept[3:])
 
 
 def test_a_one_frame_flicker_is_not_reused_for_a_whole_bound():
     answers = [0] * 21 + [1] + [0] * 30                 # the detector sees a ghost on frame 21 only
-    kept, source = _bound_decisions(answers)
+    kept, source = _bound_decisions(_configured_bound_filter(), answers)
     assert kept[:4] == [(0, "first"), (21, "stale"), (22, "confirm"), (23, "confirm")]
     assert all(answers[i] == answers[s] for i, s in enumerate(source))   # 21's ghost reused by no frame
 
 
 def test_an_answer_that_keeps_changing_is_confirmed_at_most_twice_in_a_row():
     answers = [0] * 21 + [1, 0] * 20
-    kept, _ = _bound_decisions(answers)
+    kept, _ = _bound_decisions(_configured_bound_filter(), answers)
     assert [r for _, r in kept[1:5]] == ["stale", "confirm", "confirm", "stale"]
     assert kept[3][0] == 23
 
