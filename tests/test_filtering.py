@@ -947,6 +947,21 @@ def test_profiles_vote_among_those_that_saw_the_answer_change():
     assert found.setting == learned and not found.far     # the still profile still says the segment is not new
 
 
+def test_a_full_profile_table_forgets_the_profile_most_like_the_new_one_not_the_oldest():
+    # Every periodic burst adds a profile: evicting the oldest would forget the night after a few
+    # hours of day, and the next night would be profiled from scratch again.
+    table = ProfileTable(capacity=4)
+    night = segment_key([0.0005] * 10)
+    table.add(night, Setting(0.01, 40, "foreground"), [night], 0.97)
+    for hour in range(20):
+        day = segment_key([0.04 + 0.001 * (hour % 3)] * 10)
+        table.add(day, Setting(0.05, 10 + hour, "foreground"), [day], 0.95)
+    assert len(table) == 4
+    found = table.lookup(night)
+    assert found.setting == Setting(0.01, 40, "foreground") and not found.far
+    assert table.lookup(segment_key([0.04] * 10)).setting.max_age >= 10 + 17   # the day's newest supersede older ones
+
+
 def test_a_flicker_on_a_windows_last_frame_is_confirmed_not_reused():
     # The last frame of a dense window is the first reference of what follows it: a ghost
     # detected there would be reused for a whole staleness bound (seconds on a quiet picture).

@@ -77,7 +77,10 @@ class Lookup:
 
 
 class ProfileTable:
-    """Bounded set of profiles; the oldest goes when full."""
+    """Bounded set of profiles. When full, the new profile supersedes the one most like it (the
+    same activity level, tuned longer ago), not the oldest: a daemon re-profiles its camera every
+    few minutes, and evicting by age would forget the night's or the rain's profiles within a few
+    hours of daytime bursts, then pay to learn them again."""
 
     def __init__(self, capacity: int = 32, neighbours: int = 5, windows_kept: int = 8) -> None:
         self.capacity = capacity
@@ -92,9 +95,9 @@ class ProfileTable:
             frames: Optional[list] = None, values: Optional[list] = None, informed: bool = True) -> Profile:
         radius = max(SAME_LEVEL, max((key_distance(key, p) for p in pieces), default=0.0))
         profile = Profile(key, setting, radius, agreement, frames, values, informed)
+        if len(self.profiles) >= self.capacity:
+            del self.profiles[min(range(len(self.profiles)), key=lambda i: key_distance(key, self.profiles[i].key))]
         self.profiles.append(profile)
-        if len(self.profiles) > self.capacity:
-            self.profiles.pop(0)
         for old in self.profiles[:-self.windows_kept]:
             old.frames = old.values = None
         return profile
