@@ -53,3 +53,12 @@ def test_the_filter_is_averaged_over_the_frame_it_starts_on_as_uniform_is_over_i
     assert len({r.inferences for r in runs}) > 1                    # where it starts moves what it infers
     assert averaged.agreement == pytest.approx(sum(r.agreement for r in runs) / 4)
     assert averaged.inferences == pytest.approx(sum(r.inferences * 200 / (200 - p) for p, r in enumerate(runs)) / 4)
+
+
+def test_a_frame_several_queries_keep_is_one_model_run_of_the_camera():
+    from bench_filtering import Run, model_runs
+
+    vehicles = Run(3, 1.0, kept=(frozenset({0, 5, 9}), frozenset({0, 4})))     # two start frames
+    persons = Run(2, 1.0, kept=(frozenset({0, 7}), frozenset({0, 4})))
+    # start frame 0: {0, 5, 7, 9} of 10 frames; start frame 1: {0, 4} of 9, scaled to 10
+    assert model_runs([vehicles, persons], 10) == pytest.approx((4 + 2 * 10 / 9) / 2)

@@ -23,6 +23,10 @@ every-frame outputs (tools/reference_cache.py) and scored with the task's own ag
       and one per calibration-window-long segment, each segment at the target.
 Reported per pair: inferences and agreement of (a), what (b) needs for the same agreement, the
 ratio, (d)'s and (f)'s ratios, and (e)'s inferences and agreement. Plus a PNG of the curves.
+Per camera (clip), what the model really runs: a frame several of its queries keep runs once
+(the executors' `predict_each_frame_once`), so (a)'s cost is the frames any of the camera's
+queries kept, those whose answer never changes included; against one uniform sampler serving
+every query of the camera at the agreement (a) reached on it (the densest need).
 
     .venv/bin/python tools/bench_filtering.py [--clips eval|tune] [--plot out/filter_curves.png]
 """
@@ -95,6 +99,7 @@ class Run:
     agreement: float
     audits: float = 0   # model runs that only checked a reused answer
     kept_by_reason: Optional[dict] = None   # where the inferences went (calibrate, threshold, stale, ...)
+    kept: tuple[frozenset, ...] = ()         # per start frame: the frames inferred (from that start frame)
 
 
 def run_edgeva_phases(prepared, prepared_by, values, agree, fps: float, cfg: FilterConfig, preferred,
@@ -113,7 +118,16 @@ def run_edgeva_phases(prepared, prepared_by, values, agree, fps: float, cfg: Fil
     return Run(float(np.mean([r.inferences * k for r, k in zip(runs, scale)])),
                float(np.mean([r.agreement for r in runs])),
                float(np.mean([r.audits * k for r, k in zip(runs, scale)])),
-               {reason: round(count, 1) for reason, count in reasons.items()})
+               {reason: round(count, 1) for reason, count in reasons.items()},
+               tuple(k for run in runs for k in run.kept))
+
+
+def model_runs(runs: list[Run], frames: int) -> float:
+    """Frames any of a camera's queries inferred, per start frame scaled to the whole clip and
+    averaged: the model runs once on a frame several queries keep."""
+    phases = len(runs[0].kept)
+    return float(np.mean([len(frozenset().union(*(r.kept[p] for r in runs))) * frames / (frames - p)
+                          for p in range(phases)]))
 
 
 def run_edgeva(prepared, prepared_by, values, agree, fps: float, cfg: FilterConfig, preferred, seed: int = 0) -> Run:
@@ -123,6 +137,7 @@ def run_edgeva(prepared, prepared_by, values, agree, fps: float, cfg: FilterConf
     ref = -1
     inferences = audits = 0
     total = 0.0
+    kept = []
     for i, p in enumerate(prepared):
         decision = filt.decide(p)
         if decision.keep or ref < 0:
@@ -130,11 +145,12 @@ def run_edgeva(prepared, prepared_by, values, agree, fps: float, cfg: FilterConf
             filt.record_result(p, values[i])
             ref = i
             inferences += 1
+            kept.append(i)
         elif decision.audit:
             audits += 1
             filt.record_audit(agree(values[i], values[ref]))
         total += agree(values[i], values[ref])
-    return Run(inferences, total / len(prepared), audits, filt.stats()["kept_by_reason"])
+    return Run(inferences, total / len(prepared), audits, filt.stats()["kept_by_reason"], (frozenset(kept),))
 
 
 def tuned_on_first_third(prepared, values, agree, fps: float, cfg: FilterConfig) -> FilterConfig:
@@ -273,25 +289,29 @@ def main() -> None:
     interval = fixed_interval_on(SHARED / "videos" / "tune")
     print(f"fixed interval chosen on tune/: every {interval} frame(s)")
     rows = []
+    cameras = []
     curves: dict[str, dict[str, Any]] = {}
     for clip in clips:
         ref = load_or_compute(clip)
         frames = decode(clip)[:len(ref)]
         scene = SceneTracker(Differencer())
         prepared = [scene.prepare(f) for f in frames]
+        camera_runs, camera_needs = [], [1.0]
         for query, (task, _) in QUERIES.items():
             values = query_values(ref, query)[:len(frames)]
             agree = task.agreement
-            if all(agree(values[i], values[0]) == 1.0 for i in range(len(values))):
-                rows.append((clip.name, query, len(values), None))
-                continue
             base = cfg = FilterConfig(calibration_s=args.calibration_s)
             if args.tuned_first_third:
                 cfg = tuned_on_first_third(prepared, values, agree, ref.fps, base)
             run = run_edgeva_phases(prepared, scene, values, agree, ref.fps, cfg, default_feature(QUERY_TASK[query]),
                                     args.phases)
+            camera_runs.append(run)
+            if all(agree(values[i], values[0]) == 1.0 for i in range(len(values))):
+                rows.append((clip.name, query, len(values), None))
+                continue
             uni = uniform_curve(values, agree)
             need = uniform_needs(uni, run.agreement)
+            camera_needs.append(need)
             orc = oracle(values, agree)
             orc_need = uniform_needs(uni, orc.agreement)
             first_third = every_k(values, agree, largest_interval([(values[:len(values) // 3], agree)]))
@@ -311,7 +331,11 @@ def main() -> None:
                   f"oracle {orc.inferences}/{orc_need:.0f} = {orc.inferences / orc_need:.2f}  "
                   f"in hindsight {' '.join(_ceiling(c, n) for c, n in zip(ceilings, ceilings_need))}  "
                   f"kept {run.kept_by_reason}", flush=True)
+        cameras.append((clip.name, model_runs(camera_runs, len(prepared)), max(camera_needs)))
+        print(f"{clip.name[:34]:34} camera: model runs {cameras[-1][1]:6.1f}, one uniform sampler {cameras[-1][2]:6.1f}",
+              flush=True)
     _summary(rows)
+    _camera_summary(cameras)
     if args.plot:
         _plot(curves, args.plot)
 
@@ -358,6 +382,16 @@ def _summary(rows) -> None:
               f"inferences (edgeva {total / total_fixed:.2f}x of it), target missed on: {', '.join(fixed_missed) or 'none'}; "
               f"in hindsight, one setting per clip {ceilings[0][0]} inferences (ratio {ceilings[0][0] / ceilings[0][1]:.2f}), "
               f"one per window {ceilings[1][0]} (ratio {ceilings[1][0] / ceilings[1][1]:.2f})")
+
+
+def _camera_summary(cameras) -> None:
+    print("\n| clip (camera) | model runs (frames any query kept) | one uniform sampler for all its queries | ratio |")
+    print("| --- | --- | --- | --- |")
+    for clip, runs, uniform in cameras:
+        print(f"| {clip} | {runs:.0f} | {uniform:.0f} | {runs / uniform:.2f} |")
+    runs, uniform = sum(c[1] for c in cameras), sum(c[2] for c in cameras)
+    print(f"\nper camera, all its queries: edgeva runs the model {runs:.0f} times, one uniform sampler per camera "
+          f"{uniform:.0f} (ratio {runs / uniform:.2f})")
 
 
 def _plot(curves, path: Path) -> None:
