@@ -19,12 +19,6 @@ Where the setting comes from (no hand knobs):
   and stops there, its half stored as the profile; the second half would cost inferences to
   learn nothing new.
 
-Until a learning query has seen its answer change at all (in a window or between kept frames),
-its windows are uninformed and their threshold is only the largest change they showed. A
-threshold keep that then finds the answer unchanged raises the threshold to the change that
-triggered it: that change moved the picture and not the answer, the same evidence the window's
-tuning used. A vehicle query on a footpath camera otherwise infers at every passer-by.
-
 A changed answer is confirmed: when a kept frame's result differs from the result it replaces,
 the next frame is inferred too, and again while the answer keeps changing, at most
 CONFIRMATIONS frames in a row. Detectors flicker (a one-frame false positive, a car missed for a
@@ -141,11 +135,6 @@ class QueryFilter:
         self._threshold_keeps = 0                     # frames the threshold kept since the last tuning
         self._threshold_kept_since_check = False      # ... and since the last check at the bound
         self._missed_in_a_row = 0                     # checks in a row that found a change the threshold missed
-        self._answer_changed = False                  # the answer has changed at least once (window or kept frames)
-        self._harmless: dict[str, float] = {}         # until then: per feature, the largest change a threshold keep
-                                                      # showed with the answer unchanged
-        self._keeping: tuple[str, Optional[float]] = ("first", None)   # the last keep's reason and feature value
-        self._threshold_kept: dict[int, tuple[Prepared, str, float]] = {}   # id -> (frame, feature, its change)
         self._results: dict[int, tuple[Prepared, Any]] = {}           # recent kept frames' results
         if cfg.threshold is not None:
             self._learned = Setting(cfg.threshold, self._configured_age(), self._configured_feature())
@@ -212,9 +201,6 @@ class QueryFilter:
         if self._bound_factor < 1.0 and setting.max_age > 0:
             age = max(1, int(round(setting.max_age * self._bound_factor)))
             setting = Setting(setting.threshold, age, setting.feature)
-        harmless = self._harmless.get(setting.feature, 0.0) if self.learns and not self._answer_changed else 0.0
-        if harmless > setting.threshold:
-            setting = Setting(harmless, setting.max_age, setting.feature)
         return setting
 
     @property
@@ -301,7 +287,6 @@ class QueryFilter:
         if reason == "threshold":
             self._threshold_keeps += 1
             self._threshold_kept_since_check = True
-        self._keeping = (reason, value)
         window = self._window
         if window is not None and prepared is not None and not window.full:
             window.frames.append(prepared)
@@ -373,9 +358,6 @@ class QueryFilter:
             _remember(self._stale_kept, prepared, (prepared, self._reference))
         if self._reference is not None and self.agreement is not None:
             _remember(self._replaced, prepared, (prepared, self._reference))
-            reason, value = self._keeping
-            if reason == "threshold" and value is not None and not self._answer_changed:
-                _remember(self._threshold_kept, prepared, (prepared, self.feature, value))
         self._stale_next = False
         self._reference = prepared
         self._skipped = 0
@@ -390,7 +372,6 @@ class QueryFilter:
         it checks nothing at the bound."""
         self._stale_kept.pop(id(prepared), None)
         self._replaced.pop(id(prepared), None)
-        self._threshold_kept.pop(id(prepared), None)
         window = self._window
         if window is None or not window.holds(prepared):
             return
@@ -446,17 +427,9 @@ class QueryFilter:
         decision confirms it. Inside a dense window this only matters for its last frame, the one
         the filtering after the window starts from."""
         replaced = self._replaced_result(self._replaced, prepared)
-        threshold_kept = self._threshold_kept.pop(id(prepared), None)
-        if replaced is None:
+        if replaced is None or prepared is not self._reference:
             return
-        changed = self.agreement(value, replaced[1]) < 1.0
-        if changed:
-            self._answer_changed = True
-        elif threshold_kept is not None and threshold_kept[0] is prepared and not self._answer_changed:
-            _, feature, change = threshold_kept
-            self._harmless[feature] = max(self._harmless.get(feature, 0.0), change)
-        if prepared is self._reference:
-            self._confirm_next = self._confirm_run < CONFIRMATIONS and changed
+        self._confirm_next = self._confirm_run < CONFIRMATIONS and self.agreement(value, replaced[1]) < 1.0
 
     def _confirm_half(self, window: Window) -> None:
         """Tune the window's first half like a finished window (through `tune_runner`); whether it
@@ -532,7 +505,6 @@ class QueryFilter:
             # profiles can, theirs decides
             found = None if tuned.informed else self.profiles.lookup(tuned.key)
             self._learned = found.setting if found is not None else tuned.setting
-            self._answer_changed = self._answer_changed or tuned.informed
             self._factor = 1.0
             self._bound_factor = 1.0
             self._threshold_keeps = self._missed_in_a_row = 0
@@ -608,7 +580,6 @@ class QueryFilter:
             "profiles": len(self.profiles),
             "profiled_windows": self._profiled,
             "novel_segments": self._novel,
-            "answer_changed": self._answer_changed,
             "confirmed_at_half": self._confirmed,
             "audit_fraction": round(self.audit_fraction(), 4) if self.cfg.enabled else 0.0,
             "audited": self.audits.total,
