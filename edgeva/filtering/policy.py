@@ -132,7 +132,7 @@ class QueryFilter:
         self._replaced: dict[int, tuple[Prepared, Prepared]] = {}     # id -> (kept frame, the reference it replaced)
         self._confirm_next = False                    # the last kept frame's answer changed: infer the next one
         self._confirm_run = 0                         # confirmations kept in a row
-        self._threshold_keeps = 0                     # frames the threshold kept since the last tuning
+        self._threshold_kept_since_tuning = False     # the threshold kept a frame since the last tuning
         self._threshold_kept_since_check = False      # ... and since the last check at the bound
         self._missed_in_a_row = 0                     # checks in a row that found a change the threshold missed
         self._results: dict[int, tuple[Prepared, Any]] = {}           # recent kept frames' results
@@ -285,8 +285,7 @@ class QueryFilter:
         self._kept[reason] = self._kept.get(reason, 0) + 1
         self._confirm_run = self._confirm_run + 1 if reason == "confirm" else 0
         if reason == "threshold":
-            self._threshold_keeps += 1
-            self._threshold_kept_since_check = True
+            self._threshold_kept_since_tuning = self._threshold_kept_since_check = True
         window = self._window
         if window is not None and prepared is not None and not window.full:
             window.frames.append(prepared)
@@ -341,7 +340,7 @@ class QueryFilter:
         already losing the answer, so it waits one window, not four."""
         if not found.far:
             return None
-        if self._threshold_keeps == 0 and self._bound_factor < 1.0:
+        if not self._threshold_kept_since_tuning and self._bound_factor < 1.0:
             return FAILING_SPACING
         return PROFILING_SPACING if found.busier else None
 
@@ -507,8 +506,8 @@ class QueryFilter:
             self._learned = found.setting if found is not None else tuned.setting
             self._factor = 1.0
             self._bound_factor = 1.0
-            self._threshold_keeps = self._missed_in_a_row = 0
-            self._threshold_kept_since_check = False
+            self._missed_in_a_row = 0
+            self._threshold_kept_since_tuning = self._threshold_kept_since_check = False
             self.audits.reset_window()
             self._profiled += 1
 
