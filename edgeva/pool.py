@@ -74,6 +74,7 @@ class ModelPool:
         self.scheduler: Optional[SwapScheduler] = None   # when a budget is set
         self._budget_signature: Any = None
         self._last_memory_stats: Optional[dict[str, Any]] = None
+        self._last_model_stats: Optional[dict[str, Any]] = None   # what the models ran, kept past a stop
         self._stopped = False
         self.bundle_path: Optional[str] = None
         self.bundle_report: dict[str, Any] = {}
@@ -249,6 +250,8 @@ class ModelPool:
         return all(w.alive() for w in list(self.workers.values())) and (scheduler is None or scheduler.alive())
 
     def stats(self) -> dict[str, Any]:
+        if self._stopped and self._last_model_stats is not None:
+            return self._last_model_stats
         scheduler = self.scheduler
         if scheduler is not None:
             out = {k: scheduler.port(k).stats() for k in list(self.models)}
@@ -290,6 +293,7 @@ class ModelPool:
     def stop(self) -> None:
         for worker in self.workers.values():
             worker.stop()
+        self._last_model_stats = self.stats()   # a batch run's summary reports what the models ran
         self.workers.clear()
         self._stop_scheduler()
         self._stopped = True

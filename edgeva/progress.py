@@ -44,6 +44,9 @@ class BatchProgress:
             reasons = ", ".join(f"{k}={v}" for k, v in q.get("dropped", {}).items())
             lines.append(_row((name, q["frames_in"], q["inferred"], q["reused"], q["offloaded"], q["dropped_total"]),
                               widths) + (f"  {reasons}" if reasons else ""))
+        for key, model in (snapshot.get("models") or {}).items():
+            if isinstance(model, dict) and "frames" in model:   # what the model cost: a frame several queries kept ran once
+                lines.append(f"model {key}: {model['frames']} images in {model.get('batches', 0)} batches")
         results = snapshot.get("results") or {}
         if results:
             lines.append(f"results: {results.get('emitted', 0)} records, {results.get('lost', 0)} lost")

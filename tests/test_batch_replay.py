@@ -4,6 +4,7 @@ dropped frame gets a record too."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -68,6 +69,8 @@ def test_fast_replay_with_four_yolov8n_queries_gives_every_frame_of_every_query_
         assert q["frames_in"] == frames and q["dropped_total"] == 0 and q["in_flight"] == 0
     assert "progress: 30/30 frames (100.0 %)" in out.stderr
     assert out.stdout.startswith("processed 30 frames") and "results: 120 records, 0 lost" in out.stdout
+    # every frame ran once, for the query that keeps them all; the others' kept and audited frames are among them
+    assert re.search(r"^model \S+: 30 images in \d+ batches$", out.stdout, re.M), out.stdout
 
 
 def test_the_reader_is_held_back_by_the_model(tmp_path, monkeypatch):
