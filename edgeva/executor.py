@@ -17,7 +17,8 @@ from typing import Any, Callable, TypeVar
 
 from edgeva.messages import DropReason
 from edgeva.work import (
-    LatencyProfile, Predictor, WorkItem, deliver, drop_item, plan_batch, predict_each_frame_once, take,
+    LatencyProfile, Predictor, RecentOutputs, WorkItem, deliver, drop_item, plan_batch, predict_each_frame_once,
+    take,
 )
 
 log = logging.getLogger("edgeva.executor")
@@ -41,6 +42,7 @@ class ModelWorker:
         self.frames = 0
         self.busy_s = 0.0
         self.batch_sizes: deque[int] = deque(maxlen=200)
+        self.recent = RecentOutputs()      # a frame kept again after its batch ran is not run again
         self._last_run_mono = time.monotonic()
         self._queue: deque[WorkItem] = deque()
         self._cond = threading.Condition()
@@ -135,18 +137,19 @@ class ModelWorker:
                 continue
             started = time.monotonic()
             try:
-                outputs, ran = predict_each_frame_once(self.model.predict, batch)
+                outputs, ran = predict_each_frame_once(self.model.predict, batch, self.recent)
             except Exception:
                 log.exception("model %s failed on a batch of %d", self.key, len(batch))
                 for item in batch:
                     drop_item(item, DropReason.ERROR)
                 continue
             finished = time.monotonic()
-            self._last_run_mono = finished
-            if self.batches:   # the first call pays one-time set-up (allocator, kernels): not a profile sample
-                self.profile.observe(ran, finished - started)
-            self.batches += 1
-            self.frames += ran
-            self.busy_s += finished - started
-            self.batch_sizes.append(len(batch))
+            if ran:         # else every frame had already run: the model did nothing
+                self._last_run_mono = finished
+                if self.batches:   # the first call pays one-time set-up (allocator, kernels): not a profile sample
+                    self.profile.observe(ran, finished - started)
+                self.batches += 1
+                self.frames += ran
+                self.busy_s += finished - started
+                self.batch_sizes.append(len(batch))
             deliver(self.key, batch, outputs, finished, drop_item)

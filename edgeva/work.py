@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
@@ -125,24 +125,68 @@ def take(queue: deque[WorkItem], plan: BatchPlan) -> None:
     queue.extend(kept)
 
 
-def predict_each_frame_once(predict: Callable[[list[Any]], Sequence[Any]],
-                            batch: Sequence[WorkItem]) -> tuple[list[Any], int]:
+class RecentOutputs:
+    """One model's outputs on the frames it ran last. A query's item for a frame that another
+    query's item already ran in an earlier batch (its decision came later: batch replay waits
+    for the results its filter needs, a batch was full, an audit) takes that output instead of
+    running the frame again. Keyed by camera, sequence number and capture time (a restarted
+    camera numbers from 0 again), so no picture is held."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._outputs: OrderedDict[tuple[str, int, float], Any] = OrderedDict()
+
+    @staticmethod
+    def _key(frame: Frame) -> tuple[str, int, float]:
+        return frame.camera, frame.seq, frame.t_mono
+
+    def get(self, frame: Frame) -> tuple[bool, Any]:
+        key = self._key(frame)
+        if key not in self._outputs:
+            return False, None
+        return True, self._outputs[key]
+
+    def covers(self, batch: Sequence["WorkItem"]) -> bool:
+        return all(self._key(item.frame) in self._outputs for item in batch)
+
+    def put(self, frame: Frame, output: Any) -> None:
+        self._outputs[self._key(frame)] = output
+        self._outputs.move_to_end(self._key(frame))
+        while len(self._outputs) > self.size:
+            self._outputs.popitem(last=False)
+
+
+def predict_each_frame_once(predict: Callable[[list[Any]], Sequence[Any]], batch: Sequence[WorkItem],
+                            recent: RecentOutputs | None = None) -> tuple[list[Any], int]:
     """Run the model once per distinct frame of the batch and give each item its frame's output,
     in order; also returns how many images ran. Queries of one camera receive the same Frame
-    object, so a frame that several of them keep (or audit) on one model is inferred once. A
-    model returning too few outputs yields a short list: `deliver` drops the items past it."""
+    object, so a frame that several of them keep (or audit) on one model is inferred once; with
+    `recent`, also when their items come in different batches. A model returning too few
+    outputs yields a short list: `deliver` drops the items past it."""
     slot: dict[int, int] = {}
     images: list[Any] = []
-    index: list[int] = []
+    frames: list[Frame] = []
+    index: list[Any] = []            # per item: a slot among `images`, or (the output already known,)
     for item in batch:
+        known, output = recent.get(item.frame) if recent is not None else (False, None)
+        if known:
+            index.append((output,))
+            continue
         key = id(item.frame)
         if key not in slot:
             slot[key] = len(images)
             images.append(item.frame.image)
+            frames.append(item.frame)
         index.append(slot[key])
-    distinct = predict(images)
+    distinct = list(predict(images)) if images else []
+    if recent is not None:
+        for frame, output in zip(frames, distinct):
+            recent.put(frame, output)
     outputs: list[Any] = []
     for k in index:
+        if isinstance(k, tuple):
+            outputs.append(k[0])
+            continue
         if k >= len(distinct):
             break
         outputs.append(distinct[k])

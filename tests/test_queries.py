@@ -483,6 +483,41 @@ def test_a_frame_kept_by_several_queries_of_one_model_is_inferred_once():
     assert model.images == 4                                           # the model saw each frame once
 
 
+def test_a_frame_kept_again_after_its_batch_ran_is_not_run_again():
+    """Batch replay decides a query's frame only once the results its filter waits for came, so
+    another query's item for the same frame may already have run: the worker hands it the output
+    it has instead of running the frame again."""
+    class _Counting:
+        name = "counting"
+
+        def __init__(self):
+            self.images = 0
+
+        def predict(self, images):
+            self.images += len(images)
+            return [Detections.empty() for _ in images]
+
+    model = _Counting()
+    worker = ModelWorker("counting", model, max_batch=16, capacity=64)
+    first, later = _Owner("first"), _Owner("later")
+    frame, other = _frame("c", 7), _frame("c", 8)
+    worker.start()
+    try:
+        assert worker.submit(WorkItem(first, frame, time.monotonic() + 30.0))
+        deadline = time.monotonic() + 10
+        while not first.done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert first.done == [7] and model.images == 1
+        assert worker.submit(WorkItem(later, frame, time.monotonic() + 30.0))     # the same frame, later
+        assert worker.submit(WorkItem(later, other, time.monotonic() + 30.0))     # a new one
+        while len(later.done) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        worker.stop()
+    assert sorted(later.done) == [7, 8]
+    assert model.images == 2 and worker.stats()["frames"] == 2          # frame 7 ran once
+
+
 def test_a_rate_limited_query_reuses_results_without_dropping(street):
     """sla.fps below the camera's rate: frames between decisions reuse the last result (the
     staleness bound counts decided frames), they are not dropped."""

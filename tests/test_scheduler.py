@@ -127,6 +127,32 @@ def test_every_item_gets_exactly_one_callback_and_the_budget_holds():
     assert not scheduler.port("m0").submit(item(owners["m0"], 1.0))     # stopped: refused
 
 
+def test_a_frame_already_run_is_not_run_or_loaded_again():
+    models = {"a": TinyModel("a", convnet(0))}
+    runs: list[int] = []
+    predict = models["a"]._predict
+    models["a"]._predict = lambda images: runs.append(len(images)) or predict(images)
+    scheduler = SwapScheduler(models, unique_bytes([models["a"].module]), options=SwapOptions(simulate_transfer=False))
+    scheduler.start()
+    first, later = Recorder("first"), Recorder("later")
+    kept = item(first, 30.0, seq=5)
+    try:
+        assert scheduler.port("a").submit(kept)
+        deadline = time.monotonic() + 10
+        while first.calls[id(kept)] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        again = WorkItem(later, kept.frame, time.monotonic() + 30.0)      # another query keeps the frame later
+        assert scheduler.port("a").submit(again)
+        while later.calls[id(again)] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        scheduler.stop()
+    assert first.outcomes[id(kept)] == later.outcomes[id(again)] == "complete"
+    assert runs == [1]
+    stats = scheduler.model_stats("a")
+    assert stats["frames"] == 1 and stats["batches"] == 1 and stats["within_sla"] == 2
+
+
 def test_expired_items_are_dropped_with_deadline_and_leftovers_with_shutdown():
     models = {"a": TinyModel("a", convnet(0))}
     scheduler = SwapScheduler(models, unique_bytes([models["a"].module]), options=SwapOptions(simulate_transfer=False))
