@@ -62,3 +62,7 @@ def test_a_frame_several_queries_keep_is_one_model_run_of_the_camera():
     persons = Run(2, 1.0, kept=(frozenset({0, 7}), frozenset({0, 4})))
     # start frame 0: {0, 5, 7, 9} of 10 frames; start frame 1: {0, 4} of 9, scaled to 10
     assert model_runs([vehicles, persons], 10) == pytest.approx((4 + 2 * 10 / 9) / 2)
+    # an audit is a model run too, unless another query kept (or audited) that frame
+    vehicles.audited, persons.audited = (frozenset({2, 5}), frozenset()), (frozenset({2}), frozenset({3}))
+    assert model_runs([vehicles, persons], 10) == pytest.approx((4 + 2 * 10 / 9) / 2)
+    assert model_runs([vehicles, persons], 10, audits=True) == pytest.approx((5 + 3 * 10 / 9) / 2)

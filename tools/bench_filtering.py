@@ -100,6 +100,7 @@ class Run:
     audits: float = 0   # model runs that only checked a reused answer
     kept_by_reason: Optional[dict] = None   # where the inferences went (calibrate, threshold, stale, ...)
     kept: tuple[frozenset, ...] = ()         # per start frame: the frames inferred (from that start frame)
+    audited: tuple[frozenset, ...] = ()      # per start frame: the frames audited
 
 
 def run_edgeva_phases(prepared, prepared_by, values, agree, fps: float, cfg: FilterConfig, preferred,
@@ -119,14 +120,15 @@ def run_edgeva_phases(prepared, prepared_by, values, agree, fps: float, cfg: Fil
                float(np.mean([r.agreement for r in runs])),
                float(np.mean([r.audits * k for r, k in zip(runs, scale)])),
                {reason: round(count, 1) for reason, count in reasons.items()},
-               tuple(k for run in runs for k in run.kept))
+               tuple(k for run in runs for k in run.kept), tuple(a for run in runs for a in run.audited))
 
 
-def model_runs(runs: list[Run], frames: int) -> float:
-    """Frames any of a camera's queries inferred, per start frame scaled to the whole clip and
-    averaged: the model runs once on a frame several queries keep."""
+def model_runs(runs: list[Run], frames: int, audits: bool = False) -> float:
+    """Frames any of a camera's queries inferred (`audits`: or audited), per start frame scaled
+    to the whole clip and averaged: the model runs once on a frame several queries keep."""
     phases = len(runs[0].kept)
-    return float(np.mean([len(frozenset().union(*(r.kept[p] for r in runs))) * frames / (frames - p)
+    sets = [r.kept for r in runs] + ([r.audited for r in runs] if audits else [])
+    return float(np.mean([len(frozenset().union(*(s[p] for s in sets))) * frames / (frames - p)
                           for p in range(phases)]))
 
 
@@ -137,7 +139,7 @@ def run_edgeva(prepared, prepared_by, values, agree, fps: float, cfg: FilterConf
     ref = -1
     inferences = audits = 0
     total = 0.0
-    kept = []
+    kept, audited = [], []
     for i, p in enumerate(prepared):
         decision = filt.decide(p)
         if decision.keep or ref < 0:
@@ -148,9 +150,11 @@ def run_edgeva(prepared, prepared_by, values, agree, fps: float, cfg: FilterConf
             kept.append(i)
         elif decision.audit:
             audits += 1
+            audited.append(i)
             filt.record_audit(agree(values[i], values[ref]))
         total += agree(values[i], values[ref])
-    return Run(inferences, total / len(prepared), audits, filt.stats()["kept_by_reason"], (frozenset(kept),))
+    return Run(inferences, total / len(prepared), audits, filt.stats()["kept_by_reason"], (frozenset(kept),),
+               (frozenset(audited),))
 
 
 def tuned_on_first_third(prepared, values, agree, fps: float, cfg: FilterConfig) -> FilterConfig:
@@ -331,9 +335,10 @@ def main() -> None:
                   f"oracle {orc.inferences}/{orc_need:.0f} = {orc.inferences / orc_need:.2f}  "
                   f"in hindsight {' '.join(_ceiling(c, n) for c, n in zip(ceilings, ceilings_need))}  "
                   f"kept {run.kept_by_reason}", flush=True)
-        cameras.append((clip.name, model_runs(camera_runs, len(prepared)), max(camera_needs)))
-        print(f"{clip.name[:34]:34} camera: model runs {cameras[-1][1]:6.1f}, one uniform sampler {cameras[-1][2]:6.1f}",
-              flush=True)
+        cameras.append((clip.name, model_runs(camera_runs, len(prepared)), max(camera_needs),
+                        model_runs(camera_runs, len(prepared), audits=True)))
+        print(f"{clip.name[:34]:34} camera: model runs {cameras[-1][1]:6.1f} ({cameras[-1][3]:6.1f} with audits), "
+              f"one uniform sampler {cameras[-1][2]:6.1f}", flush=True)
     _summary(rows)
     _camera_summary(cameras)
     if args.plot:
@@ -385,13 +390,17 @@ def _summary(rows) -> None:
 
 
 def _camera_summary(cameras) -> None:
-    print("\n| clip (camera) | model runs (frames any query kept) | one uniform sampler for all its queries | ratio |")
-    print("| --- | --- | --- | --- |")
-    for clip, runs, uniform in cameras:
-        print(f"| {clip} | {runs:.0f} | {uniform:.0f} | {runs / uniform:.2f} |")
+    print("\n| clip (camera) | model runs (frames any query kept) | with audits | one uniform sampler for all its "
+          "queries | ratio | ratio with audits |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for clip, runs, uniform, with_audits in cameras:
+        print(f"| {clip} | {runs:.0f} | {with_audits:.0f} | {uniform:.0f} | {runs / uniform:.2f} | "
+              f"{with_audits / uniform:.2f} |")
     runs, uniform = sum(c[1] for c in cameras), sum(c[2] for c in cameras)
-    print(f"\nper camera, all its queries: edgeva runs the model {runs:.0f} times, one uniform sampler per camera "
-          f"{uniform:.0f} (ratio {runs / uniform:.2f})")
+    with_audits = sum(c[3] for c in cameras)
+    print(f"\nper camera, all its queries: edgeva runs the model {runs:.0f} times ({with_audits:.0f} with audits), "
+          f"one uniform sampler per camera {uniform:.0f} (ratio {runs / uniform:.2f}, {with_audits / uniform:.2f} "
+          f"with audits)")
 
 
 def _plot(curves, path: Path) -> None:

@@ -4,13 +4,15 @@ three queries (vehicle count, person count, person presence; confidence 0.3; tar
 threshold configured (each query calibrates on the camera) or, with --tune, after
 `edgeva tune --seconds <a third of the clip> --write`. Every SQLite result is then compared
 with the detector's own output on that frame (tools/reference_cache.py) with the task's strict
-agreement.
+agreement. Per camera: the frames any of its queries inferred, and the images the model really ran
+(from the run's summary; audits included).
 
     .venv/bin/python tools/check_filter_daemon.py [--clips eval] [--tune]
 """
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import tempfile
@@ -54,6 +56,7 @@ def main() -> None:
     folder = SHARED / "videos" / args.clips if args.clips in ("eval", "tune") else Path(args.clips)
     print("| clip | query | frames | inferred | reused | dropped | agreement |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    cameras: list[tuple[str, int, int | None]] = []
     for clip in sorted(p for p in folder.glob("*") if p.suffix in (".mp4", ".avi")):
         ref = load_or_compute(clip)
         with tempfile.TemporaryDirectory(prefix="edgeva-check-") as tmp:
@@ -64,11 +67,13 @@ def main() -> None:
                 seconds = len(ref) / ref.fps / 3
                 subprocess.run([*EDGEVA, "tune", "--config", str(cfg), "--seconds", f"{seconds:.2f}", "--write"],
                                check=False, stdout=subprocess.DEVNULL)
-            subprocess.run([*EDGEVA, "run", "--config", str(cfg), "--until-end", "--log-level", "warning"],
-                           check=True, timeout=1800)
+            out = subprocess.run([*EDGEVA, "run", "--config", str(cfg), "--until-end", "--log-level", "warning"],
+                                 check=True, timeout=1800, stdout=subprocess.PIPE, text=True).stdout
+            inferred: set[int] = set()
             for q, (task, _) in QUERIES.items():
                 reference = query_values(ref, q)
                 rows = {r["seq"]: r for r in read_results(db, q, limit=10 * len(reference))}
+                inferred |= {s for s, r in rows.items() if r["outcome"] == "inferred"}
                 outcomes = [r["outcome"] for r in rows.values()]
                 scored = [task.agreement(reference[s], r["value"]) for s, r in rows.items()
                           if r["outcome"] != "dropped" and s < len(reference)]
@@ -77,6 +82,13 @@ def main() -> None:
                 agreement = (sum(scored)) / len(reference) if reference else 1.0
                 print(f"| {clip.name} | {q} | {len(reference)} | {outcomes.count('inferred')} | "
                       f"{outcomes.count('reused')} | {missing} | {agreement:.3f} |", flush=True)
+            images = re.search(r"^model \S+: (\d+) images", out, re.M)
+            cameras.append((clip.name, len(inferred), int(images.group(1)) if images else None))
+    # What the camera cost: the model runs a frame several queries keep once; audits are model runs too.
+    print("\n| clip (camera) | frames any query inferred | images the model ran (audits included) |")
+    print("| --- | --- | --- |")
+    for name, union, images in cameras:
+        print(f"| {name} | {union} | {images if images is not None else '?'} |")
 
 
 if __name__ == "__main__":
