@@ -17,7 +17,7 @@ from edgeva.health import ErrorWatch
 from edgeva.pipeline import CameraPipeline, QueryRuntime
 from edgeva.pool import ModelPool
 from edgeva.progress import BatchProgress
-from edgeva.query import ModelQuery, PassthroughQuery, audit_seed
+from edgeva.query import ModelQuery, PassthroughQuery
 from edgeva.redaction import redact_sources
 from edgeva.results import ResultHub
 from edgeva.router import Route
@@ -279,7 +279,7 @@ class Daemon:
         route = self.routes.get(q.id, Route())
         if not route.local:
             worker = self._offload_port(q, route, worker)
-        query_filter = QueryFilter(q.filter, rng_seed=audit_seed(q.id), agreement=task.agreement,
+        query_filter = QueryFilter(q.filter, agreement=task.agreement,
                                    target=q.accuracy_target, preferred_feature=default_feature(q.task.type),
                                    # batch replay tunes inline: its results must not depend on this box's speed
                                    tune_runner=run_inline if backpressure else self.filter_tuner.submit,

@@ -10,12 +10,11 @@ import logging
 import math
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from edgeva.config import QueryConfig
-from edgeva.filtering import Decision, QueryFilter, SceneTracker
+from edgeva.filtering import Decision, QueryFilter, SceneTracker, audit_draw
 from edgeva.messages import DropReason, Frame, Outcome, QueryResult
 from edgeva.results import ResultHub
 from edgeva.stats import QueryStats, StatsRegistry
@@ -28,22 +27,24 @@ log = logging.getLogger("edgeva.query")
 RESULTS_WAIT_S = 600.0
 
 
-def audit_seed(query_id: str) -> int:
-    """The seed of a query's audit sampling: the same in every process (unlike hash(), which
-    PYTHONHASHSEED salts per process), so a replay audits the same frames each run."""
-    return zlib.crc32(query_id.encode("utf-8"))
-
-
 class FrameView:
     """One delivered frame plus what its camera's queries derive from it, computed once."""
 
-    __slots__ = ("frame", "fps", "_scenes", "_prepared")
+    __slots__ = ("frame", "fps", "_scenes", "_prepared", "_audit_draw")
 
     def __init__(self, frame: Frame, fps: Optional[float] = None, scenes: Optional[dict[Any, SceneTracker]] = None):
         self.frame = frame
         self.fps = fps                    # the camera's frame rate: staleness bounds are in seconds
         self._scenes = scenes if scenes is not None else {}   # the camera's background per differencer
         self._prepared: dict[Any, Any] = {}
+        self._audit_draw: Optional[float] = None
+
+    @property
+    def audit_draw(self) -> float:
+        """The frame's audit draw, shared by the camera's queries: they audit the same frames."""
+        if self._audit_draw is None:
+            self._audit_draw = audit_draw(self.frame.camera, self.frame.seq)
+        return self._audit_draw
 
     def prepared(self, differencer: Any) -> Any:
         """The filter's downscaled frame for this differencer (shared by queries using the same one)."""
@@ -178,7 +179,7 @@ class ModelQuery:
         if self.filter is None:
             return Decision(True, "disabled", None, 0)
         self.filter.set_fps(view.fps)
-        return self.filter.decide(view.prepared(self.filter.differencer))
+        return self.filter.decide(view.prepared(self.filter.differencer), view.audit_draw)
 
     def _keep(self, frame: Frame, view: FrameView) -> WorkItem:
         """The frame becomes the reference that following skipped frames reuse (and wait for)."""

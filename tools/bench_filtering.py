@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 from edgeva.config import FilterConfig  # noqa: E402
-from edgeva.filtering import Differencer, QueryFilter, SceneTracker, default_feature  # noqa: E402
+from edgeva.filtering import Differencer, QueryFilter, SceneTracker, audit_draw, default_feature  # noqa: E402
 from edgeva.models.tasks import CountTask, PresenceTask  # noqa: E402
 from edgeva.filtering.windows import longest_age, tunable_features  # noqa: E402
 from hindsight_settings import Choice, best_in_hindsight  # noqa: E402
@@ -60,6 +60,8 @@ QUERIES: dict[str, tuple[type, list[str]]] = {
     "person-present": (PresenceTask, ["person"]),
 }
 QUERY_TASK = {"vehicles": "count", "persons": "count", "person-present": "presence"}
+# The camera id tools/check_filter_daemon.py gives every clip: the replay draws the daemon's audits.
+DAEMON_CAMERA = "cam"
 FRIGATE_THRESHOLD = 30        # Frigate's defaults: intensity change, and a contour area in a 100-px-high frame
 FRIGATE_CONTOUR_AREA = 10
 
@@ -104,13 +106,14 @@ class Run:
 
 
 def run_edgeva_phases(prepared, prepared_by, values, agree, fps: float, cfg: FilterConfig, preferred,
-                      phases: int) -> Run:
+                      phases: int, camera: str = "camera") -> Run:
     """`run_edgeva` from each of the first `phases` frames (the camera starting a frame later),
     averaged, as uniform sampling is over its phase: which frames a filter happens to infer
     decides what it reuses, and on a flickering answer (a person detected every other frame) one
     run's agreement is a lottery. Inferences are scaled to the whole clip."""
     n = len(prepared)
-    runs = [run_edgeva(prepared[p:], prepared_by, values[p:], agree, fps, cfg, preferred) for p in range(phases)]
+    runs = [run_edgeva(prepared[p:], prepared_by, values[p:], agree, fps, cfg, preferred, camera=camera, start=p)
+            for p in range(phases)]
     scale = [n / (n - p) for p in range(phases)]
     reasons: dict[str, float] = {}
     for run, k in zip(runs, scale):
@@ -132,16 +135,19 @@ def model_runs(runs: list[Run], frames: int, audits: bool = False) -> float:
                           for p in range(phases)]))
 
 
-def run_edgeva(prepared, prepared_by, values, agree, fps: float, cfg: FilterConfig, preferred, seed: int = 0) -> Run:
-    """The daemon's QueryFilter over the clip, the model answering instantly from the cache."""
-    filt = QueryFilter(cfg, rng_seed=seed, differencer=prepared_by.differencer, agreement=agree,
+def run_edgeva(prepared, prepared_by, values, agree, fps: float, cfg: FilterConfig, preferred,
+               camera: str = "camera", start: int = 0) -> Run:
+    """The daemon's QueryFilter over the clip, the model answering instantly from the cache; the
+    frames' audit draws are the daemon's for `camera` (its queries audit the same frames), the
+    clip starting at frame `start`."""
+    filt = QueryFilter(cfg, differencer=prepared_by.differencer, agreement=agree,
                        target=TARGET, fps=fps, preferred_feature=preferred)
     ref = -1
     inferences = audits = 0
     total = 0.0
     kept, audited = [], []
     for i, p in enumerate(prepared):
-        decision = filt.decide(p)
+        decision = filt.decide(p, audit_draw(camera, start + i))
         if decision.keep or ref < 0:
             filt.mark_inferred(p)
             filt.record_result(p, values[i])
@@ -308,7 +314,7 @@ def main() -> None:
             if args.tuned_first_third:
                 cfg = tuned_on_first_third(prepared, values, agree, ref.fps, base)
             run = run_edgeva_phases(prepared, scene, values, agree, ref.fps, cfg, default_feature(QUERY_TASK[query]),
-                                    args.phases)
+                                    args.phases, camera=DAEMON_CAMERA)
             camera_runs.append(run)
             if all(agree(values[i], values[0]) == 1.0 for i in range(len(values))):
                 rows.append((clip.name, query, len(values), None))

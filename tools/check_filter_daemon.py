@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from bench_filtering import QUERIES, TARGET, query_values  # noqa: E402
+from bench_filtering import DAEMON_CAMERA, QUERIES, TARGET, query_values  # noqa: E402
 from edgeva.sinks import read_results  # noqa: E402
 from reference_cache import DEFAULT_WEIGHTS, SHARED, load_or_compute  # noqa: E402
 
@@ -36,8 +36,8 @@ TASKS = {"vehicles": ("count", ["car", "bus", "truck"]), "persons": ("count", ["
 
 def config_for(clip: Path, db: Path, workdir: Path) -> Path:
     cfg = {
-        "cameras": [{"id": "cam", "source": str(clip), "replay": "fast"}],
-        "queries": [{"id": q, "camera": "cam", "model": "yolov8n", "weights": str(DEFAULT_WEIGHTS),
+        "cameras": [{"id": DAEMON_CAMERA, "source": str(clip), "replay": "fast"}],
+        "queries": [{"id": q, "camera": DAEMON_CAMERA, "model": "yolov8n", "weights": str(DEFAULT_WEIGHTS),
                      "task": {"type": t, "classes": c, "confidence": 0.3}, "accuracy_target": TARGET,
                      "sla": {"latency_ms": 600000}} for q, (t, c) in TASKS.items()],
         "stats": {"endpoint": f"ipc://{workdir}/ctl.sock"},

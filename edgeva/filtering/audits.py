@@ -6,6 +6,7 @@ query's overall agreement to `target - detect_drop` is detected within `detect_w
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -15,6 +16,16 @@ from .. import confidence
 
 Z_ALPHA = 1.645   # one-sided 5 % false alarm
 Z_POWER = 0.842   # 80 % power
+
+
+def audit_draw(camera: str, seq: int) -> float:
+    """A frame's audit draw, uniform in [0, 1): a query audits a frame it skipped when the draw
+    is below its audit share. Every query of the camera gets the same draw for the frame, so
+    their audits fall on the same frames (the model runs such a frame once) while each query's
+    audits stay a random sample of what it skipped; and a replay audits the same frames in every
+    process."""
+    digest = hashlib.blake2b(f"{camera}\0{seq}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64
 
 
 def wilson_lower_bound(successes: int, n: int, z: float = 1.96) -> float:

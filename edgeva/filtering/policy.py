@@ -235,7 +235,10 @@ class QueryFilter:
         return bool(self._stale_kept) or bool(self._replaced)
 
     # ------------------------------------------------------------- decisions
-    def decide(self, prepared: Prepared) -> Decision:
+    def decide(self, prepared: Prepared, audit_draw: Optional[float] = None) -> Decision:
+        """Keep or skip `prepared`. A skipped frame is audited when `audit_draw` (uniform in [0, 1),
+        the same for every query of the camera: edgeva.filtering.audits.audit_draw) is below the
+        audit share; without one, the filter's own generator draws."""
         if not self.cfg.enabled:
             return self._keep("disabled", None)
         self._track_segment(prepared)
@@ -276,7 +279,8 @@ class QueryFilter:
             return self._keep("stale", value)
         self._skipped += 1
         self._max_age_seen = max(self._max_age_seen, self._skipped)
-        audit = self._rng.random() < self.audit_fraction()
+        draw = self._rng.random() if audit_draw is None else audit_draw
+        audit = draw < self.audit_fraction()
         reason = "audit" if audit else "below_threshold"
         self._reused[reason] = self._reused.get(reason, 0) + 1
         return Decision(False, reason, value, self._skipped, audit)
