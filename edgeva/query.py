@@ -131,6 +131,7 @@ class ModelQuery:
         self._last_done: Optional[_Inference] = None   # newest kept frame with a result
         self._min_interval = 1.0 / cfg.sla.fps if cfg.sla.fps else 0.0
         self._last_considered_t: Optional[float] = None
+        self._audits_in_flight = 0     # audit items submitted whose agreement the filter has not had yet
         self.qstats = stats.add_query(cfg.id, cfg.camera)
         stats.set_gauges(cfg.id, model=worker.key, task=cfg.task.type,
                          accuracy_target=cfg.accuracy_target, filter=self._filter_stats)
@@ -148,22 +149,29 @@ class ModelQuery:
                 item = None
                 if decision.audit and self._latest is not None:
                     item = WorkItem(self, frame, self._deadline(frame), audit=True, context=_Audit(self._latest))
+                    self._audits_in_flight += 1
         if item is None:
             return
         # Outside the lock: the worker's callbacks take it, and a blocking submit waits on the worker.
-        if not self.worker.submit(item, wait_s=0.0 if item.audit and not self._batch else self._submit_wait_s) \
-                and not item.audit:
+        if not self.worker.submit(item, wait_s=0.0 if item.audit and not self._batch else self._submit_wait_s):
             self.dropped(item, DropReason.QUEUE_FULL)
 
     def _await_filter_results(self) -> None:
         """Batch replay: when the filter's next decision depends on results still in the model
-        (QueryFilter.awaiting_results says which), wait for them instead of deciding ahead without
-        them, so the decisions do not depend on how far decoding runs ahead of the model. Live
-        sources never wait here: their results come within the SLA latency."""
+        (QueryFilter.awaiting_results says which, and audits: one can tighten the setting), wait
+        for them instead of deciding ahead without them, so the decisions do not depend on how far
+        decoding runs ahead of the model. Live sources never wait here: their results come within
+        the SLA latency."""
         query_filter = self.filter
-        if not self._wait_for_filter_results or query_filter is None or not query_filter.awaiting_results():
+        if not self._wait_for_filter_results or query_filter is None:
             return
-        if not self._results_in.wait_for(lambda: not query_filter.awaiting_results(), timeout=RESULTS_WAIT_S):
+
+        def ready() -> bool:
+            return not query_filter.awaiting_results() and not self._audits_in_flight
+
+        if ready():
+            return
+        if not self._results_in.wait_for(ready, timeout=RESULTS_WAIT_S):
             self._wait_for_filter_results = False
             log.warning("query %s: results the filter waits for overdue after %.0f s; deciding without them from now on",
                         self.query_id, RESULTS_WAIT_S)
@@ -252,6 +260,8 @@ class ModelQuery:
 
     def dropped(self, item: WorkItem, reason: DropReason) -> None:
         if item.audit:
+            with self._lock:
+                self._audit_done()
             return
         inference: _Inference = item.context
         with self._lock:
@@ -278,16 +288,22 @@ class ModelQuery:
                                      frame.seq - source.seq, source.seq))
 
     def _audited(self, audit: _Audit, value: Any) -> None:
-        if self.filter is None or not audit.reference.done:
-            return
+        change = None
         with self._lock:
-            change = self.filter.record_audit(self.task.agreement(value, audit.reference.value))
+            self._audit_done()
+            if self.filter is not None and audit.reference.done:
+                change = self.filter.record_audit(self.task.agreement(value, audit.reference.value))
         if change == "tightened":
             log.warning("query %s: audited agreement confidently below %.3f; filter tightened and re-profiling",
                         self.query_id, self.cfg.accuracy_target)
         elif change == "relaxed":
             log.info("query %s: audited agreement back above %.3f; filter relaxed", self.query_id,
                      self.cfg.accuracy_target)
+
+    def _audit_done(self) -> None:
+        """An audit item came back (under the lock): batch replay's next decision may go on."""
+        self._audits_in_flight = max(0, self._audits_in_flight - 1)
+        self._results_in.notify_all()
 
     # ------------------------------------------------------------- views
     def _filter_stats(self) -> dict[str, Any]:

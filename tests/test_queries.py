@@ -596,7 +596,7 @@ def _submit_recorded(query, frames) -> None:
         query.submit(FrameView(Frame("street", seq, time.time(), time.monotonic(), image, t_media=seq / 10), fps=10.0))
 
 
-def _batch_decisions(street, lagging: bool) -> tuple[list[int], dict]:
+def _batch_decisions(street, lagging: bool, **filter_keys) -> tuple[list[int], dict]:
     """The frames a calibrating batch-replay car-count query infers on the street, its results
     coming at once (inline) or from a model thread that lags far behind the decoder."""
     import queue
@@ -620,8 +620,8 @@ def _batch_decisions(street, lagging: bool) -> tuple[list[int], dict]:
             time.sleep(0.002)               # slower than the decoder: the queue grows to hundreds
             item.owner.complete(item, blob.predict([item.frame.image])[0], time.monotonic())
 
-    query, hub, query_filter = _calibrating_batch_query(blob, _Port(), calibration_s=1.0, segment_s=0.5,
-                                                        recalibrate_s=3.0)
+    query, hub, query_filter = _calibrating_batch_query(blob, _Port(), **{"calibration_s": 1.0, "segment_s": 0.5,
+                                                                         "recalibrate_s": 3.0, **filter_keys})
     inferred: list[int] = []
     hub.add_tap(lambda r: inferred.append(r.seq) if r.outcome.value == "inferred" else None)
     thread = threading.Thread(target=model_thread, daemon=True)
@@ -644,6 +644,18 @@ def test_batch_replay_decides_as_if_results_came_at_once_however_far_the_model_l
     assert at_once_stats["profiled_windows"] >= 2 and kept.get("stale", 0) > 0 and kept.get("confirm", 0) > 0
     assert lagging == at_once
     assert lagging_stats["bound_factor"] == at_once_stats["bound_factor"]
+
+
+def test_batch_replay_waits_for_audits_too(street):
+    """An audit can tighten the setting, so batch replay's next decision waits for it like for
+    any result the filter needs: with audits, a model lagging far behind still gives the
+    decisions of one answering at once."""
+    lax = {"threshold": 0.3, "max_age_s": 5.0, "feature": "pixel", "audit_fraction": 0.5}    # a setting too lax
+    at_once, at_once_stats = _batch_decisions(street, lagging=False, **lax)
+    lagging, lagging_stats = _batch_decisions(street, lagging=True, **lax)
+    assert at_once_stats["audited"] > 20 and at_once_stats["retunes"] > 0     # the audits moved the setting
+    assert lagging == at_once
+    assert lagging_stats["audited"] == at_once_stats["audited"]
 
 
 def test_batch_replay_stops_waiting_for_results_that_never_come(street, monkeypatch, caplog):
