@@ -6,7 +6,7 @@
 Without --video it encodes two 1280x720 H.264 clips into a temp dir: ffmpeg's testsrc2 and,
 when ../shared/videos exists, a real street clip upscaled to 720p (real content decodes at a
 different speed than a test pattern). Decode = cv2.VideoCapture.read() (H.264 -> BGR), the
-daemon's source path. Filter = the daemon's own path: SceneTracker.prepare once per frame (the
+daemon's source path. Filter = the daemon's own path: SceneTracker.prepare and the audit draw once per frame (the
 small grey copy and the camera's background), then each query's QueryFilter.decide (its change
 feature against its own last inferred frame, plus the segment key's frame-to-frame change),
 with thresholds such that each query keeps about one frame in 4. Decode cost is CPU time
@@ -28,7 +28,7 @@ import cv2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgeva.config import FilterConfig  # noqa: E402
-from edgeva.filtering import FEATURES, Differencer, QueryFilter, SceneTracker  # noqa: E402
+from edgeva.filtering import FEATURES, Differencer, QueryFilter, SceneTracker, audit_draw  # noqa: E402
 
 SHARED_CLIP = Path(__file__).resolve().parents[2] / "shared/videos/tune/ahmetozlu_vehicle_counting_input_video.mp4"
 
@@ -72,8 +72,9 @@ def run_pass(path: Path, max_frames: int, differencer: Differencer | None, queri
         if scene is None:
             continue
         prepared = scene.prepare(frame)
+        draw = audit_draw("bench", frames)           # once per frame, shared by the camera's queries
         for filt in filters:
-            if filt.decide(prepared).keep:
+            if filt.decide(prepared, draw).keep:
                 filt.mark_inferred(prepared)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     cap.release()
@@ -97,11 +98,11 @@ def isolated_filter_us(path: Path, differencer: Differencer, queries: int, featu
     scene = SceneTracker(differencer)
     filters = _filters(differencer, queries, feature)
     t0 = time.perf_counter()
-    prepared = [scene.prepare(f) for f in frames]
+    prepared = [(scene.prepare(f), audit_draw("bench", seq)) for seq, f in enumerate(frames)]
     t1 = time.perf_counter()
-    for p in prepared:
+    for p, draw in prepared:
         for filt in filters:
-            if filt.decide(p).keep:
+            if filt.decide(p, draw).keep:
                 filt.mark_inferred(p)
     t2 = time.perf_counter()
     return (t1 - t0) / len(frames) * 1e6, (t2 - t1) / max(1, len(frames) * queries) * 1e6
@@ -113,7 +114,7 @@ _THRESHOLDS = {"pixel": 0.02, "area": 0.005, "edge": 0.02, "foreground": 0.002}
 
 def _filters(differencer: Differencer, queries: int, feature: str) -> list[QueryFilter]:
     cfg = FilterConfig(feature=feature, threshold=_THRESHOLDS[feature], max_age_s=1.0, audit_fraction=0.0)
-    return [QueryFilter(cfg, rng_seed=q, differencer=differencer, fps=30.0) for q in range(queries)]
+    return [QueryFilter(cfg, differencer=differencer, fps=30.0) for _ in range(queries)]
 
 
 def main(argv: list[str] | None = None) -> int:
