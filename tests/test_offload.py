@@ -464,9 +464,11 @@ def test_timeouts_retry_on_a_fresh_socket_then_fall_back():
         assert owner.events[0] == ("dropped", DropReason.TIER_DOWN, None)
         assert owner.events[1] == ("dropped", DropReason.TIER_DOWN, None)
         snap = client.snapshot()
-        assert snap["retries"] == 4 and snap["timeouts"] == 6 and snap["reconnects"] >= 2
+        # each request timed out 1 + retries times; a reconnect re-sends everything in flight, so a
+        # request sent a little later than the one that timed out can be re-sent once more (load)
+        assert snap["timeouts"] == 6 and snap["retries"] >= 4 and snap["reconnects"] >= 2
         assert snap["fallbacks"] == {"queue-full": 1, "tier-down": 2} and snap["in_flight"] == 0
-        assert router.infer_seen == 6 and len(router.identities) >= 3   # re-sent from new sockets
+        assert router.infer_seen == 2 + snap["retries"] and len(router.identities) >= 3   # re-sent from new sockets
         assert client.state == TierState.UP                             # heartbeats still answered
         assert port.submit(make_item(owner, 3, images(1)[0])), "credit is back"
     finally:
