@@ -99,6 +99,7 @@ class ModelWorker:
     def stats(self) -> dict[str, Any]:
         sizes = list(self.batch_sizes)
         return {"queued": self.pending(), "batches": self.batches, "frames": self.frames,
+                "outputs_reused": self.recent.reused,
                 "busy_s": round(self.busy_s, 3),
                 "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None,
                 "per_frame_ms": None if self.profile.per_item_s is None else round(self.profile.per_item_s * 1e3, 2),

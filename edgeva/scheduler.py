@@ -227,6 +227,7 @@ class SwapScheduler:
         with self._cond:
             sizes = list(state.batch_sizes)
             out = {"queued": len(state.queue), "batches": state.batches, "frames": state.frames,
+                   "outputs_reused": state.recent.reused,
                    "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None,
                    "per_frame_ms": None if state.profile.per_item_s is None
                    else round(state.profile.per_item_s * 1e3, 2),

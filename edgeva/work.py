@@ -134,6 +134,7 @@ class RecentOutputs:
 
     def __init__(self, size: int = 256):
         self.size = size
+        self.reused = 0          # items that took an output instead of running their frame again
         self._outputs: OrderedDict[tuple[str, int, float], Any] = OrderedDict()
 
     @staticmethod
@@ -144,6 +145,7 @@ class RecentOutputs:
         key = self._key(frame)
         if key not in self._outputs:
             return False, None
+        self.reused += 1
         return True, self._outputs[key]
 
     def covers(self, batch: Sequence["WorkItem"]) -> bool:

@@ -516,6 +516,7 @@ def test_a_frame_kept_again_after_its_batch_ran_is_not_run_again():
         worker.stop()
     assert sorted(later.done) == [7, 8]
     assert model.images == 2 and worker.stats()["frames"] == 2          # frame 7 ran once
+    assert worker.stats()["outputs_reused"] == 1
 
 
 def test_a_rate_limited_query_reuses_results_without_dropping(street):

@@ -151,6 +151,7 @@ def test_a_frame_already_run_is_not_run_or_loaded_again():
     assert runs == [1]
     stats = scheduler.model_stats("a")
     assert stats["frames"] == 1 and stats["batches"] == 1 and stats["within_sla"] == 2
+    assert stats["outputs_reused"] == 1
 
 
 def test_expired_items_are_dropped_with_deadline_and_leftovers_with_shutdown():
