@@ -169,8 +169,6 @@ class ModelQuery:
         def ready() -> bool:
             return not query_filter.awaiting_results() and not self._audits_in_flight
 
-        if ready():
-            return
         if not self._results_in.wait_for(ready, timeout=RESULTS_WAIT_S):
             self._wait_for_filter_results = False
             log.warning("query %s: results the filter waits for overdue after %.0f s; deciding without them from now on",

@@ -152,8 +152,9 @@ class RecentOutputs:
         return all(self._key(item.frame) in self._outputs for item in batch)
 
     def put(self, frame: Frame, output: Any) -> None:
-        self._outputs[self._key(frame)] = output
-        self._outputs.move_to_end(self._key(frame))
+        key = self._key(frame)
+        self._outputs[key] = output
+        self._outputs.move_to_end(key)
         while len(self._outputs) > self.size:
             self._outputs.popitem(last=False)
 
@@ -165,33 +166,32 @@ def predict_each_frame_once(predict: Callable[[list[Any]], Sequence[Any]], batch
     object, so a frame that several of them keep (or audit) on one model is inferred once; with
     `recent`, also when their items come in different batches. A model returning too few
     outputs yields a short list: `deliver` drops the items past it."""
-    slot: dict[int, int] = {}
+    slot: dict[int, int] = {}        # id(frame) -> its place among `images`
+    ran_before: dict[int, Any] = {}  # id(frame) -> its output from an earlier batch
     images: list[Any] = []
     frames: list[Frame] = []
-    index: list[Any] = []            # per item: a slot among `images`, or (the output already known,)
     for item in batch:
+        key = id(item.frame)
         known, output = recent.get(item.frame) if recent is not None else (False, None)
         if known:
-            index.append((output,))
-            continue
-        key = id(item.frame)
-        if key not in slot:
+            ran_before[key] = output
+        elif key not in slot:
             slot[key] = len(images)
             images.append(item.frame.image)
             frames.append(item.frame)
-        index.append(slot[key])
     distinct = list(predict(images)) if images else []
     if recent is not None:
         for frame, output in zip(frames, distinct):
             recent.put(frame, output)
     outputs: list[Any] = []
-    for k in index:
-        if isinstance(k, tuple):
-            outputs.append(k[0])
+    for item in batch:
+        key = id(item.frame)
+        if key in ran_before:
+            outputs.append(ran_before[key])
             continue
-        if k >= len(distinct):
+        if slot[key] >= len(distinct):
             break
-        outputs.append(distinct[k])
+        outputs.append(distinct[slot[key]])
     return outputs, len(images)
 
 

@@ -106,7 +106,7 @@ class Run:
 
 
 def run_edgeva_phases(prepared, prepared_by, values, agree, fps: float, cfg: FilterConfig, preferred,
-                      phases: int, camera: str = "camera") -> Run:
+                      phases: int, camera: str = DAEMON_CAMERA) -> Run:
     """`run_edgeva` from each of the first `phases` frames (the camera starting a frame later),
     averaged, as uniform sampling is over its phase: which frames a filter happens to infer
     decides what it reuses, and on a flickering answer (a person detected every other frame) one
@@ -136,7 +136,7 @@ def model_runs(runs: list[Run], frames: int, audits: bool = False) -> float:
 
 
 def run_edgeva(prepared, prepared_by, values, agree, fps: float, cfg: FilterConfig, preferred,
-               camera: str = "camera", start: int = 0) -> Run:
+               camera: str = DAEMON_CAMERA, start: int = 0) -> Run:
     """The daemon's QueryFilter over the clip, the model answering instantly from the cache; the
     frames' audit draws are the daemon's for `camera` (its queries audit the same frames), the
     clip starting at frame `start`."""
