@@ -993,18 +993,25 @@ def _swinging_sign_then_small_car() -> tuple[list[np.ndarray], list[int]]:
         sign(img, t)
         frames.append(noisy(img, rng))
         answers.append(0)
+    still = bg.copy()
+    sign(still, 39)
+    _small_car_comes_and_goes(still, rng, frames, answers)
+    return frames, answers
+
+
+def _small_car_comes_and_goes(picture: np.ndarray, rng: np.random.Generator, frames: list[np.ndarray],
+                              answers: list[int]) -> None:
+    """Append 260 frames of `picture` where a small car comes and goes at irregular times."""
     present, t = False, 0
     while t < 260:
         for _ in range(int(rng.integers(6, 25))):
-            img = bg.copy()
-            sign(img, 39)
+            img = picture.copy()
             if present:
                 draw_car(img, 200, 120, w=14, h=8)
             frames.append(noisy(img, rng))
             answers.append(int(present))
             t += 1
         present = not present
-    return frames, answers
 
 
 def test_checks_that_keep_finding_changes_the_threshold_missed_profile_the_camera_again():
@@ -1026,16 +1033,7 @@ def _heavy_noise_then_small_car(sigma: float = 30.0) -> tuple[list[np.ndarray], 
     bg = background(7)
     frames = [noisy(bg, rng, sigma=sigma) for _ in range(40)]
     answers = [0] * 40
-    present, t = False, 0
-    while t < 260:
-        for _ in range(int(rng.integers(6, 25))):
-            img = bg.copy()
-            if present:
-                draw_car(img, 200, 120, w=14, h=8)
-            frames.append(noisy(img, rng))
-            answers.append(int(present))
-            t += 1
-        present = not present
+    _small_car_comes_and_goes(bg, rng, frames, answers)
     return frames, answers
 
 

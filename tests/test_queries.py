@@ -54,6 +54,19 @@ class _SleepModel:
         return [None] * len(images)
 
 
+class _CountingModel:
+    """Finds nothing, and counts the images it was given."""
+
+    name = "counting"
+
+    def __init__(self):
+        self.images = 0
+
+    def predict(self, images):
+        self.images += len(images)
+        return [Detections.empty() for _ in images]
+
+
 def _frame(camera: str, seq: int, image=None) -> Frame:
     return Frame(camera, seq, time.time(), time.monotonic(), image if image is not None else np.zeros((8, 8, 3), np.uint8))
 
@@ -455,17 +468,7 @@ def test_the_staleness_bound_holds_when_a_kept_frame_is_dropped(street):
 
 
 def test_a_frame_kept_by_several_queries_of_one_model_is_inferred_once():
-    class _Counting:
-        name = "counting"
-
-        def __init__(self):
-            self.images = 0
-
-        def predict(self, images):
-            self.images += len(images)
-            return [Detections.empty() for _ in images]
-
-    model = _Counting()
+    model = _CountingModel()
     worker = ModelWorker("counting", model, max_batch=16, capacity=64)
     owners = [_Owner(f"q{i}") for i in range(3)]
     frames = [_frame("c", i) for i in range(4)]
@@ -487,17 +490,7 @@ def test_a_frame_kept_again_after_its_batch_ran_is_not_run_again():
     """Batch replay decides a query's frame only once the results its filter waits for came, so
     another query's item for the same frame may already have run: the worker hands it the output
     it has instead of running the frame again."""
-    class _Counting:
-        name = "counting"
-
-        def __init__(self):
-            self.images = 0
-
-        def predict(self, images):
-            self.images += len(images)
-            return [Detections.empty() for _ in images]
-
-    model = _Counting()
+    model = _CountingModel()
     worker = ModelWorker("counting", model, max_batch=16, capacity=64)
     first, later = _Owner("first"), _Owner("later")
     frame, other = _frame("c", 7), _frame("c", 8)
