@@ -107,7 +107,8 @@ class FilterConfig:
     max_skip: Optional[int] = None       # optional hard cap on reuses in frames (older configs)
     width: int = 160                     # downscaled width the features use
     audit_fraction: Optional[float] = None   # None: sized for statistical power
-    calibration_s: float = 3.0           # dense window a profile is tuned on
+    calibration_s: float = 3.0           # window a profile is tuned on
+    calibration_stride: int = 8          # a window infers at most every n-th frame while the answer holds (1: all)
     segment_s: float = 1.0               # how often the recent segment is looked up among the profiles
     recalibrate_s: float = 300.0         # a dense burst at least this often
     tuned_max_age_limit_s: float = 10.0  # the longest staleness bound the tuner may choose
@@ -123,6 +124,8 @@ class FilterConfig:
             raise ConfigError(f"{path}.audit_fraction", "must be within [0, 1]")
         if self.max_age_s is not None and self.max_age_s < 0:
             raise ConfigError(f"{path}.max_age_s", "must be >= 0")
+        if self.calibration_stride < 1:
+            raise ConfigError(f"{path}.calibration_stride", "must be >= 1 (1: a window infers every frame)")
         for name in ("calibration_s", "segment_s", "recalibrate_s", "tuned_max_age_limit_s"):
             _positive(getattr(self, name), f"{path}.{name}")
         if self.segment_s > self.calibration_s:

@@ -71,6 +71,8 @@ def test_valid_config_converts_types_and_resolves_paths(tmp_path, clip):
     (lambda c: c["queries"][0].update(filter={"recalibrate_s": 1}), "queries[0].filter.recalibrate_s",
      "at least calibration_s"),
     (lambda c: c["queries"][0].update(filter={"calibration_s": 0}), "queries[0].filter.calibration_s", "> 0"),
+    (lambda c: c["queries"][0].update(filter={"calibration_stride": 0}), "queries[0].filter.calibration_stride",
+     ">= 1"),
     (lambda c: c.update(weights_dir="cam.mp4"), "weights_dir", "is a file, not a folder"),
 ])
 def test_bad_config_names_key_and_reason(tmp_path, clip, mutate, path, reason):

@@ -14,6 +14,7 @@ from edgeva.filtering import (
     audit_fraction_for_power, audits_needed, default_feature, segment_key, simulate_filter, tune_features,
     tune_segments, tune_threshold, wilson_lower_bound,
 )
+from edgeva.filtering.tuner import NO_THRESHOLD, Carried
 from edgeva.filtering.windows import TuningJob
 
 W, H = 320, 180
@@ -465,6 +466,9 @@ def test_audits_are_sized_to_see_a_five_point_drop_within_minutes():
     assert audit_fraction_for_power(0.3, 0.9, reused_fps=0.9 * 5) > busy   # slower camera: audit more of it
 
 
+WINDOW = {"calibrate", "sparse"}     # a calibration window's decisions: inferred, or skipped while the answer holds
+
+
 def _calibrating_filter(fps=10.0, **cfg):
     return QueryFilter(FilterConfig(**{"calibration_s": 3.0, "segment_s": 1.0, **cfg}), rng_seed=1,
                        differencer=Differencer(), agreement=count_agreement, target=0.9, fps=fps,
@@ -495,12 +499,42 @@ def test_a_query_without_a_threshold_calibrates_then_filters_and_meets_its_targe
     frames, counts = street()
     filt = _calibrating_filter()
     reasons, source = _replay(filt, frames, counts)
-    assert reasons[0] == "first" and set(reasons[1:30]) == {"calibrate"}     # 3 s at 10 fps, inferred
+    assert reasons[0] == "first" and set(reasons[1:30]) <= WINDOW         # 3 s at 10 fps, the window
     assert filt.stats()["profiled_windows"] >= 1 and filt.setting is not None
     skipped = sum(r in ("below_threshold", "audit") for r in reasons)
     assert skipped > 0.4 * len(frames)
     agreement = np.mean([count_agreement(counts[i], counts[s]) for i, s in enumerate(source)])
     assert agreement >= 0.9
+
+
+def test_a_window_infers_sparsely_while_the_answer_holds_and_every_frame_while_it_changes():
+    # The empty street for 1.5 s, then the count climbs on each frame for 0.8 s, then holds.
+    rng = np.random.default_rng(2)
+    images = [noisy(background(2), rng) for _ in range(60)]
+    answers = [0] * 15 + list(range(1, 9)) + [8] * 37
+    filt = _calibrating_filter()
+    reasons, _ = _replay(filt, images, answers)
+    inferred = [i for i, r in enumerate(reasons[:30]) if r in ("first", "calibrate")]
+    assert [i for i in inferred if i < 15] == [0, 1, 3, 7]        # the stride doubles while it holds...
+    assert set(range(15, 24)) <= set(inferred)                     # ...and is one while it changes
+    assert set(reasons[:30]) - {"first"} <= WINDOW and reasons.count("sparse") >= 15
+    assert filt.stats()["profiled_windows"] == 1 and filt.setting is not None
+    dense = _calibrating_filter(calibration_stride=1)
+    dense_reasons, _ = _replay(dense, images, answers)
+    assert set(dense_reasons[1:30]) == {"calibrate"}               # calibration_stride 1: every frame
+
+
+def test_the_tuner_scores_only_the_frames_a_window_inferred():
+    # A window inferred frame 0 (no car) and, its stride grown, frame 9 (five cars); frames 1-8
+    # carry frame 0's answer. Reusing frame 0's answer up to frame 9 agrees on the two frames
+    # that were inferred half the time, not 0.9 of the time as if the carried answers were known.
+    no_change = lambda i, j: 0.0                                   # noqa: E731
+    carried = tune_threshold(no_change, [0] + [Carried(0)] * 8 + [5], count_agreement, 0.4, max_ages=[9],
+                             candidates=[0.1])
+    known = tune_threshold(no_change, [0] * 9 + [5], count_agreement, 0.4, max_ages=[9], candidates=[0.1])
+    reuse_all = [p for p in carried.curve if math.isinf(p.threshold) and p.max_age == 9]
+    assert reuse_all and reuse_all[0].agreement == pytest.approx(0.5)
+    assert [p.agreement for p in known.curve if p.threshold == NO_THRESHOLD][0] == pytest.approx(0.9)
 
 
 def test_a_busier_scene_than_any_profiled_is_profiled_again():
@@ -534,9 +568,9 @@ def test_a_scene_unlike_every_profile_is_profiled_even_when_the_picture_moves_le
     settings = []
     reasons, source = _replay(filt, flashes + frames[100:], truth, settings)
     s = filt.stats()
-    assert set(reasons[1:20]) == {"calibrate"} and math.isinf(settings[20].threshold)
+    assert set(reasons[1:20]) <= WINDOW and math.isinf(settings[20].threshold)
     assert s["novel_segments"] >= 1 and s["profiled_windows"] >= 2     # 0 and 1 when left alone
-    assert "calibrate" in reasons[21:60]      # one window after the checks find the count changing, not four
+    assert WINDOW & set(reasons[21:60])       # one window after the checks find the count changing, not four
     agreement = np.mean([count_agreement(truth[i], truth[k]) for i, k in enumerate(source)])
     assert agreement >= 0.9          # 0.929 (0.949 waiting four windows, 0.936 left to the flashes' setting)
 
@@ -550,9 +584,10 @@ def test_tuning_runs_where_the_daemon_says_and_applies_at_the_next_decision():
     for i in range(40):
         p = scene.prepare(frames[i])
         dec = filt.decide(p)
-        assert dec.keep and dec.reason in ("first", "calibrate")   # no setting until the job ran
-        filt.mark_inferred(p)
-        filt.record_result(p, counts[i])
+        assert dec.reason in ("first", *WINDOW)                   # no setting until the job ran
+        if dec.keep:
+            filt.mark_inferred(p)
+            filt.record_result(p, counts[i])
     assert len(jobs) == 1 and filt.setting is None and filt.stats()["state"] == "tuning"
     jobs.pop()()                                                  # the tuner thread runs it
     assert filt.setting is None                                   # applied by the decision thread...
@@ -578,7 +613,7 @@ def test_seconds_follow_the_camera_frame_rate_once_it_is_known():
         if dec.keep:
             learning.mark_inferred(p)
             learning.record_result(p, counts[i])
-    assert reasons.count("calibrate") == round(3.0 * 12.5) - 1     # 3 s at 12.5 fps, not at 25
+    assert sum(r in WINDOW for r in reasons) == round(3.0 * 12.5) - 1     # 3 s at 12.5 fps, not at 25
 
 
 def test_a_configured_threshold_stays_fixed_past_recalibrate_s():
@@ -728,7 +763,7 @@ def test_a_periodic_burst_whose_first_half_confirms_the_setting_stops_at_its_hal
     # The empty street, calibrated on, then profiled again every 6 s: each burst's first half
     # chooses the threshold already in force, so its second half (15 inferences) is not spent.
     frames = _still_street(200)
-    filt = _calibrating_filter(recalibrate_s=6.0)
+    filt = _calibrating_filter(recalibrate_s=6.0, calibration_stride=1)
     reasons, _ = _replay(filt, frames, [0] * len(frames))
     runs = _calibrate_runs(reasons)
     assert runs[0] == 29 and len(runs) >= 2           # the first window runs whole (frame 0 is "first")
@@ -741,8 +776,8 @@ def test_the_check_at_the_half_runs_where_the_daemon_says_and_a_half_that_disagr
     frames = _still_street(120)
     street_frames, counts = street()
     jobs: list = []
-    filt = QueryFilter(FilterConfig(calibration_s=3.0, segment_s=1.0, recalibrate_s=6.0), rng_seed=1,
-                       differencer=Differencer(), agreement=count_agreement, target=0.9, fps=10.0,
+    filt = QueryFilter(FilterConfig(calibration_s=3.0, segment_s=1.0, recalibrate_s=6.0, calibration_stride=1),
+                       rng_seed=1, differencer=Differencer(), agreement=count_agreement, target=0.9, fps=10.0,
                        preferred_feature="foreground", tune_runner=jobs.append)
     scene = SceneTracker(filt.differencer)
 
@@ -772,7 +807,7 @@ def test_frames_after_a_full_burst_are_decided_by_the_setting_while_its_results_
     # before their results come back. The frames after them are not the burst's: the setting in
     # force decides them (on the still street: mostly reuse), not 4 windows' worth of dense keeps.
     frames = _still_street(260)
-    filt = _calibrating_filter(recalibrate_s=6.0)
+    filt = _calibrating_filter(recalibrate_s=6.0, calibration_stride=1)
     scene = SceneTracker(filt.differencer)
     reasons, pending = [], []
     for i, image in enumerate(frames):
@@ -851,7 +886,7 @@ def test_a_burst_awaits_its_first_half_results_before_deciding_past_its_half():
     # the half's results before deciding the next frame, or the frames after the half are kept
     # dense whether or not the half confirmed the setting.
     frames = _still_street(200)
-    filt = _calibrating_filter(recalibrate_s=6.0)
+    filt = _calibrating_filter(recalibrate_s=6.0, calibration_stride=1)
     scene = SceneTracker(filt.differencer)
     pending, waited_at = [], None
     for i, image in enumerate(frames):
@@ -963,15 +998,17 @@ def test_a_full_profile_table_forgets_the_profile_most_like_the_new_one_not_the_
 
 
 def test_a_flicker_on_a_windows_last_frame_is_confirmed_not_reused():
-    # The last frame of a dense window is the first reference of what follows it: a ghost
+    # The last frame a window inferred is the first reference of what follows it: a ghost
     # detected there would be reused for a whole staleness bound (seconds on a quiet picture).
+    # (A window inferring every frame, so the ghost falls on its last frame; a sparse window
+    # infers the frame after a changed answer itself.)
     rng = np.random.default_rng(4)
     images = [noisy(background(4), rng) for _ in range(120)]
-    reasons, _ = _replay(_calibrating_filter(), images, [0] * 120)
+    reasons, _ = _replay(_calibrating_filter(calibration_stride=1), images, [0] * 120)
     last = max(i for i, r in enumerate(reasons) if r == "calibrate")
     answers = [0] * 120
     answers[last] = 1
-    reasons, source = _replay(_calibrating_filter(), images, answers)
+    reasons, source = _replay(_calibrating_filter(calibration_stride=1), images, answers)
     assert reasons[last + 1] == "confirm"
     assert all(source[i] != last for i in range(last + 1, 120))
 
@@ -1016,7 +1053,7 @@ def _small_car_comes_and_goes(picture: np.ndarray, rng: np.random.Generator, fra
 
 def test_checks_that_keep_finding_changes_the_threshold_missed_profile_the_camera_again():
     frames, answers = _swinging_sign_then_small_car()
-    filt = _calibrating_filter()
+    filt = _calibrating_filter(calibration_stride=1)     # with sparse windows an audit profiles it first
     reasons, source = _replay(filt, frames, answers)
     missed = [i for i, r in enumerate(reasons) if r == "stale" and answers[i] != answers[source[i - 1]]]
     assert len(missed) >= 2 and "threshold" not in reasons[missed[0]:missed[1]]

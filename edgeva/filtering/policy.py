@@ -4,14 +4,15 @@ Per frame: compare with the query's last inferred frame (the change feature) and
 change exceeds the current threshold or the reused result reaches the staleness bound.
 
 Where the setting comes from (no hand knobs):
-- A query without a configured threshold first *calibrates*: it infers every frame for
-  `calibration_s`, then tunes (threshold, staleness bound) on that window with the model's own
-  results (edgeva.filtering.tuner) and stores the window as a profile.
+- A query without a configured threshold first *calibrates* for `calibration_s`: it infers the
+  window's frames where the answer changes and every `calibration_stride`-th frame at most where it
+  holds (edgeva.filtering.windows.Window), then tunes (threshold, staleness bound) on that window
+  with the model's own results (edgeva.filtering.tuner) and stores the window as a profile.
 - Every `segment_s` the recent segment's key (its histogram of consecutive-frame differences) is
   looked up among the profiles; the nearest profiles' setting applies to what follows, so busy
   stretches infer more and quiet ones less. A segment farther from every profile than the
-  profiles' own pieces were is new: it is profiled the same way (a dense burst) and added.
-- A dense burst also comes every `recalibrate_s`, and at once when the audits say the target is
+  profiles' own pieces were is new: it is profiled the same way (a burst: a calibration window) and added.
+- A burst also comes every `recalibrate_s`, and at once when the audits say the target is
   at risk; until that burst is tuned, every setting is tightened (and relaxed again, never past
   the learned setting, when the audits show headroom).
 - A new-segment or periodic burst is tuned once at its half as well: when that half (pooled as
@@ -55,12 +56,12 @@ from .windows import Tuned, TuningJob, Window, longest_age, run_inline, tunable_
 log = logging.getLogger("edgeva.filtering")
 
 KeepReason = str    # first, threshold, stale, confirm, disabled, untuned, resized, calibrate
-SkipReason = str    # below_threshold, audit
+SkipReason = str    # below_threshold, audit, sparse (a calibration window's frame between two it infers)
 
 DEFAULT_FPS = 25.0
 TIGHTEN = 0.7       # audits say too lossy: thresholds and bounds shrink by this factor
 LOWEST_FACTOR = 0.05
-# New-segment profiling starts at most once per this many calibration windows, so dense bursts
+# New-segment profiling starts at most once per this many calibration windows, so bursts
 # stay under a fifth of the frames however restless the camera.
 PROFILING_SPACING = 4
 # ... except where the setting's threshold has kept no frame since the last window was tuned (or
@@ -86,6 +87,10 @@ RESULT_PATIENCE = 4         # a window waits this many window lengths of frames 
 # ../shared/videos/tune and lost agreement on a motorway).
 BOUND_STEP = 2.0
 _REMEMBERED = 16
+
+
+def _never_agree(a: Any, b: Any) -> float:
+    return 0.0
 
 
 def _remember(table: dict, prepared: Prepared, entry: Any) -> None:
@@ -140,7 +145,7 @@ class QueryFilter:
             self._learned = Setting(cfg.threshold, self._configured_age(), self._configured_feature())
         self._window: Optional[Window] = None
         if self._learned is None and agreement is not None and cfg.enabled:
-            self._window = Window(self._frames_for(cfg.calibration_s))
+            self._window = Window(self._frames_for(cfg.calibration_s), max_stride=cfg.calibration_stride)
         self._reference: Optional[Prepared] = None
         self._previous: Optional[Prepared] = None
         self._segment: list[float] = []
@@ -260,10 +265,13 @@ class QueryFilter:
             if window.waited > RESULT_PATIENCE * window.frames_wanted:
                 self._finish_window()
                 window = None
-        # a window that has its frames no longer needs dense ones: while its results are on
-        # their way, the setting in force decides (the first window has none yet, so it waits dense)
-        dense = window is not None and not (window.full and self._learned is not None)
-        if dense or (self._learned is None and self._tuning):
+        if window is not None and not window.full:
+            if window.wants():
+                return self._keep("calibrate", None, prepared)
+            return self._skip_in_window(window, prepared)
+        # a window that has its frames no longer needs them: while its results are on their way,
+        # the setting in force decides (the first window has none yet, so it infers every frame)
+        if (window is not None and self._learned is None) or (self._learned is None and self._tuning):
             return self._keep("calibrate", None, prepared)
         setting = self.setting
         if setting is None:
@@ -292,8 +300,18 @@ class QueryFilter:
             self._threshold_kept_since_tuning = self._threshold_kept_since_check = True
         window = self._window
         if window is not None and prepared is not None and not window.full:
-            window.frames.append(prepared)
+            window.add(prepared, inferred=True)
         return Decision(True, reason, value, self._skipped)
+
+    def _skip_in_window(self, window: Window, prepared: Prepared) -> Decision:
+        """A window's frame between two it infers: the answer before it is reused (and is what
+        the window's tuning sees for it)."""
+        window.add(prepared, inferred=False)
+        self._skipped += 1
+        self._max_age_seen = max(self._max_age_seen, self._skipped)
+        self._reused["sparse"] = self._reused.get("sparse", 0) + 1
+        self._window_progressed(window)     # its last frame, or its half's, may be this one
+        return Decision(False, "sparse", None, self._skipped)
 
     def _track_segment(self, prepared: Prepared) -> None:
         previous, self._previous = self._previous, prepared
@@ -349,10 +367,10 @@ class QueryFilter:
         return PROFILING_SPACING if found.busier else None
 
     def _start_window(self, confirmable: bool = False) -> None:
-        """A dense window; `confirmable` (new-segment and periodic bursts, not the first window
+        """A calibration window; `confirmable` (new-segment and periodic bursts, not the first window
         nor one the audits asked for) may stop at its half when that confirms the setting in force."""
         confirms = self._learned if confirmable and self._learned is not None else None
-        self._window = Window(self._frames_for(self.cfg.calibration_s), confirms)
+        self._window = Window(self._frames_for(self.cfg.calibration_s), confirms, self.cfg.calibration_stride)
 
     # ------------------------------------------------------------- results
     def mark_inferred(self, prepared: Prepared) -> None:
@@ -391,7 +409,7 @@ class QueryFilter:
         window = self._window
         if window is None or not window.holds(prepared):
             return
-        window.values[id(prepared)] = value
+        window.record(prepared, value, self.agreement or _never_agree)
         self._window_progressed(window)
 
     def _window_progressed(self, window: Window) -> None:
@@ -427,7 +445,7 @@ class QueryFilter:
 
     def _check_answer_changed(self, prepared: Prepared, value: Any) -> None:
         """Whether the frame still decided from changed the answer it replaced: then the next
-        decision confirms it. Inside a dense window this only matters for its last frame, the one
+        decision confirms it. Inside a window this only matters for the last frame it inferred, the one
         the filtering after the window starts from."""
         replaced = self._replaced_result(self._replaced, prepared)
         if replaced is None or prepared is not self._reference:
@@ -440,8 +458,7 @@ class QueryFilter:
         window.confirm_started = True
         if self.agreement is None:
             return
-        frames = window.frames[:window.half]
-        job = self._tuning_job(frames, [window.values[id(f)] for f in frames])
+        job = self._tuning_job(*window.answered(window.frames[:window.half]))
         try:
             self.tune_runner(lambda: self._confirmations.append((window, job.run())))
         except RuntimeError:        # the tuner is shutting down: the window runs to its end
@@ -469,10 +486,10 @@ class QueryFilter:
         hold up the model's callbacks), and apply its result at the next decision."""
         window, self._window = self._window, None
         self._since_profiled = 0
-        frames = [f for f in window.frames if id(f) in window.values]
+        frames, values = window.answered()
         if len(frames) < max(2, window.frames_wanted // 2) or self.agreement is None:
             return                          # too little came back to tune on; profiled again soon
-        job = self._tuning_job(frames, [window.values[id(f)] for f in frames])
+        job = self._tuning_job(frames, values)
         try:
             self.tune_runner(lambda: self._tuned.append(job.run()))
         except RuntimeError:        # the tuner is shutting down (stop, reload): nothing to tune for

@@ -6,7 +6,7 @@ moves, and how often); its label is the setting the tuner chose on it. A new seg
 label of the profiled segments whose keys are nearest (distance-weighted), and the lookup says
 whether it is farther from every profile than that profile's own pieces were from it and whether
 the picture moves more than in the nearest; from those the filter decides whether the segment is
-new, and then profiles it (infers it densely and tunes on it) and adds it.
+new, and then profiles it (a calibration window, tuned on) and adds it.
 
 A profile whose window's answer never changed is *uninformed*: every threshold kept the answer
 there, so it cannot say which threshold is safe, only that nothing happened (its tuning takes the

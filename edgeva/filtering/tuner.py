@@ -31,6 +31,18 @@ CONFIRMATIONS = 2
 
 
 @dataclass(frozen=True, slots=True)
+class Carried:
+    """A window's answer on a frame it did not infer: the answer inferred before it. A replay
+    reuses it like any answer, but agreement is scored on the inferred frames only: where the
+    window skipped, a flicker would have gone unseen, so those frames cannot vouch for a setting."""
+    value: Any
+
+
+def inferred_value(value: Any) -> Any:
+    return value.value if isinstance(value, Carried) else value
+
+
+@dataclass(frozen=True, slots=True)
 class CurvePoint:
     threshold: float
     max_age: int                  # frames a result may be reused
@@ -110,7 +122,8 @@ class PairCache:
 
 
 class ReplayScorer:
-    """Per-frame agreement of a replayed setting with the every-frame results (memoised)."""
+    """Per-frame agreement of a replayed setting with the every-frame results (memoised); NaN on
+    a frame whose result was carried over (`Carried`), which is left out of every mean."""
 
     def __init__(self, values: Sequence[Any], agreement: Callable[[Any, Any], float]) -> None:
         self.values = values
@@ -120,18 +133,26 @@ class ReplayScorer:
     def __call__(self, source: list[int]) -> np.ndarray:
         out = np.ones(len(source))
         for i, src in enumerate(source):
-            if i != src:
+            if isinstance(self.values[i], Carried):
+                out[i] = np.nan
+            elif i != src:
                 key = (i, src)
                 if key not in self._memo:
-                    self._memo[key] = float(self.agreement(self.values[i], self.values[src]))
+                    self._memo[key] = float(self.agreement(self.values[i], inferred_value(self.values[src])))
                 out[i] = self._memo[key]
         return out
+
+
+def _mean(scores: np.ndarray) -> float:
+    """The mean over the scored frames (1 when none is)."""
+    scored = scores[~np.isnan(scores)]
+    return float(scored.mean()) if len(scored) else 1.0
 
 
 def _worst_window(scores: np.ndarray, window: int) -> float:
     if not len(scores):
         return 1.0
-    return float(min(scores[k:k + window].mean() for k in range(0, len(scores), window)))
+    return float(min(_mean(scores[k:k + window]) for k in range(0, len(scores), window)))
 
 
 def piece_standard_error(scores: np.ndarray, pieces: int = 4) -> float:
@@ -139,7 +160,7 @@ def piece_standard_error(scores: np.ndarray, pieces: int = 4) -> float:
     next to each other are not independent, pieces of a segment nearly are)."""
     if len(scores) < 2 * pieces:
         return 0.0
-    means = [float(p.mean()) for p in np.array_split(scores, pieces)]
+    means = [_mean(p) for p in np.array_split(scores, pieces)]
     return float(np.std(means, ddof=1) / math.sqrt(pieces))
 
 
@@ -225,8 +246,8 @@ def tune_segments(
             scores = np.concatenate(parts) if parts else np.ones(0)
             uniform = np.concatenate(uniform_parts) if uniform_parts else np.ones(0)
             curve.append(CurvePoint(thr, age, 1.0 - inferred / n if n else 0.0,
-                                    float(scores.mean()) if n else 1.0, _worst_window(scores, window),
-                                    float(uniform.mean()) if n else 1.0))
+                                    _mean(scores) if n else 1.0, _worst_window(scores, window),
+                                    _mean(uniform) if n else 1.0))
             per_point_scores.append(parts)
 
     slack = max(1, n // 50) / n if n else 0.0
@@ -260,7 +281,7 @@ def tune_segments(
     if safety_margin == "auto" and best is not None:
         parts = per_point_scores[best]
         if len(parts) >= 2:
-            means = [float(p.mean()) for p in parts if len(p)]
+            means = [_mean(p) for p in parts if len(p)]
             margin = float(np.std(means, ddof=1) / math.sqrt(len(means))) if len(means) >= 2 else 0.0
         else:
             margin = piece_standard_error(parts[0])

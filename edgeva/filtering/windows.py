@@ -1,5 +1,6 @@
-"""Calibration windows and their tuning: what a dense window holds while its results come back,
-and the snapshot of it (pooled with similar profiled windows) that the tuner runs on any thread.
+"""Calibration windows and their tuning: what a window holds while its results come back (which
+frames it inferred, and the answers it carried over the others), and the snapshot of it (pooled
+with similar profiled windows) that the tuner runs on any thread.
 
 edgeva.filtering.policy opens the windows, feeds them frames and results, and applies what their
 tuning learned.
@@ -14,22 +15,35 @@ from edgeva.config import FilterConfig
 
 from .features import FEATURES, Differencer, FeatureName, Prepared
 from .profiles import Setting
-from .tuner import age_candidates, tune_features
+from .tuner import Carried, age_candidates, inferred_value, tune_features
 
 log = logging.getLogger("edgeva.filtering")
 
 
 class Window:
-    """A densely inferred stretch: its frames in order and the model's result on each."""
+    """A calibration stretch: its frames in order and the model's result on the frames it inferred.
 
-    def __init__(self, frames_wanted: int, confirms: Optional[Setting] = None) -> None:
+    The window infers sparsely where the answer holds still: after a frame whose answer equals the
+    one inferred before it the stride doubles (up to `max_stride`), after a changed answer it is
+    one again, so where the answer changes every frame is inferred. A skipped frame carries the
+    answer inferred before it (`Carried`); the tuner replays with it but scores agreement only on
+    the inferred frames, since a flicker inside the stride would have gone unseen.
+    """
+
+    def __init__(self, frames_wanted: int, confirms: Optional[Setting] = None, max_stride: int = 1) -> None:
         self.frames_wanted = frames_wanted
         self.frames: list[Prepared] = []
-        self.values: dict[int, Any] = {}      # id(prepared) -> result
+        self.values: dict[int, Any] = {}      # id(prepared) -> result, for the frames it inferred
+        self.skipped: set[int] = set()         # id(prepared) of frames it did not infer
         self.lost: set[int] = set()            # id(prepared) of frames that will never get one (dropped)
         self.waited = 0                        # frames seen since it filled, waiting for results
         self.confirms = confirms               # the setting in force, which its first half may confirm
         self.confirm_started = False
+        self.max_stride = max(1, max_stride)
+        self.stride = 1                        # infer every stride-th frame while the answer holds
+        self._since_kept = 0                   # frames skipped since the last one it inferred
+        self._last_kept: Optional[Prepared] = None
+        self._kept_before: dict[int, Prepared] = {}   # id(kept frame) -> the frame it inferred before it
 
     def holds(self, prepared: Prepared) -> bool:
         return any(f is prepared for f in self.frames)
@@ -39,7 +53,7 @@ class Window:
         return self.frames_wanted // 2
 
     def _answered(self, frames: list) -> bool:
-        return all(id(f) in self.values or id(f) in self.lost for f in frames)
+        return all(id(f) in self.values or id(f) in self.lost or id(f) in self.skipped for f in frames)
 
     def half_complete(self) -> bool:
         return len(self.frames) >= self.half and self._answered(self.frames[:self.half])
@@ -52,10 +66,58 @@ class Window:
         return self.full and self._answered(self.frames)
 
     def awaits_results(self) -> bool:
-        """Its next step (tuning the whole window, or checking its first half) waits for results."""
+        """Its next step (tuning the whole window, checking its first half, or choosing its
+        stride from the last inferred frame's answer) waits for results."""
         if self.full:
             return not self.complete()
+        last = self._last_kept
+        if self.max_stride > 1 and last is not None and id(last) not in self.values and id(last) not in self.lost:
+            return True
         return self.confirms is not None and not self.confirm_started and len(self.frames) >= self.half
+
+    def wants(self) -> bool:
+        """Whether the next frame is inferred: the first, and then one every `stride` frames."""
+        return self._last_kept is None or self._since_kept + 1 >= self.stride
+
+    def add(self, prepared: Prepared, inferred: bool) -> None:
+        self.frames.append(prepared)
+        if not inferred:
+            self.skipped.add(id(prepared))
+            self._since_kept += 1
+            return
+        if self._last_kept is not None:
+            self._kept_before[id(prepared)] = self._last_kept
+        self._last_kept = prepared
+        self._since_kept = 0
+
+    def record(self, prepared: Prepared, value: Any, agreement: Callable[[Any, Any], float]) -> None:
+        """The result of one of its frames; the stride follows whether the answer moved."""
+        self.values[id(prepared)] = value
+        if prepared is not self._last_kept:
+            return
+        before = self._kept_before.get(id(prepared))
+        if before is None or id(before) not in self.values:
+            return
+        held = agreement(value, self.values[id(before)]) >= 1.0
+        self.stride = min(self.max_stride, self.stride * 2) if held else 1
+
+    def answered(self, frames: Optional[list] = None) -> tuple[list, list]:
+        """The frames with an answer (`frames`, default all) and those answers: an inferred
+        frame's result, a skipped frame the answer inferred before it (`Carried`: the tuner does
+        not score it); lost frames left out."""
+        out_frames, out_values = [], []
+        last: Any = None
+        have = False
+        for f in self.frames if frames is None else frames:
+            if id(f) in self.values:
+                last, have = self.values[id(f)], True
+                out_values.append(last)
+            elif id(f) in self.skipped and have:
+                out_values.append(Carried(last))
+            else:
+                continue
+            out_frames.append(f)
+        return out_frames, out_values
 
 
 @dataclass(frozen=True)
@@ -104,7 +166,7 @@ class TuningJob:
                      self._informed())
 
     def _informed(self) -> bool:
-        values = self.values[0]
+        values = [inferred_value(v) for v in self.values[0]]
         return any(self.agreement(v, values[0]) < 1.0 for v in values[1:])
 
 
