@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -40,8 +40,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 import bench_filtering as bench  # noqa: E402
-import edgeva.filtering.policy as policy  # noqa: E402
+import edgeva.filtering.windows as windows  # noqa: E402
 import edgeva.tuning as tuning  # noqa: E402
+from edgeva.config import FilterConfig  # noqa: E402
 from edgeva.filtering import Differencer, tuner  # noqa: E402
 from edgeva.filtering.features import Prepared  # noqa: E402
 
@@ -212,8 +213,16 @@ def install(exp: Experiment) -> None:
             return [learned]
         return sorted(results + [learned], key=lambda r: (not r.met_target, -r.skip_fraction))
 
-    policy.tune_features = tune_features_    # type: ignore[assignment]
+    windows.tune_features = tune_features_   # type: ignore[assignment]
     tuning.tune_features = tune_features_    # type: ignore[assignment]
+    # The pairs are labelled with the model's answer on every frame of a window: windows infer
+    # every frame here, as they did when this experiment was measured.
+    bench.FilterConfig = DenseWindows        # type: ignore[misc]
+
+
+@dataclass
+class DenseWindows(FilterConfig):
+    calibration_stride: int = 1
 
 
 def main() -> None:
