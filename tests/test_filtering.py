@@ -524,6 +524,26 @@ def test_a_window_infers_sparsely_while_the_answer_holds_and_every_frame_while_i
     assert set(dense_reasons[1:30]) == {"calibrate"}               # calibration_stride 1: every frame
 
 
+def test_a_live_windows_stride_follows_answers_that_come_a_frame_late():
+    # A live camera does not wait: each answer comes after the next frame was decided. The
+    # window must still thin out on an answer that holds, not stay dense for want of the newest.
+    rng = np.random.default_rng(2)
+    filt = _calibrating_filter()
+    scene = SceneTracker(filt.differencer)
+    reasons, pending = [], None
+    for _ in range(30):
+        p = scene.prepare(noisy(background(2), rng))
+        dec = filt.decide(p)
+        reasons.append(dec.reason)
+        if pending is not None:
+            filt.record_result(pending, 0)
+            pending = None
+        if dec.keep:
+            filt.mark_inferred(p)
+            pending = p
+    assert reasons.count("sparse") >= 15
+
+
 def test_the_tuner_scores_only_the_frames_a_window_inferred():
     # A window inferred frame 0 (no car) and, its stride grown, frame 9 (five cars); frames 1-8
     # carry frame 0's answer. Reusing frame 0's answer up to frame 9 agrees on the two frames

@@ -91,10 +91,10 @@ class Window:
         self._since_kept = 0
 
     def record(self, prepared: Prepared, value: Any, agreement: Callable[[Any, Any], float]) -> None:
-        """The result of one of its frames; the stride follows whether the answer moved."""
+        """The result of one of its frames; the stride follows whether the answer moved since the
+        frame inferred before it. On a live camera the answer comes a frame or more after the next
+        frame was decided; it still sets the stride for the frames decided from then on."""
         self.values[id(prepared)] = value
-        if prepared is not self._last_kept:
-            return
         before = self._kept_before.get(id(prepared))
         if before is None or id(before) not in self.values:
             return
