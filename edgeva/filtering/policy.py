@@ -89,10 +89,6 @@ BOUND_STEP = 2.0
 _REMEMBERED = 16
 
 
-def _never_agree(a: Any, b: Any) -> float:
-    return 0.0
-
-
 def _remember(table: dict, prepared: Prepared, entry: Any) -> None:
     """Keep `entry` under id(prepared), the oldest going past _REMEMBERED (results that never came)."""
     table[id(prepared)] = entry
@@ -409,7 +405,7 @@ class QueryFilter:
         window = self._window
         if window is None or not window.holds(prepared):
             return
-        window.record(prepared, value, self.agreement or _never_agree)
+        window.record(prepared, value, self.agreement)
         self._window_progressed(window)
 
     def _window_progressed(self, window: Window) -> None:

@@ -90,13 +90,13 @@ class Window:
         self._last_kept = prepared
         self._since_kept = 0
 
-    def record(self, prepared: Prepared, value: Any, agreement: Callable[[Any, Any], float]) -> None:
+    def record(self, prepared: Prepared, value: Any, agreement: Optional[Callable[[Any, Any], float]]) -> None:
         """The result of one of its frames; the stride follows whether the answer moved since the
         frame inferred before it. On a live camera the answer comes a frame or more after the next
         frame was decided; it still sets the stride for the frames decided from then on."""
         self.values[id(prepared)] = value
         before = self._kept_before.get(id(prepared))
-        if before is None or id(before) not in self.values:
+        if agreement is None or before is None or id(before) not in self.values:
             return
         held = agreement(value, self.values[id(before)]) >= 1.0
         self.stride = min(self.max_stride, self.stride * 2) if held else 1
