@@ -281,11 +281,14 @@ class QueryFilter:
         if self._skipped >= setting.max_age:
             self._stale_next = True
             return self._keep("stale", value)
-        self._skipped += 1
-        self._max_age_seen = max(self._max_age_seen, self._skipped)
         draw = self._rng.random() if audit_draw is None else audit_draw
         audit = draw < self.audit_fraction()
-        reason = "audit" if audit else "below_threshold"
+        return self._reuse("audit" if audit else "below_threshold", value, audit)
+
+    def _reuse(self, reason: str, value: Optional[float], audit: bool = False) -> Decision:
+        """Skip the frame: the last inferred result is reused, one frame older."""
+        self._skipped += 1
+        self._max_age_seen = max(self._max_age_seen, self._skipped)
         self._reused[reason] = self._reused.get(reason, 0) + 1
         return Decision(False, reason, value, self._skipped, audit)
 
@@ -303,11 +306,9 @@ class QueryFilter:
         """A window's frame between two it infers: the answer before it is reused (and is what
         the window's tuning sees for it)."""
         window.add(prepared, inferred=False)
-        self._skipped += 1
-        self._max_age_seen = max(self._max_age_seen, self._skipped)
-        self._reused["sparse"] = self._reused.get("sparse", 0) + 1
+        decision = self._reuse("sparse", None)
         self._window_progressed(window)     # its last frame, or its half's, may be this one
-        return Decision(False, "sparse", None, self._skipped)
+        return decision
 
     def _track_segment(self, prepared: Prepared) -> None:
         previous, self._previous = self._previous, prepared

@@ -70,8 +70,7 @@ class Window:
         stride from the last inferred frame's answer) waits for results."""
         if self.full:
             return not self.complete()
-        last = self._last_kept
-        if self.max_stride > 1 and last is not None and id(last) not in self.values and id(last) not in self.lost:
+        if self.max_stride > 1 and self._last_kept is not None and not self._answered([self._last_kept]):
             return True
         return self.confirms is not None and not self.confirm_started and len(self.frames) >= self.half
 
