@@ -15,7 +15,7 @@ from edgeva.filtering import (
     tune_segments, tune_threshold, wilson_lower_bound,
 )
 from edgeva.filtering.tuner import NO_THRESHOLD, Carried
-from edgeva.filtering.windows import TuningJob
+from edgeva.filtering.windows import TuningJob, Window
 
 W, H = 320, 180
 
@@ -517,11 +517,33 @@ def test_a_window_infers_sparsely_while_the_answer_holds_and_every_frame_while_i
     inferred = [i for i, r in enumerate(reasons[:30]) if r in ("first", "calibrate")]
     assert [i for i in inferred if i < 15] == [0, 1, 3, 7]        # the stride doubles while it holds...
     assert set(range(15, 24)) <= set(inferred)                     # ...and is one while it changes
-    assert set(reasons[:30]) - {"first"} <= WINDOW and reasons.count("sparse") >= 15
+    # 11 sparse frames, all before the change: the change came after a stride of 8, which puts the
+    # window's estimated agreement under the target for the rest of it (next test)
+    assert set(reasons[:30]) - {"first"} <= WINDOW and reasons[:30].count("sparse") == 11
     assert filt.stats()["profiled_windows"] == 1 and filt.setting is not None
     dense = _calibrating_filter(calibration_stride=1)
     dense_reasons, _ = _replay(dense, images, answers)
     assert set(dense_reasons[1:30]) == {"calibrate"}               # calibration_stride 1: every frame
+
+
+def test_a_windows_stride_grows_only_while_its_own_estimated_agreement_meets_the_target():
+    # The answer holds, the stride grows to 8, and a car appears somewhere among the 7 frames
+    # skipped before frame 15: about half of them carried the old answer, which puts the window's
+    # own agreement at 1 - 3.5/16 = 0.78. It infers every frame again until the frames it answered
+    # exactly lift that back to the target (frame 34), then thins out again.
+    def inferred_frames(target: float) -> list[int]:
+        window = Window(60, max_stride=8, target=target)
+        frames, inferred = [], []
+        for i in range(60):
+            frames.append(object())
+            keep = window.wants()
+            window.add(frames[-1], inferred=keep)
+            if keep:
+                inferred.append(i)
+                window.record(frames[-1], 0 if i < 15 else 5, count_agreement)
+        return inferred
+    assert inferred_frames(0.9) == [0, 1, 3, 7, 15] + list(range(16, 35)) + [36, 40, 48, 56]
+    assert inferred_frames(0.0) == [0, 1, 3, 7, 15, 16, 18, 22, 30, 38, 46, 54]
 
 
 def test_a_live_windows_stride_follows_answers_that_come_a_frame_late():

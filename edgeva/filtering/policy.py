@@ -141,7 +141,8 @@ class QueryFilter:
             self._learned = Setting(cfg.threshold, self._configured_age(), self._configured_feature())
         self._window: Optional[Window] = None
         if self._learned is None and agreement is not None and cfg.enabled:
-            self._window = Window(self._frames_for(cfg.calibration_s), max_stride=cfg.calibration_stride)
+            self._window = Window(self._frames_for(cfg.calibration_s), max_stride=cfg.calibration_stride,
+                                  target=target)
         self._reference: Optional[Prepared] = None
         self._previous: Optional[Prepared] = None
         self._segment: list[float] = []
@@ -367,7 +368,8 @@ class QueryFilter:
         """A calibration window; `confirmable` (new-segment and periodic bursts, not the first window
         nor one the audits asked for) may stop at its half when that confirms the setting in force."""
         confirms = self._learned if confirmable and self._learned is not None else None
-        self._window = Window(self._frames_for(self.cfg.calibration_s), confirms, self.cfg.calibration_stride)
+        self._window = Window(self._frames_for(self.cfg.calibration_s), confirms, self.cfg.calibration_stride,
+                              self.target)
 
     # ------------------------------------------------------------- results
     def mark_inferred(self, prepared: Prepared) -> None:

@@ -28,9 +28,14 @@ class Window:
     one again, so where the answer changes every frame is inferred. A skipped frame carries the
     answer inferred before it (`Carried`); the tuner replays with it but scores agreement only on
     the inferred frames, since a flicker inside the stride would have gone unseen.
+
+    The window's own frames count towards the query's agreement too. A change found after a
+    stride of s frames was missed, on average, on half of the s - 1 frames skipped before it; the
+    stride grows only while the window's agreement, with that estimated loss, is at the target.
     """
 
-    def __init__(self, frames_wanted: int, confirms: Optional[Setting] = None, max_stride: int = 1) -> None:
+    def __init__(self, frames_wanted: int, confirms: Optional[Setting] = None, max_stride: int = 1,
+                 target: float = 0.0) -> None:
         self.frames_wanted = frames_wanted
         self.frames: list[Prepared] = []
         self.values: dict[int, Any] = {}      # id(prepared) -> result, for the frames it inferred
@@ -44,9 +49,13 @@ class Window:
         self._since_kept = 0                   # frames skipped since the last one it inferred
         self._last_kept: Optional[Prepared] = None
         self._kept_before: dict[int, Prepared] = {}   # id(kept frame) -> the frame it inferred before it
+        self._position: dict[int, int] = {}            # id(frame) -> its index in the window
+        self.target = target
+        self.carried_loss = 0.0                # estimated agreement lost on the frames it skipped
 
     def holds(self, prepared: Prepared) -> bool:
-        return any(f is prepared for f in self.frames)
+        index = self._position.get(id(prepared))
+        return index is not None and self.frames[index] is prepared
 
     @property
     def half(self) -> int:
@@ -79,6 +88,7 @@ class Window:
         return self._last_kept is None or self._since_kept + 1 >= self.stride
 
     def add(self, prepared: Prepared, inferred: bool) -> None:
+        self._position[id(prepared)] = len(self.frames)
         self.frames.append(prepared)
         if not inferred:
             self.skipped.add(id(prepared))
@@ -97,8 +107,18 @@ class Window:
         before = self._kept_before.get(id(prepared))
         if agreement is None or before is None or id(before) not in self.values:
             return
-        held = agreement(value, self.values[id(before)]) >= 1.0
+        agreed = agreement(value, self.values[id(before)])
+        if agreed < 1.0:
+            # the answer changed somewhere among the frames skipped since `before`: half of them,
+            # on average, carried the old answer
+            skipped = self._position[id(prepared)] - self._position[id(before)] - 1
+            self.carried_loss += skipped * (1.0 - agreed) / 2.0
+        held = agreed >= 1.0 and self.estimated_agreement() >= self.target
         self.stride = min(self.max_stride, self.stride * 2) if held else 1
+
+    def estimated_agreement(self) -> float:
+        """The window's own agreement so far, counting the estimated loss on the frames it skipped."""
+        return 1.0 - self.carried_loss / len(self.frames) if self.frames else 1.0
 
     def answered(self, frames: Optional[list] = None) -> tuple[list, list]:
         """The frames with an answer (`frames`, default all) and those answers: an inferred
