@@ -291,6 +291,9 @@ def main() -> None:
     ap.add_argument("--phases", type=int, default=8,
                     help="average (a) over the clip started at each of its first N frames (1: one run from "
                          "the first frame, what tools/check_filter_daemon.py runs)")
+    ap.add_argument("--every", type=int, default=1,
+                    help="keep every N-th frame of each clip, replayed at 1/N of its frame rate: the same scenes "
+                         "from a camera that sends fewer frames (a check on cameras unlike the clips)")
     args = ap.parse_args()
     folder = SHARED / "videos" / args.clips if args.clips in ("eval", "tune") else Path(args.clips)
     clips = clips_in(folder)
@@ -303,17 +306,18 @@ def main() -> None:
     curves: dict[str, dict[str, Any]] = {}
     for clip in clips:
         ref = load_or_compute(clip)
-        frames = decode(clip)[:len(ref)]
+        frames = decode(clip)[:len(ref)][::args.every]
+        fps = ref.fps / args.every
         scene = SceneTracker(Differencer())
         prepared = [scene.prepare(f) for f in frames]
         camera_runs, camera_needs = [], [1.0]
         for query, (task, _) in QUERIES.items():
-            values = query_values(ref, query)[:len(frames)]
+            values = query_values(ref, query)[:len(ref)][::args.every]
             agree = task.agreement
             base = cfg = FilterConfig(calibration_s=args.calibration_s)
             if args.tuned_first_third:
-                cfg = tuned_on_first_third(prepared, values, agree, ref.fps, base)
-            run = run_edgeva_phases(prepared, scene, values, agree, ref.fps, cfg, default_feature(QUERY_TASK[query]),
+                cfg = tuned_on_first_third(prepared, values, agree, fps, base)
+            run = run_edgeva_phases(prepared, scene, values, agree, fps, cfg, default_feature(QUERY_TASK[query]),
                                     args.phases, camera=DAEMON_CAMERA)
             camera_runs.append(run)
             if all(agree(values[i], values[0]) == 1.0 for i in range(len(values))):
@@ -327,7 +331,7 @@ def main() -> None:
             first_third = every_k(values, agree, largest_interval([(values[:len(values) // 3], agree)]))
             fixed = every_k(values, agree, interval)
             ceilings = [best_in_hindsight(prepared, values, agree, scene.differencer, tunable_features(base, prepared),
-                                          ref.fps, TARGET, longest_age(base, ref.fps), segment_s, each_segment=True)
+                                          fps, TARGET, longest_age(base, fps), segment_s, each_segment=True)
                         for segment_s in (None, base.calibration_s)]
             ceilings_need = [uniform_needs(uni, c.agreement) for c in ceilings]
             rows.append((clip.name, query, len(values), (run, need, orc, orc_need, first_third, fixed,

@@ -50,7 +50,7 @@ from edgeva.config import FilterConfig
 from .audits import AuditTracker, audit_fraction_for_power
 from .features import Differencer, FeatureName, Prepared
 from .profiles import Lookup, ProfileTable, Setting, segment_key, tighten
-from .tuner import CONFIRMATIONS
+from .tuner import CONFIRMATIONS, inferred_value
 from .windows import Tuned, TuningJob, Window, longest_age, run_inline, tunable_features
 
 log = logging.getLogger("edgeva.filtering")
@@ -156,6 +156,9 @@ class QueryFilter:
         self._profiled = 0
         self._novel = 0
         self._confirmed = 0
+        self._first_changes = 0                       # windows opened at a first change (_answer_seen_changing)
+        self._first_change: Optional[tuple[Window, Any]] = None   # the latest such window, the answer before it
+        self._change_lasted = False                   # ... and whether its answer ended away from that one
 
     # ------------------------------------------------------------- settings
     def set_fps(self, fps: Optional[float]) -> None:
@@ -364,12 +367,14 @@ class QueryFilter:
             return FAILING_SPACING
         return PROFILING_SPACING if found.busier else None
 
-    def _start_window(self, confirmable: bool = False) -> None:
+    def _start_window(self, confirmable: bool = False, dense: bool = False) -> None:
         """A calibration window; `confirmable` (new-segment and periodic bursts, not the first window
-        nor one the audits asked for) may stop at its half when that confirms the setting in force."""
+        nor one the audits asked for) may stop at its half when that confirms the setting in force;
+        `dense` infers every frame of it."""
         confirms = self._learned if confirmable and self._learned is not None else None
-        self._window = Window(self._frames_for(self.cfg.calibration_s), confirms, self.cfg.calibration_stride,
-                              self.target)
+        self._confirm_next = False          # the window infers its first frame: that confirms
+        self._window = Window(self._frames_for(self.cfg.calibration_s), confirms,
+                              1 if dense else self.cfg.calibration_stride, self.target)
 
     # ------------------------------------------------------------- results
     def mark_inferred(self, prepared: Prepared) -> None:
@@ -447,9 +452,36 @@ class QueryFilter:
         decision confirms it. Inside a window this only matters for the last frame it inferred, the one
         the filtering after the window starts from."""
         replaced = self._replaced_result(self._replaced, prepared)
-        if replaced is None or prepared is not self._reference:
+        if replaced is None:
             return
-        self._confirm_next = self._confirm_run < CONFIRMATIONS and self.agreement(value, replaced[1]) < 1.0
+        changed = self.agreement(value, replaced[1]) < 1.0
+        if prepared is self._reference:
+            self._confirm_next = self._confirm_run < CONFIRMATIONS and changed
+        if changed:
+            self._answer_seen_changing(replaced[1])
+
+    def _answer_seen_changing(self, before: Any) -> None:
+        """Every window so far was uninformed (its answer never changed, or too little to tell
+        settings apart), so the setting in force only says that nothing happened while they were
+        profiled: a threshold above every change they showed, a bound as long as a window. The
+        first time the answer is then seen to change from `before` (a kept frame's result or an
+        audit's), the camera is profiled at once, while it does what that setting knows nothing
+        of, rather than after the checks at the bound have found it twice. That window infers every
+        frame: a sparse one steps over the flicker of what just began and can learn nothing again.
+
+        If that window stays uninformed too, whether the next change profiles at once depends on
+        how the window ended: still away from `before` (a crowd came and stayed, steady for a
+        window), the camera is active and the next change is profiled at once again; back at
+        `before` (a ghost detection, a blip), each blip would buy another dense window, so the next
+        comes at most once per PROFILING_SPACING windows, like new-segment bursts."""
+        if (not self.learns or self._window is not None or self._tuning or not self.profiles
+                or self.profiles.informed):
+            return
+        if self._first_changes and not self._change_lasted and not self._windows_since_profiled(PROFILING_SPACING):
+            return
+        self._first_changes += 1
+        self._start_window(dense=True)
+        self._first_change = (self._window, before)
 
     def _confirm_half(self, window: Window) -> None:
         """Tune the window's first half like a finished window (through `tune_runner`); whether it
@@ -486,6 +518,11 @@ class QueryFilter:
         window, self._window = self._window, None
         self._since_profiled = 0
         frames, values = window.answered()
+        if self._first_change is not None and self._first_change[0] is window:
+            before = self._first_change[1]
+            self._change_lasted = (before is None or not values or self.agreement is None
+                                   or self.agreement(inferred_value(values[-1]), before) < 1.0)
+            self._first_change = None
         if len(frames) < max(2, window.frames_wanted // 2) or self.agreement is None:
             return                          # too little came back to tune on; profiled again soon
         job = self._tuning_job(frames, values)
@@ -547,6 +584,10 @@ class QueryFilter:
     def record_audit(self, agreed: float) -> Optional[str]:
         """Record one audit; returns "tightened" or "relaxed" when the setting changed."""
         self.audits.record(agreed)
+        if agreed < 1.0:
+            reference = self._results.get(id(self._reference)) if self._reference is not None else None
+            self._answer_seen_changing(reference[1] if reference is not None and reference[0] is self._reference
+                                       else None)
         share = self.reused_share()
         if self.audits.needs_retune(self.target, share) and self._learned is not None:
             self._factor = max(LOWEST_FACTOR, self._factor * TIGHTEN)
@@ -600,6 +641,7 @@ class QueryFilter:
             "profiled_windows": self._profiled,
             "novel_segments": self._novel,
             "confirmed_at_half": self._confirmed,
+            "profiled_at_first_change": self._first_changes,
             "audit_fraction": round(self.audit_fraction(), 4) if self.cfg.enabled else 0.0,
             "audited": self.audits.total,
             "audited_agreement": self.audits.mean_agreement,

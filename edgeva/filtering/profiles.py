@@ -91,6 +91,11 @@ class ProfileTable:
     def __len__(self) -> int:
         return len(self.profiles)
 
+    @property
+    def informed(self) -> bool:
+        """Whether some profiled window saw the answer change."""
+        return any(p.informed for p in self.profiles)
+
     def add(self, key: np.ndarray, setting: Setting, pieces: Sequence[np.ndarray], agreement: float,
             frames: Optional[list] = None, values: Optional[list] = None, informed: bool = True) -> Profile:
         radius = max(SAME_LEVEL, max((key_distance(key, p) for p in pieces), default=0.0))

@@ -143,6 +143,13 @@ class ReplayScorer:
         return out
 
 
+def bound_only_agreement(values: Sequence[Any], agreement: Callable[[Any, Any], float], max_age: int) -> float:
+    """Agreement on one segment of its laxest setting: no threshold, only a staleness bound of
+    `max_age` frames (scored like any replay: on the frames whose answer is known)."""
+    source = simulate_filter(lambda i, j: 0.0, len(values), NO_THRESHOLD, max_age)
+    return _mean(ReplayScorer(values, agreement)(source))
+
+
 def _mean(scores: np.ndarray) -> float:
     """The mean over the scored frames (1 when none is)."""
     scored = scores[~np.isnan(scores)]
