@@ -130,7 +130,9 @@ class QueryStats:
     dropped: dict[str, int] = field(default_factory=dict)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     fps_out: RateMeter = field(default_factory=RateMeter)
-    # Filled by later steps (model, filter state...); a callable is evaluated at snapshot time.
+    # Filled by later steps (model, filter state...); a callable is evaluated at snapshot time,
+    # outside the registry's lock (it may take its owner's lock, and that owner records into the
+    # registry while holding it).
     gauges: dict[str, Any] = field(default_factory=dict)
     # The in-flight ledger: seq -> copies in flight (a restarted camera counts from 0 again), and
     # when the oldest copy entered. Bounded by what the pipeline holds (buffers, queues).
@@ -197,7 +199,7 @@ class QueryStats:
             "oldest_in_flight_s": None if (o := self.oldest_in_flight(time.monotonic())) is None else round(o[1], 3),
             "filtered_fraction": round(self.reused / max(1, self.frames_in - self.in_flight), 4),
             "latency_ms": self.latency.summary_ms(),
-            **{k: (v() if callable(v) else v) for k, v in self.gauges.items()},
+            **self.gauges,
         }
 
 
@@ -320,6 +322,10 @@ class StatsRegistry:
                 "queries": {k: v.snapshot() for k, v in sorted(self.queries.items())},
             }
             sections = list(self.sections.items())
+        for query in snap["queries"].values():      # gauges that read their owner's state, unlocked here
+            for key, value in query.items():
+                if callable(value):
+                    query[key] = value()
         for name, provider in sections:
             try:
                 snap[name] = provider()

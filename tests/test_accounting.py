@@ -4,6 +4,7 @@ frames are caught."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -136,3 +137,39 @@ def test_results_a_sink_loses_show_in_stats_and_health(tmp_path):
         daemon.serve()
     assert health["status"] == "degraded" and health["losing_results"] and health["results_lost"] >= 10
     assert snap["results"]["sinks"]["_FullDiskSink"]["lost"] >= 10 and snap["results"]["losing"]
+
+
+def test_a_stats_snapshot_reads_a_query_gauge_while_that_query_records_a_result():
+    # A query's filter gauge takes the query's lock; the query records its results into the
+    # registry while holding that lock. A snapshot that called the gauge under the registry's
+    # lock deadlocked against it (a daemon's batch run hung on 2026-12-02 this way).
+    stats = StatsRegistry()
+    qs = stats.add_query("q", "cam")
+    query_lock = threading.Lock()
+    in_gauge = threading.Event()
+
+    def filter_gauge() -> dict:
+        in_gauge.set()
+        with query_lock:
+            return {"state": "filtering"}
+
+    stats.set_gauges("q", filter=filter_gauge)
+
+    holding = threading.Event()
+
+    def complete() -> None:             # what ModelQuery.complete does, the query's lock held
+        with query_lock:
+            holding.set()
+            in_gauge.wait(5)
+            stats.record(qs, Outcome.INFERRED, 0.01, seq=None)
+
+    snapshots: list = []
+    threads = [threading.Thread(target=complete, daemon=True),
+               threading.Thread(target=lambda: snapshots.append(stats.snapshot()), daemon=True)]
+    threads[0].start()
+    assert holding.wait(5)
+    threads[1].start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads), "snapshot and record deadlocked"
+    assert snapshots[0]["queries"]["q"]["filter"] == {"state": "filtering"}
