@@ -15,6 +15,9 @@ Where the setting comes from (no hand knobs):
 - A burst also comes every `recalibrate_s`, and at once when the audits say the target is
   at risk; until that burst is tuned, every setting is tightened (and relaxed again, never past
   the learned setting, when the audits show headroom).
+- While every window so far was uninformed (the answer never changed there), the first change
+  a kept frame or an audit sees opens a window at once, inferring every frame
+  (`_answer_seen_changing`).
 - A new-segment or periodic burst is tuned once at its half as well: when that half (pooled as
   usual) chooses the feature and threshold already in force, the burst has confirmed the setting
   and stops there, its half stored as the profile; the second half would cost inferences to

@@ -8,9 +8,11 @@ whether it is farther from every profile than that profile's own pieces were fro
 the picture moves more than in the nearest; from those the filter decides whether the segment is
 new, and then profiles it (a calibration window, tuned on) and adds it.
 
-A profile whose window's answer never changed is *uninformed*: every threshold kept the answer
-there, so it cannot say which threshold is safe, only that nothing happened (its tuning takes the
-largest change the window showed, 0 for a frozen picture: any change then triggers). Once some
+A profile whose window's answer never changed, or changed so little that the laxest setting (no
+threshold, the longest bound) kept the target there, is *uninformed*: every threshold kept the
+target there, so it cannot say which threshold is safe, only that nothing happened (its tuning
+takes the largest change the window showed, 0 for a frozen picture: any change then triggers),
+and the filter profiles the first change it sees (edgeva.filtering.policy). Once some
 profile saw the answer change, the settings are voted among those informed profiles; the
 uninformed ones still count for whether a segment is new.
 """
@@ -65,7 +67,7 @@ class Profile:
     agreement: float      # what the setting reached on it
     frames: Optional[list] = None    # the profiled window itself (prepared frames), while kept
     values: Optional[list] = None    # the model's result on each of them
-    informed: bool = True            # the answer changed within the window
+    informed: bool = True            # the window could tell settings apart (see above)
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,7 @@ class Tuned:
     agreement: float
     frames: list
     values: list
-    informed: bool = True     # the answer changed within the window (edgeva.filtering.profiles)
+    informed: bool = True     # the window can tell settings apart (edgeva.filtering.profiles)
 
 
 @dataclass
