@@ -95,7 +95,7 @@ class ProfileTable:
 
     @property
     def informed(self) -> bool:
-        """Whether some profiled window saw the answer change."""
+        """Whether some profiled window could tell settings apart (its answer changed enough)."""
         return any(p.informed for p in self.profiles)
 
     def add(self, key: np.ndarray, setting: Setting, pieces: Sequence[np.ndarray], agreement: float,
