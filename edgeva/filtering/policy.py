@@ -432,8 +432,12 @@ class QueryFilter:
         kept = table.pop(id(prepared), None)
         if kept is None or kept[0] is not prepared or self.agreement is None:
             return None
-        replaced = self._results.get(id(kept[1]))
-        return replaced if replaced is not None and replaced[0] is kept[1] else None
+        return self._remembered_result(kept[1])
+
+    def _remembered_result(self, prepared: Optional[Prepared]) -> Optional[tuple[Prepared, Any]]:
+        """`prepared`'s result while it is among the recent ones remembered, else None."""
+        entry = self._results.get(id(prepared)) if prepared is not None else None
+        return entry if entry is not None and entry[0] is prepared else None
 
     def _check_at_bound(self, prepared: Prepared, value: Any) -> None:
         reference = self._replaced_result(self._stale_kept, prepared)
@@ -588,9 +592,8 @@ class QueryFilter:
         """Record one audit; returns "tightened" or "relaxed" when the setting changed."""
         self.audits.record(agreed)
         if agreed < 1.0:
-            reference = self._results.get(id(self._reference)) if self._reference is not None else None
-            self._answer_seen_changing(reference[1] if reference is not None and reference[0] is self._reference
-                                       else None)
+            reference = self._remembered_result(self._reference)
+            self._answer_seen_changing(None if reference is None else reference[1])
         share = self.reused_share()
         if self.audits.needs_retune(self.target, share) and self._learned is not None:
             self._factor = max(LOWEST_FACTOR, self._factor * TIGHTEN)

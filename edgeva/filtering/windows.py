@@ -15,7 +15,7 @@ from edgeva.config import FilterConfig
 
 from .features import FEATURES, Differencer, FeatureName, Prepared
 from .profiles import Setting
-from .tuner import Carried, age_candidates, bound_only_agreement, inferred_value, tune_features
+from .tuner import Carried, age_candidates, bound_only_agreement, tune_features
 
 log = logging.getLogger("edgeva.filtering")
 
@@ -188,10 +188,8 @@ class TuningJob:
         """Whether the window can tell settings apart: its answer changed, and enough that its
         laxest setting (no threshold, the longest bound) misses the target on it. Where that
         setting keeps the target, so does every other, and the window says nothing about which
-        threshold is safe (one change at its last frame, say)."""
-        values = [inferred_value(v) for v in self.values[0]]
-        if not any(self.agreement(v, values[0]) < 1.0 for v in values[1:]):
-            return False
+        threshold is safe (one change at its last frame, say). An answer that never changed
+        keeps every setting at 1."""
         return bound_only_agreement(self.values[0], self.agreement, self.longest) < self.target
 
 
