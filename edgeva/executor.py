@@ -29,6 +29,7 @@ class ModelWorker:
     """Runs one model on batches drawn from its queue; owns no query state."""
 
     PROBE_S = 2.0
+    runs_each_frame_once = True        # predict_each_frame_once with RecentOutputs
 
     def __init__(self, key: str, model: Predictor, max_batch: int = 8, capacity: int = 64,
                  batch_linger_s: float = 0.004):

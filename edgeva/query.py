@@ -27,10 +27,15 @@ log = logging.getLogger("edgeva.query")
 RESULTS_WAIT_S = 600.0
 
 
+def _runs_each_frame_once(port: ExecutorPort) -> bool:
+    """A port that does not say so runs every item it is given."""
+    return bool(getattr(port, "runs_each_frame_once", False))
+
+
 class FrameView:
     """One delivered frame plus what its camera's queries derive from it, computed once."""
 
-    __slots__ = ("frame", "fps", "_scenes", "_prepared", "_audit_draw")
+    __slots__ = ("frame", "fps", "_scenes", "_prepared", "_audit_draw", "_model_runs")
 
     def __init__(self, frame: Frame, fps: Optional[float] = None, scenes: Optional[dict[Any, SceneTracker]] = None):
         self.frame = frame
@@ -38,6 +43,7 @@ class FrameView:
         self._scenes = scenes if scenes is not None else {}   # the camera's background per differencer
         self._prepared: dict[Any, Any] = {}
         self._audit_draw: Optional[float] = None
+        self._model_runs: set[str] = set()   # ports that run each frame once and have this one queued
 
     @property
     def audit_draw(self) -> float:
@@ -45,6 +51,16 @@ class FrameView:
         if self._audit_draw is None:
             self._audit_draw = audit_draw(self.frame.camera, self.frame.seq)
         return self._audit_draw
+
+    def model_runs(self, port: ExecutorPort) -> bool:
+        """A query before this one (in the camera's order) keeps or audits this frame on `port`,
+        which runs a frame once however many queries ask: keeping it costs no model run."""
+        return _runs_each_frame_once(port) and port.key in self._model_runs
+
+    def note_model_run(self, port: ExecutorPort) -> None:
+        """This frame goes to `port`'s model (kept or audited)."""
+        if _runs_each_frame_once(port):
+            self._model_runs.add(port.key)
 
     def prepared(self, differencer: Any) -> Any:
         """The filter's downscaled frame for this differencer (shared by queries using the same one)."""
@@ -152,6 +168,7 @@ class ModelQuery:
                     self._audits_in_flight += 1
         if item is None:
             return
+        view.note_model_run(self.worker)
         # Outside the lock: the worker's callbacks take it, and a blocking submit waits on the worker.
         if not self.worker.submit(item, wait_s=0.0 if item.audit and not self._batch else self._submit_wait_s):
             self.dropped(item, DropReason.QUEUE_FULL)
@@ -185,7 +202,8 @@ class ModelQuery:
         if self.filter is None:
             return Decision(True, "disabled", None, 0)
         self.filter.set_fps(view.fps)
-        return self.filter.decide(view.prepared(self.filter.differencer), view.audit_draw)
+        return self.filter.decide(view.prepared(self.filter.differencer), view.audit_draw,
+                                  model_runs=view.model_runs(self.worker))
 
     def _keep(self, frame: Frame, view: FrameView) -> WorkItem:
         """The frame becomes the reference that following skipped frames reuse (and wait for)."""

@@ -104,6 +104,8 @@ class _ModelState:
 class ModelPort:
     """What a query holds instead of a ModelWorker when models share the memory budget."""
 
+    runs_each_frame_once = True        # predict_each_frame_once with the model's RecentOutputs
+
     def __init__(self, scheduler: "SwapScheduler", key: str, model: ZooModel):
         self._scheduler = scheduler
         self.key = key

@@ -36,10 +36,14 @@ class WorkOwner(Protocol):
 
 
 class ExecutorPort(Protocol):
-    """What a query submits to: a ModelWorker, a SwapScheduler's port or an offload port."""
+    """What a query submits to: a ModelWorker, a SwapScheduler's port or an offload port.
+    `runs_each_frame_once`: a frame several queries submit (in one batch or a later one) runs
+    once (predict_each_frame_once with RecentOutputs), so a query keeping a frame another query
+    of the camera already keeps on the same port costs no model run."""
 
     key: str
     model: Any
+    runs_each_frame_once: bool
 
     def submit(self, item: "WorkItem", wait_s: float = 0.0) -> bool: ...
 

@@ -182,6 +182,38 @@ def test_staleness_bound_forces_inference_after_max_skip():
     assert filt.stats()["max_age_frames"] == 5
 
 
+def test_a_frame_the_model_runs_on_anyway_is_kept_as_shared_and_restarts_the_bound():
+    """Another query of the camera keeps the frame on the same model: this query keeps it too (no
+    extra model run), so its answer is fresh and its bound counts from there."""
+    d = Differencer()
+    p = d.prepare(background())
+    filt = QueryFilter(FilterConfig(threshold=0.5, max_skip=5, audit_fraction=0.0), differencer=d)
+    reasons = []
+    for t in range(12):
+        dec = filt.decide(p, model_runs=t == 3)
+        reasons.append(dec.reason if dec.keep else "-")
+        if dec.keep:
+            filt.mark_inferred(p)
+    assert reasons == ["first", "-", "-", "shared", "-", "-", "-", "-", "-", "stale", "-", "-"]
+
+
+def test_a_calibration_window_keeps_to_its_own_plan_when_the_model_runs_anyway():
+    """A sparse window's stride is what its tuning replays; frames shared into it would be frames
+    the tuning never sees as decided by the setting, so the window ignores the offer."""
+    d = Differencer()
+    p = d.prepare(background())
+    filt = QueryFilter(FilterConfig(calibration_s=2.0, calibration_stride=4), differencer=d,
+                       agreement=lambda a, b: 1.0, fps=10.0)
+    reasons = []
+    for _ in range(12):
+        dec = filt.decide(p, model_runs=True)
+        reasons.append(dec.reason)
+        if dec.keep:
+            filt.mark_inferred(p)
+            filt.record_result(p, 0)
+    assert filt.calibrating and "shared" not in reasons and "sparse" in reasons
+
+
 def test_untuned_and_disabled_keep_every_frame():
     d = Differencer()
     p = d.prepare(background())

@@ -671,3 +671,99 @@ def test_batch_replay_stops_waiting_for_results_that_never_come(street, monkeypa
         _submit_recorded(query, frames)
     assert time.monotonic() - started < 5.0                        # one 0.2 s wait, not one per frame
     assert sum("overdue" in r.getMessage() for r in caplog.records) == 1
+
+
+def _two_queries_on_one_port(street, port_factory):
+    """Two car-count queries of one camera on one port: `always` has its filter off (it keeps
+    every frame), `lax` a threshold no frame of a still scene passes and a 10 s bound."""
+    from edgeva.config import parse_config
+    from edgeva.filtering import QueryFilter
+    from edgeva.query import ModelQuery
+    from edgeva.results import ResultHub
+    from edgeva.stats import StatsRegistry
+
+    _, blob = street
+    cfg = parse_config({"cameras": [{"id": "street", "source": "rtsp://x/y"}],
+                        "queries": [{"id": qid, "camera": "street", "model": "yolov8n",
+                                     "task": {"type": "count", "classes": ["car"]}, "filter": filt}
+                                    for qid, filt in (("always", {"enabled": False}),
+                                                      ("lax", {"threshold": 0.5, "max_age_s": 10.0,
+                                                               "audit_fraction": 0.0}))]})
+    stats = StatsRegistry()
+    port = port_factory(blob)
+    queries = [ModelQuery(q, stats, ResultHub(), port, build_task(q.task, blob, q.id), QueryFilter(q.filter, fps=10.0))
+               for q in cfg.queries]
+    return queries, stats, port
+
+
+def _replay_still_frames(queries, frames: int) -> None:
+    from edgeva.query import FrameView
+
+    image = np.zeros((90, 160, 3), np.uint8)
+    for seq in range(frames):
+        view = FrameView(_frame("street", seq, image), fps=10.0)
+        for query in queries:                        # the camera's dispatcher, in configured order
+            query.submit(view)
+
+
+def _wait_for(stats, queries, frames: int) -> dict:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        snapshot = stats.snapshot()["queries"]
+        if all(snapshot[q.query_id]["inferred"] + snapshot[q.query_id]["reused"] == frames for q in queries):
+            return snapshot
+        time.sleep(0.02)
+    raise AssertionError(f"results missing: {stats.snapshot()['queries']}")
+
+
+def test_a_query_keeps_for_free_the_frames_its_model_runs_on_for_another_query(street):
+    """A frame an earlier query of the camera keeps on the same model runs once however many
+    queries keep it, so a later query whose setting would reuse an old answer keeps it too: a
+    fresh answer at no model run."""
+    queries, stats, worker = _two_queries_on_one_port(
+        street, lambda blob: ModelWorker("blob", _ImagesCounted(blob), max_batch=16, capacity=256))
+    worker.start()
+    try:
+        _replay_still_frames(queries, 20)
+        snapshot = _wait_for(stats, queries, 20)
+    finally:
+        worker.stop()
+    assert snapshot["lax"]["inferred"] == 20 and snapshot["lax"]["reused"] == 0
+    assert snapshot["lax"]["filter"]["kept_by_reason"] == {"first": 1, "shared": 19}
+    assert worker.model.images == 20                  # each frame ran once for both queries
+
+
+def test_a_port_that_runs_each_query_s_items_gives_no_frames_for_free(street):
+    """An offload port sends each query's request on its own: a frame another query keeps there
+    would cost a second run, so the lax query reuses its answer as its setting says."""
+    submitted = []
+
+    class _EachItemPort:
+        key = "blob"
+        runs_each_frame_once = False
+
+        def __init__(self, blob):
+            self.model = blob
+
+        def submit(self, item, wait_s=0.0):
+            submitted.append(item)
+            item.owner.complete(item, Detections.empty(), time.monotonic())
+            return True
+
+    queries, stats, _ = _two_queries_on_one_port(street, _EachItemPort)
+    _replay_still_frames(queries, 20)
+    snapshot = _wait_for(stats, queries, 20)
+    assert snapshot["lax"]["inferred"] == 1 and snapshot["lax"]["reused"] == 19
+    assert len(submitted) == 21
+
+
+class _ImagesCounted:
+    """A model that counts the images it is given."""
+
+    def __init__(self, model):
+        self.inner, self.name, self.images = model, model.name, 0
+        self.class_names = model.class_names
+
+    def predict(self, images):
+        self.images += len(images)
+        return self.inner.predict(images)

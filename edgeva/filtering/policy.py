@@ -58,7 +58,7 @@ from .windows import Tuned, TuningJob, Window, longest_age, run_inline, tunable_
 
 log = logging.getLogger("edgeva.filtering")
 
-KeepReason = str    # first, threshold, stale, confirm, disabled, untuned, resized, calibrate
+KeepReason = str    # first, threshold, stale, confirm, shared, disabled, untuned, resized, calibrate
 SkipReason = str    # below_threshold, audit, sparse (a calibration window's frame between two it infers)
 
 DEFAULT_FPS = 25.0
@@ -243,10 +243,13 @@ class QueryFilter:
         return bool(self._stale_kept) or bool(self._replaced)
 
     # ------------------------------------------------------------- decisions
-    def decide(self, prepared: Prepared, audit_draw: Optional[float] = None) -> Decision:
+    def decide(self, prepared: Prepared, audit_draw: Optional[float] = None, model_runs: bool = False) -> Decision:
         """Keep or skip `prepared`. A skipped frame is audited when `audit_draw` (uniform in [0, 1),
         the same for every query of the camera: edgeva.filtering.audits.audit_draw) is below the
-        audit share; without one, the filter's own generator draws."""
+        audit share; without one, the filter's own generator draws. `model_runs`: the model runs
+        on this frame anyway (another query of the camera keeps or audits it on the same model,
+        which runs a frame once however many queries ask): a frame the setting would skip is kept
+        ("shared"), a fresher answer at no cost. Calibration windows keep to their own plan."""
         if not self.cfg.enabled:
             return self._keep("disabled", None)
         self._track_segment(prepared)
@@ -288,6 +291,8 @@ class QueryFilter:
         if self._skipped >= setting.max_age:
             self._stale_next = True
             return self._keep("stale", value)
+        if model_runs:
+            return self._keep("shared", value)
         draw = self._rng.random() if audit_draw is None else audit_draw
         audit = draw < self.audit_fraction()
         return self._reuse("audit" if audit else "below_threshold", value, audit)

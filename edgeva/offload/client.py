@@ -151,6 +151,8 @@ class _Router(Protocol):
 class OffloadPort:
     """A model on a tier (or tier group), with ModelWorker's surface: key, model, submit."""
 
+    runs_each_frame_once = False       # each query's request travels and runs on its own
+
     def __init__(self, router: _Router, model_key: str, fallback: Fallback, *, model: Any = None,
                  encoding: Optional[p.FrameEncoding] = None, split_at: Optional[int] = None,
                  split_model: Any = None):
