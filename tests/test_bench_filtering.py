@@ -66,3 +66,27 @@ def test_a_frame_several_queries_keep_is_one_model_run_of_the_camera():
     vehicles.audited, persons.audited = (frozenset({2, 5}), frozenset()), (frozenset({2}), frozenset({3}))
     assert model_runs([vehicles, persons], 10) == pytest.approx((4 + 2 * 10 / 9) / 2)
     assert model_runs([vehicles, persons], 10, audits=True) == pytest.approx((5 + 3 * 10 / 9) / 2)
+
+
+def test_a_camera_s_queries_are_replayed_together_the_later_ones_keeping_what_the_model_runs_anyway():
+    """As in the daemon, a query later in the camera's order keeps for free the frames an
+    earlier one keeps; without sharing each query decides as if alone on the camera."""
+    from bench_filtering import QueryReplay, run_camera, run_edgeva
+
+    from edgeva.config import FilterConfig
+    from edgeva.filtering import Differencer, SceneTracker
+    from tests.test_filtering import count_agreement, street
+
+    frames, counts = street(n=200)
+    scene = SceneTracker(Differencer())
+    prepared = [scene.prepare(f) for f in frames]
+    eager = QueryReplay(counts, count_agreement, FilterConfig(threshold=0.0, max_age_s=0.2, feature="area",
+                                                              audit_fraction=0.0), "area")
+    lax = QueryReplay(counts, count_agreement, FilterConfig(threshold=0.5, max_age_s=10.0, feature="area",
+                                                            audit_fraction=0.0), "area")
+    alone = run_edgeva(prepared, scene, counts, count_agreement, 10.0, lax.cfg, "area")
+    assert run_camera(prepared, scene, [eager, lax], 10.0, share=False)[1] == alone
+    first, second = run_camera(prepared, scene, [eager, lax], 10.0)
+    assert first == run_edgeva(prepared, scene, counts, count_agreement, 10.0, eager.cfg, "area")
+    assert second.kept[0] >= first.kept[0] and second.kept_by_reason["shared"] > 0
+    assert second.agreement > alone.agreement

@@ -105,25 +105,46 @@ class Run:
     audited: tuple[frozenset, ...] = ()      # per start frame: the frames audited
 
 
+@dataclass(frozen=True)
+class QueryReplay:
+    """One query of a replayed camera: its every-frame answers and how its filter is set up."""
+
+    values: list[Any]
+    agree: Callable[[Any, Any], float]
+    cfg: FilterConfig
+    preferred: Optional[str]
+
+
 def run_edgeva_phases(prepared, prepared_by, values, agree, fps: float, cfg: FilterConfig, preferred,
                       phases: int, camera: str = DAEMON_CAMERA) -> Run:
-    """`run_edgeva` from each of the first `phases` frames (the camera starting a frame later),
-    averaged, as uniform sampling is over its phase: which frames a filter happens to infer
-    decides what it reuses, and on a flickering answer (a person detected every other frame) one
-    run's agreement is a lottery. Inferences are scaled to the whole clip."""
+    """One query alone on its camera: `run_camera_phases` with a single query."""
+    return run_camera_phases(prepared, prepared_by, [QueryReplay(values, agree, cfg, preferred)], fps, phases,
+                             camera)[0]
+
+
+def run_camera_phases(prepared, prepared_by, queries: list[QueryReplay], fps: float, phases: int,
+                      camera: str = DAEMON_CAMERA, share: bool = True) -> list[Run]:
+    """`run_camera` from each of the first `phases` frames (the camera starting a frame later),
+    averaged per query, as uniform sampling is over its phase: which frames a filter happens to
+    infer decides what it reuses, and on a flickering answer (a person detected every other frame)
+    one run's agreement is a lottery. Inferences are scaled to the whole clip."""
     n = len(prepared)
-    runs = [run_edgeva(prepared[p:], prepared_by, values[p:], agree, fps, cfg, preferred, camera=camera, start=p)
-            for p in range(phases)]
+    runs = [run_camera(prepared[p:], prepared_by, [replace(q, values=q.values[p:]) for q in queries], fps,
+                       camera=camera, start=p, share=share) for p in range(phases)]
     scale = [n / (n - p) for p in range(phases)]
-    reasons: dict[str, float] = {}
-    for run, k in zip(runs, scale):
-        for reason, count in (run.kept_by_reason or {}).items():
-            reasons[reason] = reasons.get(reason, 0.0) + count * k / phases
-    return Run(float(np.mean([r.inferences * k for r, k in zip(runs, scale)])),
-               float(np.mean([r.agreement for r in runs])),
-               float(np.mean([r.audits * k for r, k in zip(runs, scale)])),
-               {reason: round(count, 1) for reason, count in reasons.items()},
-               tuple(k for run in runs for k in run.kept), tuple(a for run in runs for a in run.audited))
+    averaged = []
+    for k in range(len(queries)):
+        mine = [run[k] for run in runs]
+        reasons: dict[str, float] = {}
+        for run, factor in zip(mine, scale):
+            for reason, count in (run.kept_by_reason or {}).items():
+                reasons[reason] = reasons.get(reason, 0.0) + count * factor / phases
+        averaged.append(Run(float(np.mean([r.inferences * f for r, f in zip(mine, scale)])),
+                            float(np.mean([r.agreement for r in mine])),
+                            float(np.mean([r.audits * f for r, f in zip(mine, scale)])),
+                            {reason: round(count, 1) for reason, count in reasons.items()},
+                            tuple(k for run in mine for k in run.kept), tuple(a for run in mine for a in run.audited)))
+    return averaged
 
 
 def model_runs(runs: list[Run], frames: int, audits: bool = False) -> float:
@@ -137,30 +158,42 @@ def model_runs(runs: list[Run], frames: int, audits: bool = False) -> float:
 
 def run_edgeva(prepared, prepared_by, values, agree, fps: float, cfg: FilterConfig, preferred,
                camera: str = DAEMON_CAMERA, start: int = 0) -> Run:
-    """The daemon's QueryFilter over the clip, the model answering instantly from the cache; the
-    frames' audit draws are the daemon's for `camera` (its queries audit the same frames), the
-    clip starting at frame `start`."""
-    filt = QueryFilter(cfg, differencer=prepared_by.differencer, agreement=agree,
-                       target=TARGET, fps=fps, preferred_feature=preferred)
-    ref = -1
-    inferences = audits = 0
-    total = 0.0
-    kept, audited = [], []
+    """One query alone on its camera: `run_camera` with a single query."""
+    return run_camera(prepared, prepared_by, [QueryReplay(values, agree, cfg, preferred)], fps, camera, start)[0]
+
+
+def run_camera(prepared, prepared_by, queries: list[QueryReplay], fps: float, camera: str = DAEMON_CAMERA,
+               start: int = 0, share: bool = True) -> list[Run]:
+    """The daemon's QueryFilters of one camera's queries over the clip, the model answering
+    instantly from the cache. As in the daemon, the queries decide each frame in their configured
+    order, and (`share`) a query later in that order learns whether the model already runs on the
+    frame for one before it (edgeva.query.FrameView.model_runs). The frames' audit draws are the
+    daemon's for `camera` (its queries audit the same frames); the clip starts at frame `start`.
+    A query's inferences count every frame whose answer came from the model, shared ones too."""
+    filters = [QueryFilter(q.cfg, differencer=prepared_by.differencer, agreement=q.agree, target=TARGET, fps=fps,
+                           preferred_feature=q.preferred) for q in queries]
+    refs = [-1] * len(queries)
+    totals = [0.0] * len(queries)
+    kept: list[list[int]] = [[] for _ in queries]
+    audited: list[list[int]] = [[] for _ in queries]
     for i, p in enumerate(prepared):
-        decision = filt.decide(p, audit_draw(camera, start + i))
-        if decision.keep or ref < 0:
-            filt.mark_inferred(p)
-            filt.record_result(p, values[i])
-            ref = i
-            inferences += 1
-            kept.append(i)
-        elif decision.audit:
-            audits += 1
-            audited.append(i)
-            filt.record_audit(agree(values[i], values[ref]))
-        total += agree(values[i], values[ref])
-    return Run(inferences, total / len(prepared), audits, filt.stats()["kept_by_reason"], (frozenset(kept),),
-               (frozenset(audited),))
+        draw = audit_draw(camera, start + i)
+        runs_here = False
+        for k, (q, filt) in enumerate(zip(queries, filters)):
+            decision = filt.decide(p, draw, model_runs=share and runs_here)
+            if decision.keep or refs[k] < 0:
+                filt.mark_inferred(p)
+                filt.record_result(p, q.values[i])
+                refs[k] = i
+                kept[k].append(i)
+                runs_here = True
+            elif decision.audit:
+                audited[k].append(i)
+                filt.record_audit(q.agree(q.values[i], q.values[refs[k]]))
+                runs_here = True
+            totals[k] += q.agree(q.values[i], q.values[refs[k]])
+    return [Run(len(kept[k]), totals[k] / len(prepared), len(audited[k]), filt.stats()["kept_by_reason"],
+                (frozenset(kept[k]),), (frozenset(audited[k]),)) for k, filt in enumerate(filters)]
 
 
 def tuned_on_first_third(prepared, values, agree, fps: float, cfg: FilterConfig) -> FilterConfig:
@@ -294,6 +327,9 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=1,
                     help="keep every N-th frame of each clip, replayed at 1/N of its frame rate: the same scenes "
                          "from a camera that sends fewer frames (a check on cameras unlike the clips)")
+    ap.add_argument("--no-sharing", action="store_true",
+                    help="each query decides as if alone on its camera (no shared keeps of frames the model "
+                         "runs on for another query)")
     args = ap.parse_args()
     folder = SHARED / "videos" / args.clips if args.clips in ("eval", "tune") else Path(args.clips)
     clips = clips_in(folder)
@@ -310,16 +346,19 @@ def main() -> None:
         fps = ref.fps / args.every
         scene = SceneTracker(Differencer())
         prepared = [scene.prepare(f) for f in frames]
-        camera_runs, camera_needs = [], [1.0]
+        replays = []
         for query, (task, _) in QUERIES.items():
             values = query_values(ref, query)[:len(ref)][::args.every]
-            agree = task.agreement
-            base = cfg = FilterConfig(calibration_s=args.calibration_s)
+            cfg = FilterConfig(calibration_s=args.calibration_s)
             if args.tuned_first_third:
-                cfg = tuned_on_first_third(prepared, values, agree, fps, base)
-            run = run_edgeva_phases(prepared, scene, values, agree, fps, cfg, default_feature(QUERY_TASK[query]),
-                                    args.phases, camera=DAEMON_CAMERA)
-            camera_runs.append(run)
+                cfg = tuned_on_first_third(prepared, values, task.agreement, fps, cfg)
+            replays.append(QueryReplay(values, task.agreement, cfg, default_feature(QUERY_TASK[query])))
+        camera_runs = run_camera_phases(prepared, scene, replays, fps, args.phases, camera=DAEMON_CAMERA,
+                                        share=not args.no_sharing)
+        camera_needs = [1.0]
+        for query, replay, run in zip(QUERIES, replays, camera_runs):
+            values, agree = replay.values, replay.agree
+            base = FilterConfig(calibration_s=args.calibration_s)
             if all(agree(values[i], values[0]) == 1.0 for i in range(len(values))):
                 rows.append((clip.name, query, len(values), None))
                 continue
