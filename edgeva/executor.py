@@ -17,8 +17,8 @@ from typing import Any, Callable, TypeVar
 
 from edgeva.messages import DropReason
 from edgeva.work import (
-    LatencyProfile, Predictor, RecentOutputs, WorkItem, deliver, drop_item, plan_batch, predict_each_frame_once,
-    take,
+    LatencyProfile, Predictor, RecentOutputs, WorkItem, costs_a_run, deliver,
+    drop_item, plan_batch, predict_each_frame_once, take,
 )
 
 log = logging.getLogger("edgeva.executor")
@@ -71,7 +71,8 @@ class ModelWorker:
         (the caller drops with `queue-full`) or the worker is stopping."""
         give_up = time.monotonic() + wait_s
         with self._cond:
-            while not self._stop and len(self._queue) >= self.capacity:
+            while (not self._stop and len(self._queue) >= self.capacity
+                   and costs_a_run(item, self._queue, self.recent)):
                 remaining = give_up - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -153,5 +154,5 @@ class ModelWorker:
                 self.batches += 1
                 self.frames += ran
                 self.busy_s += finished - started
-                self.batch_sizes.append(len(batch))
+                self.batch_sizes.append(ran)
             deliver(self.key, batch, outputs, finished, drop_item)

@@ -28,8 +28,8 @@ from edgeva.memory import (DEFAULT_BANDWIDTH_BYTES_PER_S, DEFAULT_GROUP_MIN_BYTE
 from edgeva.messages import DropReason
 from edgeva.models.base import ZooModel
 from edgeva.work import (
-    BatchPlan, LatencyProfile, RecentOutputs, WorkItem, deliver, drop_item, plan_batch, predict_each_frame_once,
-    take,
+    BatchPlan, LatencyProfile, RecentOutputs, WorkItem, costs_a_run, deliver,
+    drop_item, plan_batch, predict_each_frame_once, take,
 )
 
 log = logging.getLogger("edgeva.scheduler")
@@ -194,7 +194,8 @@ class SwapScheduler:
     def submit(self, key: str, item: WorkItem) -> bool:
         state = self._states[key]
         with self._cond:
-            if self._stopping or len(state.queue) >= self.options.capacity:
+            if self._stopping or (len(state.queue) >= self.options.capacity
+                                  and costs_a_run(item, state.queue, state.recent)):
                 return False
             state.note_arrival(item)
             state.counts.submitted += 1
@@ -329,7 +330,8 @@ class SwapScheduler:
         exposed = self.memory.predicted_exposed_load_s(state.key, run_s(1))
         plan = plan_batch(state.queue, now, self.options.max_batch, run_s, load_s=exposed,
                           trust_prediction=not stale)
-        return _Plan(state, plan.batch, plan.late, exposed + run_s(max(1, len(plan.batch))))
+        images = len({id(item.frame) for item in plan.batch})     # a frame several queries keep runs once
+        return _Plan(state, plan.batch, plan.late, exposed + run_s(max(1, images)))
 
     def _take_batch(self, state: _ModelState, now: float) -> _Plan:
         plan = self._plan_batch(state, now)
@@ -385,7 +387,7 @@ class SwapScheduler:
                 state.last_run = finished
                 state.batches += 1
                 state.frames += ran
-                state.batch_sizes.append(len(batch))
+                state.batch_sizes.append(ran)
             for item in batch[:len(outputs)]:   # the rest get no output: dropped with `error` below
                 within = finished <= item.deadline_mono
                 for counts in (state.counts, self._query_counts(item)):

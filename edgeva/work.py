@@ -102,22 +102,28 @@ def plan_batch(queued: Iterable[WorkItem], now: float, max_batch: int, run_s: Ca
     earliest deadline can still be met by the whole batch (`load_s` + `run_s(n)`). A caller
     whose profile may be stale (nothing ran for a while) passes trust_prediction=False so
     items run anyway and refresh it, instead of a single slow batch condemning every frame.
+    Size and cost count distinct frames: a frame several queries keep runs once, so `max_batch`
+    frames are taken, and every queued item of a frame in the batch rides along (not late).
     """
     alone_s = load_s + run_s(1) if trust_prediction else 0.0
     batch: list[WorkItem] = []
     late: list[WorkItem] = []
-    frames: set[int] = set()          # a frame several queries keep runs once: cost is per frame
-    for item in sorted(queued, key=lambda i: i.deadline_mono):
+    frames: set[int] = set()
+    ordered = sorted(queued, key=lambda i: i.deadline_mono)
+    for item in ordered:
         if now + alone_s > item.deadline_mono:
             late.append(item)
             continue
-        if len(batch) >= max_batch:
-            break
-        images = len(frames | {id(item.frame)})
-        if batch and now + load_s + run_s(images) > batch[0].deadline_mono:
-            break
+        if id(item.frame) not in frames:
+            if len(frames) >= max_batch:
+                break
+            if batch and now + load_s + run_s(len(frames) + 1) > batch[0].deadline_mono:
+                break
+            frames.add(id(item.frame))
         batch.append(item)
-        frames.add(id(item.frame))
+    taken = {id(i) for i in batch} | {id(i) for i in late}
+    batch.extend(i for i in ordered if id(i) not in taken and id(i.frame) in frames
+                 and now <= i.deadline_mono)
     return BatchPlan(batch, late)
 
 
@@ -152,6 +158,10 @@ class RecentOutputs:
         self.reused += 1
         return True, self._outputs[key]
 
+    def has(self, frame: Frame) -> bool:
+        """The model ran `frame` lately: an item for it costs no run."""
+        return self._key(frame) in self._outputs
+
     def covers(self, batch: Sequence["WorkItem"]) -> bool:
         return all(self._key(item.frame) in self._outputs for item in batch)
 
@@ -161,6 +171,13 @@ class RecentOutputs:
         self._outputs.move_to_end(key)
         while len(self._outputs) > self.size:
             self._outputs.popitem(last=False)
+
+
+def costs_a_run(item: WorkItem, queued: Iterable[WorkItem], recent: RecentOutputs) -> bool:
+    """Whether queueing `item` adds work: not when its frame is already queued (another query
+    of the camera keeps or audits it) or ran lately. A queue's capacity bounds the frames
+    waiting for the model, so such an item is always taken."""
+    return not recent.has(item.frame) and all(q.frame is not item.frame for q in queued)
 
 
 def predict_each_frame_once(predict: Callable[[list[Any]], Sequence[Any]], batch: Sequence[WorkItem],

@@ -767,3 +767,31 @@ class _ImagesCounted:
     def predict(self, images):
         self.images += len(images)
         return self.inner.predict(images)
+
+
+def test_a_batch_counts_frames_not_items_and_takes_every_query_s_item_of_its_frames():
+    """Three queries keep the same three frames: a batch of at most two holds two frames and all
+    six items of them (they cost one run per frame); the third frame's items wait."""
+    from edgeva.work import plan_batch
+
+    owners = [_Owner(f"q{i}") for i in range(3)]
+    frames = [_frame("c", i) for i in range(3)]
+    deadline = time.monotonic() + 30.0
+    queued = [WorkItem(owner, frame, deadline + 0.001 * frame.seq) for owner in owners for frame in frames]
+    plan = plan_batch(queued, time.monotonic(), max_batch=2, run_s=lambda n: 0.01 * n)
+    assert sorted(item.frame.seq for item in plan.batch) == [0, 0, 0, 1, 1, 1] and not plan.late
+
+
+def test_a_full_queue_still_takes_an_item_whose_frame_is_already_queued():
+    """Queue room bounds the frames waiting for the model: another query keeping a queued frame
+    adds no work, so it is not refused (nor dropped with queue-full) when the queue is full."""
+    worker = ModelWorker("counting", _CountingModel(), max_batch=4, capacity=2)   # not started
+    first, second = _Owner("first"), _Owner("second")
+    frames = [_frame("c", i) for i in range(3)]
+    deadline = time.monotonic() + 30.0
+    assert worker.submit(WorkItem(first, frames[0], deadline))
+    assert worker.submit(WorkItem(first, frames[1], deadline))
+    assert not worker.submit(WorkItem(first, frames[2], deadline))     # full: a new frame waits
+    assert worker.submit(WorkItem(second, frames[1], deadline))        # the same frame rides along
+    assert worker.pending() == 3
+    worker.stop()
