@@ -795,3 +795,54 @@ def test_a_full_queue_still_takes_an_item_whose_frame_is_already_queued():
     assert worker.submit(WorkItem(second, frames[1], deadline))        # the same frame rides along
     assert worker.pending() == 3
     worker.stop()
+
+
+def test_batch_replay_shares_the_same_frames_however_far_the_model_lags(street):
+    """Two calibrating queries of one camera on one port that runs each frame once: the second
+    keeps the first's frames (step 8), decided when the dispatcher hands it the frame, so which
+    frames each infers does not depend on how far the model lags."""
+    import queue
+
+    from edgeva.query import FrameView
+
+    clip, blob = street
+    frames = read_segment(str(clip), seconds=100)
+
+    def decisions(lagging: bool) -> tuple[list[list[int]], dict]:
+        pending: queue.Queue = queue.Queue()
+
+        class _Port:
+            key, model, runs_each_frame_once = "blob", blob, True
+
+            def submit(self, item, wait_s=0.0):
+                if lagging:
+                    pending.put(item)
+                else:
+                    item.owner.complete(item, blob.predict([item.frame.image])[0], time.monotonic())
+                return True
+
+        def model_thread():
+            while (item := pending.get()) is not None:
+                time.sleep(0.002)
+                item.owner.complete(item, blob.predict([item.frame.image])[0], time.monotonic())
+
+        port = _Port()
+        made = [_calibrating_batch_query(blob, port, calibration_s=seconds, segment_s=0.5, recalibrate_s=3.0)
+                for seconds in (1.0, 2.0)]
+        inferred: list[list[int]] = [[], []]
+        for k, (_, hub, _) in enumerate(made):
+            hub.add_tap(lambda r, k=k: inferred[k].append(r.seq) if r.outcome.value == "inferred" else None)
+        thread = threading.Thread(target=model_thread, daemon=True)
+        thread.start()
+        for seq, image in enumerate(frames):
+            view = FrameView(Frame("street", seq, time.time(), time.monotonic(), image, t_media=seq / 10), fps=10.0)
+            for query, _, _ in made:
+                query.submit(view)
+        pending.put(None)
+        thread.join(timeout=60)
+        return [sorted(x) for x in inferred], made[1][2].stats()
+
+    at_once, at_once_stats = decisions(lagging=False)
+    lagging, _ = decisions(lagging=True)
+    assert at_once_stats["kept_by_reason"].get("shared", 0) > 0
+    assert lagging == at_once
