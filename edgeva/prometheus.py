@@ -46,6 +46,15 @@ def render(snapshot: dict[str, Any]) -> str:
                            {**labels, "quantile": f"0.{quantile[1:]}"}, lat[quantile] / 1000.0)
         out.metric("edgeva_query_latency_seconds_count", None, "", labels, lat["count"])
         filt = q.get("filter")
+        if isinstance(filt, dict):
+            for reason, n in (filt.get("kept_by_reason") or {}).items():
+                out.metric("edgeva_query_filter_kept_total", "counter",
+                           "Frames the filter sent to the model, by reason (shared: another query's run).",
+                           {**labels, "reason": reason}, n)
+            for reason, n in (filt.get("reused_by_reason") or {}).items():
+                out.metric("edgeva_query_filter_reused_total", "counter",
+                           "Frames the filter answered with the last result, by reason.",
+                           {**labels, "reason": reason}, n)
         if isinstance(filt, dict) and filt.get("audited_agreement") is not None:
             out.metric("edgeva_query_audited_agreement", "gauge",
                        "Agreement of reused results with the model on audited frames.", labels,

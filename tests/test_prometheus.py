@@ -59,3 +59,18 @@ def test_bad_prometheus_address_names_the_key(tmp_path):
     with pytest.raises(ConfigError) as err:
         parse_config({"stats": {"prometheus": "localhost"}})
     assert err.value.path == "stats.prometheus"
+
+
+def test_filter_decisions_are_exported_by_reason():
+    """An operator sees where a query's model runs come from, shared ones among them."""
+    from edgeva.prometheus import render
+
+    latency = {"p50": None, "p95": None, "p99": None, "count": 0}
+    snapshot = {"queries": {"persons": {
+        "camera": "cam", "inferred": 9, "reused": 11, "offloaded": 0, "dropped": {}, "in_flight": 0, "fps_out": 0.0,
+        "latency_ms": latency, "filter": {"kept_by_reason": {"threshold": 3, "shared": 6},
+                                          "reused_by_reason": {"below_threshold": 11}}}}}
+    lines = dict(line.rsplit(" ", 1) for line in render(snapshot).splitlines() if not line.startswith("#"))
+    assert lines['edgeva_query_filter_kept_total{query="persons",camera="cam",reason="shared"}'] == "6"
+    assert lines['edgeva_query_filter_kept_total{query="persons",camera="cam",reason="threshold"}'] == "3"
+    assert lines['edgeva_query_filter_reused_total{query="persons",camera="cam",reason="below_threshold"}'] == "11"
