@@ -330,8 +330,7 @@ class SwapScheduler:
         exposed = self.memory.predicted_exposed_load_s(state.key, run_s(1))
         plan = plan_batch(state.queue, now, self.options.max_batch, run_s, load_s=exposed,
                           trust_prediction=not stale)
-        images = len({id(item.frame) for item in plan.batch})     # a frame several queries keep runs once
-        return _Plan(state, plan.batch, plan.late, exposed + run_s(max(1, images)))
+        return _Plan(state, plan.batch, plan.late, exposed + run_s(max(1, plan.images)))
 
     def _take_batch(self, state: _ModelState, now: float) -> _Plan:
         plan = self._plan_batch(state, now)

@@ -92,6 +92,11 @@ class BatchPlan:
     batch: list[WorkItem]           # earliest deadline first
     late: list[WorkItem]            # to drop with DropReason.DEADLINE
 
+    @property
+    def images(self) -> int:
+        """The distinct frames the batch runs: a frame several queries keep runs once."""
+        return len({id(item.frame) for item in self.batch})
+
 
 def plan_batch(queued: Iterable[WorkItem], now: float, max_batch: int, run_s: Callable[[int], float],
                load_s: float = 0.0, trust_prediction: bool = True) -> BatchPlan:
