@@ -346,19 +346,17 @@ def main() -> None:
         fps = ref.fps / args.every
         scene = SceneTracker(Differencer())
         prepared = [scene.prepare(f) for f in frames]
+        base = FilterConfig(calibration_s=args.calibration_s)
         replays = []
         for query, (task, _) in QUERIES.items():
             values = query_values(ref, query)[:len(ref)][::args.every]
-            cfg = FilterConfig(calibration_s=args.calibration_s)
-            if args.tuned_first_third:
-                cfg = tuned_on_first_third(prepared, values, task.agreement, fps, cfg)
+            cfg = tuned_on_first_third(prepared, values, task.agreement, fps, base) if args.tuned_first_third else base
             replays.append(QueryReplay(values, task.agreement, cfg, default_feature(QUERY_TASK[query])))
         camera_runs = run_camera_phases(prepared, scene, replays, fps, args.phases, camera=DAEMON_CAMERA,
                                         share=not args.no_sharing)
         camera_needs, at_target = [1.0], [1.0]
         for query, replay, run in zip(QUERIES, replays, camera_runs):
             values, agree = replay.values, replay.agree
-            base = FilterConfig(calibration_s=args.calibration_s)
             if all(agree(values[i], values[0]) == 1.0 for i in range(len(values))):
                 rows.append((clip.name, query, len(values), None))
                 continue
