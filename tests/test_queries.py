@@ -582,47 +582,68 @@ def _calibrating_batch_query(blob, port, **filter_keys):
     return ModelQuery(cfg, StatsRegistry(), hub, port, task, query_filter, backpressure=True), hub, query_filter
 
 
-def _submit_recorded(query, frames) -> None:
-    """Every frame to the query as batch replay decodes them: media time at 10 frames/s."""
+def _submit_recorded(frames, *queries) -> None:
+    """Every frame to the queries, one camera's, in order, as batch replay decodes them: media
+    time at 10 frames/s."""
     from edgeva.query import FrameView
 
     for seq, image in enumerate(frames):
-        query.submit(FrameView(Frame("street", seq, time.time(), time.monotonic(), image, t_media=seq / 10), fps=10.0))
+        view = FrameView(Frame("street", seq, time.time(), time.monotonic(), image, t_media=seq / 10), fps=10.0)
+        for query in queries:
+            query.submit(view)
+
+
+class _BlobPort:
+    """The blob detector behind a port, answering at once (inline) or, `lagging`, from a model
+    thread far behind the decoder (the queue grows to hundreds); used as a context manager, which
+    starts that thread and waits for it to drain."""
+
+    key = "blob"
+
+    def __init__(self, blob, lagging: bool, runs_each_frame_once: bool = False):
+        import queue
+
+        self.model = blob
+        self.lagging = lagging
+        self.runs_each_frame_once = runs_each_frame_once
+        self._pending: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._answer_late, daemon=True)
+
+    def __enter__(self) -> "_BlobPort":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pending.put(None)
+        self._thread.join(timeout=60)
+
+    def submit(self, item, wait_s=0.0):
+        if self.lagging:
+            self._pending.put(item)
+        else:
+            self._answer(item)
+        return True
+
+    def _answer(self, item) -> None:
+        item.owner.complete(item, self.model.predict([item.frame.image])[0], time.monotonic())
+
+    def _answer_late(self) -> None:
+        while (item := self._pending.get()) is not None:
+            time.sleep(0.002)               # slower than the decoder
+            self._answer(item)
 
 
 def _batch_decisions(street, lagging: bool, **filter_keys) -> tuple[list[int], dict]:
     """The frames a calibrating batch-replay car-count query infers on the street, its results
     coming at once (inline) or from a model thread that lags far behind the decoder."""
-    import queue
-
     clip, blob = street
     frames = read_segment(str(clip), seconds=100)
-    pending: queue.Queue = queue.Queue()
-
-    class _Port:
-        key, model = "blob", blob
-
-        def submit(self, item, wait_s=0.0):
-            if lagging:
-                pending.put(item)
-            else:
-                item.owner.complete(item, blob.predict([item.frame.image])[0], time.monotonic())
-            return True
-
-    def model_thread():
-        while (item := pending.get()) is not None:
-            time.sleep(0.002)               # slower than the decoder: the queue grows to hundreds
-            item.owner.complete(item, blob.predict([item.frame.image])[0], time.monotonic())
-
-    query, hub, query_filter = _calibrating_batch_query(blob, _Port(), **{"calibration_s": 1.0, "segment_s": 0.5,
-                                                                         "recalibrate_s": 3.0, **filter_keys})
-    inferred: list[int] = []
-    hub.add_tap(lambda r: inferred.append(r.seq) if r.outcome.value == "inferred" else None)
-    thread = threading.Thread(target=model_thread, daemon=True)
-    thread.start()
-    _submit_recorded(query, frames)
-    pending.put(None)
-    thread.join(timeout=60)
+    with _BlobPort(blob, lagging) as port:
+        query, hub, query_filter = _calibrating_batch_query(blob, port, **{"calibration_s": 1.0, "segment_s": 0.5,
+                                                                          "recalibrate_s": 3.0, **filter_keys})
+        inferred: list[int] = []
+        hub.add_tap(lambda r: inferred.append(r.seq) if r.outcome.value == "inferred" else None)
+        _submit_recorded(frames, query)
     return sorted(inferred), query_filter.stats()
 
 
@@ -668,7 +689,7 @@ def test_batch_replay_stops_waiting_for_results_that_never_come(street, monkeypa
     query, _, _ = _calibrating_batch_query(blob, _Silent(), calibration_s=1.0)
     started = time.monotonic()
     with caplog.at_level("WARNING", logger="edgeva.query"):
-        _submit_recorded(query, frames)
+        _submit_recorded(frames, query)
     assert time.monotonic() - started < 5.0                        # one 0.2 s wait, not one per frame
     assert sum("overdue" in r.getMessage() for r in caplog.records) == 1
 
@@ -801,45 +822,17 @@ def test_batch_replay_shares_the_same_frames_however_far_the_model_lags(street):
     """Two calibrating queries of one camera on one port that runs each frame once: the second
     keeps the first's frames (step 8), decided when the dispatcher hands it the frame, so which
     frames each infers does not depend on how far the model lags."""
-    import queue
-
-    from edgeva.query import FrameView
-
     clip, blob = street
     frames = read_segment(str(clip), seconds=100)
 
     def decisions(lagging: bool) -> tuple[list[list[int]], dict]:
-        pending: queue.Queue = queue.Queue()
-
-        class _Port:
-            key, model, runs_each_frame_once = "blob", blob, True
-
-            def submit(self, item, wait_s=0.0):
-                if lagging:
-                    pending.put(item)
-                else:
-                    item.owner.complete(item, blob.predict([item.frame.image])[0], time.monotonic())
-                return True
-
-        def model_thread():
-            while (item := pending.get()) is not None:
-                time.sleep(0.002)
-                item.owner.complete(item, blob.predict([item.frame.image])[0], time.monotonic())
-
-        port = _Port()
-        made = [_calibrating_batch_query(blob, port, calibration_s=seconds, segment_s=0.5, recalibrate_s=3.0)
-                for seconds in (1.0, 2.0)]
-        inferred: list[list[int]] = [[], []]
-        for k, (_, hub, _) in enumerate(made):
-            hub.add_tap(lambda r, k=k: inferred[k].append(r.seq) if r.outcome.value == "inferred" else None)
-        thread = threading.Thread(target=model_thread, daemon=True)
-        thread.start()
-        for seq, image in enumerate(frames):
-            view = FrameView(Frame("street", seq, time.time(), time.monotonic(), image, t_media=seq / 10), fps=10.0)
-            for query, _, _ in made:
-                query.submit(view)
-        pending.put(None)
-        thread.join(timeout=60)
+        with _BlobPort(blob, lagging, runs_each_frame_once=True) as port:
+            made = [_calibrating_batch_query(blob, port, calibration_s=seconds, segment_s=0.5, recalibrate_s=3.0)
+                    for seconds in (1.0, 2.0)]
+            inferred: list[list[int]] = [[], []]
+            for k, (_, hub, _) in enumerate(made):
+                hub.add_tap(lambda r, k=k: inferred[k].append(r.seq) if r.outcome.value == "inferred" else None)
+            _submit_recorded(frames, *(query for query, _, _ in made))
         return [sorted(x) for x in inferred], made[1][2].stats()
 
     at_once, at_once_stats = decisions(lagging=False)
