@@ -1209,3 +1209,19 @@ def test_a_query_calibrated_on_irrelevant_motion_keeps_its_target_when_small_cha
     _, source = _replay(filt, frames, answers)
     assert filt.stats()["profiled_at_first_change"] == 1
     assert np.mean([count_agreement(answers[i], answers[k]) for i, k in enumerate(source)]) >= 0.9
+
+
+def test_a_window_reuses_no_answer_older_than_a_configured_bound():
+    # max_age_s caps every reuse, a calibration window's sparse frames included: at 10 fps and
+    # 0.3 s no window frame reuses an answer more than 3 frames old, though the answer holds and
+    # calibration_stride would allow 7.
+    frames, _ = street()
+    capped = _calibrating_filter(max_age_s=0.3, calibration_stride=8, audit_fraction=0.0)
+    free = _calibrating_filter(calibration_stride=8, audit_fraction=0.0)
+    for filt in (capped, free):
+        reasons, _ = _replay(filt, frames[:30], [0] * 30)
+        runs = [len(r) for r in "".join("s" if r == "sparse" else "." for r in reasons).split(".") if r]
+        if filt is capped:
+            assert runs and max(runs) <= 3
+        else:
+            assert max(runs) == 7

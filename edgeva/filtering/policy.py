@@ -144,7 +144,7 @@ class QueryFilter:
             self._learned = Setting(cfg.threshold, self._configured_age(), self._configured_feature())
         self._window: Optional[Window] = None
         if self._learned is None and agreement is not None and cfg.enabled:
-            self._window = Window(self._frames_for(cfg.calibration_s), max_stride=cfg.calibration_stride,
+            self._window = Window(self._frames_for(cfg.calibration_s), max_stride=self._window_stride(),
                                   target=target)
         self._reference: Optional[Prepared] = None
         self._previous: Optional[Prepared] = None
@@ -174,6 +174,7 @@ class QueryFilter:
             self._learned = Setting(self.cfg.threshold, self._configured_age(), self._learned.feature)
         if self._window is not None and not self._window.full:
             self._window.frames_wanted = self._frames_for(self.cfg.calibration_s)
+            self._window.max_stride = min(self._window.max_stride, self._window_stride())
 
     def _configured_feature(self) -> str:
         """`feature: auto` with a configured threshold: the task's default feature."""
@@ -382,7 +383,12 @@ class QueryFilter:
         confirms = self._learned if confirmable and self._learned is not None else None
         self._confirm_next = False          # the window infers its first frame: that confirms
         self._window = Window(self._frames_for(self.cfg.calibration_s), confirms,
-                              1 if dense else self.cfg.calibration_stride, self.target)
+                              1 if dense else self._window_stride(), self.target)
+
+    def _window_stride(self) -> int:
+        """A window's longest stride: `calibration_stride`, but no reuse in it older than a
+        configured bound (`max_age_s`, `max_skip`)."""
+        return max(1, min(self.cfg.calibration_stride, self._age_cap() + 1))
 
     # ------------------------------------------------------------- results
     def mark_inferred(self, prepared: Prepared) -> None:
