@@ -62,3 +62,21 @@ def test_each_variant_keeps_length_rate_and_size_and_changes_the_picture_its_own
     bright = reframed[0].mean(axis=2).max(axis=0) > 200    # columns crossing the square
     columns = np.flatnonzero(bright)
     assert columns.size and columns.min() > SIZE[0] // 2   # the square moved to the other side, mirrored
+
+
+def test_a_chain_is_the_source_then_each_variant_in_turn(tmp_path):
+    source = _source(tmp_path / "cam.mp4")
+    out = tmp_path / "variants"
+    assert main([str(source), "--out", str(out), "--chain"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["cam.chain.mp4"]
+    original, _ = _read(source)
+    chain, fps = _read(out / "cam.chain.mp4")
+    n = len(original)
+    assert len(chain) == 4 * n and abs(fps - FPS) < 0.01
+    assert np.abs(chain[0] - original[0]).mean() < 5.0                 # first the source (re-encoded)
+    assert np.abs(chain[n - 1] - original[-1]).mean() < 5.0
+    patch = [float(f[5:15, 100:150].mean()) for f in chain[n:2 * n]]  # then exposure: the gain moves
+    assert max(patch) - min(patch) > 20
+    assert np.abs(chain[2 * n + 1] - chain[2 * n]).mean() > 3.0        # then grain
+    bright = chain[3 * n].mean(axis=2).max(axis=0) > 200               # then reframed: mirrored
+    assert np.flatnonzero(bright).min() > SIZE[0] // 2

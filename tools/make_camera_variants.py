@@ -15,6 +15,11 @@ Each variant changes what a constant fitted to the shared clips would depend on:
 - `reframed`: mirrored and cropped to the middle 70 %, then scaled back: objects are larger and
   enter at other edges, as from a camera mounted elsewhere.
 
+`--chain` writes one more clip per source, `<stem>.chain.mp4`: the source as it is, then its
+exposure, grain and reframed variants, one after the other: one camera whose conditions change
+every clip length (a cloudy afternoon, dusk noise, then the camera moved), the later minutes a
+threshold picked on the first ones must carry over to.
+
 The clips are written as MP4 (mp4v) at the source's frame rate and size; the reference is the
 detector run on the variant itself, so each variant is judged against what the model sees there.
 Keep the output outside the repository (clips are never committed).
@@ -53,27 +58,44 @@ def reframed(frame: np.ndarray, index: int, fps: float) -> np.ndarray:
     return cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
+def unchanged(frame: np.ndarray, index: int, fps: float) -> np.ndarray:
+    return frame
+
+
 VARIANTS: dict[str, Transform] = {"grain": grain, "exposure": exposure, "reframed": reframed}
+CHAIN: list[Transform] = [unchanged, exposure, grain, reframed]
 
 
 def write_variant(clip: Path, name: str, transform: Transform, out: Path) -> Path:
+    return _write(clip, [transform], out / f"{clip.stem}.{name}.mp4")
+
+
+def write_chain(clip: Path, out: Path) -> Path:
+    return _write(clip, CHAIN, out / f"{clip.stem}.chain.mp4")
+
+
+def _write(clip: Path, transforms: list[Transform], target: Path) -> Path:
+    """`clip` once per transform, one after the other, into `target`; frame indices (what the
+    transforms' noise and gain follow) run on across the passes."""
     cap = cv2.VideoCapture(str(clip))
     if not cap.isOpened():
         raise SystemExit(f"cannot open {clip}")
     fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
     size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
-    target = out / f"{clip.stem}.{name}.mp4"
+    cap.release()
     writer = cv2.VideoWriter(str(target), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
     if not writer.isOpened():
         raise SystemExit(f"cannot write {target}")
     index = 0
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        writer.write(transform(frame, index, fps))
-        index += 1
-    cap.release()
+    for transform in transforms:
+        cap = cv2.VideoCapture(str(clip))
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            writer.write(transform(frame, index, fps))
+            index += 1
+        cap.release()
     writer.release()
     if index == 0:
         target.unlink(missing_ok=True)
@@ -86,9 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("clips", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, required=True, help="folder for the variants (outside the repo)")
     ap.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="default: all")
+    ap.add_argument("--chain", action="store_true",
+                    help="instead: one clip per source, the source then its exposure, grain and reframed variants")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     for clip in args.clips:
+        if args.chain:
+            print(write_chain(clip, args.out), file=sys.stderr)
+            continue
         for name in args.variant or sorted(VARIANTS):
             print(write_variant(clip, name, VARIANTS[name], args.out), file=sys.stderr)
     return 0
