@@ -203,7 +203,7 @@ def test_a_calibration_window_keeps_to_its_own_plan_when_the_model_runs_anyway()
     d = Differencer()
     p = d.prepare(background())
     filt = QueryFilter(FilterConfig(calibration_s=2.0, calibration_stride=4), differencer=d,
-                       agreement=lambda a, b: 1.0, fps=10.0)
+                       agreement=lambda a, b: 1.0, fps=10.0, dense_first_window=False)
     reasons = []
     for _ in range(12):
         dec = filt.decide(p, model_runs=True)
@@ -501,10 +501,12 @@ def test_audits_are_sized_to_see_a_five_point_drop_within_minutes():
 WINDOW = {"calibrate", "sparse"}     # a calibration window's decisions: inferred, or skipped while the answer holds
 
 
-def _calibrating_filter(fps=10.0, **cfg):
+def _calibrating_filter(fps=10.0, dense_first_window=True, **cfg):
+    """`dense_first_window=False`: the first window is sparse like the later ones, for tests of
+    how a sparse window thins out."""
     return QueryFilter(FilterConfig(**{"calibration_s": 3.0, "segment_s": 1.0, **cfg}), rng_seed=1,
                        differencer=Differencer(), agreement=count_agreement, target=0.9, fps=fps,
-                       preferred_feature="foreground")
+                       preferred_feature="foreground", dense_first_window=dense_first_window)
 
 
 def _replay(filt, frames, counts, settings=None):
@@ -554,7 +556,7 @@ def test_a_window_infers_sparsely_while_the_answer_holds_and_every_frame_while_i
     rng = np.random.default_rng(2)
     images = [noisy(background(2), rng) for _ in range(60)]
     answers = [0] * 15 + list(range(1, 9)) + [8] * 37
-    filt = _calibrating_filter()
+    filt = _calibrating_filter(dense_first_window=False)
     reasons, _ = _replay(filt, images, answers)
     inferred = [i for i, r in enumerate(reasons[:30]) if r in ("first", "calibrate")]
     assert [i for i in inferred if i < 15] == [0, 1, 3, 7]        # the stride doubles while it holds...
@@ -563,7 +565,7 @@ def test_a_window_infers_sparsely_while_the_answer_holds_and_every_frame_while_i
     # window's estimated agreement under the target for the rest of it (next test)
     assert set(reasons[:30]) - {"first"} <= WINDOW and reasons[:30].count("sparse") == 11
     assert filt.stats()["profiled_windows"] == 1 and filt.setting is not None
-    dense = _calibrating_filter(calibration_stride=1)
+    dense = _calibrating_filter(calibration_stride=1, dense_first_window=False)
     dense_reasons, _ = _replay(dense, images, answers)
     assert set(dense_reasons[1:30]) == {"calibrate"}               # calibration_stride 1: every frame
 
@@ -592,7 +594,7 @@ def test_a_live_windows_stride_follows_answers_that_come_a_frame_late():
     # A live camera does not wait: each answer comes after the next frame was decided. The
     # window must still thin out on an answer that holds, not stay dense for want of the newest.
     rng = np.random.default_rng(2)
-    filt = _calibrating_filter()
+    filt = _calibrating_filter(dense_first_window=False)
     scene = SceneTracker(filt.differencer)
     reasons, pending = [], None
     for _ in range(30):
@@ -1216,8 +1218,8 @@ def test_a_window_reuses_no_answer_older_than_a_configured_bound():
     # 0.3 s no window frame reuses an answer more than 3 frames old, though the answer holds and
     # calibration_stride would allow 7.
     frames, _ = street()
-    capped = _calibrating_filter(max_age_s=0.3, calibration_stride=8, audit_fraction=0.0)
-    free = _calibrating_filter(calibration_stride=8, audit_fraction=0.0)
+    capped = _calibrating_filter(max_age_s=0.3, calibration_stride=8, audit_fraction=0.0, dense_first_window=False)
+    free = _calibrating_filter(calibration_stride=8, audit_fraction=0.0, dense_first_window=False)
     for filt in (capped, free):
         reasons, _ = _replay(filt, frames[:30], [0] * 30)
         runs = [len(r) for r in "".join("s" if r == "sparse" else "." for r in reasons).split(".") if r]
@@ -1225,3 +1227,35 @@ def test_a_window_reuses_no_answer_older_than_a_configured_bound():
             assert runs and max(runs) <= 3
         else:
             assert max(runs) == 7
+
+
+def _one_frame_blips(seed: int) -> tuple[list[np.ndarray], list[int]]:
+    """300 frames of a calm picture where a small car shows for single frames, on one frame in
+    five (a detector flickering on a tiny object): the answer is 1 on those frames, else 0."""
+    rng = np.random.default_rng(seed)
+    picture = background(seed)
+    frames, answers = [], []
+    for _ in range(300):
+        blip = bool(rng.random() < 0.2)
+        img = picture.copy()
+        if blip:
+            draw_car(img, 200, 120, w=14, h=8)
+        frames.append(noisy(img, rng))
+        answers.append(int(blip))
+    return frames, answers
+
+
+def test_the_first_window_infers_every_frame_so_flicker_it_would_step_over_is_learned():
+    frames, answers = _one_frame_blips(0)
+    agreements = {}
+    for dense in (True, False):
+        filt = _calibrating_filter(dense_first_window=dense, audit_fraction=0.0, recalibrate_s=1000.0)
+        reasons, source = _replay(filt, frames, answers)
+        agreements[dense] = np.mean([count_agreement(answers[i], answers[k]) for i, k in enumerate(source)])
+        if dense:
+            assert set(reasons[1:30]) == {"calibrate"}          # 3 s at 10 fps, every frame
+        else:
+            assert "sparse" in reasons[1:30]
+    # The sparse first window thinned out over blips it never saw and learned a bound of 16
+    # frames on the edge feature; the dense one saw them and keeps the target (0.960 vs 0.843).
+    assert agreements[True] >= 0.9 > agreements[False]

@@ -4,10 +4,11 @@ Per frame: compare with the query's last inferred frame (the change feature) and
 change exceeds the current threshold or the reused result reaches the staleness bound.
 
 Where the setting comes from (no hand knobs):
-- A query without a configured threshold first *calibrates* for `calibration_s`: it infers the
-  window's frames where the answer changes and every `calibration_stride`-th frame at most where it
-  holds (edgeva.filtering.windows.Window), then tunes (threshold, staleness bound) on that window
-  with the model's own results (edgeva.filtering.tuner) and stores the window as a profile.
+- A query without a configured threshold first *calibrates* for `calibration_s`: its first window
+  infers every frame; later windows infer the frames where the answer changes and every
+  `calibration_stride`-th frame at most where it holds (edgeva.filtering.windows.Window). Each
+  window is tuned (threshold, staleness bound) with the model's own results
+  (edgeva.filtering.tuner) and stored as a profile.
 - Every `segment_s` the recent segment's key (its histogram of consecutive-frame differences) is
   looked up among the profiles; the nearest profiles' setting applies to what follows, so busy
   stretches infer more and quiet ones less. A segment farther from every profile than the
@@ -115,7 +116,8 @@ class QueryFilter:
                  differencer: Optional[Differencer] = None, audit: Optional[AuditTracker] = None,
                  agreement: Optional[Callable[[Any, Any], float]] = None, target: float = 0.9,
                  fps: Optional[float] = None, preferred_feature: Optional[FeatureName] = None,
-                 tune_runner: Callable[[Callable[[], None]], None] = run_inline) -> None:
+                 tune_runner: Callable[[Callable[[], None]], None] = run_inline,
+                 dense_first_window: bool = True) -> None:
         self.cfg = cfg
         self.differencer = differencer or Differencer(width=cfg.width)
         self.audits = audit or AuditTracker()
@@ -144,8 +146,11 @@ class QueryFilter:
             self._learned = Setting(cfg.threshold, self._configured_age(), self._configured_feature())
         self._window: Optional[Window] = None
         if self._learned is None and agreement is not None and cfg.enabled:
-            self._window = Window(self._frames_for(cfg.calibration_s), max_stride=self._window_stride(),
-                                  target=target)
+            # The first window infers every frame: with nothing learned yet, a sparse stride would
+            # step over one-frame detector flicker it cannot know of and learn a setting too lax
+            # for it (docs/filtering.md). Later windows are sparse where the answer holds.
+            self._window = Window(self._frames_for(cfg.calibration_s),
+                                  max_stride=1 if dense_first_window else self._window_stride(), target=target)
         self._reference: Optional[Prepared] = None
         self._previous: Optional[Prepared] = None
         self._segment: list[float] = []
