@@ -108,7 +108,7 @@ class FilterConfig:
     width: int = 160                     # downscaled width the features use
     audit_fraction: Optional[float] = None   # None: sized for statistical power
     calibration_s: float = 3.0           # window a profile is tuned on
-    calibration_stride: int = 8          # a window infers at most every n-th frame while the answer holds (1: all)
+    calibration_stride: int = 8          # a later window infers at most every n-th frame while the answer holds (1: all; the first infers all)
     segment_s: float = 1.0               # how often the recent segment is looked up among the profiles
     recalibrate_s: float = 300.0         # a calibration burst at least this often
     tuned_max_age_limit_s: float = 10.0  # the longest staleness bound the tuner may choose

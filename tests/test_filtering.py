@@ -1218,15 +1218,15 @@ def test_a_window_reuses_no_answer_older_than_a_configured_bound():
     # 0.3 s no window frame reuses an answer more than 3 frames old, though the answer holds and
     # calibration_stride would allow 7.
     frames, _ = street()
-    capped = _calibrating_filter(max_age_s=0.3, calibration_stride=8, audit_fraction=0.0, dense_first_window=False)
-    free = _calibrating_filter(calibration_stride=8, audit_fraction=0.0, dense_first_window=False)
-    for filt in (capped, free):
+
+    def sparse_runs(**cfg) -> list[int]:
+        filt = _calibrating_filter(calibration_stride=8, audit_fraction=0.0, dense_first_window=False, **cfg)
         reasons, _ = _replay(filt, frames[:30], [0] * 30)
-        runs = [len(r) for r in "".join("s" if r == "sparse" else "." for r in reasons).split(".") if r]
-        if filt is capped:
-            assert runs and max(runs) <= 3
-        else:
-            assert max(runs) == 7
+        return [len(r) for r in "".join("s" if r == "sparse" else "." for r in reasons).split(".") if r]
+
+    capped = sparse_runs(max_age_s=0.3)
+    assert capped and max(capped) <= 3
+    assert max(sparse_runs()) == 7
 
 
 def _one_frame_blips(seed: int) -> tuple[list[np.ndarray], list[int]]:
@@ -1247,15 +1247,16 @@ def _one_frame_blips(seed: int) -> tuple[list[np.ndarray], list[int]]:
 
 def test_the_first_window_infers_every_frame_so_flicker_it_would_step_over_is_learned():
     frames, answers = _one_frame_blips(0)
-    agreements = {}
-    for dense in (True, False):
+
+    def replayed(dense: bool) -> tuple[list[str], float]:
         filt = _calibrating_filter(dense_first_window=dense, audit_fraction=0.0, recalibrate_s=1000.0)
         reasons, source = _replay(filt, frames, answers)
-        agreements[dense] = np.mean([count_agreement(answers[i], answers[k]) for i, k in enumerate(source)])
-        if dense:
-            assert set(reasons[1:30]) == {"calibrate"}          # 3 s at 10 fps, every frame
-        else:
-            assert "sparse" in reasons[1:30]
+        return reasons, float(np.mean([count_agreement(answers[i], answers[k]) for i, k in enumerate(source)]))
+
+    dense_reasons, dense_agreement = replayed(True)
+    sparse_reasons, sparse_agreement = replayed(False)
+    assert set(dense_reasons[1:30]) == {"calibrate"}                # 3 s at 10 fps, every frame
+    assert "sparse" in sparse_reasons[1:30]
     # The sparse first window thinned out over blips it never saw and learned a bound of 16
     # frames on the edge feature; the dense one saw them and keeps the target (0.960 vs 0.843).
-    assert agreements[True] >= 0.9 > agreements[False]
+    assert dense_agreement >= 0.9 > sparse_agreement

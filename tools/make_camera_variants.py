@@ -15,7 +15,7 @@ Each variant changes what a constant fitted to the shared clips would depend on:
 - `reframed`: mirrored and cropped to the middle 70 %, then scaled back: objects are larger and
   enter at other edges, as from a camera mounted elsewhere.
 
-`--chain` writes one more clip per source, `<stem>.chain.mp4`: the source as it is, then its
+`--chain` writes instead one clip per source, `<stem>.chain.mp4`: the source as it is, then its
 exposure, grain and reframed variants, one after the other: one camera whose conditions change
 every clip length (a cloudy afternoon, dusk noise, then the camera moved), the later minutes a
 threshold picked on the first ones must carry over to.
