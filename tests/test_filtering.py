@@ -1260,3 +1260,55 @@ def test_the_first_window_infers_every_frame_so_flicker_it_would_step_over_is_le
     # The sparse first window thinned out over blips it never saw and learned a bound of 16
     # frames on the edge feature; the dense one saw them and keeps the target (0.960 vs 0.843).
     assert dense_agreement >= 0.9 > sparse_agreement
+
+
+def _flicker_then_quiet_then_flicker() -> tuple[list[np.ndarray], list[int]]:
+    """360 frames of one calm picture; the answer flickers on three frames in ten for 10 s at
+    10 fps, holds at 0 for 20 s, then flickers again: a detector's flicker that the picture
+    does not show (ghost persons on a motorway), so no threshold can predict it."""
+    rng = np.random.default_rng(0)
+    picture = background(0)
+    frames = [noisy(picture, rng) for _ in range(360)]
+    answers = ([int(rng.random() < 0.3) for _ in range(100)] + [0] * 200
+               + [int(rng.random() < 0.3) for _ in range(60)])
+    return frames, answers
+
+
+def test_a_dense_setting_under_an_answer_that_holds_for_a_window_relaxes_until_the_answer_moves():
+    frames, answers = _flicker_then_quiet_then_flicker()
+    filt = _calibrating_filter(audit_fraction=0.0, recalibrate_s=1000.0)
+    settings: list = []
+    reasons, source = _replay(filt, frames, answers, settings)
+    kept = [r not in ("below_threshold", "audit", "sparse") for r in reasons]
+    dense = settings[99]
+    assert dense.max_age <= 1 and sum(kept[40:100]) == 60      # the flicker taught: infer every frame
+    # After 3 s of the same answer the quiet run's setting holds; its bound grows with how long
+    # the answer has held (2 (1 - target) L / 3 frames after L frames: 2 after 30, 13 after 200).
+    assert filt.stats()["quiet_runs_held"] == 1
+    bounds = [s.max_age for s in settings[140:300:20]]
+    assert bounds == sorted(bounds) and bounds[0] <= 3 and bounds[-1] >= 10
+    assert sum(kept[200:300]) <= 15
+    # The flicker is back: the first kept frame that sees it restores the setting it replaced.
+    assert settings[-1] == dense and all(kept[-10:])
+    agreement = np.mean([count_agreement(answers[i], answers[k]) for i, k in enumerate(source)])
+    assert agreement >= 0.95
+
+
+def test_a_quiet_run_breaks_on_a_changed_answer_a_lost_result_or_a_gap_longer_than_a_stride():
+    from edgeva.filtering.windows import QuietRun
+    d = Differencer()
+    frames = [d.prepare(noisy(background(0), np.random.default_rng(i))) for i in range(12)]
+    run = QuietRun(frames_wanted=6, max_stride=3)
+    assert run.add(frames[0], kept=False) and run.length == 0       # a run starts at a kept frame
+    for i, kept in zip(range(1, 7), [True, False, False, True, True, False]):
+        assert run.add(frames[i], kept)
+    assert run.length == 6 and run.kept == 3 and not run.complete()  # its results are on their way
+    assert run.record(frames[1], 2, count_agreement) and run.record(frames[4], 2, count_agreement)
+    assert not run.complete() and run.record(frames[5], 2, count_agreement) and run.complete()
+    changed = QuietRun(frames_wanted=6, max_stride=3)
+    changed.add(frames[0], True)
+    changed.add(frames[1], True)
+    assert changed.record(frames[0], 2, count_agreement) and not changed.record(frames[1], 3, count_agreement)
+    gap = QuietRun(frames_wanted=6, max_stride=3)
+    assert gap.add(frames[0], True) and gap.add(frames[1], False) and gap.add(frames[2], False)
+    assert not gap.add(frames[3], False)                            # three skipped in a row: stride 3 exceeded

@@ -55,7 +55,7 @@ from .audits import AuditTracker, audit_fraction_for_power
 from .features import Differencer, FeatureName, Prepared
 from .profiles import Lookup, ProfileTable, Setting, segment_key, tighten
 from .tuner import CONFIRMATIONS, inferred_value
-from .windows import Tuned, TuningJob, Window, longest_age, run_inline, tunable_features
+from .windows import QuietRun, Tuned, TuningJob, Window, longest_age, run_inline, tunable_features
 
 log = logging.getLogger("edgeva.filtering")
 
@@ -90,6 +90,12 @@ RESULT_PATIENCE = 4         # a window waits this many window lengths of frames 
 # the checks find a change), and never past the learned bound (lengthening it was tried on
 # ../shared/videos/tune and lost agreement on a motorway).
 BOUND_STEP = 2.0
+
+# A quiet run's setting holds a bound of at most 2 (1 - target) / r frames, r the rate at which
+# the answer changes: each change a threshold does not see is then carried for half a bound on
+# average, a share r * bound / 2 <= 1 - target of the frames. After L frames without a change, r
+# is at most QUIET_EVENTS / L with 95 % confidence (no event in L frames: the rule of three).
+QUIET_EVENTS = -math.log(0.05)
 _REMEMBERED = 16
 
 
@@ -167,6 +173,12 @@ class QueryFilter:
         self._first_changes = 0                       # windows opened at a first change (_answer_seen_changing)
         self._first_change: Optional[tuple[Window, Any]] = None   # the latest such window, the answer before it
         self._change_lasted = False                   # ... and whether its answer ended away from that one
+        self._quiet: Optional[QuietRun] = None        # frames decided since the answer last moved
+        self._quiet_tuned: deque[tuple[Tuned, int]] = deque()   # a finished quiet run's tuning and start, applied at the next decision
+        self._held_from: Optional[Setting] = None     # while a quiet run's setting holds: the setting it replaced
+        self._decided = 0                             # frames decided so far
+        self._quiet_since = 0                         # ... when the held quiet run began
+        self._quiet_holds = 0
 
     # ------------------------------------------------------------- settings
     def set_fps(self, fps: Optional[float]) -> None:
@@ -212,6 +224,8 @@ class QueryFilter:
         if self._learned is None:
             return None
         setting = tighten(self._learned, self._factor) if self._factor < 1.0 else self._learned
+        if self._held_from is not None:
+            setting = Setting(setting.threshold, min(setting.max_age, self._quiet_bound()), setting.feature)
         if self._bound_factor < 1.0 and setting.max_age > 0:
             age = max(1, int(round(setting.max_age * self._bound_factor)))
             setting = Setting(setting.threshold, age, setting.feature)
@@ -258,6 +272,7 @@ class QueryFilter:
         ("shared"), a fresher answer at no cost. Calibration windows keep to their own plan."""
         if not self.cfg.enabled:
             return self._keep("disabled", None)
+        self._decided += 1
         self._track_segment(prepared)
         if self._reference is None:
             return self._keep("first", None, prepared)
@@ -269,6 +284,8 @@ class QueryFilter:
             self._apply_confirmations()
         if self._tuned:
             self._apply_tuned()
+        if self._quiet_tuned:
+            self._apply_quiet()
         window = self._window
         if window is not None and window.full:
             # Results lag the decisions by the model's queue (batch replay runs far ahead); only
@@ -288,6 +305,12 @@ class QueryFilter:
         setting = self.setting
         if setting is None:
             return self._keep("untuned", None)
+        decision = self._decide_by_setting(prepared, setting, audit_draw, model_runs)
+        self._track_quiet(prepared, decision.keep)
+        return decision
+
+    def _decide_by_setting(self, prepared: Prepared, setting: Setting, audit_draw: Optional[float],
+                           model_runs: bool) -> Decision:
         if self._confirm_next:
             self._confirm_next = False
             return self._keep("confirm", None)
@@ -328,6 +351,58 @@ class QueryFilter:
         self._window_progressed(window)     # its last frame, or its half's, may be this one
         return decision
 
+    def _track_quiet(self, prepared: Prepared, kept: bool) -> None:
+        """Follow the quiet run: the setting in force inferring as densely as a calibration window
+        while the answer holds (edgeva.filtering.windows.QuietRun)."""
+        if not self.learns or self._held_from is not None:
+            self._quiet = None
+            return
+        if self._quiet is None:
+            self._quiet = QuietRun(self._frames_for(self.cfg.calibration_s), self._window_stride(), self._decided)
+        if not self._quiet.add(prepared, kept):
+            self._quiet = None
+
+    def _finish_quiet(self, quiet: QuietRun) -> None:
+        """The setting in force inferred a whole window's worth of frames and the answer never
+        moved: that is an uninformed calibration window the query already paid for. It is tuned
+        alone (pooling it with busier windows would teach it their changes), and its setting (a
+        threshold above every change the run showed, the longest bound) decides until the answer
+        is seen to move; then the setting it replaced is back at once. It is not stored as a
+        profile: it says what the answer did lately, not what the picture looks like."""
+        self._quiet = None
+        if self.agreement is None:
+            return
+        if quiet.kept * self._quiet_bound(quiet.start) < quiet.length:
+            return                          # the setting in force already infers less than it would
+        job = self._tuning_job(*quiet.window.answered(), pooled=False)
+        try:
+            self.tune_runner(lambda: self._quiet_tuned.append((job.run(), quiet.start)))
+        except RuntimeError:        # the tuner is shutting down
+            return
+        self._apply_quiet()
+
+    def _apply_quiet(self) -> None:
+        while self._quiet_tuned:
+            tuned, tuned_since = self._quiet_tuned.popleft()
+            if (tuned.informed or self._window is not None or self._tuning or self._learned is None
+                    or self._held_from is not None):
+                continue                    # the answer moved meanwhile, or a window took over
+            self._held_from, self._learned = self._learned, tuned.setting
+            self._quiet_since = tuned_since
+            self._quiet_holds += 1
+
+    def _quiet_bound(self, since: Optional[int] = None) -> int:
+        """The longest bound a quiet run's setting may hold now (QUIET_EVENTS)."""
+        quiet_for = self._decided - (self._quiet_since if since is None else since)
+        return max(1, int(2.0 * (1.0 - self.target) * quiet_for / QUIET_EVENTS))
+
+    def _answer_moved(self) -> None:
+        """A kept frame, a check at the bound or an audit found the answer changed: a quiet run's
+        setting no longer holds."""
+        self._quiet = None
+        if self._held_from is not None:
+            self._learned, self._held_from = self._held_from, None
+
     def _track_segment(self, prepared: Prepared) -> None:
         previous, self._previous = self._previous, prepared
         if previous is None or previous.gray.shape != prepared.gray.shape:
@@ -354,6 +429,8 @@ class QueryFilter:
         spacing = self._new_segment_spacing(found)
         if spacing is not None and self._windows_since_profiled(spacing):
             self._profile_anew()
+        elif self._held_from is not None:
+            self._held_from = found.setting     # a quiet run's setting holds; this comes back after it
         else:
             self._learned = found.setting
 
@@ -386,6 +463,7 @@ class QueryFilter:
         nor one the audits asked for) may stop at its half when that confirms the setting in force;
         `dense` infers every frame of it."""
         confirms = self._learned if confirmable and self._learned is not None else None
+        self._quiet = None
         self._confirm_next = False          # the window infers its first frame: that confirms
         self._window = Window(self._frames_for(self.cfg.calibration_s), confirms,
                               1 if dense else self._window_stride(), self.target)
@@ -416,6 +494,8 @@ class QueryFilter:
         it checks nothing at the bound."""
         self._stale_kept.pop(id(prepared), None)
         self._replaced.pop(id(prepared), None)
+        if self._quiet is not None and self._quiet.holds(prepared):
+            self._quiet = None
         window = self._window
         if window is None or not window.holds(prepared):
             return
@@ -429,6 +509,12 @@ class QueryFilter:
         _remember(self._results, prepared, (prepared, value))
         self._check_at_bound(prepared, value)
         self._check_answer_changed(prepared, value)
+        quiet = self._quiet
+        if quiet is not None and quiet.holds(prepared) and self.agreement is not None:
+            if not quiet.record(prepared, value, self.agreement):
+                self._quiet = None
+            elif quiet.complete():
+                self._finish_quiet(quiet)
         window = self._window
         if window is None or not window.holds(prepared):
             return
@@ -481,6 +567,7 @@ class QueryFilter:
         if prepared is self._reference:
             self._confirm_next = self._confirm_run < CONFIRMATIONS and changed
         if changed:
+            self._answer_moved()
             self._answer_seen_changing(replaced[1])
 
     def _answer_seen_changing(self, before: Any) -> None:
@@ -556,13 +643,14 @@ class QueryFilter:
         self._tuning += 1
         self._apply_tuned()
 
-    def _tuning_job(self, frames: list, values: list) -> TuningJob:
-        """The tuning of a window's frames, pooled with the most similar windows profiled before."""
+    def _tuning_job(self, frames: list, values: list, pooled: bool = True) -> TuningJob:
+        """The tuning of a window's frames, pooled with the most similar windows profiled before
+        (`pooled`)."""
         consecutive = [self.differencer.feature(a, b, SEGMENT_FEATURE) for a, b in zip(frames, frames[1:])]
         key = segment_key(consecutive)
         # Tune on this window pooled with the most similar windows profiled before: one short
         # window holds few changes of the answer, and a setting fitted to those alone is noisy.
-        similar = self.profiles.nearest_windows(key, POOLED_WINDOWS - 1)
+        similar = self.profiles.nearest_windows(key, POOLED_WINDOWS - 1) if pooled else []
         piece = self._frames_for(self.cfg.segment_s)
         job = TuningJob(
             segments=[frames] + [p.frames for p in similar], values=[values] + [p.values for p in similar],
@@ -584,6 +672,7 @@ class QueryFilter:
             # profiles can, theirs decides
             found = None if tuned.informed else self.profiles.lookup(tuned.key)
             self._learned = found.setting if found is not None else tuned.setting
+            self._held_from = None
             self._factor = 1.0
             self._bound_factor = 1.0
             self._missed_in_a_row = 0
@@ -608,6 +697,7 @@ class QueryFilter:
         """Record one audit; returns "tightened" or "relaxed" when the setting changed."""
         self.audits.record(agreed)
         if agreed < 1.0:
+            self._answer_moved()
             reference = self._remembered_result(self._reference)
             self._answer_seen_changing(None if reference is None else reference[1])
         share = self.reused_share()
@@ -664,6 +754,7 @@ class QueryFilter:
             "novel_segments": self._novel,
             "confirmed_at_half": self._confirmed,
             "profiled_at_first_change": self._first_changes,
+            "quiet_runs_held": self._quiet_holds,
             "audit_fraction": round(self.audit_fraction(), 4) if self.cfg.enabled else 0.0,
             "audited": self.audits.total,
             "audited_agreement": self.audits.mean_agreement,

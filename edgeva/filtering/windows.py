@@ -139,6 +139,60 @@ class Window:
         return out_frames, out_values
 
 
+class QuietRun:
+    """Frames the setting in force decided while the answer held: kept at most `max_stride` apart
+    (as a calibration window keeps them where its answer holds), every kept frame's result the
+    same answer. Once it spans a window's length with every result in, it *is* such a window,
+    inferred by the setting itself at no extra cost, and tuned like one. It breaks when a kept
+    frame's answer differs from the first, when more than `max_stride - 1` frames in a row were
+    skipped, or when a kept frame's result is lost."""
+
+    def __init__(self, frames_wanted: int, max_stride: int, start: int = 0) -> None:
+        self.window = Window(frames_wanted)
+        self.max_stride = max(1, max_stride)
+        self.start = start                  # the query's decision count at its first frame
+        self._skipped_in_a_row = 0
+        self._answer: Any = None
+        self._answered = False
+
+    def add(self, prepared: Prepared, kept: bool) -> bool:
+        """The next decided frame; False when the run cannot go on (a gap longer than a stride)."""
+        if self.window.full:
+            return True
+        if not self.window.frames and not kept:
+            return True                     # a run starts at a kept frame
+        self._skipped_in_a_row = 0 if kept else self._skipped_in_a_row + 1
+        if self._skipped_in_a_row >= self.max_stride:
+            return False
+        self.window.add(prepared, inferred=kept)
+        return True
+
+    def record(self, prepared: Prepared, value: Any, agreement: Callable[[Any, Any], float]) -> bool:
+        """A kept frame's result; False when the answer moved (the run is over)."""
+        if not self.window.holds(prepared):
+            return True
+        if not self._answered:
+            self._answer, self._answered = value, True
+        elif agreement(value, self._answer) < 1.0:
+            return False
+        self.window.record(prepared, value, None)
+        return True
+
+    def holds(self, prepared: Prepared) -> bool:
+        return self.window.holds(prepared)
+
+    @property
+    def length(self) -> int:
+        return len(self.window.frames)
+
+    @property
+    def kept(self) -> int:
+        return len(self.window.frames) - len(self.window.skipped)
+
+    def complete(self) -> bool:
+        return self.window.complete()
+
+
 @dataclass(frozen=True)
 class Tuned:
     """What tuning one window learned: its key and setting, to be stored as a profile."""
