@@ -19,6 +19,11 @@ Where the setting comes from (no hand knobs):
 - While every window so far was uninformed (the answer never changed there), the first change
   a kept frame or an audit sees opens a window at once, inferring every frame
   (`_answer_seen_changing`).
+- A setting that keeps frames as densely as a calibration window while the answer holds for a
+  window's length (learned where a detector flickered, or from a frozen picture) has paid for an
+  uninformed window there: that stretch is tuned alone and its setting holds, its bound growing
+  with how long the answer has held (QUIET_EVENTS), until the answer is seen to move; then the
+  setting it replaced is back (`_finish_quiet`).
 - A new-segment or periodic burst is tuned once at its half as well: when that half (pooled as
   usual) chooses the feature and threshold already in force, the burst has confirmed the setting
   and stops there, its half stored as the profile; the second half would cost inferences to

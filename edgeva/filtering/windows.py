@@ -1,6 +1,7 @@
 """Calibration windows and their tuning: what a window holds while its results come back (which
 frames it inferred, and the answers it carried over the others), and the snapshot of it (pooled
-with similar profiled windows) that the tuner runs on any thread.
+with similar profiled windows) that the tuner runs on any thread; and the quiet run, a stretch
+the setting in force inferred as densely as a window while the answer held, tuned like one.
 
 edgeva.filtering.policy opens the windows, feeds them frames and results, and applies what their
 tuning learned.
