@@ -1312,3 +1312,15 @@ def test_a_quiet_run_breaks_on_a_changed_answer_a_lost_result_or_a_gap_longer_th
     gap = QuietRun(frames_wanted=6, max_stride=3)
     assert gap.add(frames[0], True) and gap.add(frames[1], False) and gap.add(frames[2], False)
     assert not gap.add(frames[3], False)                            # three skipped in a row: stride 3 exceeded
+
+
+def test_a_setting_applied_from_outside_ends_a_quiet_runs_hold():
+    frames, answers = _flicker_then_quiet_then_flicker()
+    # segments of 3 s: no profile lookup (which would replace any setting) at frames 250 and 251
+    filt = _calibrating_filter(audit_fraction=0.0, recalibrate_s=1000.0, segment_s=3.0)
+    _replay(filt, frames[:250], answers[:250])
+    assert filt.stats()["quiet_runs_held"] == 1
+    filt.set_threshold(0.2, feature="pixel", max_age=0)
+    # both frames are kept at the bound of 0, and the answer moves: nothing to restore
+    _replay(filt, frames[250:252], [1, 0])
+    assert filt.setting == Setting(0.2, 0, "pixel")

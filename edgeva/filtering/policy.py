@@ -728,6 +728,8 @@ class QueryFilter:
         self._learned = None if threshold is None else Setting(
             threshold, max_age if max_age is not None else (current.max_age if current else self._configured_age()),
             feature)
+        self._held_from = None              # a quiet run's hold ends with the setting it held
+        self._quiet = None
         self._factor = 1.0
         self._bound_factor = 1.0
         self.audits.reset_window()
