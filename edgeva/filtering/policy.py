@@ -371,8 +371,8 @@ class QueryFilter:
         """The setting in force inferred a whole window's worth of frames and the answer never
         moved: that is an uninformed calibration window the query already paid for. It is tuned
         alone (pooling it with busier windows would teach it their changes), and its setting (a
-        threshold above every change the run showed, the longest bound) decides until the answer
-        is seen to move; then the setting it replaced is back at once. It is not stored as a
+        threshold above every change the run showed, a bound that grows with how long the answer
+        has held: _quiet_bound) decides until the answer is seen to move; then the setting it replaced is back at once. It is not stored as a
         profile: it says what the answer did lately, not what the picture looks like."""
         self._quiet = None
         if self.agreement is None:
