@@ -661,6 +661,52 @@ def test_batch_replay_decides_as_if_results_came_at_once_however_far_the_model_l
     assert lagging_stats["bound_factor"] == at_once_stats["bound_factor"]
 
 
+def _frozen_then_grainy_then_a_car() -> tuple[list[np.ndarray], BlobDetector]:
+    """2 s of one still picture, 8 s of the same street under heavy sensor grain (no car: the
+    blob detector counts none), then a parked car for 2 s, at 10 frames/s. The still first
+    window teaches a threshold of 0, which every grainy frame passes: a setting that infers
+    every frame while the answer holds (filtering step 9)."""
+    import cv2
+
+    spec = PRESETS["small"]
+    background = render_background(spec)
+    rng = np.random.default_rng(5)
+
+    def grainy(image: np.ndarray) -> np.ndarray:
+        noise = rng.normal(0.0, 25.0, image.shape).astype(np.float32)
+        return np.clip(image.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+
+    with_car = background.copy()
+    cv2.rectangle(with_car, (60, 60), (110, 90), (20, 20, 200), -1)
+    frames = [background.copy() for _ in range(20)] + [grainy(background) for _ in range(80)]
+    frames += [grainy(with_car) for _ in range(20)]
+    return frames, BlobDetector(background)
+
+
+def _quiet_run_decisions(lagging: bool) -> tuple[list[int], dict, list[int]]:
+    frames, blob = _frozen_then_grainy_then_a_car()
+    with _BlobPort(blob, lagging) as port:
+        query, hub, query_filter = _calibrating_batch_query(blob, port, calibration_s=1.0, segment_s=0.5,
+                                                            recalibrate_s=100.0)
+        inferred: list[int] = []
+        hub.add_tap(lambda r: inferred.append(r.seq) if r.outcome.value == "inferred" else None)
+        _submit_recorded(frames, query)
+    counts = [len(d) for d in blob.predict(frames)]
+    return sorted(inferred), query_filter.stats(), counts
+
+
+def test_a_quiet_runs_hold_in_batch_replay_does_not_depend_on_how_far_the_model_lags():
+    """A quiet run ends when its results are in, and its hold begins at the next decision: batch
+    replay waits for every kept frame's result, so a model lagging far behind the decoder gives
+    the frames a model answering at once gives."""
+    at_once, stats, counts = _quiet_run_decisions(lagging=False)
+    lagging, lagging_stats, _ = _quiet_run_decisions(lagging=True)
+    assert set(counts[:100]) == {0} and set(counts[100:]) == {1}
+    assert stats["quiet_runs_held"] >= 1
+    assert sum(20 <= i < 100 for i in at_once) < 60                # not every grainy frame
+    assert lagging == at_once and lagging_stats["quiet_runs_held"] == stats["quiet_runs_held"]
+
+
 def test_batch_replay_waits_for_audits_too(street):
     """An audit can tighten the setting, so batch replay's next decision waits for it like for
     any result the filter needs: with audits, a model lagging far behind still gives the
