@@ -372,11 +372,10 @@ class QueryFilter:
         moved: that is an uninformed calibration window the query already paid for. It is tuned
         alone (pooling it with busier windows would teach it their changes), and its setting (a
         threshold above every change the run showed, a bound that grows with how long the answer
-        has held: _quiet_bound) decides until the answer is seen to move; then the setting it replaced is back at once. It is not stored as a
-        profile: it says what the answer did lately, not what the picture looks like."""
+        has held: _quiet_bound) decides until the answer is seen to move; then the setting it
+        replaced is back at once. It is not stored as a profile: it says what the answer did
+        lately, not what the picture looks like."""
         self._quiet = None
-        if self.agreement is None:
-            return
         if quiet.kept * self._quiet_bound(quiet.start) < quiet.length:
             return                          # the setting in force already infers less than it would
         job = self._tuning_job(*quiet.window.answered(), pooled=False)
@@ -402,8 +401,7 @@ class QueryFilter:
         return max(1, int(2.0 * (1.0 - self.target) * quiet_for / QUIET_EVENTS))
 
     def _answer_moved(self) -> None:
-        """A kept frame, a check at the bound or an audit found the answer changed: a quiet run's
-        setting no longer holds."""
+        """The answer changed: a quiet run's setting no longer holds, the one it replaced is back."""
         self._quiet = None
         if self._held_from is not None:
             self._learned, self._held_from = self._held_from, None
@@ -515,7 +513,7 @@ class QueryFilter:
         self._check_at_bound(prepared, value)
         self._check_answer_changed(prepared, value)
         quiet = self._quiet
-        if quiet is not None and quiet.holds(prepared) and self.agreement is not None:
+        if quiet is not None and quiet.holds(prepared):
             if not quiet.record(prepared, value, self.agreement):
                 self._quiet = None
             elif quiet.complete():
@@ -572,11 +570,13 @@ class QueryFilter:
         if prepared is self._reference:
             self._confirm_next = self._confirm_run < CONFIRMATIONS and changed
         if changed:
-            self._answer_moved()
             self._answer_seen_changing(replaced[1])
 
     def _answer_seen_changing(self, before: Any) -> None:
-        """Every window so far was uninformed (its answer never changed, or too little to tell
+        """A kept frame, a check at the bound or an audit found the answer changed from `before`:
+        a quiet run's hold ends (_answer_moved).
+
+        Every window so far was uninformed (its answer never changed, or too little to tell
         settings apart), so the setting in force only says that nothing happened while they were
         profiled: a threshold above every change they showed, a bound as long as a window. The
         first time the answer is then seen to change from `before` (a kept frame's result or an
@@ -589,6 +589,7 @@ class QueryFilter:
         window), the camera is active and the next change is profiled at once again; back at
         `before` (a ghost detection, a blip), each blip would buy another dense window, so the next
         comes at most once per PROFILING_SPACING windows, like new-segment bursts."""
+        self._answer_moved()
         if (not self.learns or self._window is not None or self._tuning or not self.profiles
                 or self.profiles.informed):
             return
@@ -702,7 +703,6 @@ class QueryFilter:
         """Record one audit; returns "tightened" or "relaxed" when the setting changed."""
         self.audits.record(agreed)
         if agreed < 1.0:
-            self._answer_moved()
             reference = self._remembered_result(self._reference)
             self._answer_seen_changing(None if reference is None else reference[1])
         share = self.reused_share()

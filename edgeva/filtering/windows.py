@@ -153,8 +153,6 @@ class QuietRun:
         self.max_stride = max(1, max_stride)
         self.start = start                  # the query's decision count at its first frame
         self._skipped_in_a_row = 0
-        self._answer: Any = None
-        self._answered = False
 
     def add(self, prepared: Prepared, kept: bool) -> bool:
         """The next decided frame; False when the run cannot go on (a gap longer than a stride)."""
@@ -172,9 +170,8 @@ class QuietRun:
         """A kept frame's result; False when the answer moved (the run is over)."""
         if not self.window.holds(prepared):
             return True
-        if not self._answered:
-            self._answer, self._answered = value, True
-        elif agreement(value, self._answer) < 1.0:
+        first = next(iter(self.window.values.values()), value)
+        if agreement(value, first) < 1.0:
             return False
         self.window.record(prepared, value, None)
         return True
