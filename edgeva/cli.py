@@ -163,12 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="refresh every SECONDS (default 2)")
         p.set_defaults(func=func)
 
-    tune = sub.add_parser("tune", help="pick each query's filter threshold from a profiling segment")
+    tune = sub.add_parser("tune", help="profile a segment of each camera: where each query's filter starts")
     tune.add_argument("--config", "-c", default=_default_config())
     tune.add_argument("--seconds", type=float, default=60.0, help="length of the profiling segment")
     tune.add_argument("--start", type=float, default=0.0, help="where the segment starts in a file (s)")
     tune.add_argument("--query", action="append", help="tune only these queries (repeatable)")
-    tune.add_argument("--write", action="store_true", help="write the thresholds into the config file")
+    tune.add_argument("--write", action="store_true", help="write each query's starting setting (filter.tuned) into the config file")
     tune.add_argument("--plot", help="save the skip%%-vs-agreement curves to this PNG")
     tune.add_argument("--json", action="store_true")
     tune.add_argument("--log-level", default="warning")
@@ -236,7 +236,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from edgeva.tuning import format_tunings, plot_curves, tune_config, write_thresholds
+    from edgeva.tuning import format_tunings, plot_curves, tune_config, write_tunings
 
     _setup_logging(args.log_level)
     cfg = _load(args.config)
@@ -250,14 +250,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
                            math.isfinite(t.best.threshold) else "none",
                            "max_age_s": round(t.best.max_age / t.fps, 3), "margin": t.best.margin,
                            "skip_fraction": t.best.skip_fraction,
-                           "agreement": t.best.agreement, "met_target": t.best.met_target} for t in tunings], indent=2))
+                           "agreement": t.best.agreement, "met_target": t.best.met_target,
+                           "informed": t.informed} for t in tunings], indent=2))
     else:
         print(format_tunings(tunings))
     if args.plot:
         plot_curves(tunings, args.plot)
         print(f"curves: {args.plot}")
     if args.write:
-        print(f"thresholds written to {write_thresholds(args.config, tunings)} (previous file kept as .bak)")
+        print(f"each query's starting setting (filter.tuned; it learns on from there) written to "
+              f"{write_tunings(args.config, tunings)} (previous file kept as .bak)")
     return 0 if all(t.best.met_target for t in tunings) else 3
 
 

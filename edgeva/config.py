@@ -98,6 +98,35 @@ class TaskConfig:
             raise ConfigError(f"{path}.classes", f"a {self.type} task needs at least one class")
 
 
+# Bins of a segment's key (edgeva.filtering.profiles): a histogram of its frame-to-frame changes.
+SEGMENT_KEY_BINS = 30
+
+
+@dataclass
+class TunedFilter:
+    """Where a query's filter starts, written by `edgeva tune --write`: the setting tuned on a
+    profiled segment of the camera and that segment's key. The query learns on from there as one
+    without a threshold does after its first window (the segment is its first profile)."""
+    feature: Literal["pixel", "area", "edge", "foreground"]
+    threshold: float                     # .inf: only the staleness bound
+    max_age_s: float
+    key: list[float]                     # the segment's histogram of frame-to-frame changes
+    radius: float                        # how far the segment's own pieces were from its key
+    informed: bool = True                # the segment's answer changed enough to tell settings apart
+    seconds: Optional[float] = None      # how much of the camera it was tuned on (for the reader)
+
+    def validate(self, path: str) -> None:
+        if self.threshold < 0:
+            raise ConfigError(f"{path}.threshold", "must be >= 0")
+        if self.max_age_s < 0:
+            raise ConfigError(f"{path}.max_age_s", "must be >= 0")
+        if self.radius < 0:
+            raise ConfigError(f"{path}.radius", "must be >= 0")
+        if len(self.key) != SEGMENT_KEY_BINS or any(v < 0 for v in self.key) or abs(sum(self.key) - 1.0) > 0.01:
+            raise ConfigError(f"{path}.key", f"must be {SEGMENT_KEY_BINS} shares >= 0 summing to 1 "
+                              "(as `edgeva tune --write` writes it)")
+
+
 @dataclass
 class FilterConfig:
     enabled: bool = True
@@ -112,6 +141,7 @@ class FilterConfig:
     segment_s: float = 1.0               # how often the recent segment is looked up among the profiles
     recalibrate_s: float = 300.0         # a calibration burst at least this often
     tuned_max_age_limit_s: float = 10.0  # the longest staleness bound the tuner may choose
+    tuned: Optional[TunedFilter] = None  # `edgeva tune --write`: where the filter starts (it learns on)
 
     def validate(self, path: str) -> None:
         if self.threshold is not None and self.threshold < 0:
@@ -133,6 +163,14 @@ class FilterConfig:
                               "a calibration window is cut into segments to judge what is new")
         if self.recalibrate_s < self.calibration_s:
             raise ConfigError(f"{path}.recalibrate_s", f"must be at least calibration_s ({self.calibration_s})")
+        if self.tuned is not None:
+            if self.threshold is not None:
+                raise ConfigError(f"{path}.tuned", "a configured threshold is fixed and a tuned setting is where "
+                                  "learning starts: keep one (`edgeva tune --write` removes the threshold)")
+            if self.feature != "auto" and self.tuned.feature != self.feature:
+                raise ConfigError(f"{path}.tuned.feature", f"{self.tuned.feature!r} is not the configured "
+                                  f"feature {self.feature!r}: run `edgeva tune --write` again")
+            self.tuned.validate(f"{path}.tuned")
 
 
 @dataclass

@@ -9,6 +9,7 @@ copy for the filter and each query's result, never the full-resolution segment.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -20,11 +21,13 @@ import cv2
 import numpy as np
 import yaml
 
-from edgeva.config import Config, QueryConfig, is_file_source
+from edgeva.config import Config, QueryConfig, TunedFilter, is_file_source
 from edgeva.filtering import (
     Differencer, SceneTracker, TuneResult, age_candidates, default_feature, longest_age, tune_features,
     tunable_features,
 )
+from edgeva.filtering.profiles import SEGMENT_FEATURE, profile_radius, segment_key, segment_pieces
+from edgeva.filtering.tuner import bound_only_agreement
 from edgeva.recordings import playable
 from edgeva.redaction import redact
 
@@ -39,6 +42,21 @@ class QueryTuning:
     best: TuneResult
     others: list[TuneResult]
     fps: float = 25.0
+    key: Optional[list[float]] = None    # the segment's key and radius (edgeva.filtering.profiles)
+    radius: float = 0.0
+    informed: bool = True                # its answer changed enough to tell settings apart
+
+    def start(self) -> TunedFilter:
+        """Where the query's filter starts in the daemon (`filter.tuned`); it learns on from there."""
+        best = self.best
+        if best.threshold is None:        # nothing met the target: infer every frame until it learns more
+            threshold, max_age_s = 0.0, 0.0
+        else:
+            threshold, max_age_s = float(best.threshold), round(best.max_age / self.fps, 3)
+        if math.isfinite(threshold):
+            threshold = float(f"{threshold:.6g}")
+        return TunedFilter(best.feature, threshold, max_age_s, [round(float(v), 5) for v in self.key or []],
+                           round(self.radius, 5), self.informed, round(self.frames / self.fps, 2))
 
 
 def read_segment(source: str, seconds: float, start_s: float = 0.0, max_frames: int = 3000) -> list[np.ndarray]:
@@ -98,7 +116,11 @@ def tune_query(q: QueryConfig, prepared: list[Any], values: list[Any], agreement
     results = tune_features(prepared, values, agreement, q.accuracy_target, features=tuple(features),
                             preferred=default_feature(q.task.type), differencer=differencer,
                             max_ages=age_candidates(max(0, longest)), safety_margin="auto")
-    return QueryTuning(q.id, q.camera, len(prepared), results[0], results[1:], fps)
+    changes = [differencer.feature(a, b, SEGMENT_FEATURE) for a, b in zip(prepared, prepared[1:])]
+    key = segment_key(changes)
+    radius = profile_radius(key, segment_pieces(changes, max(2, int(round(q.filter.segment_s * fps)))))
+    informed = bound_only_agreement(values, agreement, max(0, longest)) < q.accuracy_target
+    return QueryTuning(q.id, q.camera, len(prepared), results[0], results[1:], fps, key.tolist(), radius, informed)
 
 
 def tune_config(cfg: Config, seconds: float, start_s: float = 0.0,
@@ -147,10 +169,14 @@ def _profile_batch(profiles: list[_QueryProfile], images: list[np.ndarray]) -> N
         p.prepared.extend(p.scene.prepare(image) for image in images)
 
 
-def write_thresholds(config_path: str, tunings: list[QueryTuning]) -> Path:
-    """Set filter.threshold/max_age_s/feature of each tuned query in the YAML file, keeping its
-    comments and layout (ruamel's round trip); a .bak copy of the old file is kept."""
+def write_tunings(config_path: str, tunings: list[QueryTuning]) -> Path:
+    """Set each tuned query's `filter.tuned` (where its filter starts; it learns on from there) in
+    the YAML file, keeping its comments and layout (ruamel's round trip); a .bak copy of the old
+    file is kept. A configured `threshold` is removed (it would fix the setting), and so is a
+    `max_age_s` (it would cap every bound learned later; older versions of this command wrote
+    both)."""
     from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
     yaml_rt = YAML()
     yaml_rt.preserve_quotes = True
@@ -164,14 +190,15 @@ def write_thresholds(config_path: str, tunings: list[QueryTuning]) -> Path:
         if q.get("filter") is None:
             q["filter"] = {}
         filt = q["filter"]
-        best = t.best
-        if best.threshold is None:
-            filt["threshold"] = 0.0          # nothing met the target: infer every frame that changes
-            filt["max_age_s"] = 0.0
-        else:
-            filt["threshold"] = float("inf") if math.isinf(best.threshold) else round(float(best.threshold), 6)
-            filt["max_age_s"] = round(best.max_age / t.fps, 3)
-        filt["feature"] = best.feature
+        for stale in ("threshold", "max_age_s"):
+            if filt.get(stale) is not None:
+                del filt[stale]
+        start = dataclasses.asdict(t.start())
+        key = CommentedSeq(start.pop("key"))
+        key.fa.set_flow_style()
+        tuned = CommentedMap(start)
+        tuned.insert(list(start).index("radius"), "key", key)
+        filt["tuned"] = tuned
     shutil.copyfile(path, path.with_suffix(path.suffix + ".bak"))
     with path.open("w") as fh:
         yaml_rt.dump(raw, fh)

@@ -1324,3 +1324,75 @@ def test_a_setting_applied_from_outside_ends_a_quiet_runs_hold():
     # both frames are kept at the bound of 0, and the answer moves: nothing to restore
     _replay(filt, frames[250:252], [1, 0])
     assert filt.setting == Setting(0.2, 0, "pixel")
+
+
+# ------------------------------------------------------------- a start from `edgeva tune`
+
+def _tuned_on(frames: list[np.ndarray], counts: list[int], fps: float) -> FilterConfig:
+    """What `edgeva tune --write` puts into the config after profiling `frames`."""
+    from edgeva.config import parse_config
+    from edgeva.tuning import tune_query
+
+    q = parse_config({"cameras": [{"id": "c", "source": "rtsp://x/y"}],
+                      "queries": [{"id": "q", "camera": "c", "model": "yolov8n", "accuracy_target": 0.9,
+                                   "task": {"type": "count", "classes": ["car"]}}]}).queries[0]
+    scene = SceneTracker(Differencer())
+    tuning = tune_query(q, [scene.prepare(f) for f in frames], counts, count_agreement, fps, scene.differencer)
+    return FilterConfig(tuned=tuning.start())
+
+
+def test_a_query_started_from_edgeva_tune_filters_at_once_and_learns_what_its_segment_did_not_show():
+    # `edgeva tune` profiled 4 s of a swinging sign (the answer never changed: an uninformed
+    # start, a threshold above the sign's swings); then a small car comes and goes under it.
+    # Started there, the query filters from its first frame, and the first change it sees
+    # profiles the camera, as after a first window of its own. The same setting fixed (as
+    # `edgeva tune` wrote it before: a threshold) only sees the car at its staleness bound.
+    frames, answers = _swinging_sign_then_small_car()
+    cfg = _tuned_on(frames[:40], answers[:40], fps=10.0)
+    assert cfg.tuned is not None and not cfg.tuned.informed
+    learning = QueryFilter(cfg, rng_seed=1, differencer=Differencer(), agreement=count_agreement, target=0.9,
+                           fps=10.0, preferred_feature="foreground")
+    reasons, source = _replay(learning, frames, answers)
+    assert reasons[0] == "first" and not set(reasons[1:40]) & WINDOW
+    assert learning.stats()["profiled_at_first_change"] >= 1
+    assert np.mean([count_agreement(answers[i], answers[k]) for i, k in enumerate(source)]) >= 0.9
+    fixed = QueryFilter(FilterConfig(threshold=cfg.tuned.threshold, max_age_s=cfg.tuned.max_age_s,
+                                     feature=cfg.tuned.feature), rng_seed=1, differencer=Differencer(),
+                        agreement=count_agreement, target=0.9, fps=10.0, preferred_feature="foreground")
+    _, fixed_source = _replay(fixed, frames, answers)
+    assert np.mean([count_agreement(answers[i], answers[k]) for i, k in enumerate(fixed_source)]) < 0.9
+
+
+def test_a_tuned_start_is_checked_like_the_rest_of_the_config():
+    from edgeva.config import ConfigError, parse_config
+
+    def load(tuned, **filt):
+        return parse_config({"cameras": [{"id": "c", "source": "rtsp://x/y"}],
+                             "queries": [{"id": "q", "camera": "c", "model": "yolov8n",
+                                          "task": {"type": "count", "classes": ["car"]},
+                                          "filter": {"tuned": tuned, **filt}}]})
+
+    good = {"feature": "area", "threshold": float("inf"), "max_age_s": 2.0, "key": [1.0] + [0.0] * 29,
+            "radius": 0.1, "informed": False}
+    assert load(good).queries[0].filter.tuned.threshold == math.inf
+    for tuned, filt, where in [({**good, "key": [0.5] * 30}, {}, "queries[0].filter.tuned.key"),
+                               ({**good, "key": [1.0]}, {}, "queries[0].filter.tuned.key"),
+                               ({**good, "max_age_s": -1}, {}, "queries[0].filter.tuned.max_age_s"),
+                               ({**good, "feature": "sky"}, {}, "queries[0].filter.tuned.feature"),
+                               (good, {"threshold": 0.1}, "queries[0].filter.tuned"),
+                               (good, {"feature": "edge"}, "queries[0].filter.tuned.feature")]:
+        with pytest.raises(ConfigError) as err:
+            load(tuned, **filt)
+        assert err.value.path == where
+
+
+def test_a_tuned_starts_bound_follows_the_camera_frame_rate_once_it_is_known():
+    from edgeva.config import TunedFilter
+
+    start = TunedFilter("area", 0.01, 2.0, [1.0] + [0.0] * 29, 0.1, True)
+    filt = QueryFilter(FilterConfig(tuned=start), agreement=count_agreement)
+    assert filt.setting.max_age == 50                      # 25 fps until the camera says
+    filt.set_fps(10.0)
+    assert filt.setting == Setting(0.01, 20, "area") and len(filt.profiles) == 1
+    capped = QueryFilter(FilterConfig(tuned=start, max_skip=5), agreement=count_agreement, fps=10.0)
+    assert capped.setting.max_age == 5                     # a configured cap still caps it

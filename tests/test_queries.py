@@ -15,7 +15,7 @@ from edgeva.daemon import Daemon
 from edgeva.executor import ModelWorker
 from edgeva.work import LatencyProfile, WorkItem
 from edgeva.messages import DropReason, Frame
-from edgeva.filtering import Differencer
+from edgeva.filtering import Differencer, QueryFilter
 from edgeva.models.outputs import Detections
 from edgeva.models.tasks import build_task
 from edgeva.sinks import read_results
@@ -240,8 +240,8 @@ def test_bad_weights_name_the_query_before_any_camera_starts(tmp_path, small_cli
     assert not daemon.cameras
 
 
-def test_tune_command_writes_thresholds_and_plots(street, tmp_path, monkeypatch):
-    from edgeva.tuning import format_tunings, plot_curves, tune_config, write_thresholds
+def test_tune_command_writes_where_each_filter_starts_and_plots(street, tmp_path, monkeypatch):
+    from edgeva.tuning import format_tunings, plot_curves, tune_config, write_tunings
 
     clip, model = street
     monkeypatch.setattr("edgeva.models.build_model", lambda *a, **k: model)
@@ -249,9 +249,10 @@ def test_tune_command_writes_thresholds_and_plots(street, tmp_path, monkeypatch)
     cfg_path.write_text("# the street camera, tuned by edgeva tune\n" + yaml.safe_dump({
         "cameras": [{"id": "street", "source": str(clip)}],
         "queries": [{"id": "cars", "camera": "street", "model": "yolov8n", "accuracy_target": 0.9,
-                     "task": {"type": "count", "classes": ["car"]}},
+                     "task": {"type": "count", "classes": ["car"]}, "filter": {"threshold": None}},
                     {"id": "any-car", "camera": "street", "model": "yolov8n", "accuracy_target": 0.95,
-                     "task": {"type": "presence", "classes": ["car"]}}]}).replace(
+                     "task": {"type": "presence", "classes": ["car"]},
+                     "filter": {"threshold": 0.5, "max_age_s": 9.0, "width": 128}}]}).replace(
         "accuracy_target: 0.9\n", "accuracy_target: 0.9   # agreement with every-frame inference\n"))
     tunings = list(tune_config(load_config(cfg_path), seconds=100))
     assert [t.query for t in tunings] == ["cars", "any-car"]
@@ -259,12 +260,23 @@ def test_tune_command_writes_thresholds_and_plots(street, tmp_path, monkeypatch)
     assert "cars" in format_tunings(tunings)
     plot_curves(tunings, str(tmp_path / "curves.png"))
     assert (tmp_path / "curves.png").stat().st_size > 10_000
-    write_thresholds(str(cfg_path), tunings)
+    write_tunings(str(cfg_path), tunings)
     cfg = load_config(cfg_path)
-    best = tunings[0].best
-    assert cfg.queries[0].filter.threshold == pytest.approx(best.threshold, rel=1e-4)
-    assert cfg.queries[0].filter.max_age_s == pytest.approx(best.max_age / tunings[0].fps, abs=1e-3)
-    assert cfg.queries[1].filter.feature == tunings[1].best.feature
+    for q, t in zip(cfg.queries, tunings):
+        start = q.filter.tuned
+        assert start.feature == t.best.feature
+        assert start.threshold == pytest.approx(t.best.threshold, rel=1e-4)
+        assert start.max_age_s == pytest.approx(t.best.max_age / t.fps, abs=1e-3)
+        assert len(start.key) == 30 and sum(start.key) == pytest.approx(1.0, abs=1e-3)
+        assert start.radius >= 0 and start.informed == t.informed
+        # it learns on from there: the tuned setting decides first, the segment is its first profile
+        assert q.filter.threshold is None and q.filter.max_age_s is None
+        filt = QueryFilter(q.filter, agreement=lambda a, b: float(a == b), target=q.accuracy_target, fps=t.fps)
+        assert filt.learns and not filt.calibrating and filt.stats()["profiles"] == 1
+        assert filt.setting.feature == t.best.feature and filt.setting.max_age == t.best.max_age
+    assert cfg.queries[1].filter.width == 128        # what --write does not own stays
+    written = yaml.safe_load(cfg_path.read_text())["queries"]
+    assert "threshold" in written[0]["filter"] and "threshold" not in written[1]["filter"]   # null says "learn": it stays
     assert (tmp_path / "edgeva.yaml.bak").exists()
     text = cfg_path.read_text()                       # the user's comments survive --write
     assert text.startswith("# the street camera, tuned by edgeva tune")

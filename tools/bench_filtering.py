@@ -205,10 +205,9 @@ def tuned_on_first_third(prepared, values, agree, fps: float, cfg: FilterConfig)
     q = parse_config({"cameras": [{"id": "c", "source": "rtsp://x/y"}],
                       "queries": [{"id": "q", "camera": "c", "model": "yolov8n", "accuracy_target": TARGET,
                                    "task": {"type": "count", "classes": ["car"]}}]}).queries[0]
-    tuned = tune_query(q, prepared[:third], values[:third], agree, fps, Differencer(width=cfg.width)).best
-    if tuned.threshold is None:
-        return replace(cfg, threshold=0.0, max_age_s=0.0, feature=tuned.feature)
-    return replace(cfg, threshold=tuned.threshold, max_age_s=tuned.max_age / fps, feature=tuned.feature)
+    q = replace(q, filter=cfg)
+    tuning = tune_query(q, prepared[:third], values[:third], agree, fps, Differencer(width=cfg.width))
+    return replace(cfg, threshold=None, max_age_s=None, tuned=tuning.start())
 
 
 def every_k(values, agree, k: int) -> tuple[float, float]:

@@ -8,7 +8,9 @@ Where the setting comes from (no hand knobs):
   infers every frame; later windows infer the frames where the answer changes and every
   `calibration_stride`-th frame at most where it holds (edgeva.filtering.windows.Window). Each
   window is tuned (threshold, staleness bound) with the model's own results
-  (edgeva.filtering.tuner) and stored as a profile.
+  (edgeva.filtering.tuner) and stored as a profile. A query started from `edgeva tune`'s setting
+  (`filter.tuned`) opens no first window: the tuned segment is its first profile, and it learns
+  on from there like the others.
 - Every `segment_s` the recent segment's key (its histogram of consecutive-frame differences) is
   looked up among the profiles; the nearest profiles' setting applies to what follows, so busy
   stretches infer more and quiet ones less. A segment farther from every profile than the
@@ -54,11 +56,13 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from edgeva.config import FilterConfig
 
 from .audits import AuditTracker, audit_fraction_for_power
 from .features import Differencer, FeatureName, Prepared
-from .profiles import Lookup, ProfileTable, Setting, segment_key, tighten
+from .profiles import SEGMENT_FEATURE, Lookup, ProfileTable, Setting, segment_key, segment_pieces, tighten
 from .tuner import CONFIRMATIONS, inferred_value
 from .windows import QuietRun, Tuned, TuningJob, Window, longest_age, run_inline, tunable_features
 
@@ -82,7 +86,6 @@ FAILING_SPACING = 1
 # (at FAILING_SPACING), whether or not its segments look new. One such check can be a flicker.
 MISSED_IN_A_ROW = 2
 POOLED_WINDOWS = 3          # a window is tuned together with its two nearest profiled windows
-SEGMENT_FEATURE = "pixel"   # segment keys: how much of the picture changes from frame to frame
 RESULT_PATIENCE = 4         # a window waits this many window lengths of frames for its results
 
 
@@ -156,6 +159,8 @@ class QueryFilter:
         if cfg.threshold is not None:
             self._learned = Setting(cfg.threshold, self._configured_age(), self._configured_feature())
         self._window: Optional[Window] = None
+        if self.learns and cfg.tuned is not None:
+            self._seed_tuned()
         if self._learned is None and agreement is not None and cfg.enabled:
             # The first window infers every frame: with nothing learned yet, a sparse stride would
             # step over one-frame detector flicker it cannot know of and learn a setting too lax
@@ -194,9 +199,21 @@ class QueryFilter:
         self.fps = fps
         if self._learned is not None and not self.profiles and self.cfg.threshold is not None:
             self._learned = Setting(self.cfg.threshold, self._configured_age(), self._learned.feature)
+        if self.learns and self.cfg.tuned is not None and not self._profiled and self._window is None:
+            self._seed_tuned()
         if self._window is not None and not self._window.full:
             self._window.frames_wanted = self._frames_for(self.cfg.calibration_s)
             self._window.max_stride = min(self._window.max_stride, self._window_stride())
+
+    def _seed_tuned(self) -> None:
+        """Start from `edgeva tune`'s setting, its segment the first profile: the query learns on
+        from there (new segments, periodic bursts, the first change after an uninformed segment)
+        as one without a threshold does after its first window, which the segment stands for."""
+        tuned = self.cfg.tuned
+        setting = Setting(tuned.threshold, min(self._age_frames(tuned.max_age_s), self._age_cap()), tuned.feature)
+        self.profiles = ProfileTable()
+        self.profiles.seed(np.asarray(tuned.key, dtype=np.float64), setting, tuned.radius, tuned.informed)
+        self._learned = setting
 
     def _configured_feature(self) -> str:
         """`feature: auto` with a configured threshold: the task's default feature."""
@@ -248,8 +265,9 @@ class QueryFilter:
 
     @property
     def learns(self) -> bool:
-        """A query without a configured threshold learns its setting on the camera; a configured
-        threshold is fixed (only the audits tighten and relax it)."""
+        """A query without a configured threshold learns its setting on the camera (from its first
+        window, or from `edgeva tune`'s start); a configured threshold is fixed (only the audits
+        tighten and relax it)."""
         return self.cfg.threshold is None and self.agreement is not None
 
     @property
@@ -664,8 +682,7 @@ class QueryFilter:
             features=tunable_features(self.cfg, frames),
             preferred=self.preferred_feature,
             longest=min([longest_age(self.cfg, self.fps), len(frames) - 1] + [len(p.frames) - 1 for p in similar]),
-            key=key, pieces=[segment_key(consecutive[k:k + piece]) for k in range(0, len(consecutive), piece)
-                             if len(consecutive[k:k + piece]) >= piece // 2])
+            key=key, pieces=segment_pieces(consecutive, piece))
         return job
 
     def _apply_tuned(self) -> None:

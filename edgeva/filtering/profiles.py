@@ -24,7 +24,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-KEY_BINS = 30
+from edgeva.config import SEGMENT_KEY_BINS
+
+KEY_BINS = SEGMENT_KEY_BINS
+SEGMENT_FEATURE = "pixel"   # segment keys: how much of the picture changes from frame to frame
 _EDGES = np.concatenate([[0.0], np.geomspace(1e-4, 1.0, KEY_BINS - 1), [np.inf]])
 
 
@@ -33,6 +36,13 @@ def segment_key(values: Sequence[float]) -> np.ndarray:
     hist, _ = np.histogram(np.asarray(values, dtype=np.float64), bins=_EDGES)
     total = hist.sum()
     return hist / total if total else hist.astype(np.float64)
+
+
+def segment_pieces(values: Sequence[float], piece: int) -> list[np.ndarray]:
+    """Keys of a window's consecutive pieces of `piece` frame-to-frame changes (the last one kept
+    when it is at least half a piece): how much the window varies within itself."""
+    return [segment_key(values[k:k + piece]) for k in range(0, len(values), piece)
+            if len(values[k:k + piece]) >= piece // 2]
 
 
 # Keys closer than this are the same activity level: every difference within a factor of ~2
@@ -100,8 +110,14 @@ class ProfileTable:
 
     def add(self, key: np.ndarray, setting: Setting, pieces: Sequence[np.ndarray], agreement: float,
             frames: Optional[list] = None, values: Optional[list] = None, informed: bool = True) -> Profile:
-        radius = max(SAME_LEVEL, max((key_distance(key, p) for p in pieces), default=0.0))
-        profile = Profile(key, setting, radius, agreement, frames, values, informed)
+        return self._insert(Profile(key, setting, profile_radius(key, pieces), agreement, frames, values, informed))
+
+    def seed(self, key: np.ndarray, setting: Setting, radius: float, informed: bool) -> Profile:
+        """A profile tuned before the query started (`edgeva tune --write`): no frames to pool."""
+        return self._insert(Profile(key, setting, max(SAME_LEVEL, radius), math.nan, None, None, informed))
+
+    def _insert(self, profile: Profile) -> Profile:
+        key = profile.key
         if len(self.profiles) >= self.capacity:
             del self.profiles[min(range(len(self.profiles)), key=lambda i: key_distance(key, self.profiles[i].key))]
         self.profiles.append(profile)
@@ -128,6 +144,12 @@ class ProfileTable:
         best = max(votes.items(), key=lambda kv: (kv[1], -kv[0].max_age, -_finite(kv[0].threshold)))[0]
         far = all(d > p.radius for d, p in ranked)
         return Lookup(best, nearest_d, far, activity(key) > activity(nearest.key))
+
+
+def profile_radius(key: np.ndarray, pieces: Sequence[np.ndarray]) -> float:
+    """How far a profiled window's pieces were from its key (at least SAME_LEVEL): a later segment
+    farther than this from every profile is new."""
+    return max(SAME_LEVEL, max((key_distance(key, p) for p in pieces), default=0.0))
 
 
 def tighten(setting: Setting, factor: float) -> Setting:
