@@ -26,8 +26,9 @@ from edgeva.filtering import (
     Differencer, SceneTracker, TuneResult, age_candidates, default_feature, longest_age, tune_features,
     tunable_features,
 )
-from edgeva.filtering.profiles import SEGMENT_FEATURE, profile_radius, segment_key, segment_pieces
-from edgeva.filtering.tuner import bound_only_agreement
+from edgeva.filtering.profiles import profile_radius, window_key
+from edgeva.filtering.tuner import tells_settings_apart
+from edgeva.filtering.windows import frames_for
 from edgeva.recordings import playable
 from edgeva.redaction import redact
 
@@ -41,10 +42,10 @@ class QueryTuning:
     frames: int
     best: TuneResult
     others: list[TuneResult]
-    fps: float = 25.0
-    key: Optional[list[float]] = None    # the segment's key and radius (edgeva.filtering.profiles)
-    radius: float = 0.0
-    informed: bool = True                # its answer changed enough to tell settings apart
+    fps: float
+    key: list[float]                     # the segment's key and radius (edgeva.filtering.profiles)
+    radius: float
+    informed: bool                       # its answer changed enough to tell settings apart
 
     def start(self) -> TunedFilter:
         """Where the query's filter starts in the daemon (`filter.tuned`); it learns on from there."""
@@ -55,7 +56,7 @@ class QueryTuning:
             threshold, max_age_s = float(best.threshold), round(best.max_age / self.fps, 3)
         if math.isfinite(threshold):
             threshold = float(f"{threshold:.6g}")
-        return TunedFilter(best.feature, threshold, max_age_s, [round(float(v), 5) for v in self.key or []],
+        return TunedFilter(best.feature, threshold, max_age_s, [round(float(v), 5) for v in self.key],
                            round(self.radius, 5), self.informed, round(self.frames / self.fps, 2))
 
 
@@ -116,11 +117,10 @@ def tune_query(q: QueryConfig, prepared: list[Any], values: list[Any], agreement
     results = tune_features(prepared, values, agreement, q.accuracy_target, features=tuple(features),
                             preferred=default_feature(q.task.type), differencer=differencer,
                             max_ages=age_candidates(max(0, longest)), safety_margin="auto")
-    changes = [differencer.feature(a, b, SEGMENT_FEATURE) for a, b in zip(prepared, prepared[1:])]
-    key = segment_key(changes)
-    radius = profile_radius(key, segment_pieces(changes, max(2, int(round(q.filter.segment_s * fps)))))
-    informed = bound_only_agreement(values, agreement, max(0, longest)) < q.accuracy_target
-    return QueryTuning(q.id, q.camera, len(prepared), results[0], results[1:], fps, key.tolist(), radius, informed)
+    key, pieces = window_key(differencer, prepared, frames_for(q.filter.segment_s, fps))
+    informed = tells_settings_apart(values, agreement, max(0, longest), q.accuracy_target)
+    return QueryTuning(q.id, q.camera, len(prepared), results[0], results[1:], fps, key.tolist(),
+                       profile_radius(key, pieces), informed)
 
 
 def tune_config(cfg: Config, seconds: float, start_s: float = 0.0,
@@ -193,11 +193,9 @@ def write_tunings(config_path: str, tunings: list[QueryTuning]) -> Path:
         for stale in ("threshold", "max_age_s"):
             if filt.get(stale) is not None:
                 del filt[stale]
-        start = dataclasses.asdict(t.start())
-        key = CommentedSeq(start.pop("key"))
-        key.fa.set_flow_style()
-        tuned = CommentedMap(start)
-        tuned.insert(list(start).index("radius"), "key", key)
+        tuned = CommentedMap(dataclasses.asdict(t.start()))
+        tuned["key"] = CommentedSeq(tuned["key"])      # in place, on one line
+        tuned["key"].fa.set_flow_style()
         filt["tuned"] = tuned
     shutil.copyfile(path, path.with_suffix(path.suffix + ".bak"))
     with path.open("w") as fh:

@@ -62,9 +62,9 @@ from edgeva.config import FilterConfig
 
 from .audits import AuditTracker, audit_fraction_for_power
 from .features import Differencer, FeatureName, Prepared
-from .profiles import SEGMENT_FEATURE, Lookup, ProfileTable, Setting, segment_key, segment_pieces, tighten
+from .profiles import SEGMENT_FEATURE, Lookup, ProfileTable, Setting, segment_key, tighten, window_key
 from .tuner import CONFIRMATIONS, inferred_value
-from .windows import QuietRun, Tuned, TuningJob, Window, longest_age, run_inline, tunable_features
+from .windows import QuietRun, Tuned, TuningJob, Window, frames_for, longest_age, run_inline, tunable_features
 
 log = logging.getLogger("edgeva.filtering")
 
@@ -222,7 +222,7 @@ class QueryFilter:
         return self.preferred_feature or "area"
 
     def _frames_for(self, seconds: float) -> int:
-        return max(2, int(round(seconds * self.fps)))
+        return frames_for(seconds, self.fps)
 
     def _age_frames(self, seconds: float) -> int:
         """A staleness bound in frames: 0 s is 0 frames (infer every frame that comes)."""
@@ -670,19 +670,17 @@ class QueryFilter:
     def _tuning_job(self, frames: list, values: list, pooled: bool = True) -> TuningJob:
         """The tuning of a window's frames, pooled with the most similar windows profiled before
         (`pooled`)."""
-        consecutive = [self.differencer.feature(a, b, SEGMENT_FEATURE) for a, b in zip(frames, frames[1:])]
-        key = segment_key(consecutive)
+        key, pieces = window_key(self.differencer, frames, self._frames_for(self.cfg.segment_s))
         # Tune on this window pooled with the most similar windows profiled before: one short
         # window holds few changes of the answer, and a setting fitted to those alone is noisy.
         similar = self.profiles.nearest_windows(key, POOLED_WINDOWS - 1) if pooled else []
-        piece = self._frames_for(self.cfg.segment_s)
         job = TuningJob(
             segments=[frames] + [p.frames for p in similar], values=[values] + [p.values for p in similar],
             agreement=self.agreement, target=self.target, differencer=self.differencer,
             features=tunable_features(self.cfg, frames),
             preferred=self.preferred_feature,
             longest=min([longest_age(self.cfg, self.fps), len(frames) - 1] + [len(p.frames) - 1 for p in similar]),
-            key=key, pieces=segment_pieces(consecutive, piece))
+            key=key, pieces=pieces)
         return job
 
     def _apply_tuned(self) -> None:

@@ -26,6 +26,8 @@ import numpy as np
 
 from edgeva.config import SEGMENT_KEY_BINS
 
+from .features import Differencer, Prepared
+
 KEY_BINS = SEGMENT_KEY_BINS
 SEGMENT_FEATURE = "pixel"   # segment keys: how much of the picture changes from frame to frame
 _EDGES = np.concatenate([[0.0], np.geomspace(1e-4, 1.0, KEY_BINS - 1), [np.inf]])
@@ -36,6 +38,13 @@ def segment_key(values: Sequence[float]) -> np.ndarray:
     hist, _ = np.histogram(np.asarray(values, dtype=np.float64), bins=_EDGES)
     total = hist.sum()
     return hist / total if total else hist.astype(np.float64)
+
+
+def window_key(differencer: Differencer, frames: Sequence[Prepared], piece: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A profiled window's key and the keys of its pieces of `piece` frame-to-frame changes (the
+    same for a calibration window in the daemon and a segment `edgeva tune` profiles)."""
+    changes = [differencer.feature(a, b, SEGMENT_FEATURE) for a, b in zip(frames, frames[1:])]
+    return segment_key(changes), segment_pieces(changes, piece)
 
 
 def segment_pieces(values: Sequence[float], piece: int) -> list[np.ndarray]:

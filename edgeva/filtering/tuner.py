@@ -150,6 +150,16 @@ def bound_only_agreement(values: Sequence[Any], agreement: Callable[[Any, Any], 
     return _mean(ReplayScorer(values, agreement)(source))
 
 
+def tells_settings_apart(values: Sequence[Any], agreement: Callable[[Any, Any], float], longest: int,
+                         target: float) -> bool:
+    """Whether a segment can tell settings apart (is *informed*, edgeva.filtering.profiles): its
+    answer changed, and enough that its laxest setting (no threshold, the longest bound) misses the
+    target on it. Where that setting keeps the target, so does every other, and the segment says
+    nothing about which threshold is safe (one change at its last frame, say). An answer that
+    never changed keeps every setting at 1."""
+    return bound_only_agreement(values, agreement, longest) < target
+
+
 def _mean(scores: np.ndarray) -> float:
     """The mean over the scored frames (1 when none is)."""
     scored = scores[~np.isnan(scores)]

@@ -16,7 +16,7 @@ from edgeva.config import FilterConfig
 
 from .features import FEATURES, Differencer, FeatureName, Prepared
 from .profiles import Setting
-from .tuner import Carried, age_candidates, bound_only_agreement, tune_features
+from .tuner import Carried, age_candidates, tells_settings_apart, tune_features
 
 log = logging.getLogger("edgeva.filtering")
 
@@ -237,17 +237,17 @@ class TuningJob:
                      self._informed())
 
     def _informed(self) -> bool:
-        """Whether the window can tell settings apart: its answer changed, and enough that its
-        laxest setting (no threshold, the longest bound) misses the target on it. Where that
-        setting keeps the target, so does every other, and the window says nothing about which
-        threshold is safe (one change at its last frame, say). An answer that never changed
-        keeps every setting at 1."""
-        return bound_only_agreement(self.values[0], self.agreement, self.longest) < self.target
+        return tells_settings_apart(self.values[0], self.agreement, self.longest, self.target)
 
 
 def run_inline(job: Callable[[], None]) -> None:
     """Run a tuning job at once, on the caller's thread (batch replay, tests)."""
     job()
+
+
+def frames_for(seconds: float, fps: float) -> int:
+    """A span configured in seconds (a window, a segment), in frames at `fps`: at least 2."""
+    return max(2, int(round(seconds * fps)))
 
 
 def longest_age(cfg: FilterConfig, fps: float) -> int:
