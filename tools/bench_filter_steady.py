@@ -87,6 +87,14 @@ def camera_runs(kept_sets: list[tuple[frozenset, ...]], clip_frames: int, loops:
     return [float(runs[:, k].mean()) for k in range(loops)]
 
 
+def _uniform_curve_if_changing(values: list[Any], agree: Callable[[Any, Any], float]):
+    """Uniform sampling's curve on one pass, or None where the answer never changes (such pairs
+    are left out of the ratios, as in tools/bench_filtering.py)."""
+    if all(agree(v, values[0]) == 1.0 for v in values):
+        return None
+    return uniform_curve(values, agree)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clips", default="eval", help="eval, tune, or a folder of clips")
@@ -117,17 +125,16 @@ def main() -> None:
         runs = run_camera_phases(prepared, scene, replays, ref.fps, args.phases)
         per_query = [passes(run.kept, replay.values, replay.agree, n) for run, replay in zip(runs, replays)]
         model = camera_runs([run.kept for run in runs] + [run.audited for run in runs], n, args.loops)
+        curves = [_uniform_curve_if_changing(r.values[:n], r.agree) for r in replays]
         for loop in range(args.loops):
             inferred = need_total = 0.0
             camera_need, at_target, lowest = 1.0, 1.0, 1.0
-            for query, replay, figures in zip(QUERIES, replays, per_query):
-                values, agree = replay.values[:n], replay.agree
+            for query, curve, figures in zip(QUERIES, curves, per_query):
                 lowest = min(lowest, figures[loop].agreement)
                 if figures[loop].agreement < TARGET:
                     missed[loop].add(f"{clip.name}/{query}")
-                if all(agree(v, values[0]) == 1.0 for v in values):
+                if curve is None:
                     continue
-                curve = uniform_curve(values, agree)
                 need = uniform_needs(curve, figures[loop].agreement)
                 camera_need = max(camera_need, need)
                 at_target = max(at_target, uniform_needs(curve, TARGET))
@@ -144,7 +151,8 @@ def main() -> None:
         (inf, need), (runs_, uni, target_uni) = pair_totals[loop], camera_totals[loop]
         print(f"pass {loop + 1}: per pair {inf:.0f} inferences against {need:.0f} for uniform sampling at the same "
               f"agreements (ratio {inf / need:.2f}); per camera {runs_:.0f} model runs with audits against {uni:.0f} "
-              f"(ratio {runs_ / uni:.2f}), {target_uni:.0f} at the target (ratio {runs_ / target_uni:.2f}); target {TARGET} missed on: {', '.join(sorted(missed[loop])) or 'none'}")
+              f"(ratio {runs_ / uni:.2f}), {target_uni:.0f} at the target (ratio {runs_ / target_uni:.2f}); "
+              f"target {TARGET} missed on: {', '.join(sorted(missed[loop])) or 'none'}")
 
 
 if __name__ == "__main__":
