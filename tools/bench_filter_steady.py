@@ -54,6 +54,13 @@ def sources(kept: frozenset, start: int, frames: int) -> list[int]:
     return out
 
 
+def pass_frames(start: int, loop: int, clip_frames: int) -> range:
+    """The frames of pass `loop` that a run from start frame `start` sees (the first pass misses
+    the frames before `start`; its counts are scaled to the whole clip, as
+    bench_filtering.run_camera_phases does)."""
+    return range(max(start, loop * clip_frames), (loop + 1) * clip_frames)
+
+
 def passes(kept_by_start: tuple[frozenset, ...], values: list[Any], agree: Callable[[Any, Any], float],
            clip_frames: int) -> list[Pass]:
     """Per pass of a looped clip (`values` is the clip's answers `len(values) // clip_frames` times
@@ -66,8 +73,7 @@ def passes(kept_by_start: tuple[frozenset, ...], values: list[Any], agree: Calla
     for start, kept in enumerate(kept_by_start):
         source = sources(kept, start, total)
         for loop in range(loops):
-            first, end = max(start, loop * clip_frames), (loop + 1) * clip_frames
-            span = range(first, end)
+            span = pass_frames(start, loop, clip_frames)
             scale = clip_frames / len(span)
             inferred[start, loop] = sum(1 for i in span if source[i - start] == i) * scale
             agreed[start, loop] = float(np.mean([agree(values[i], values[source[i - start]]) for i in span]))
@@ -82,8 +88,8 @@ def camera_runs(kept_sets: list[tuple[frozenset, ...]], clip_frames: int, loops:
     for start in range(starts):
         frames = frozenset().union(*(frozenset(k + start for k in sets[start]) for sets in kept_sets))
         for loop in range(loops):
-            first, end = max(start, loop * clip_frames), (loop + 1) * clip_frames
-            runs[start, loop] = sum(1 for i in frames if first <= i < end) * clip_frames / (end - first)
+            span = pass_frames(start, loop, clip_frames)
+            runs[start, loop] = sum(1 for i in frames if i in span) * clip_frames / len(span)
     return [float(runs[:, k].mean()) for k in range(loops)]
 
 
