@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
-from bench_filtering import every_k, largest_interval, uniform_curve  # noqa: E402
+from bench_filtering import every_k, largest_interval, uniform_curve, uniform_needs, uniform_needs_one_frame_either_way  # noqa: E402
 
 from edgeva.models.tasks import PresenceTask  # noqa: E402
 
@@ -33,6 +33,24 @@ def test_the_largest_interval_is_the_last_k_meeting_the_target():
     k = largest_interval([(values, agree)])
     assert every_k(values, agree, k)[1] >= 0.9 > every_k(values, agree, k + 1)[1]
     assert largest_interval([([True] * 20, agree)]) == 20     # an answer that never changes: one inference
+
+
+def test_one_frame_of_agreement_either_way_shows_where_uniform_sampling_s_curve_is_a_cliff():
+    agree = PresenceTask.agreement
+    # A person that is never there but for one ghost frame: every interval misses the ghost on
+    # most phases, so uniform sampling reaches 0.995 with one inference and needs every frame for 1.
+    ghost = [False] * 100 + [True] + [False] * 99
+    curve = uniform_curve(ghost, agree)
+    lower, higher = uniform_needs_one_frame_either_way(curve, 1.0, len(ghost))
+    assert higher == uniform_needs(curve, 1.0) == 200
+    assert lower <= 2                                     # 0.995: one frame wrong
+    # A person who comes and stays: the curve is smooth, one frame either way moves the need a little.
+    stays = [False] * 100 + [True] * 100
+    curve = uniform_curve(stays, agree)
+    need = uniform_needs(curve, 0.95)
+    lower, higher = uniform_needs_one_frame_either_way(curve, 0.95, len(stays))
+    assert lower < need < higher
+    assert higher / lower < 1.5
 
 
 def test_the_filter_is_averaged_over_the_frame_it_starts_on_as_uniform_is_over_its_phase():

@@ -261,6 +261,15 @@ def fixed_interval_on(folder: Path) -> int:
     return largest_interval(pairs)
 
 
+def uniform_needs_one_frame_either_way(curve, agreement: float, frames: int) -> tuple[float, float]:
+    """What uniform sampling needs for `agreement` one frame lower and one frame higher (one frame
+    fully wrong or right more, 1/frames of agreement). Where an answer is one value but for a few
+    flickering frames, uniform's curve is a cliff near 1 and these two differ by orders of
+    magnitude: the comparison at the same agreement then turns on single frames."""
+    step = 1.0 / max(frames, 1)
+    return uniform_needs(curve, agreement - step), uniform_needs(curve, min(1.0, agreement + step))
+
+
 def uniform_needs(curve, agreement: float) -> float:
     """Fewest inferences with which uniform sampling reaches `agreement` (interpolated)."""
     pts = sorted(curve)                      # by inferences, ascending
@@ -371,14 +380,16 @@ def main() -> None:
                                           fps, TARGET, longest_age(base, fps), segment_s, each_segment=True)
                         for segment_s in (None, base.calibration_s)]
             ceilings_need = [uniform_needs(uni, c.agreement) for c in ceilings]
+            one_frame = uniform_needs_one_frame_either_way(uni, run.agreement, len(values))
             rows.append((clip.name, query, len(values), (run, need, orc, orc_need, first_third, fixed,
-                                                         list(zip(ceilings, ceilings_need)))))
+                                                         list(zip(ceilings, ceilings_need)), one_frame)))
             curves[f"{clip.stem[:24]} {query}"] = {
                 "uniform": uni, "motion": motion_gated_curve(frames, values, agree),
                 "edgeva": (run.inferences, run.agreement), "oracle": (orc.inferences, orc.agreement),
                 "n": len(values)}
             print(f"{clip.name[:34]:34} {query:15} edgeva {run.inferences:6.1f} (+{run.audits:.1f} audits) @ {run.agreement:.3f}  "
-                  f"uniform needs {need:6.1f}  ratio {run.inferences / need:.2f}  "
+                  f"uniform needs {need:6.1f} (one frame either way {one_frame[0]:.1f}-{one_frame[1]:.1f})  "
+                  f"ratio {run.inferences / need:.2f}  "
                   f"oracle {orc.inferences}/{orc_need:.0f} = {orc.inferences / orc_need:.2f}  "
                   f"in hindsight {' '.join(_ceiling(c, n) for c, n in zip(ceilings, ceilings_need))}  "
                   f"kept {run.kept_by_reason}", flush=True)
@@ -407,7 +418,7 @@ def _summary(rows) -> None:
         if res is None:
             print(f"| {clip} | {query} | {n} | answer never changes | | | | | | | | | |")
             continue
-        run, need, orc, orc_need, first_third, _, ceilings = res
+        run, need, orc, orc_need, first_third, _, ceilings, _ = res
         print(f"| {clip} | {query} | {n} | {run.inferences:.0f} ({100 * run.inferences / n:.1f} %) | {run.audits:.0f} | "
               f"{run.agreement:.3f} | {need:.0f} | {run.inferences / need:.2f} | "
               f"{(run.inferences + run.audits) / need:.2f} | {orc.inferences / orc_need:.2f} | "
@@ -425,6 +436,7 @@ def _summary(rows) -> None:
         fixed_missed = [f"{r[0]}/{r[1]}" for r in changing if r[3][5][1] < TARGET]
         ceilings = [(sum(r[3][6][k][0].inferences for r in changing), sum(r[3][6][k][1] for r in changing))
                     for k in range(2)]
+        one_frame = [sum(r[3][7][k] for r in changing) for k in range(2)]
         print(f"\nover the {len(changing)} pairs whose answer changes: edgeva {total:.0f} inferences (+{audits:.0f} audits), "
               f"uniform at the same agreement {total_uniform:.0f} (ratio {total / total_uniform:.2f}, "
               f"{(total + audits) / total_uniform:.2f} with audits); oracle ratio "
@@ -433,7 +445,9 @@ def _summary(rows) -> None:
               f"target missed on: {', '.join(thirds_missed) or 'none'}; one interval chosen on tune/ {total_fixed:.0f} "
               f"inferences (edgeva {total / total_fixed:.2f}x of it), target missed on: {', '.join(fixed_missed) or 'none'}; "
               f"in hindsight, one setting per clip {ceilings[0][0]} inferences (ratio {ceilings[0][0] / ceilings[0][1]:.2f}), "
-              f"one per window {ceilings[1][0]} (ratio {ceilings[1][0] / ceilings[1][1]:.2f})")
+              f"one per window {ceilings[1][0]} (ratio {ceilings[1][0] / ceilings[1][1]:.2f}); "
+              f"each pair's agreement one frame lower / higher: uniform needs {one_frame[0]:.0f} / {one_frame[1]:.0f} "
+              f"(ratio {total / one_frame[0]:.2f} / {total / one_frame[1]:.2f})")
 
 
 def _camera_summary(cameras) -> None:
