@@ -3,6 +3,7 @@ would choose without hindsight (what README's filtering tables compare the filte
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,29 @@ def test_the_filter_is_averaged_over_the_frame_it_starts_on_as_uniform_is_over_i
     assert len({r.inferences for r in runs}) > 1                    # where it starts moves what it infers
     assert averaged.agreement == pytest.approx(sum(r.agreement for r in runs) / 4)
     assert averaged.inferences == pytest.approx(sum(r.inferences * 200 / (200 - p) for p, r in enumerate(runs)) / 4)
+
+
+def test_the_bound_only_baseline_samples_at_an_interval_the_checks_adapt_to_the_answer():
+    """`--bound-only`: the daemon's filter with no change feature and no calibration. It keeps
+    frames only at its staleness bound (and confirms a changed answer), and the checks at the bound
+    shorten that bound where the answer keeps changing."""
+    from bench_filtering import bound_only_config, run_edgeva
+
+    from edgeva.filtering import Differencer, SceneTracker
+    from tests.test_filtering import count_agreement, street
+
+    frames, counts = street(n=200)
+    scene = SceneTracker(Differencer())
+    prepared = [scene.prepare(f) for f in frames]
+    cfg = replace(bound_only_config(2.0), audit_fraction=0.0)
+    assert cfg.threshold == float("inf") and cfg.max_age_s == 2.0
+    still = run_edgeva(prepared, scene, [1] * 200, count_agreement, 10.0, cfg, "area")
+    assert set(still.kept_by_reason) == {"first", "stale"}
+    assert still.inferences == pytest.approx(1 + 199 // 21, abs=1)         # every 21st frame: 20 reused
+    flicker = [1 + (i // 3) % 2 for i in range(200)]                       # the count changes every 3 frames
+    busy = run_edgeva(prepared, scene, flicker, count_agreement, 10.0, cfg, "area")
+    assert set(busy.kept_by_reason) <= {"first", "stale", "confirm"}
+    assert busy.inferences > 2 * still.inferences                           # the checks shortened the bound
 
 
 def test_a_frame_several_queries_keep_is_one_model_run_of_the_camera():

@@ -33,6 +33,7 @@ every query of the camera at the agreement (a) reached on it (the densest need).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -261,6 +262,14 @@ def fixed_interval_on(folder: Path) -> int:
     return largest_interval(pairs)
 
 
+def bound_only_config(max_age_s: float) -> FilterConfig:
+    """Every-k sampling whose k the daemon adapts online, as a user configures it: no change feature
+    (`threshold: .inf`), so no calibration either; the staleness bound `max_age_s` shortened and
+    grown back by the checks at the bound, with the audits and confirmations of any configured
+    setting. The strongest simple baseline that needs no hindsight."""
+    return FilterConfig(threshold=math.inf, max_age_s=max_age_s)
+
+
 def uniform_needs_one_frame_either_way(curve, agreement: float, frames: int) -> tuple[float, float]:
     """What uniform sampling needs for `agreement` one frame lower and one frame higher (one frame
     fully wrong or right more, 1/frames of agreement). Where an answer is one value but for a few
@@ -325,8 +334,9 @@ def oracle(values, agree, target: float = TARGET) -> Run:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clips", default="eval", help="eval, tune, or a folder of clips")
-    ap.add_argument("--tuned-first-third", action="store_true",
-                    help="(a) uses settings tuned on each clip's first third instead of calibrating online")
+    start = ap.add_mutually_exclusive_group()
+    start.add_argument("--tuned-first-third", action="store_true",
+                       help="(a) uses settings tuned on each clip's first third instead of calibrating online")
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--calibration-s", type=float, default=FilterConfig.calibration_s)
     ap.add_argument("--phases", type=int, default=8,
@@ -335,6 +345,9 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=1,
                     help="keep every N-th frame of each clip, replayed at 1/N of its frame rate: the same scenes "
                          "from a camera that sends fewer frames (a check on cameras unlike the clips)")
+    start.add_argument("--bound-only", type=float, metavar="SECONDS",
+                       help="(a) is every query configured as `filter: {threshold: .inf, max_age_s: SECONDS}` "
+                            "(bound_only_config): every-k sampling with k adapted online")
     ap.add_argument("--no-sharing", action="store_true",
                     help="each query decides as if alone on its camera (no shared keeps of frames the model "
                          "runs on for another query)")
@@ -354,11 +367,13 @@ def main() -> None:
         fps = ref.fps / args.every
         scene = SceneTracker(Differencer())
         prepared = [scene.prepare(f) for f in frames]
-        base = FilterConfig(calibration_s=args.calibration_s)
+        base = FilterConfig(calibration_s=args.calibration_s)     # also what the ceilings replay
+        configured = base if args.bound_only is None else bound_only_config(args.bound_only)
         replays = []
         for query, (task, _) in QUERIES.items():
             values = query_values(ref, query)[:len(ref)][::args.every]
-            cfg = tuned_on_first_third(prepared, values, task.agreement, fps, base) if args.tuned_first_third else base
+            cfg = (tuned_on_first_third(prepared, values, task.agreement, fps, configured) if args.tuned_first_third
+                   else configured)
             replays.append(QueryReplay(values, task.agreement, cfg, default_feature(QUERY_TASK[query])))
         camera_runs = run_camera_phases(prepared, scene, replays, fps, args.phases, camera=DAEMON_CAMERA,
                                         share=not args.no_sharing)
