@@ -8,7 +8,9 @@ every-frame outputs (tools/reference_cache.py) and scored with the task's own ag
       calibrates on the camera), or `--tuned-first-third` (settings tuned on the clip's first
       third, as `edgeva tune` then `edgeva run` does); audit inferences count as inferences;
       averaged over the clip started at each of its first 8 frames (`--phases`), as (b) is over
-      its phase, so one lucky or unlucky run does not count;
+      its phase, so one lucky or unlucky run does not count. `--bound-only S` puts an adaptive
+      interval in (a)'s place: the same filter configured with no change feature
+      (`threshold: .inf`, `max_age_s: S`), k adapted online by the checks at the bound;
   (b) uniform sampling: infer every k-th frame, averaged over the phase;
   (c) motion-gated (Frigate-like): infer when any changed region exceeds a fixed area;
   (d) the hindsight oracle: infer exactly when the reused answer would pull the running mean
@@ -21,8 +23,8 @@ every-frame outputs (tools/reference_cache.py) and scored with the task's own ag
   (f) the ceiling of edgeva's kind of filter (tools/hindsight_settings.py): its setting (feature,
       threshold, staleness bound) chosen with the every-frame results, one for the whole clip,
       and one per calibration-window-long segment, each segment at the target.
-Reported per pair: inferences and agreement of (a), what (b) needs for the same agreement, the
-ratio, (d)'s and (f)'s ratios, and (e)'s inferences and agreement. Plus a PNG of the curves.
+Reported per pair: inferences and agreement of (a), what (b) needs for the same agreement (and
+for one frame of agreement less and more: where (b)'s curve is a cliff near 1), the ratio, (d)'s and (f)'s ratios, and (e)'s inferences and agreement. Plus a PNG of the curves.
 Per camera (clip), what the model really runs: a frame several of its queries keep runs once
 (the executors' `predict_each_frame_once`), so (a)'s cost is the frames any of the camera's
 queries kept, those whose answer never changes included; against one uniform sampler serving
