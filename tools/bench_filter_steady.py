@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_filtering import (  # noqa: E402
-    QUERIES, QUERY_TASK, SHARED, TARGET, QueryReplay, clips_in, decode, load_or_compute, query_values,
-    run_camera_phases, uniform_curve, uniform_needs,
+    QUERIES, QUERY_TASK, TARGET, QueryReplay, answer_changes, clips_folder, clips_in, decode, load_or_compute,
+    query_values, run_camera_phases, uniform_curve, uniform_needs,
 )
 
 from edgeva.config import FilterConfig  # noqa: E402
@@ -96,9 +96,7 @@ def camera_runs(kept_sets: list[tuple[frozenset, ...]], clip_frames: int, loops:
 def _uniform_curve_if_changing(values: list[Any], agree: Callable[[Any, Any], float]):
     """Uniform sampling's curve on one pass, or None where the answer never changes (such pairs
     are left out of the ratios, as in tools/bench_filtering.py)."""
-    if all(agree(v, values[0]) == 1.0 for v in values):
-        return None
-    return uniform_curve(values, agree)
+    return uniform_curve(values, agree) if answer_changes(values, agree) else None
 
 
 def main() -> None:
@@ -107,7 +105,7 @@ def main() -> None:
     ap.add_argument("--loops", type=int, default=4, help="times each clip is played back to back")
     ap.add_argument("--phases", type=int, default=8, help="average over the first N start frames")
     args = ap.parse_args()
-    folder = SHARED / "videos" / args.clips if args.clips in ("eval", "tune") else Path(args.clips)
+    folder = clips_folder(args.clips)
     clips = clips_in(folder)
     if not clips:
         sys.exit(f"no clips in {folder}")

@@ -235,6 +235,17 @@ def uniform_curve(values, agree) -> list[tuple[float, float]]:
     return points
 
 
+def clips_folder(name: str) -> Path:
+    """`--clips`: eval and tune are ../shared/videos' folders, anything else a folder path."""
+    return SHARED / "videos" / name if name in ("eval", "tune") else Path(name)
+
+
+def answer_changes(values: list[Any], agree: Callable[[Any, Any], float]) -> bool:
+    """Whether a pair's answer ever differs from its first: pairs whose answer never changes are
+    left out of the ratios (any sampler agrees fully there)."""
+    return any(agree(v, values[0]) < 1.0 for v in values)
+
+
 def clips_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*") if p.suffix in (".mp4", ".avi", ".mkv", ".mov"))
 
@@ -354,7 +365,7 @@ def main() -> None:
                     help="each query decides as if alone on its camera (no shared keeps of frames the model "
                          "runs on for another query)")
     args = ap.parse_args()
-    folder = SHARED / "videos" / args.clips if args.clips in ("eval", "tune") else Path(args.clips)
+    folder = clips_folder(args.clips)
     clips = clips_in(folder)
     if not clips:
         sys.exit(f"no clips in {folder}")
@@ -382,7 +393,7 @@ def main() -> None:
         camera_needs, at_target = [1.0], [1.0]
         for query, replay, run in zip(QUERIES, replays, camera_runs):
             values, agree = replay.values, replay.agree
-            if all(agree(values[i], values[0]) == 1.0 for i in range(len(values))):
+            if not answer_changes(values, agree):
                 rows.append((clip.name, query, len(values), None))
                 continue
             uni = uniform_curve(values, agree)

@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from bench_filtering import DAEMON_CAMERA, QUERIES, TARGET, query_values  # noqa: E402
+from bench_filtering import DAEMON_CAMERA, QUERIES, TARGET, clips_folder, query_values  # noqa: E402
 from edgeva.sinks import read_results  # noqa: E402
-from reference_cache import DEFAULT_WEIGHTS, SHARED, load_or_compute  # noqa: E402
+from reference_cache import DEFAULT_WEIGHTS, load_or_compute  # noqa: E402
 
 EDGEVA = [sys.executable, "-m", "edgeva.cli"] if not (REPO / ".venv/bin/edgeva").exists() else [str(REPO / ".venv/bin/edgeva")]
 TASKS = {"vehicles": ("count", ["car", "bus", "truck"]), "persons": ("count", ["person"]),
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--clips", default="eval")
     ap.add_argument("--tune", action="store_true", help="edgeva tune on the first third, then run")
     args = ap.parse_args()
-    folder = SHARED / "videos" / args.clips if args.clips in ("eval", "tune") else Path(args.clips)
+    folder = clips_folder(args.clips)
     print("| clip | query | frames | inferred | reused | dropped | agreement |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     cameras: list[tuple[str, int, int | None]] = []
