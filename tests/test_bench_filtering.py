@@ -132,3 +132,27 @@ def test_a_camera_s_queries_are_replayed_together_the_later_ones_keeping_what_th
     assert first == run_edgeva(prepared, scene, counts, count_agreement, 10.0, eager.cfg, "area")
     assert second.kept[0] >= first.kept[0] and second.kept_by_reason["shared"] > 0
     assert second.agreement > alone.agreement
+
+
+def test_the_replay_looking_ahead_bisects_each_query_s_gaps_and_counts_the_bisection():
+    from bench_filtering import QueryReplay, bisect_gaps, run_camera
+
+    import numpy as np
+
+    from edgeva.config import FilterConfig
+    from edgeva.filtering import Differencer, SceneTracker
+
+    answers = [False] * 13 + [True] * 19
+    taken, source = bisect_gaps(answers, PresenceTask.agreement, [0, 8, 16, 24])
+    assert taken == {0, 8, 16, 24, 31, 12, 14, 13} and all(answers[i] == answers[s] for i, s in enumerate(source))
+    scene = SceneTracker(Differencer())
+    still = np.full((90, 160, 3), 120, np.uint8)
+    prepared = [scene.prepare(still) for _ in answers]
+    cfg = FilterConfig(threshold=1.0, max_age_s=0.7, audit_fraction=0.0)        # kept every 8th frame
+    replay = QueryReplay(answers, PresenceTask.agreement, cfg, None)
+    (reusing,) = run_camera(prepared, scene, [replay], fps=10.0)
+    (ahead,) = run_camera(prepared, scene, [replay], fps=10.0, look_ahead=True)
+    assert reusing.agreement < 1.0 and ahead.agreement == 1.0
+    own = sum(count for reason, count in ahead.kept_by_reason.items() if reason != "bisect")
+    assert ahead.inferences == len(ahead.kept[0]) == own + ahead.kept_by_reason["bisect"]
+    assert ahead.kept_by_reason["bisect"] >= 3                  # 8..16 bisected: 12, 14, 13

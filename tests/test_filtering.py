@@ -1396,3 +1396,48 @@ def test_a_tuned_starts_bound_follows_the_camera_frame_rate_once_it_is_known():
     assert filt.setting == Setting(0.01, 20, "area") and len(filt.profiles) == 1
     capped = QueryFilter(FilterConfig(tuned=start, max_skip=5), agreement=count_agreement, fps=10.0)
     assert capped.setting.max_age == 5                     # a configured cap still caps it
+
+
+# ------------------------------------------------------------- looking ahead (tools/bench_filtering.py --look-ahead)
+
+def test_bisecting_a_replay_locates_a_lasting_change_and_misses_a_ghost_between_agreeing_frames():
+    from edgeva.filtering.tuner import bisect_sources
+    agree = lambda a, b: float(a == b)            # noqa: E731
+    answers = [0] * 13 + [1] * 19
+    source = simulate_filter(lambda i, j: 0.0, len(answers), NO_THRESHOLD, 7)      # kept 0, 8, 16, 24
+    located = bisect_sources(source, answers, agree)
+    assert all(answers[i] == answers[s] for i, s in enumerate(located))
+    assert set(located) == {0, 8, 16, 24, 31, 12, 14, 13}     # 8..16 bisected; 31: the segment's end
+    ghost = [0] * 32
+    ghost[10] = 1
+    assert bisect_sources(source, ghost, agree)[10] == 8      # inside an agreeing gap: missed
+    carried = [0] * 13 + [Carried(0)] * 3 + [1] * 16          # a sparse window carried 0 on 13-15
+    assert bisect_sources(source, carried, agree)[12] == 12   # a carried answer stands in for the frame
+
+
+def test_a_tuner_that_knows_the_query_looks_ahead_chooses_a_laxer_setting_for_lasting_changes():
+    answers = [k // 37 % 3 for k in range(240)]           # a count that steps every 37 frames and stays
+    no_change = lambda i, j: 0.0                           # noqa: E731  (a picture that shows nothing)
+    kwargs = dict(feature="area", max_ages=age_candidates(30), candidates=[0.0])
+    plain = tune_threshold(no_change, answers, count_agreement, 0.97, **kwargs)
+    ahead = tune_threshold(no_change, answers, count_agreement, 0.97, look_ahead=True, **kwargs)
+    assert plain.met_target and ahead.met_target
+    # reusing, a change is carried over half a bound on average; looking ahead, it is located
+    assert ahead.max_age > 2 * plain.max_age
+    assert ahead.skip_fraction > plain.skip_fraction
+
+
+def test_a_filter_that_looks_ahead_does_not_confirm_a_changed_answer_on_the_next_frame():
+    filt = QueryFilter(FilterConfig(threshold=1.0, max_age_s=2.0, audit_fraction=0.0),
+                       agreement=count_agreement, fps=10.0, look_ahead=True)
+    kept, _ = _bound_decisions(filt, [0] * 21 + [1] + [0] * 30)
+    assert kept[:2] == [(0, "first"), (21, "stale")] and kept[2][0] > 22     # 21's gap is bisected instead
+    assert all(reason != "confirm" for _, reason in kept)
+
+
+def test_a_filter_that_looks_ahead_tunes_its_windows_with_the_bisection():
+    filt = QueryFilter(FilterConfig(calibration_s=3.0), agreement=count_agreement, fps=10.0, look_ahead=True)
+    scene = SceneTracker(filt.differencer)
+    frames = [scene.prepare(background(5)) for _ in range(30)]
+    job = filt._tuning_job(frames, [k // 10 for k in range(30)])
+    assert job.look_ahead

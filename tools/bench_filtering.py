@@ -10,7 +10,10 @@ every-frame outputs (tools/reference_cache.py) and scored with the task's own ag
       averaged over the clip started at each of its first 8 frames (`--phases`), as (b) is over
       its phase, so one lucky or unlucky run does not count. `--bound-only S` puts an adaptive
       interval in (a)'s place: the same filter configured with no change feature
-      (`threshold: .inf`, `max_age_s: S`), k adapted online by the checks at the bound;
+      (`threshold: .inf`, `max_age_s: S`), k adapted online by the checks at the bound.
+      `--look-ahead`: (a) answers a skipped frame only once the next inferred frame's result is
+      in, bisecting the gaps whose ends disagree, its tuner replaying that (run_camera; the
+      daemon's queries do not hold frames yet);
   (b) uniform sampling: infer every k-th frame, averaged over the phase;
   (c) motion-gated (Frigate-like): infer when any changed region exceeds a fixed area;
   (d) the hindsight oracle: infer exactly when the reused answer would pull the running mean
@@ -30,16 +33,17 @@ Per camera (clip), what the model really runs: a frame several of its queries ke
 queries kept, those whose answer never changes included; against one uniform sampler serving
 every query of the camera at the agreement (a) reached on it (the densest need).
 
-    .venv/bin/python tools/bench_filtering.py [--clips eval|tune] [--plot out/filter_curves.png]
+    .venv/bin/python tools/bench_filtering.py [--clips eval|tune] [--plot out/filter_curves.png] [--look-ahead]
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import cv2
 import numpy as np
@@ -98,6 +102,37 @@ def mean_agreement(agree: Callable[[Any, Any], float], values: list[Any], source
     return float(np.mean([agree(values[i], values[s]) for i, s in enumerate(source)]))
 
 
+def bisect_gaps(values: list[Any], agree: Callable[[Any, Any], float], inferred: Iterable[int],
+                free: Iterable[int] = ()) -> tuple[set[int], list[int]]:
+    """Looking ahead (edgeva.filtering.tuner.bisect_sources, on the cached every-frame answers):
+    between consecutive `inferred` frames (the clip's last frame added: the end of a recording
+    closes its gap) whose answers disagree, infer the frame midway, recursively, until every gap's
+    ends agree; each frame then takes its gap's answer. `free`: frames whose result is there
+    anyway (another query's model runs): a gap holding one is split there first. Returns the
+    frames inferred (free ones used included) and, per frame, the frame whose answer it takes."""
+    n = len(values)
+    free_sorted = sorted(f for f in free if 0 <= f < n)
+    ends = sorted(set(inferred) | {n - 1})
+    taken = set(ends)
+    source = list(range(n))
+    gaps = list(zip(ends, ends[1:]))
+    while gaps:
+        start, end = gaps.pop()
+        if end - start <= 1:
+            continue
+        i = bisect.bisect_right(free_sorted, start)
+        if i < len(free_sorted) and free_sorted[i] < end:
+            split = free_sorted[i]
+        elif agree(values[start], values[end]) < 1.0:
+            split = (start + end) // 2
+        else:
+            source[start + 1:end] = [start] * (end - start - 1)
+            continue
+        taken.add(split)
+        gaps += [(start, split), (split, end)]
+    return taken, source
+
+
 @dataclass
 class Run:
     inferences: float   # model runs whose result is the query's answer (calibration included)
@@ -126,14 +161,14 @@ def run_edgeva_phases(prepared, prepared_by, values, agree, fps: float, cfg: Fil
 
 
 def run_camera_phases(prepared, prepared_by, queries: list[QueryReplay], fps: float, phases: int,
-                      camera: str = DAEMON_CAMERA, share: bool = True) -> list[Run]:
+                      camera: str = DAEMON_CAMERA, share: bool = True, look_ahead: bool = False) -> list[Run]:
     """`run_camera` from each of the first `phases` frames (the camera starting a frame later),
     averaged per query, as uniform sampling is over its phase: which frames a filter happens to
     infer decides what it reuses, and on a flickering answer (a person detected every other frame)
     one run's agreement is a lottery. Inferences are scaled to the whole clip."""
     n = len(prepared)
     runs = [run_camera(prepared[p:], prepared_by, [replace(q, values=q.values[p:]) for q in queries], fps,
-                       camera=camera, start=p, share=share) for p in range(phases)]
+                       camera=camera, start=p, share=share, look_ahead=look_ahead) for p in range(phases)]
     scale = [n / (n - p) for p in range(phases)]
     averaged = []
     for k in range(len(queries)):
@@ -166,15 +201,18 @@ def run_edgeva(prepared, prepared_by, values, agree, fps: float, cfg: FilterConf
 
 
 def run_camera(prepared, prepared_by, queries: list[QueryReplay], fps: float, camera: str = DAEMON_CAMERA,
-               start: int = 0, share: bool = True) -> list[Run]:
+               start: int = 0, share: bool = True, look_ahead: bool = False) -> list[Run]:
     """The daemon's QueryFilters of one camera's queries over the clip, the model answering
     instantly from the cache. As in the daemon, the queries decide each frame in their configured
     order, and (`share`) a query later in that order learns whether the model already runs on the
     frame for one before it (edgeva.query.FrameView.model_runs). The frames' audit draws are the
     daemon's for `camera` (its queries audit the same frames); the clip starts at frame `start`.
-    A query's inferences count every frame whose answer came from the model, shared ones too."""
+    A query's inferences count every frame whose answer came from the model, shared ones too.
+    `look_ahead`: each query's filter looks ahead (QueryFilter's `look_ahead`) and its gaps are
+    bisected (`bisect_gaps`), the bisection's frames counted as inferred ("bisect"); a frame two
+    queries bisect is one model run. The bisection's results are not fed back to the filters."""
     filters = [QueryFilter(q.cfg, differencer=prepared_by.differencer, agreement=q.agree, target=TARGET, fps=fps,
-                           preferred_feature=q.preferred) for q in queries]
+                           preferred_feature=q.preferred, look_ahead=look_ahead) for q in queries]
     refs = [-1] * len(queries)
     totals = [0.0] * len(queries)
     kept: list[list[int]] = [[] for _ in queries]
@@ -195,8 +233,15 @@ def run_camera(prepared, prepared_by, queries: list[QueryReplay], fps: float, ca
                 filt.record_audit(q.agree(q.values[i], q.values[refs[k]]))
                 runs_here = True
             totals[k] += q.agree(q.values[i], q.values[refs[k]])
-    return [Run(len(kept[k]), totals[k] / len(prepared), len(audited[k]), filt.stats()["kept_by_reason"],
+    runs = [Run(len(kept[k]), totals[k] / len(prepared), len(audited[k]), filt.stats()["kept_by_reason"],
                 (frozenset(kept[k]),), (frozenset(audited[k]),)) for k, filt in enumerate(filters)]
+    if look_ahead:
+        for k, q in enumerate(queries):
+            taken, source = bisect_gaps(q.values, q.agree, kept[k])
+            reasons = dict(runs[k].kept_by_reason or {}, bisect=len(taken) - len(kept[k]))
+            runs[k] = replace(runs[k], inferences=len(taken), agreement=mean_agreement(q.agree, q.values, source),
+                              kept_by_reason=reasons, kept=(frozenset(taken),))
+    return runs
 
 
 def tuned_on_first_third(prepared, values, agree, fps: float, cfg: FilterConfig) -> FilterConfig:
@@ -364,13 +409,20 @@ def main() -> None:
     ap.add_argument("--no-sharing", action="store_true",
                     help="each query decides as if alone on its camera (no shared keeps of frames the model "
                          "runs on for another query)")
+    ap.add_argument("--look-ahead", action="store_true",
+                    help="(a) looks ahead: each query's tuner replays the bisection of gaps whose ends disagree, "
+                         "no changed answer is confirmed, and every gap is bisected (run_camera); not in the daemon yet")
     args = ap.parse_args()
+    if args.look_ahead and args.tuned_first_third:
+        ap.error("--look-ahead replays a query calibrating on its camera: `edgeva tune` does not look ahead")
     folder = clips_folder(args.clips)
     clips = clips_in(folder)
     if not clips:
         sys.exit(f"no clips in {folder}")
     interval = fixed_interval_on(SHARED / "videos" / "tune")
     print(f"fixed interval chosen on tune/: every {interval} frame(s)")
+    if args.look_ahead:
+        print("edgeva looks ahead: gaps whose ends disagree bisected, the tuner replaying it, no confirmations")
     rows = []
     cameras = []
     curves: dict[str, dict[str, Any]] = {}
@@ -389,7 +441,7 @@ def main() -> None:
                    else configured)
             replays.append(QueryReplay(values, task.agreement, cfg, default_feature(QUERY_TASK[query])))
         camera_runs = run_camera_phases(prepared, scene, replays, fps, args.phases, camera=DAEMON_CAMERA,
-                                        share=not args.no_sharing)
+                                        share=not args.no_sharing, look_ahead=args.look_ahead)
         camera_needs, at_target = [1.0], [1.0]
         for query, replay, run in zip(QUERIES, replays, camera_runs):
             values, agree = replay.values, replay.agree

@@ -28,7 +28,6 @@ largest at which every development pair meets the target) and read eval/ at it.
 from __future__ import annotations
 
 import argparse
-import bisect
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -37,8 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_filtering import (QUERIES, TARGET, answer_changes, clips_folder, clips_in, mean_agreement,  # noqa: E402
-                             query_values, uniform_curve, uniform_needs)
+from bench_filtering import (QUERIES, TARGET, answer_changes, bisect_gaps, clips_folder, clips_in,  # noqa: E402
+                             mean_agreement, query_values, uniform_curve, uniform_needs)
 from reference_cache import load_or_compute  # noqa: E402
 
 Agree = Callable[[Any, Any], float]
@@ -47,32 +46,11 @@ Agree = Callable[[Any, Any], float]
 def look_ahead(values: Sequence[Any], agree: Agree, stride: int,
                free: Sequence[int] = ()) -> tuple[set[int], list[int]]:
     """Every `stride`-th frame from frame 0, and the clip's last frame (end of the recording);
-    gaps between two inferred frames that disagree are bisected until every gap's ends agree.
-    `free`: frames whose result is there anyway (another query's model runs): a gap holding one
-    is split there first. Returns the frames inferred (free ones used included) and, per frame,
-    the inferred frame whose answer it takes."""
-    n = len(values)
-    free_sorted = sorted(f for f in free if 0 <= f < n)
-    samples = sorted(set(range(0, n, max(1, stride))) | {n - 1})
-    inferred = set(samples)
-    source = list(range(n))
-    gaps = list(zip(samples, samples[1:]))
-    while gaps:
-        start, end = gaps.pop()
-        if end - start <= 1:
-            continue
-        i = bisect.bisect_right(free_sorted, start)
-        if i < len(free_sorted) and free_sorted[i] < end:
-            split = free_sorted[i]
-        elif agree(values[start], values[end]) < 1.0:
-            split = (start + end) // 2
-        else:
-            for frame in range(start + 1, end):
-                source[frame] = start
-            continue
-        inferred.add(split)
-        gaps += [(start, split), (split, end)]
-    return inferred, source
+    gaps between two inferred frames that disagree are bisected until every gap's ends agree
+    (bench_filtering.bisect_gaps). `free`: frames whose result is there anyway (another query's
+    model runs): a gap holding one is split there first. Returns the frames inferred (free ones
+    used included) and, per frame, the inferred frame whose answer it takes."""
+    return bisect_gaps(list(values), agree, range(0, len(values), max(1, stride)), free)
 
 
 def camera_look_ahead(queries: Sequence[tuple[Sequence[Any], Agree]], stride: int,

@@ -131,8 +131,14 @@ class QueryFilter:
                  agreement: Optional[Callable[[Any, Any], float]] = None, target: float = 0.9,
                  fps: Optional[float] = None, preferred_feature: Optional[FeatureName] = None,
                  tune_runner: Callable[[Callable[[], None]], None] = run_inline,
-                 dense_first_window: bool = True) -> None:
+                 dense_first_window: bool = True, look_ahead: bool = False) -> None:
         self.cfg = cfg
+        # Looking ahead: the query answers a skipped frame only once the next kept frame's result
+        # is in, and bisects a gap whose two ends disagree (edgeva.filtering.tuner.bisect_sources).
+        # The tuner then replays the bisection, and a changed answer is not confirmed on the next
+        # frame (step 6): its gap is bisected instead. tools/bench_filtering.py --look-ahead
+        # replays this; the daemon's queries do not hold frames yet (docs/filtering.md).
+        self.look_ahead = look_ahead
         self.differencer = differencer or Differencer(width=cfg.width)
         self.audits = audit or AuditTracker()
         self.agreement = agreement
@@ -586,7 +592,7 @@ class QueryFilter:
             return
         changed = self.agreement(value, replaced[1]) < 1.0
         if prepared is self._reference:
-            self._confirm_next = self._confirm_run < CONFIRMATIONS and changed
+            self._confirm_next = not self.look_ahead and self._confirm_run < CONFIRMATIONS and changed
         if changed:
             self._answer_seen_changing(replaced[1])
 
@@ -680,7 +686,7 @@ class QueryFilter:
             features=tunable_features(self.cfg, frames),
             preferred=self.preferred_feature,
             longest=min([longest_age(self.cfg, self.fps), len(frames) - 1] + [len(p.frames) - 1 for p in similar]),
-            key=key, pieces=pieces)
+            key=key, pieces=pieces, look_ahead=self.look_ahead)
         return job
 
     def _apply_tuned(self) -> None:

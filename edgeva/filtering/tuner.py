@@ -93,6 +93,28 @@ def simulate_filter(pair_value: PairValue, n_frames: int, threshold: float, max_
     return source
 
 
+def bisect_sources(source: list[int], values: Sequence[Any], agreement: Callable[[Any, Any], float]) -> list[int]:
+    """Looking ahead: a query that answers a skipped frame only once the next inferred frame's
+    result is in bisects every gap whose two inferred ends disagree (the frame midway inferred,
+    recursively) until each gap's ends agree, and answers the gap's frames with that answer.
+    Takes a replay's `source` (simulate_filter) and returns it with the gaps bisected; a frame a
+    sparse window skipped stands in with its carried answer."""
+    n = len(source)
+    ends = sorted(set(source) | ({n - 1} if n else set()))
+    out = list(range(n))
+    gaps = list(zip(ends, ends[1:]))
+    while gaps:
+        start, end = gaps.pop()
+        if end - start <= 1:
+            continue
+        if agreement(inferred_value(values[start]), inferred_value(values[end])) < 1.0:
+            middle = (start + end) // 2
+            gaps += [(start, middle), (middle, end)]
+        else:
+            out[start + 1:end] = [start] * (end - start - 1)
+    return out
+
+
 def uniform_sources(n_frames: int, n_inferred: int, phase: int = 0) -> list[int]:
     """Every-k sampling with `n_inferred` evenly spaced inferred frames (the first included),
     shifted by `phase` frames (frames before the first pick reuse frame 0)."""
@@ -212,6 +234,7 @@ def tune_segments(
     window: int = 30,
     differencer: Optional[Differencer] = None,
     caches: Optional[Sequence[Optional[PairCache]]] = None,
+    look_ahead: bool = False,
 ) -> TuneResult:
     """Pick the (threshold, staleness bound) for `feature` that infers least while keeping agreement
     over one or more profiled segments (each replayed on its own, their frames pooled).
@@ -226,7 +249,9 @@ def tune_segments(
     defaults to just `max_skip`. `safety_margin="auto"` derives the margin from the data: the
     standard error of the first choice's agreement across the segments (across four pieces of a
     single segment). If no setting meets the target the result says threshold None (infer every
-    frame) and met_target False.
+    frame) and met_target False. `look_ahead`: the query bisects the gaps whose ends disagree
+    (bisect_sources), so every setting is replayed with its bisection, whose frames count as
+    inferred.
     """
     walks: list[tuple[PairValue, int, ReplayScorer]] = []
     observed: list[float] = []
@@ -256,6 +281,8 @@ def tune_segments(
             parts, uniform_parts, inferred = [], [], 0
             for pair_value, length, score in walks:
                 source = simulate_filter(pair_value, length, thr, age)
+                if look_ahead:
+                    source = bisect_sources(source, score.values, score.agreement)
                 seg_inferred = sum(1 for i, s in enumerate(source) if i == s)
                 inferred += seg_inferred
                 parts.append(score(source))

@@ -218,6 +218,7 @@ class TuningJob:
     longest: int
     key: Any
     pieces: list
+    look_ahead: bool = False          # the query bisects disagreeing gaps (tuner.bisect_sources)
 
     def run(self) -> Tuned:
         try:
@@ -230,7 +231,8 @@ class TuningJob:
     def _tune(self) -> Tuned:
         result = tune_features(self.segments, self.values, self.agreement, self.target, features=self.features,
                                preferred=self.preferred, differencer=self.differencer, safety_margin="auto",
-                               segments=True, max_ages=age_candidates(self.longest))[0]
+                               segments=True, max_ages=age_candidates(self.longest),
+                               look_ahead=self.look_ahead)[0]
         setting = (Setting(result.threshold, result.max_age, result.feature) if result.met_target
                    else Setting(0.0, 0, result.feature))
         return Tuned(self.key, setting, self.pieces, result.agreement, self.segments[0], self.values[0],
