@@ -142,6 +142,7 @@ class FilterConfig:
     recalibrate_s: float = 300.0         # a calibration burst at least this often
     tuned_max_age_limit_s: float = 10.0  # the longest staleness bound the tuner may choose
     tuned: Optional[TunedFilter] = None  # `edgeva tune --write`: where the filter starts (it learns on)
+    look_ahead: bool = False             # answer a skipped frame once the next kept frame's result is in (batch replay)
 
     def validate(self, path: str) -> None:
         if self.threshold is not None and self.threshold < 0:
@@ -409,6 +410,11 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
         if q.camera not in camera_ids:
             known = ", ".join(sorted(camera_ids)) or "none defined"
             raise ConfigError(f"queries[{i}].camera", f"unknown camera {q.camera!r} (cameras: {known})")
+        camera = next(c for c in cfg.cameras if c.id == q.camera)
+        if q.filter.look_ahead and not (camera.replay == "fast" and is_file_source(camera.source)):
+            raise ConfigError(f"queries[{i}].filter.look_ahead",
+                              f"needs a recording replayed fast (camera {q.camera!r}: replay: fast, a file or "
+                              "folder source): a live camera's results cannot wait for the next kept frame")
         for name in ([q.placement] if isinstance(q.placement, str) else q.placement or []):
             if name not in tier_names:
                 raise ConfigError(f"queries[{i}].placement", f"unknown tier {name!r}")

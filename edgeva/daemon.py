@@ -283,6 +283,7 @@ class Daemon:
                                    target=q.accuracy_target, preferred_feature=default_feature(q.task.type),
                                    # batch replay tunes inline: its results must not depend on this box's speed
                                    tune_runner=run_inline if backpressure else self.filter_tuner.submit,
+                                   look_ahead=q.filter.look_ahead and backpressure,
                                    ) if q.filter.enabled else None
         runtime = ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
         self._announce_weights(q, model)

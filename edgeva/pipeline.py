@@ -38,6 +38,12 @@ class QueryRuntime(Protocol):
     def drop(self, frame: Frame, reason: DropReason) -> None:
         """Bucket a frame that never reached `submit` as dropped (and emit its record)."""
 
+    def end_of_stream(self) -> None:
+        """The source ended and every frame was submitted: answer whatever is held."""
+
+    def close(self) -> None:
+        """The camera stops: bucket whatever is still held (dropped, `shutdown`)."""
+
 
 class CameraPipeline:
     def __init__(self, cfg: CameraConfig, queries: list[QueryRuntime], stats: StatsRegistry):
@@ -88,9 +94,21 @@ class CameraPipeline:
         self._dispatcher.join(timeout=timeout_s)
         for frame in self.buffer.drain():
             self._drop(frame, DropReason.SHUTDOWN)
+        for query in self.queries:
+            try:
+                query.close()
+            except Exception:
+                log.exception("query %s failed to close", query.query_id)
         if self.reader.is_alive():
             log.warning("camera %s: reader did not stop within %.1f s", self.cfg.id, timeout_s)
         self.stats.camera_state(self.cfg.id, "stopped")
+
+    def _end_of_stream(self) -> None:
+        for query in self.queries:
+            try:
+                query.end_of_stream()
+            except Exception:   # the held frames stay in flight; --until-end's stall check ends the run
+                log.exception("query %s failed at the end of its source", query.query_id)
 
     def _drop(self, frame: Frame, reason: DropReason) -> None:
         self.stats.camera_dropped(self.cfg.id, reason)
@@ -105,9 +123,13 @@ class CameraPipeline:
             self.stats.record(query.qstats, Outcome.DROPPED, reason=reason, seq=frame.seq)
 
     def _dispatch(self) -> None:
+        ended = False
         while not self._stop.is_set():
             frame = self.buffer.get(timeout=0.2)
             if frame is None:
+                if not ended and self.finished():
+                    ended = True
+                    self._end_of_stream()
                 continue
             view = FrameView(frame, fps=self.reader.fps, scenes=self._scenes)
             for query in self.queries:

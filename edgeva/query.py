@@ -3,6 +3,10 @@
 Each runtime buckets every submitted frame exactly once (inferred, reused, offloaded or
 dropped with a reason) in the stats registry and emits one result record for it, a dropped
 frame included (outcome `dropped`, with its reason), so a consumer sees every frame once.
+
+One room of ~450 lines: ModelQuery's keeping, reusing, looking ahead (holding a gap's frames)
+and its worker callbacks share one lock and one view of the kept frames still in the model;
+what a gap does is planned in edgeva.gaps.
 """
 from __future__ import annotations
 
@@ -10,11 +14,13 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from edgeva.config import QueryConfig
 from edgeva.filtering import Decision, QueryFilter, SceneTracker, audit_draw
+from edgeva.gaps import AnswerFromLeft, Gap, plan_gap
 from edgeva.messages import DropReason, Frame, Outcome, QueryResult
 from edgeva.results import ResultHub
 from edgeva.stats import QueryStats, StatsRegistry
@@ -101,6 +107,12 @@ class PassthroughQuery:
     def drop(self, frame: Frame, reason: DropReason) -> None:
         emit_dropped(self.stats, self.qstats, self.hub, self.query_id, frame, reason)
 
+    def end_of_stream(self) -> None:
+        """Nothing is held."""
+
+    def close(self) -> None:
+        """Nothing is held."""
+
 
 @dataclass
 class _Inference:
@@ -123,7 +135,9 @@ class ModelQuery:
     """filter → (keep) model worker → task → result; (skip) reuse the last inferred result.
 
     A skipped frame reuses the result of the last *kept* frame; if that frame is still in
-    the model, the skipped frame waits for it so results never go backwards in time.
+    the model, the skipped frame waits for it so results never go backwards in time. Looking
+    ahead (`filter.look_ahead`, batch replay only), it waits for the next kept frame's result
+    too, and a gap whose ends disagree is bisected (edgeva.gaps).
     """
 
     def __init__(self, cfg: QueryConfig, stats: StatsRegistry, hub: ResultHub, worker: ExecutorPort,
@@ -148,6 +162,10 @@ class ModelQuery:
         self._min_interval = 1.0 / cfg.sla.fps if cfg.sla.fps else 0.0
         self._last_considered_t: Optional[float] = None
         self._audits_in_flight = 0     # audit items submitted whose agreement the filter has not had yet
+        self._look_ahead = backpressure and cfg.filter.look_ahead and query_filter is not None
+        self._gap: Optional[Gap[_Inference]] = None            # frames held since the last kept frame
+        self._closed_gaps: deque[Gap[_Inference]] = deque()    # waiting for their ends' results, in order
+        self._bisected = 0             # frames inferred to locate a change in a gap (and a recording's last)
         self.qstats = stats.add_query(cfg.id, cfg.camera)
         stats.set_gauges(cfg.id, model=worker.key, task=cfg.task.type,
                          accuracy_target=cfg.accuracy_target, filter=self._filter_stats)
@@ -155,6 +173,8 @@ class ModelQuery:
     # ------------------------------------------------------------- intake
     def submit(self, view: FrameView) -> None:
         frame = view.frame
+        if self._look_ahead:
+            self._answer_gaps()
         with self._lock:
             self._await_filter_results()
             decision = self._decide(view)
@@ -212,9 +232,14 @@ class ModelQuery:
             inference.prepared = view.prepared(self.filter.differencer)
             self.filter.mark_inferred(inference.prepared)
         self._latest = inference
+        if self._look_ahead:
+            self._close_gap(inference)
         return WorkItem(self, frame, self._deadline(frame), context=inference)
 
     def _reuse(self, frame: Frame, decision: Decision) -> None:
+        if self._look_ahead and self._gap is not None:
+            self._gap.frames.append(frame)        # answered once the next kept frame's result is in
+            return
         latest = self._latest
         if latest is not None and not latest.done and not latest.failed:
             latest.waiting.append((frame, decision))
@@ -227,6 +252,97 @@ class ModelQuery:
             self.drop(frame, failed or DropReason.ERROR)
             return
         self._emit_reused(frame, source)
+
+    # ------------------------------------------------------------- looking ahead (edgeva.gaps)
+    def _close_gap(self, right: _Inference) -> None:
+        """A kept frame ends the gap of frames held since the one before (under the lock)."""
+        gap, self._gap = self._gap, Gap(right)
+        if gap is not None:
+            self._close_gap_at(gap, right)
+
+    def _answer_gaps(self, wait: bool = False) -> None:
+        """Answer the closed gaps in order while both their ends have results (`wait`: wait for
+        them, as at the end of the stream). Runs on the camera's intake thread, never in the
+        worker's callback: a bisection's item can wait there for room in the model's queue."""
+        while True:
+            with self._lock:
+                if not self._closed_gaps:
+                    return
+                gap = self._closed_gaps[0]
+
+                def ends_in() -> bool:
+                    return all(end.done or end.failed for end in (gap.left, gap.right))
+
+                if not ends_in() and not (wait and self._results_in.wait_for(ends_in, timeout=RESULTS_WAIT_S)):
+                    if not wait:
+                        return
+                    self._closed_gaps.popleft()
+                    for frame in gap.frames:      # their ends' results never came
+                        self.drop(frame, DropReason.ERROR)
+                    continue
+                self._closed_gaps.popleft()
+                item = self._apply_gap(gap)
+            if item is not None and not self.worker.submit(item, wait_s=self._submit_wait_s):
+                self.dropped(item, DropReason.QUEUE_FULL)
+
+    def _apply_gap(self, gap: Gap[_Inference]) -> Optional[WorkItem]:
+        """Emit the gap's frames, or split it at the frame to infer and return that frame's item
+        (under the lock). An end that failed leaves the frames the left answer within the
+        staleness bound, else they are dropped for its reason, as frames waiting on a dropped
+        kept frame are."""
+        left, right = gap.left, gap.right
+        failed = left.failed or right.failed
+        if failed:
+            for frame in gap.frames:
+                if left.done and self._within_bound(frame, left):
+                    self._emit_reused(frame, left)
+                else:
+                    self.drop(frame, failed)
+            return None
+        plan = plan_gap(gap, left.seq, right.seq, left.value, right.value, self.task.agreement)
+        if isinstance(plan, AnswerFromLeft):
+            for frame in gap.frames:
+                self._emit_reused(frame, left)
+            return None
+        middle = _Inference(plan.frame.seq)
+        self._bisected += 1
+        self._closed_gaps.appendleft(Gap(middle, plan.after, right))
+        self._closed_gaps.appendleft(Gap(left, plan.before, middle))
+        return WorkItem(self, plan.frame, self._deadline(plan.frame), context=middle)
+
+    def end_of_stream(self) -> None:
+        """The source ended (a recording without loop): the frames held after the last kept frame
+        close their gap at the last of them, which is inferred, and every gap is answered."""
+        if not self._look_ahead:
+            return
+        item = None
+        with self._lock:
+            gap, self._gap = self._gap, None
+            if gap is not None and gap.frames:
+                last = gap.frames.pop()
+                right = _Inference(last.seq)
+                self._bisected += 1
+                self._close_gap_at(gap, right)
+                item = WorkItem(self, last, self._deadline(last), context=right)
+        if item is not None and not self.worker.submit(item, wait_s=self._submit_wait_s):
+            self.dropped(item, DropReason.QUEUE_FULL)
+        self._answer_gaps(wait=True)
+
+    def _close_gap_at(self, gap: Gap[_Inference], right: _Inference) -> None:
+        gap.right = right
+        if gap.frames:
+            self._closed_gaps.append(gap)
+
+    def close(self) -> None:
+        """The camera stops (shutdown, reload): frames still held are dropped with `shutdown`."""
+        with self._lock:
+            held = [frame for gap in self._closed_gaps for frame in gap.frames]
+            held += self._gap.frames if self._gap is not None else []
+            self._closed_gaps.clear()
+            if self._gap is not None:
+                self._gap.frames = []
+            for frame in held:
+                self.drop(frame, DropReason.SHUTDOWN)
 
     def _within_bound(self, frame: Frame, source: _Inference) -> bool:
         setting = self.filter.setting if self.filter is not None else None
@@ -326,4 +442,7 @@ class ModelQuery:
         if self.filter is None:
             return {"enabled": False}
         with self._lock:     # the filter's audit window changes under this lock
-            return self.filter.stats()
+            stats = self.filter.stats()
+            if self._look_ahead:
+                stats["bisected"] = self._bisected
+            return stats

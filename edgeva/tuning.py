@@ -116,7 +116,8 @@ def tune_query(q: QueryConfig, prepared: list[Any], values: list[Any], agreement
     features = [f for f in features if f != "foreground" or (prepared and prepared[0].foreground is not None)]
     results = tune_features(prepared, values, agreement, q.accuracy_target, features=tuple(features),
                             preferred=default_feature(q.task.type), differencer=differencer,
-                            max_ages=age_candidates(max(0, longest)), safety_margin="auto")
+                            max_ages=age_candidates(max(0, longest)), safety_margin="auto",
+                            look_ahead=q.filter.look_ahead)
     key, pieces = window_key(differencer, prepared, frames_for(q.filter.segment_s, fps))
     informed = tells_settings_apart(values, agreement, max(0, longest), q.accuracy_target)
     return QueryTuning(q.id, q.camera, len(prepared), results[0], results[1:], fps, key.tolist(),

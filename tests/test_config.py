@@ -120,6 +120,22 @@ def test_one_model_runs_at_one_input_size(tmp_path, clip):
     assert err.value.path == "queries[1].input_size"
 
 
+def test_looking_ahead_needs_a_recording_replayed_fast(tmp_path, clip):
+    data = _base(clip)
+    data["queries"] = [{"id": "a", "camera": "cam1", "model": "yolov8n", "task": {"type": "count", "classes": ["car"]},
+                        "filter": {"look_ahead": True}}]
+    data["cameras"] = [{**data["cameras"][0], "replay": "realtime"}]
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, data))
+    assert err.value.path == "queries[0].filter.look_ahead" and "replay: fast" in err.value.reason
+    data["cameras"][0]["replay"] = "fast"
+    assert load_config(_write(tmp_path, data)).queries[0].filter.look_ahead
+    data["cameras"][0]["source"] = "rtsp://camera/stream"
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, data))
+    assert err.value.path == "queries[0].filter.look_ahead"
+
+
 @pytest.mark.parametrize("name", ["demo.yaml", "example.yaml", "gemel_workload.yaml", "family.yaml",
                                   "detector_family.yaml"])
 def test_shipped_configs_are_valid(name):

@@ -136,6 +136,12 @@ class _SlowQuery:
     def drop(self, frame, reason) -> None:
         self.stats.record(self.qstats, Outcome.DROPPED, reason=reason, seq=frame.seq)
 
+    def end_of_stream(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
 
 def test_accounting_adds_up_with_buffer_drops(tmp_path):
     clip = write_test_clip(tmp_path / "c.mp4", frames=120, fps=200)

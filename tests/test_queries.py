@@ -575,22 +575,25 @@ def test_frames_kept_at_the_bound_shorten_it_in_the_daemon(tmp_path, monkeypatch
     assert agreement > fixed
 
 
-def _calibrating_batch_query(blob, port, **filter_keys):
+def _calibrating_batch_query(blob, port, look_ahead: bool = False, **filter_keys):
     """A batch-replay (`replay: fast`) car-count ModelQuery with no threshold configured (it
-    calibrates on the camera) and no audits, at 10 frames/s. Returns (query, hub, its filter)."""
+    calibrates on the camera) and no audits, at 10 frames/s (`look_ahead`: holding each gap's
+    frames until its next kept frame's result is in). Returns (query, hub, its filter)."""
     from edgeva.config import parse_config
     from edgeva.filtering import QueryFilter
     from edgeva.query import ModelQuery
     from edgeva.results import ResultHub
     from edgeva.stats import StatsRegistry
 
-    cfg = parse_config({"cameras": [{"id": "street", "source": "rtsp://x/y"}],
+    cfg = parse_config({"cameras": [{"id": "street", "source": "street.mp4", "replay": "fast"}],
                         "queries": [{"id": "cars", "camera": "street", "model": "yolov8n",
                                      "task": {"type": "count", "classes": ["car"]},
-                                     "filter": {"audit_fraction": 0.0, **filter_keys}}]}).queries[0]
+                                     "filter": {"audit_fraction": 0.0, "look_ahead": look_ahead,
+                                                **filter_keys}}]}).queries[0]
     hub = ResultHub()
     task = build_task(cfg.task, blob, "cars")
-    query_filter = QueryFilter(cfg.filter, rng_seed=1, agreement=task.agreement, target=0.9, fps=10.0)
+    query_filter = QueryFilter(cfg.filter, rng_seed=1, agreement=task.agreement, target=0.9, fps=10.0,
+                               look_ahead=look_ahead)
     return ModelQuery(cfg, StatsRegistry(), hub, port, task, query_filter, backpressure=True), hub, query_filter
 
 
@@ -897,3 +900,60 @@ def test_batch_replay_shares_the_same_frames_however_far_the_model_lags(street):
     lagging, _ = decisions(lagging=True)
     assert at_once_stats["kept_by_reason"].get("shared", 0) > 0
     assert lagging == at_once
+
+
+# ------------------------------------------------------------- looking ahead (edgeva.gaps)
+
+def _look_ahead_run(street, lagging: bool, look_ahead: bool = True):
+    """The street's frames through a calibrating batch-replay car count, the source ending after
+    the last one; every result record by frame number, the query's stats and the reference."""
+    clip, blob = street
+    frames = read_segment(str(clip), seconds=100)
+    records: dict[int, list] = {}
+    with _BlobPort(blob, lagging) as port:
+        query, hub, _ = _calibrating_batch_query(blob, port, look_ahead=look_ahead, calibration_s=1.0,
+                                                 segment_s=0.5, recalibrate_s=3.0)
+        hub.add_tap(lambda r: records.setdefault(r.seq, []).append(r))
+        _submit_recorded(frames, query)
+        query.end_of_stream()
+    task = build_task(TaskConfig(type="count", classes=["car"]), blob, "cars")
+    return records, query._filter_stats(), reference_values(blob, task, frames), task
+
+
+def test_looking_ahead_answers_every_frame_once_and_locates_the_changes_it_would_reuse_over(street):
+    records, stats, reference, task = _look_ahead_run(street, lagging=False)
+    plain, plain_stats, _, _ = _look_ahead_run(street, lagging=False, look_ahead=False)
+    n = len(reference)
+    assert sorted(records) == list(range(n)) and all(len(r) == 1 for r in records.values())
+    value = {seq: r[0].value for seq, r in records.items()}
+    agreement = np.mean([task.agreement(value[i], reference[i]) for i in range(n)])
+    plain_agreement = np.mean([task.agreement(plain[i][0].value, reference[i]) for i in range(n)])
+    assert stats["bisected"] > 0 and "bisected" not in plain_stats
+    assert agreement >= 0.9 and agreement >= plain_agreement
+    inferred = {seq for seq, r in records.items() if r[0].outcome.value == "inferred"}
+    for seq, (r,) in records.items():          # a reused answer is its gap's left end's, and that end agrees
+        if r.outcome.value == "reused":
+            assert r.source_seq in inferred and r.value == value[r.source_seq]
+            after = min(i for i in inferred if i > seq)
+            assert task.agreement(value[after], r.value) == 1.0
+
+
+def test_looking_ahead_answers_the_same_however_far_the_model_lags(street):
+    at_once, _, _, _ = _look_ahead_run(street, lagging=False)
+    lagging, _, _, _ = _look_ahead_run(street, lagging=True)
+    assert {s: (r[0].outcome, r[0].value) for s, r in at_once.items()} == \
+        {s: (r[0].outcome, r[0].value) for s, r in lagging.items()}
+
+
+def test_a_camera_that_stops_drops_the_frames_its_queries_hold(street):
+    clip, blob = street
+    frames = read_segment(str(clip), seconds=100)[:30]
+    records: dict[int, list] = {}
+    with _BlobPort(blob, lagging=False) as port:        # kept: 0, then 21 at the bound (20 frames)
+        query, hub, _ = _calibrating_batch_query(blob, port, look_ahead=True, threshold=1.0, max_age_s=2.0)
+        hub.add_tap(lambda r: records.setdefault(r.seq, []).append(r))
+        _submit_recorded(frames, query)
+        query.close()
+    assert sorted(records) == list(range(30)) and all(len(r) == 1 for r in records.values())
+    dropped = [seq for seq, (r,) in records.items() if r.outcome.value == "dropped"]
+    assert dropped == list(range(22, 30)) and all(records[seq][0].reason == "shutdown" for seq in dropped)

@@ -12,8 +12,8 @@ every-frame outputs (tools/reference_cache.py) and scored with the task's own ag
       interval in (a)'s place: the same filter configured with no change feature
       (`threshold: .inf`, `max_age_s: S`), k adapted online by the checks at the bound.
       `--look-ahead`: (a) answers a skipped frame only once the next inferred frame's result is
-      in, bisecting the gaps whose ends disagree, its tuner replaying that (run_camera; the
-      daemon's queries do not hold frames yet);
+      in, bisecting the gaps whose ends disagree, its tuner replaying that (run_camera; what
+      `filter.look_ahead` does in the daemon);
   (b) uniform sampling: infer every k-th frame, averaged over the phase;
   (c) motion-gated (Frigate-like): infer when any changed region exceeds a fixed area;
   (d) the hindsight oracle: infer exactly when the reused answer would pull the running mean
@@ -411,7 +411,7 @@ def main() -> None:
                          "runs on for another query)")
     ap.add_argument("--look-ahead", action="store_true",
                     help="(a) looks ahead: each query's tuner replays the bisection of gaps whose ends disagree, "
-                         "no changed answer is confirmed, and every gap is bisected (run_camera); not in the daemon yet")
+                         "no changed answer is confirmed, and every gap is bisected (run_camera): the daemon's filter.look_ahead")
     args = ap.parse_args()
     if args.look_ahead and args.tuned_first_third:
         ap.error("--look-ahead replays a query calibrating on its camera: `edgeva tune` does not look ahead")

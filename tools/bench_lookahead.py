@@ -19,9 +19,10 @@ changes) and per camera (frames any query inferred, against one uniform sampler 
 interval its queries need for the agreements reached), the lowest pair's agreement (averaged, and
 the lowest single start frame), and the pairs over 1x; the per-pair table at `--stride`.
 
-This is a measurement of a mechanism the daemon does not have (docs/filtering.md, "Looking
-ahead"): no pixels and no learning, one stride for every clip. Choose the stride on tune/ (the
-largest at which every development pair meets the target) and read eval/ at it.
+This is a baseline, not the daemon, which looks ahead with its learned filter
+(`filter.look_ahead`; docs/filtering.md, "Looking ahead"): no pixels and no learning, one stride
+for every clip. Choose the stride on tune/ (the largest at which every development pair meets the
+target) and read eval/ at it.
 
     .venv/bin/python tools/bench_lookahead.py [--clips eval|tune] [--strides 2,3,4,6,8] [--stride 3] [--no-sharing]
 """
