@@ -19,7 +19,7 @@ import yaml
 
 from edgeva.recordings import VIDEO_EXTENSIONS, list_recordings
 from edgeva.redaction import redact
-from edgeva.source_kind import classify_source
+from edgeva.source_kind import SourceKind, classify_source
 
 
 class ConfigError(ValueError):
@@ -65,6 +65,12 @@ class CameraConfig:
     enabled: bool = True
     # auto: NVDEC when a CUDA device and torchcodec/PyNvVideoCodec are present, else OpenCV.
     decode: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @property
+    def batch(self) -> bool:
+        """A recording replayed as fast as the models go: batch processing, no deadlines. Live
+        sources (streams, USB) keep their deadlines whatever `replay` says."""
+        return self.replay == "fast" and classify_source(self.source) is SourceKind.FILE
 
     def validate(self, path: str) -> None:
         _identifier(self.id, f"{path}.id")
@@ -401,17 +407,16 @@ def _validate(cfg: Config, base_dir: Path | None) -> None:
             if os.path.isdir(cam.source) and not list_recordings(cam.source):
                 raise ConfigError(f"cameras[{i}].source", f"folder {cam.source} holds no video files "
                                                           f"({', '.join(sorted(VIDEO_EXTENSIONS))})")
-    camera_ids = {c.id for c in cfg.cameras}
+    cameras = {c.id: c for c in cfg.cameras}
     tier_names = {t.name for t in cfg.tiers} | {"local"}
     if cfg.weights_dir:
         _weights_folder(cfg.weights_dir, base_dir)
     for i, q in enumerate(cfg.queries):
         q.validate(f"queries[{i}]")
-        if q.camera not in camera_ids:
-            known = ", ".join(sorted(camera_ids)) or "none defined"
+        if q.camera not in cameras:
+            known = ", ".join(sorted(cameras)) or "none defined"
             raise ConfigError(f"queries[{i}].camera", f"unknown camera {q.camera!r} (cameras: {known})")
-        camera = next(c for c in cfg.cameras if c.id == q.camera)
-        if q.filter.look_ahead and not (camera.replay == "fast" and is_file_source(camera.source)):
+        if q.filter.look_ahead and not cameras[q.camera].batch:
             raise ConfigError(f"queries[{i}].filter.look_ahead",
                               f"needs a recording replayed fast (camera {q.camera!r}: replay: fast, a file or "
                               "folder source): a live camera's results cannot wait for the next kept frame")

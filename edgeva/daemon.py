@@ -262,7 +262,7 @@ class Daemon:
 
     # ------------------------------------------------------------ parts
     def _start_camera(self, cam: CameraConfig, queries: list[QueryConfig]) -> None:
-        runtimes = [self._build_query(q, backpressure=_is_batch(cam)) for q in queries]
+        runtimes = [self._build_query(q, backpressure=cam.batch) for q in queries]
         pipeline = CameraPipeline(cam, runtimes, self.stats)
         self.cameras[cam.id] = pipeline
         pipeline.start()
@@ -414,10 +414,3 @@ class Daemon:
         snap = self.stats.snapshot()
         return {q: {k: v[k] for k in ("frames_in", "inferred", "reused", "offloaded", "dropped_total")}
                 for q, v in snap["queries"].items()}
-
-
-
-def _is_batch(cam: CameraConfig) -> bool:
-    """A recording replayed as fast as the models go: batch processing, no deadlines. Live
-    sources (streams, USB) keep their deadlines whatever `replay` says."""
-    return cam.replay == "fast" and classify_source(cam.source) is SourceKind.FILE

@@ -218,12 +218,11 @@ def test_progress_line_rate_eta_and_summary():
 
 def test_a_live_source_keeps_its_deadlines_whatever_replay_says():
     from edgeva.config import CameraConfig
-    from edgeva.daemon import _is_batch
 
-    assert _is_batch(CameraConfig(id="f", source="/videos/a.mp4", replay="fast"))
-    assert not _is_batch(CameraConfig(id="f", source="/videos/a.mp4", replay="realtime"))
-    assert not _is_batch(CameraConfig(id="s", source="rtsp://cam/x", replay="fast"))
-    assert not _is_batch(CameraConfig(id="u", source="usb:0", replay="fast"))
+    assert CameraConfig(id="f", source="/videos/a.mp4", replay="fast").batch
+    assert not CameraConfig(id="f", source="/videos/a.mp4", replay="realtime").batch
+    assert not CameraConfig(id="s", source="rtsp://cam/x", replay="fast").batch
+    assert not CameraConfig(id="u", source="usb:0", replay="fast").batch
 
 
 def test_tune_reads_a_folder_source_from_its_first_recording(tmp_path):

@@ -134,6 +134,8 @@ def test_looking_ahead_needs_a_recording_replayed_fast(tmp_path, clip):
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, data))
     assert err.value.path == "queries[0].filter.look_ahead"
+    data["cameras"][0]["source"] = f"file://{clip.resolve()}"      # a file URL is a recording, as the daemon reads it
+    assert load_config(_write(tmp_path, data)).cameras[0].batch
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "example.yaml", "gemel_workload.yaml", "family.yaml",
