@@ -162,7 +162,8 @@ class ModelQuery:
         self._min_interval = 1.0 / cfg.sla.fps if cfg.sla.fps else 0.0
         self._last_considered_t: Optional[float] = None
         self._audits_in_flight = 0     # audit items submitted whose agreement the filter has not had yet
-        self._look_ahead = backpressure and cfg.filter.look_ahead and query_filter is not None
+        # the filter's tuner replays the bisection only when the query does it: one switch for both
+        self._look_ahead = backpressure and query_filter is not None and query_filter.look_ahead
         self._gap: Optional[Gap[_Inference]] = None            # frames held since the last kept frame
         self._closed_gaps: deque[Gap[_Inference]] = deque()    # waiting for their ends' results, in order
         self._bisected = 0             # frames inferred to locate a change in a gap (and a recording's last)
@@ -189,8 +190,12 @@ class ModelQuery:
         if item is None:
             return
         view.note_model_run(self.worker)
-        # Outside the lock: the worker's callbacks take it, and a blocking submit waits on the worker.
-        if not self.worker.submit(item, wait_s=0.0 if item.audit and not self._batch else self._submit_wait_s):
+        self._send(item, wait_s=0.0 if item.audit and not self._batch else self._submit_wait_s)
+
+    def _send(self, item: WorkItem, wait_s: Optional[float] = None) -> None:
+        """Hand `item` to the worker, outside the lock (the worker's callbacks take it, and a
+        blocking submit waits on the worker); a full queue drops it."""
+        if not self.worker.submit(item, wait_s=self._submit_wait_s if wait_s is None else wait_s):
             self.dropped(item, DropReason.QUEUE_FULL)
 
     def _await_filter_results(self) -> None:
@@ -273,17 +278,16 @@ class ModelQuery:
                 def ends_in() -> bool:
                     return all(end.done or end.failed for end in (gap.left, gap.right))
 
-                if not ends_in() and not (wait and self._results_in.wait_for(ends_in, timeout=RESULTS_WAIT_S)):
-                    if not wait:
-                        return
-                    self._closed_gaps.popleft()
+                if not ends_in() and not wait:
+                    return
+                self._closed_gaps.popleft()
+                if not ends_in() and not self._results_in.wait_for(ends_in, timeout=RESULTS_WAIT_S):
                     for frame in gap.frames:      # their ends' results never came
                         self.drop(frame, DropReason.ERROR)
                     continue
-                self._closed_gaps.popleft()
                 item = self._apply_gap(gap)
-            if item is not None and not self.worker.submit(item, wait_s=self._submit_wait_s):
-                self.dropped(item, DropReason.QUEUE_FULL)
+            if item is not None:
+                self._send(item)
 
     def _apply_gap(self, gap: Gap[_Inference]) -> Optional[WorkItem]:
         """Emit the gap's frames, or split it at the frame to infer and return that frame's item
@@ -324,8 +328,8 @@ class ModelQuery:
                 self._bisected += 1
                 self._close_gap_at(gap, right)
                 item = WorkItem(self, last, self._deadline(last), context=right)
-        if item is not None and not self.worker.submit(item, wait_s=self._submit_wait_s):
-            self.dropped(item, DropReason.QUEUE_FULL)
+        if item is not None:
+            self._send(item)
         self._answer_gaps(wait=True)
 
     def _close_gap_at(self, gap: Gap[_Inference], right: _Inference) -> None:
