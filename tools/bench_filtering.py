@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO / "tools"))
 from edgeva.config import FilterConfig  # noqa: E402
 from edgeva.filtering import Differencer, QueryFilter, SceneTracker, audit_draw, default_feature  # noqa: E402
 from edgeva.models.tasks import CountTask, PresenceTask  # noqa: E402
+from edgeva.filtering.tuner import bisect_sources  # noqa: E402
 from edgeva.filtering.windows import longest_age, tunable_features  # noqa: E402
 from hindsight_settings import Choice, best_in_hindsight  # noqa: E402
 from reference_cache import SHARED, ClipReference, load_or_compute  # noqa: E402
@@ -110,27 +111,10 @@ def bisect_gaps(values: list[Any], agree: Callable[[Any, Any], float], inferred:
     ends agree; each frame then takes its gap's answer. `free`: frames whose result is there
     anyway (another query's model runs): a gap holding one is split there first. Returns the
     frames inferred (free ones used included) and, per frame, the frame whose answer it takes."""
-    n = len(values)
-    free_sorted = sorted(f for f in free if 0 <= f < n)
-    ends = sorted(set(inferred) | {n - 1})
-    taken = set(ends)
-    source = list(range(n))
-    gaps = list(zip(ends, ends[1:]))
-    while gaps:
-        start, end = gaps.pop()
-        if end - start <= 1:
-            continue
-        i = bisect.bisect_right(free_sorted, start)
-        if i < len(free_sorted) and free_sorted[i] < end:
-            split = free_sorted[i]
-        elif agree(values[start], values[end]) < 1.0:
-            split = (start + end) // 2
-        else:
-            source[start + 1:end] = [start] * (end - start - 1)
-            continue
-        taken.add(split)
-        gaps += [(start, split), (split, end)]
-    return taken, source
+    kept = sorted(set(inferred))
+    reused = [kept[max(0, bisect.bisect_right(kept, i) - 1)] if kept else i for i in range(len(values))]
+    source = bisect_sources(reused, values, agree, list(free))
+    return set(source), source
 
 
 @dataclass
@@ -414,7 +398,8 @@ def main() -> None:
                          "no changed answer is confirmed, and every gap is bisected (run_camera): the daemon's filter.look_ahead")
     args = ap.parse_args()
     if args.look_ahead and args.tuned_first_third:
-        ap.error("--look-ahead replays a query calibrating on its camera: `edgeva tune` does not look ahead")
+        ap.error("--look-ahead replays a query calibrating on its camera: this tool's stand-in for `edgeva tune` "
+                 "(tuned_on_first_third) does not replay the bisection")
     folder = clips_folder(args.clips)
     clips = clips_in(folder)
     if not clips:

@@ -13,6 +13,7 @@ headroom than a steady one.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -93,13 +94,17 @@ def simulate_filter(pair_value: PairValue, n_frames: int, threshold: float, max_
     return source
 
 
-def bisect_sources(source: list[int], values: Sequence[Any], agreement: Callable[[Any, Any], float]) -> list[int]:
+def bisect_sources(source: list[int], values: Sequence[Any], agreement: Callable[[Any, Any], float],
+                   free: Sequence[int] = ()) -> list[int]:
     """Looking ahead: a query that answers a skipped frame only once the next inferred frame's
     result is in bisects every gap whose two inferred ends disagree (the frame midway inferred,
-    recursively) until each gap's ends agree, and answers the gap's frames with that answer.
-    Takes a replay's `source` (simulate_filter) and returns it with the gaps bisected; a frame a
-    sparse window skipped stands in with its carried answer."""
+    recursively) until each gap's ends agree, and answers the gap's frames with that answer; the
+    last frame closes the last gap (the end of a recording). Takes a replay's `source`
+    (simulate_filter) and returns it with the gaps bisected; a frame a sparse window skipped
+    stands in with its carried answer. `free`: frames whose result is there anyway (another
+    query's model runs, in the tools' replays): a gap holding one is split there first."""
     n = len(source)
+    free_sorted = sorted(f for f in free if 0 <= f < n)
     ends = sorted(set(source) | ({n - 1} if n else set()))
     out = list(range(n))
     gaps = list(zip(ends, ends[1:]))
@@ -107,11 +112,15 @@ def bisect_sources(source: list[int], values: Sequence[Any], agreement: Callable
         start, end = gaps.pop()
         if end - start <= 1:
             continue
-        if agreement(inferred_value(values[start]), inferred_value(values[end])) < 1.0:
-            middle = (start + end) // 2
-            gaps += [(start, middle), (middle, end)]
+        i = bisect.bisect_right(free_sorted, start)
+        if i < len(free_sorted) and free_sorted[i] < end:
+            split = free_sorted[i]
+        elif agreement(inferred_value(values[start]), inferred_value(values[end])) < 1.0:
+            split = (start + end) // 2
         else:
             out[start + 1:end] = [start] * (end - start - 1)
+            continue
+        gaps += [(start, split), (split, end)]
     return out
 
 
