@@ -128,6 +128,28 @@ class Run:
 
 
 @dataclass(frozen=True)
+class PairResult:
+    """One pair's figures against the baselines (a pair whose answer changes)."""
+
+    run: Run                            # (a), edgeva
+    uniform_need: float                 # (b) at (a)'s agreement
+    oracle: Run                         # (d)
+    oracle_uniform_need: float          # (b) at (d)'s agreement
+    first_third: tuple[float, float]    # (e) (inferences, agreement), the interval from the first third
+    fixed: tuple[float, float]          # (e), the one interval chosen on tune/
+    ceilings: list[tuple[Choice, float]]   # (f) one setting, a setting per window: (choice, (b) at its agreement)
+    one_frame: tuple[float, float]      # (b) at (a)'s agreement one frame lower, higher
+
+
+@dataclass(frozen=True)
+class PairRow:
+    clip: str
+    query: str
+    frames: int
+    result: Optional[PairResult]        # None: the answer never changes
+
+
+@dataclass(frozen=True)
 class QueryReplay:
     """One query of a replayed camera: its every-frame answers and how its filter is set up."""
 
@@ -431,7 +453,7 @@ def main() -> None:
         for query, replay, run in zip(QUERIES, replays, camera_runs):
             values, agree = replay.values, replay.agree
             if not answer_changes(values, agree):
-                rows.append((clip.name, query, len(values), None))
+                rows.append(PairRow(clip.name, query, len(values), None))
                 continue
             uni = uniform_curve(values, agree)
             need = uniform_needs(uni, run.agreement)
@@ -446,8 +468,9 @@ def main() -> None:
                         for segment_s in (None, base.calibration_s)]
             ceilings_need = [uniform_needs(uni, c.agreement) for c in ceilings]
             one_frame = uniform_needs_one_frame_either_way(uni, run.agreement, len(values))
-            rows.append((clip.name, query, len(values), (run, need, orc, orc_need, first_third, fixed,
-                                                         list(zip(ceilings, ceilings_need)), one_frame)))
+            rows.append(PairRow(clip.name, query, len(values),
+                                PairResult(run, need, orc, orc_need, first_third, fixed,
+                                           list(zip(ceilings, ceilings_need)), one_frame)))
             curves[f"{clip.stem[:24]} {query}"] = {
                 "uniform": uni, "motion": motion_gated_curve(frames, values, agree),
                 "edgeva": (run.inferences, run.agreement), "oracle": (orc.inferences, orc.agreement),
@@ -472,36 +495,38 @@ def _ceiling(choice: Choice, need: float) -> str:
     return f"{choice.inferences} @ {choice.agreement:.3f} ({choice.inferences / need:.2f})"
 
 
-def _summary(rows) -> None:
-    changing = [r for r in rows if r[3] is not None]
+def _summary(rows: list[PairRow]) -> None:
+    changing = [r.result for r in rows if r.result is not None]
     print()
     print("| clip | query | frames | edgeva inferences | + audits | agreement | uniform, same agreement | ratio | "
           "ratio with audits | oracle ratio | interval from first third | one setting in hindsight (ratio) | "
           "a setting per window in hindsight (ratio) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for clip, query, n, res in rows:
+    for row in rows:
+        res, n = row.result, row.frames
         if res is None:
-            print(f"| {clip} | {query} | {n} | answer never changes | | | | | | | | | |")
+            print(f"| {row.clip} | {row.query} | {n} | answer never changes | | | | | | | | | |")
             continue
-        run, need, orc, orc_need, first_third, _, ceilings, _ = res
-        print(f"| {clip} | {query} | {n} | {run.inferences:.0f} ({100 * run.inferences / n:.1f} %) | {run.audits:.0f} | "
+        run, need, first_third = res.run, res.uniform_need, res.first_third
+        print(f"| {row.clip} | {row.query} | {n} | {run.inferences:.0f} ({100 * run.inferences / n:.1f} %) | {run.audits:.0f} | "
               f"{run.agreement:.3f} | {need:.0f} | {run.inferences / need:.2f} | "
-              f"{(run.inferences + run.audits) / need:.2f} | {orc.inferences / orc_need:.2f} | "
-              f"{first_third[0]:.0f} @ {first_third[1]:.3f} | {_ceiling(*ceilings[0])} | {_ceiling(*ceilings[1])} |")
+              f"{(run.inferences + run.audits) / need:.2f} | {res.oracle.inferences / res.oracle_uniform_need:.2f} | "
+              f"{first_third[0]:.0f} @ {first_third[1]:.3f} | {_ceiling(*res.ceilings[0])} | {_ceiling(*res.ceilings[1])} |")
     if changing:
-        total = sum(r[3][0].inferences for r in changing)
-        audits = sum(r[3][0].audits for r in changing)
-        total_uniform = sum(r[3][1] for r in changing)
-        total_oracle = sum(r[3][2].inferences for r in changing)
-        total_oracle_uniform = sum(r[3][3] for r in changing)
-        missed = [f"{r[0]}/{r[1]}" for r in changing if r[3][0].agreement < TARGET]
-        thirds = sum(r[3][4][0] for r in changing)
-        thirds_missed = [f"{r[0]}/{r[1]}" for r in changing if r[3][4][1] < TARGET]
-        total_fixed = sum(r[3][5][0] for r in changing)
-        fixed_missed = [f"{r[0]}/{r[1]}" for r in changing if r[3][5][1] < TARGET]
-        ceilings = [(sum(r[3][6][k][0].inferences for r in changing), sum(r[3][6][k][1] for r in changing))
+        named = [(f"{r.clip}/{r.query}", r.result) for r in rows if r.result is not None]
+        total = sum(r.run.inferences for r in changing)
+        audits = sum(r.run.audits for r in changing)
+        total_uniform = sum(r.uniform_need for r in changing)
+        total_oracle = sum(r.oracle.inferences for r in changing)
+        total_oracle_uniform = sum(r.oracle_uniform_need for r in changing)
+        missed = [name for name, r in named if r.run.agreement < TARGET]
+        thirds = sum(r.first_third[0] for r in changing)
+        thirds_missed = [name for name, r in named if r.first_third[1] < TARGET]
+        total_fixed = sum(r.fixed[0] for r in changing)
+        fixed_missed = [name for name, r in named if r.fixed[1] < TARGET]
+        ceilings = [(sum(r.ceilings[k][0].inferences for r in changing), sum(r.ceilings[k][1] for r in changing))
                     for k in range(2)]
-        one_frame = [sum(r[3][7][k] for r in changing) for k in range(2)]
+        one_frame = [sum(r.one_frame[k] for r in changing) for k in range(2)]
         print(f"\nover the {len(changing)} pairs whose answer changes: edgeva {total:.0f} inferences (+{audits:.0f} audits), "
               f"uniform at the same agreement {total_uniform:.0f} (ratio {total / total_uniform:.2f}, "
               f"{(total + audits) / total_uniform:.2f} with audits); oracle ratio "

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
-from bench_filtering import DAEMON_CAMERA, QUERIES, TARGET, clips_folder, query_values  # noqa: E402
+from bench_filtering import DAEMON_CAMERA, QUERIES, TARGET, clips_folder, clips_in, query_values  # noqa: E402
 from edgeva.sinks import read_results  # noqa: E402
 from reference_cache import DEFAULT_WEIGHTS, load_or_compute  # noqa: E402
 
@@ -61,7 +61,7 @@ def main() -> None:
     print("| clip | query | frames | inferred | reused | dropped | agreement |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     cameras: list[tuple[str, int, int | None]] = []
-    for clip in sorted(p for p in folder.glob("*") if p.suffix in (".mp4", ".avi")):
+    for clip in clips_in(folder):
         ref = load_or_compute(clip)
         with tempfile.TemporaryDirectory(prefix="edgeva-check-") as tmp:
             workdir = Path(tmp)
