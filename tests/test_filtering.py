@@ -501,12 +501,13 @@ def test_audits_are_sized_to_see_a_five_point_drop_within_minutes():
 WINDOW = {"calibrate", "sparse"}     # a calibration window's decisions: inferred, or skipped while the answer holds
 
 
-def _calibrating_filter(fps=10.0, dense_first_window=True, **cfg):
+def _calibrating_filter(fps=10.0, dense_first_window=True, look_ahead=False, **cfg):
     """`dense_first_window=False`: the first window is sparse like the later ones, for tests of
     how a sparse window thins out."""
     return QueryFilter(FilterConfig(**{"calibration_s": 3.0, "segment_s": 1.0, **cfg}), rng_seed=1,
                        differencer=Differencer(), agreement=count_agreement, target=0.9, fps=fps,
-                       preferred_feature="foreground", dense_first_window=dense_first_window)
+                       preferred_feature="foreground", dense_first_window=dense_first_window,
+                       look_ahead=look_ahead)
 
 
 def _replay(filt, frames, counts, settings=None):
@@ -1262,19 +1263,17 @@ def test_the_first_window_infers_every_frame_so_flicker_it_would_step_over_is_le
     assert dense_agreement >= 0.9 > sparse_agreement
 
 
-
 def test_looking_ahead_the_first_window_still_infers_every_frame_and_keeps_the_target_under_flicker():
     # Bisection locates a change that lasts, not a blip between two agreeing answers, so looking
     # ahead does not make a sparse first window safe: with one, this query learned a setting too
     # lax for the blips and ended at 0.833 after the bisection (docs/filtering.md).
     frames, answers = _one_frame_blips(0)
-    filt = QueryFilter(FilterConfig(calibration_s=3.0, segment_s=1.0, audit_fraction=0.0, recalibrate_s=1000.0),
-                       rng_seed=1, differencer=Differencer(), agreement=count_agreement, target=0.9, fps=10.0,
-                       preferred_feature="foreground", look_ahead=True)
+    filt = _calibrating_filter(look_ahead=True, audit_fraction=0.0, recalibrate_s=1000.0)
     reasons, source = _replay(filt, frames, answers)
     assert set(reasons[1:30]) == {"calibrate"}
     answered = bisect_sources(source, answers, count_agreement)
     assert np.mean([count_agreement(answers[i], answers[k]) for i, k in enumerate(answered)]) >= 0.9
+
 
 def _flicker_then_quiet_then_flicker() -> tuple[list[np.ndarray], list[int]]:
     """360 frames of one calm picture; the answer flickers on three frames in ten for 10 s at
