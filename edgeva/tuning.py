@@ -110,14 +110,17 @@ class _QueryProfile:
 
 def tune_query(q: QueryConfig, prepared: list[Any], values: list[Any], agreement: Any, fps: float,
                differencer: Differencer, features: Optional[list[str]] = None) -> QueryTuning:
+    """Step 1 of the filter, offline, on a profiled segment: where the query starts. It does not
+    replay the bisection of a query that looks ahead (whose own windows do): a setting laxer
+    because the bisection locates lasting changes keeps few frames at its staleness bound, and
+    those checks are how a query learns what its segment did not show (docs/filtering.md)."""
     longest = min(len(prepared) - 1, longest_age(q.filter, fps))
     if features is None:
         features = list(tunable_features(q.filter, prepared))
     features = [f for f in features if f != "foreground" or (prepared and prepared[0].foreground is not None)]
     results = tune_features(prepared, values, agreement, q.accuracy_target, features=tuple(features),
                             preferred=default_feature(q.task.type), differencer=differencer,
-                            max_ages=age_candidates(max(0, longest)), safety_margin="auto",
-                            look_ahead=q.filter.look_ahead)
+                            max_ages=age_candidates(max(0, longest)), safety_margin="auto")
     key, pieces = window_key(differencer, prepared, frames_for(q.filter.segment_s, fps))
     informed = tells_settings_apart(values, agreement, max(0, longest), q.accuracy_target)
     return QueryTuning(q.id, q.camera, len(prepared), results[0], results[1:], fps, key.tolist(),

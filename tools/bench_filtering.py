@@ -417,11 +417,10 @@ def main() -> None:
                          "runs on for another query)")
     ap.add_argument("--look-ahead", action="store_true",
                     help="(a) looks ahead: each query's tuner replays the bisection of gaps whose ends disagree, "
-                         "no changed answer is confirmed, and every gap is bisected (run_camera): the daemon's filter.look_ahead")
+                         "no changed answer is confirmed, and every gap is bisected (run_camera): the daemon's filter.look_ahead, "
+                         "its default for a recording replayed fast (with --tuned-first-third, `edgeva tune` still "
+                         "chooses the start without the bisection, as tuning.tune_query does)")
     args = ap.parse_args()
-    if args.look_ahead and args.tuned_first_third:
-        ap.error("--look-ahead replays a query calibrating on its camera: this tool's stand-in for `edgeva tune` "
-                 "(tuned_on_first_third) does not replay the bisection")
     folder = clips_folder(args.clips)
     clips = clips_in(folder)
     if not clips:
