@@ -148,7 +148,9 @@ class FilterConfig:
     recalibrate_s: float = 300.0         # a calibration burst at least this often
     tuned_max_age_limit_s: float = 10.0  # the longest staleness bound the tuner may choose
     tuned: Optional[TunedFilter] = None  # `edgeva tune --write`: where the filter starts (it learns on)
-    look_ahead: bool = False             # answer a skipped frame once the next kept frame's result is in (batch replay)
+    # answer a skipped frame once the next kept frame's result is in; None: on for a recording
+    # replayed fast (CameraConfig.batch), off for a live camera (its results cannot wait)
+    look_ahead: Optional[bool] = None
 
     def validate(self, path: str) -> None:
         if self.threshold is not None and self.threshold < 0:
@@ -178,6 +180,12 @@ class FilterConfig:
                 raise ConfigError(f"{path}.tuned.feature", f"{self.tuned.feature!r} is not the configured "
                                   f"feature {self.feature!r}: run `edgeva tune --write` again")
             self.tuned.validate(f"{path}.tuned")
+
+
+def looks_ahead(filt: FilterConfig, camera: CameraConfig) -> bool:
+    """Whether the query answers a skipped frame from both ends of its gap (edgeva.gaps): as
+    configured, or by default on a recording replayed fast and off on a live camera."""
+    return camera.batch if filt.look_ahead is None else filt.look_ahead
 
 
 @dataclass

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from edgeva import __version__
-from edgeva.config import CameraConfig, Config, ConfigError, QueryConfig, load_config, model_key
+from edgeva.config import CameraConfig, Config, ConfigError, QueryConfig, load_config, looks_ahead, model_key
 from edgeva.control import ControlServer
 from edgeva.deployment import CameraChanges, Deployment, SplitPlacement, camera_changes, prepare
 from edgeva.health import ErrorWatch
@@ -262,12 +262,13 @@ class Daemon:
 
     # ------------------------------------------------------------ parts
     def _start_camera(self, cam: CameraConfig, queries: list[QueryConfig]) -> None:
-        runtimes = [self._build_query(q, backpressure=cam.batch) for q in queries]
+        runtimes = [self._build_query(q, cam=cam) for q in queries]
         pipeline = CameraPipeline(cam, runtimes, self.stats)
         self.cameras[cam.id] = pipeline
         pipeline.start()
 
-    def _build_query(self, q: QueryConfig, backpressure: bool = False) -> QueryRuntime:
+    def _build_query(self, q: QueryConfig, cam: CameraConfig) -> QueryRuntime:
+        backpressure = cam.batch
         if q.task.type == "passthrough":
             return PassthroughQuery(q, self.stats, self.hub)
         from edgeva.filtering import QueryFilter, default_feature, run_inline
@@ -283,7 +284,7 @@ class Daemon:
                                    target=q.accuracy_target, preferred_feature=default_feature(q.task.type),
                                    # batch replay tunes inline: its results must not depend on this box's speed
                                    tune_runner=run_inline if backpressure else self.filter_tuner.submit,
-                                   look_ahead=q.filter.look_ahead and backpressure,
+                                   look_ahead=looks_ahead(q.filter, cam),
                                    ) if q.filter.enabled else None
         runtime = ModelQuery(q, self.stats, self.hub, worker, task, query_filter, backpressure)
         self._announce_weights(q, model)

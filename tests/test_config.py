@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgeva.config import ConfigError, load_config, parse_config
+from edgeva.config import ConfigError, load_config, looks_ahead, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,9 +138,16 @@ def test_looking_ahead_needs_a_recording_replayed_fast(tmp_path, clip):
     assert load_config(_write(tmp_path, data)).cameras[0].batch
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "example.yaml", "gemel_workload.yaml", "family.yaml",
-                                  "detector_family.yaml"])
-def test_shipped_configs_are_valid(name):
-    raw = yaml.safe_load((REPO / "configs" / name).read_text())
-    cfg = parse_config(raw)  # without base_dir: the clips need not exist for this check
-    assert cfg.cameras and cfg.queries
+def test_a_recording_replayed_fast_looks_ahead_unless_configured_not_to_and_a_live_camera_never(tmp_path, clip):
+    data = _base(clip)
+    data["queries"] = [{"id": "a", "camera": "cam1", "model": "yolov8n", "task": {"type": "count", "classes": ["car"]}}]
+    for replay, default in (("fast", True), ("realtime", False)):
+        data["cameras"] = [{**data["cameras"][0], "replay": replay}]
+        cfg = load_config(_write(tmp_path, data))
+        assert cfg.queries[0].filter.look_ahead is None
+        assert looks_ahead(cfg.queries[0].filter, cfg.cameras[0]) is default
+    data["cameras"][0]["replay"] = "fast"
+    data["queries"][0]["filter"] = {"look_ahead": False}
+    cfg = load_config(_write(tmp_path, data))
+    assert not looks_ahead(cfg.queries[0].filter, cfg.cameras[0])
+

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from edgeva.config import ConfigError, TaskConfig, load_config
+from edgeva.config import ConfigError, TaskConfig, load_config, looks_ahead
 from edgeva.daemon import Daemon
 from edgeva.executor import ModelWorker
 from edgeva.work import LatencyProfile, WorkItem
@@ -281,6 +281,12 @@ def test_tune_command_writes_where_each_filter_starts_and_plots(street, tmp_path
     text = cfg_path.read_text()                       # the user's comments survive --write
     assert text.startswith("# the street camera, tuned by edgeva tune")
     assert "# agreement with every-frame inference" in text
+    # the same recording replayed fast looks ahead (config.looks_ahead), but where it starts is
+    # chosen as for a query that does not: the bisection would make it laxer (tune_query)
+    fast = load_config(cfg_path)
+    fast.cameras[0].replay = "fast"
+    (ahead,) = tune_config(fast, seconds=100, only={"cars"})
+    assert looks_ahead(fast.queries[0].filter, fast.cameras[0]) and ahead.start() == tunings[0].start()
 
 
 def test_reload_changes_a_model_query_and_rejects_bad_weights(street, tmp_path, monkeypatch):

@@ -5,11 +5,12 @@ threshold configured (each query calibrates on the camera) or, with --tune, afte
 `edgeva tune --seconds <a third of the clip> --write`. Every SQLite result is then compared
 with the detector's own output on that frame (tools/reference_cache.py) with the task's strict
 agreement. Per camera: the frames any of its queries inferred, and the images the model really ran
-(from the run's summary; audits included). `--look-ahead`: every query with `filter.look_ahead`
+(from the run's summary; audits included). A recording replayed fast looks ahead by default
 (skipped frames answered once the next kept frame's result is in, gaps whose ends disagree
-bisected).
+bisected); `--no-look-ahead` configures `filter.look_ahead: false`, the filter as a live camera
+runs it.
 
-    .venv/bin/python tools/check_filter_daemon.py [--clips eval] [--tune] [--look-ahead]
+    .venv/bin/python tools/check_filter_daemon.py [--clips eval] [--tune] [--no-look-ahead]
 """
 from __future__ import annotations
 
@@ -36,12 +37,12 @@ TASKS = {"vehicles": ("count", ["car", "bus", "truck"]), "persons": ("count", ["
          "person-present": ("presence", ["person"])}
 
 
-def config_for(clip: Path, db: Path, workdir: Path, look_ahead: bool = False) -> Path:
+def config_for(clip: Path, db: Path, workdir: Path, look_ahead: bool = True) -> Path:
     cfg = {
         "cameras": [{"id": DAEMON_CAMERA, "source": str(clip), "replay": "fast"}],
         "queries": [{"id": q, "camera": DAEMON_CAMERA, "model": "yolov8n", "weights": str(DEFAULT_WEIGHTS),
                      "task": {"type": t, "classes": c, "confidence": 0.3}, "accuracy_target": TARGET,
-                     "sla": {"latency_ms": 600000}, **({"filter": {"look_ahead": True}} if look_ahead else {})}
+                     "sla": {"latency_ms": 600000}, **({} if look_ahead else {"filter": {"look_ahead": False}})}
                     for q, (t, c) in TASKS.items()],
         "stats": {"endpoint": f"ipc://{workdir}/ctl.sock"},
         "sinks": {"sqlite": str(db), "batch": 64, "flush_s": 0.2},
@@ -55,7 +56,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clips", default="eval")
     ap.add_argument("--tune", action="store_true", help="edgeva tune on the first third, then run")
-    ap.add_argument("--look-ahead", action="store_true", help="every query with filter.look_ahead")
+    ap.add_argument("--no-look-ahead", action="store_true",
+                    help="every query with `filter.look_ahead: false` (as a live camera filters)")
     args = ap.parse_args()
     folder = clips_folder(args.clips)
     print("| clip | query | frames | inferred | reused | dropped | agreement |")
@@ -66,7 +68,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="edgeva-check-") as tmp:
             workdir = Path(tmp)
             db = workdir / "results.db"
-            cfg = config_for(clip, db, workdir, args.look_ahead)
+            cfg = config_for(clip, db, workdir, not args.no_look_ahead)
             if args.tune:
                 seconds = len(ref) / ref.fps / 3
                 subprocess.run([*EDGEVA, "tune", "--config", str(cfg), "--seconds", f"{seconds:.2f}", "--write"],

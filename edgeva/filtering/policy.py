@@ -136,7 +136,7 @@ class QueryFilter:
         # Looking ahead: the query answers a skipped frame only once the next kept frame's result
         # is in, and bisects a gap whose two ends disagree (edgeva.filtering.tuner.bisect_sources).
         # The tuner then replays the bisection, and a changed answer is not confirmed on the next
-        # frame (step 6): its gap is bisected instead. The daemon sets it for `filter.look_ahead`
+        # frame (step 6): its gap is bisected instead. The daemon sets it per config.looks_ahead
         # in batch replay (edgeva.query.ModelQuery holds the gaps, edgeva.gaps plans them).
         self.look_ahead = look_ahead
         self.differencer = differencer or Differencer(width=cfg.width)
