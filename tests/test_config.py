@@ -151,3 +151,10 @@ def test_a_recording_replayed_fast_looks_ahead_unless_configured_not_to_and_a_li
     cfg = load_config(_write(tmp_path, data))
     assert not looks_ahead(cfg.queries[0].filter, cfg.cameras[0])
 
+
+@pytest.mark.parametrize("name", ["demo.yaml", "example.yaml", "gemel_workload.yaml", "family.yaml",
+                                  "detector_family.yaml"])
+def test_shipped_configs_are_valid(name):
+    raw = yaml.safe_load((REPO / "configs" / name).read_text())
+    cfg = parse_config(raw)  # without base_dir: the clips need not exist for this check
+    assert cfg.cameras and cfg.queries
