@@ -447,6 +447,7 @@ class ModelQuery:
             return {"enabled": False}
         with self._lock:     # the filter's audit window changes under this lock
             stats = self.filter.stats()
+            stats["look_ahead"] = self._look_ahead
             if self._look_ahead:
                 stats["bisected"] = self._bisected
             return stats

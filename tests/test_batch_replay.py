@@ -236,15 +236,16 @@ def test_tune_reads_a_folder_source_from_its_first_recording(tmp_path):
 
 
 def test_a_query_that_looks_ahead_answers_every_frame_by_the_end_of_the_recording(tmp_path):
-    """`filter.look_ahead`: skipped frames wait for the next kept frame's result; the end of the
-    recording closes the last gap (its last frame inferred), so `--until-end` ends with every
+    """`filter.look_ahead`, the default for a recording replayed fast: skipped frames wait for the
+    next kept frame's result; the end of the recording closes the last gap (its last frame
+    inferred, which the staleness bound alone would not keep), so `--until-end` ends with every
     frame answered once."""
     clip = write_test_clip(tmp_path / "clip.mp4", frames=30, fps=25)
     cfg = tmp_path / "ahead.yaml"
     cfg.write_text(yaml.safe_dump({
         "cameras": [{"id": "cam", "source": str(clip), "replay": "fast"}],
         "queries": [{"id": "cars", "camera": "cam", "model": "yolov8n", "task": {"type": "count", "classes": ["car"]},
-                     "filter": {"threshold": 1.0, "max_age_s": 0.5, "audit_fraction": 0.0, "look_ahead": True}}],
+                     "filter": {"threshold": 1.0, "max_age_s": 0.5, "audit_fraction": 0.0}}],
         "sinks": {"sqlite": str(tmp_path / "results.db")},
         "stats": {"endpoint": f"ipc://{tmp_path}/ctl.sock"}}))
     _run_until_end(cfg)

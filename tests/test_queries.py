@@ -935,6 +935,7 @@ def test_looking_ahead_answers_every_frame_once_and_locates_the_changes_it_would
     agreement = np.mean([task.agreement(value[i], reference[i]) for i in range(n)])
     plain_agreement = np.mean([task.agreement(plain[i][0].value, reference[i]) for i in range(n)])
     assert stats["bisected"] > 0 and "bisected" not in plain_stats
+    assert stats["look_ahead"] and not plain_stats["look_ahead"]
     assert agreement >= 0.9 and agreement >= plain_agreement
     inferred = {seq for seq, r in records.items() if r[0].outcome.value == "inferred"}
     for seq, (r,) in records.items():          # a reused answer is its gap's left end's, and that end agrees
