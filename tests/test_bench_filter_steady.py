@@ -54,3 +54,19 @@ def test_one_pass_gives_the_replay_s_own_figures():
     (only,) = passes(run.kept, counts, count_agreement, len(counts))
     assert only.inferences == pytest.approx(run.inferences)
     assert only.agreement == pytest.approx(run.agreement)
+
+
+def test_a_query_that_looks_ahead_is_scored_on_the_answers_its_gaps_took():
+    values = [0, 0, 1, 1] * 2
+    agree = lambda a, b: float(a == b)     # noqa: E731
+    kept = (frozenset({0, 3, 4, 7}),)
+    # carried from the last kept frame, frame 2 keeps frame 0's answer; its gap bisected, frame 2's own
+    assert passes(kept, values, agree, 4)[0].agreement == pytest.approx(0.75)
+    answered_by = ((0, 1, 2, 3, 4, 5, 6, 7),)
+    assert [p.agreement for p in passes(kept, values, agree, 4, answered_by)] == [1.0, 1.0]
+    # a run from frame 1 counts its answers from 1, as its kept frames: (0, 1, 1, ...) is frames 1, 2, 2, ...
+    both = passes((frozenset(range(8)), frozenset({0, 1, 3, 5})), values, agree, 4,
+                  (tuple(range(8)), (0, 1, 1, 3, 3, 5, 5)))
+    assert [p.agreement for p in both] == [1.0, 1.0]
+    assert both[0].inferences == pytest.approx((4 + 2 * 4 / 3) / 2)
+

@@ -13,7 +13,7 @@ pass, and the camera's model runs against one uniform sampler serving all its qu
 whose learning pays off costs less on the later passes than on the first; one that keeps
 re-profiling what it has seen does not.
 
-    .venv/bin/python tools/bench_filter_steady.py [--clips eval|tune|FOLDER] [--loops 4] [--phases 8]
+    .venv/bin/python tools/bench_filter_steady.py [--clips eval|tune|FOLDER] [--loops 4] [--phases 8] [--look-ahead]
 """
 from __future__ import annotations
 
@@ -62,16 +62,17 @@ def pass_frames(start: int, loop: int, clip_frames: int) -> range:
 
 
 def passes(kept_by_start: tuple[frozenset, ...], values: list[Any], agree: Callable[[Any, Any], float],
-           clip_frames: int) -> list[Pass]:
+           clip_frames: int, answered_by: tuple[tuple[int, ...], ...] = ()) -> list[Pass]:
     """Per pass of a looped clip (`values` is the clip's answers `len(values) // clip_frames` times
     over): inferences and agreement, averaged over the runs from start frames 0, 1, ... (one per
-    entry of `kept_by_start`)."""
+    entry of `kept_by_start`). `answered_by` (a query that looks ahead): per start frame, the frame
+    whose answer each frame takes, counted from that start; without it, the last kept one."""
     total = len(values)
     loops = total // clip_frames
     inferred = np.zeros((len(kept_by_start), loops))
     agreed = np.zeros((len(kept_by_start), loops))
     for start, kept in enumerate(kept_by_start):
-        source = sources(kept, start, total)
+        source = ([s + start for s in answered_by[start]] if answered_by else sources(kept, start, total))
         for loop in range(loops):
             span = pass_frames(start, loop, clip_frames)
             scale = clip_frames / len(span)
@@ -104,6 +105,9 @@ def main() -> None:
     ap.add_argument("--clips", default="eval", help="eval, tune, or a folder of clips")
     ap.add_argument("--loops", type=int, default=4, help="times each clip is played back to back")
     ap.add_argument("--phases", type=int, default=8, help="average over the first N start frames")
+    ap.add_argument("--look-ahead", action="store_true",
+                    help="the camera's queries look ahead (bench_filtering.py --look-ahead): a folder of "
+                         "recordings replayed fast as one camera")
     args = ap.parse_args()
     folder = clips_folder(args.clips)
     clips = clips_in(folder)
@@ -126,8 +130,9 @@ def main() -> None:
         for query, (task, _) in QUERIES.items():
             values = list(query_values(ref, query)[:n]) * args.loops
             replays.append(QueryReplay(values, task.agreement, FilterConfig(), default_feature(QUERY_TASK[query])))
-        runs = run_camera_phases(prepared, scene, replays, ref.fps, args.phases)
-        per_query = [passes(run.kept, replay.values, replay.agree, n) for run, replay in zip(runs, replays)]
+        runs = run_camera_phases(prepared, scene, replays, ref.fps, args.phases, look_ahead=args.look_ahead)
+        per_query = [passes(run.kept, replay.values, replay.agree, n, run.answered_by)
+                     for run, replay in zip(runs, replays)]
         model = camera_runs([run.kept for run in runs] + [run.audited for run in runs], n, args.loops)
         curves = [_uniform_curve_if_changing(r.values[:n], r.agree) for r in replays]
         for loop in range(args.loops):

@@ -125,6 +125,8 @@ class Run:
     kept_by_reason: Optional[dict] = None   # where the inferences went (calibrate, threshold, stale, ...)
     kept: tuple[frozenset, ...] = ()         # per start frame: the frames inferred (from that start frame)
     audited: tuple[frozenset, ...] = ()      # per start frame: the frames audited
+    answered_by: tuple[tuple[int, ...], ...] = ()   # looking ahead, per start frame: the frame whose
+                                                     # answer each frame takes (empty: the last kept one)
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,8 @@ def run_camera_phases(prepared, prepared_by, queries: list[QueryReplay], fps: fl
                             float(np.mean([r.agreement for r in mine])),
                             float(np.mean([r.audits * f for r, f in zip(mine, scale)])),
                             {reason: round(count, 1) for reason, count in reasons.items()},
-                            tuple(k for run in mine for k in run.kept), tuple(a for run in mine for a in run.audited)))
+                            tuple(k for run in mine for k in run.kept), tuple(a for run in mine for a in run.audited),
+                            tuple(s for run in mine for s in run.answered_by)))
     return averaged
 
 
@@ -246,7 +249,7 @@ def run_camera(prepared, prepared_by, queries: list[QueryReplay], fps: float, ca
             taken, source = bisect_gaps(q.values, q.agree, kept[k])
             reasons = dict(runs[k].kept_by_reason or {}, bisect=len(taken) - len(kept[k]))
             runs[k] = replace(runs[k], inferences=len(taken), agreement=mean_agreement(q.agree, q.values, source),
-                              kept_by_reason=reasons, kept=(frozenset(taken),))
+                              kept_by_reason=reasons, kept=(frozenset(taken),), answered_by=(tuple(source),))
     return runs
 
 
