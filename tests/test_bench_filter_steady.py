@@ -69,4 +69,3 @@ def test_a_query_that_looks_ahead_is_scored_on_the_answers_its_gaps_took():
                   (tuple(range(8)), (0, 1, 1, 3, 3, 5, 5)))
     assert [p.agreement for p in both] == [1.0, 1.0]
     assert both[0].inferences == pytest.approx((4 + 2 * 4 / 3) / 2)
-
